@@ -1,0 +1,53 @@
+"""The autoregressive baseline (SPEC 2.5): next-token cross-entropy under causal attention,
+with the mask token's logit pushed to -1e6 so it is never predicted."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from algorithms.base import NEG_INF, Layout, Loss, Network, reduce_loss
+from models.attention import CausalMask
+
+
+def ar_log_probs(logits: Tensor, mask_id: int) -> Tensor:
+    """(B, S, V) logits -> float32 log-probabilities with the mask token excluded."""
+    mask_column = torch.tensor([mask_id], device=logits.device)
+    return torch.log_softmax(logits.float().index_fill(-1, mask_column, NEG_INF), dim=-1)
+
+
+@dataclasses.dataclass
+class Autoregressive:
+    mask_id: int
+    seq_len: int
+    block_size: int = 1
+    ignore_bos: bool = False
+
+    train_layout = Layout(mask=CausalMask())
+
+    def sample_layout(self) -> Layout:
+        return self.train_layout
+
+    def eval_interval(self) -> tuple[float, float]:
+        return 1.0, 1.0
+
+    def loss(
+        self,
+        network: Network,
+        x0: Tensor,
+        attention_mask: Tensor,
+        eps_min: Tensor,
+        eps_max: Tensor,
+        train: bool,
+        generator: torch.Generator | None = None,
+    ) -> Loss:
+        """Input x0[:, :-1], target x0[:, 1:], weights attention_mask[:, 1:]. eps are unused."""
+        inputs, target = x0[:, :-1], x0[:, 1:]
+        logits = network(inputs, None, self.train_layout).float()
+        logits = logits.index_fill(-1, torch.tensor([self.mask_id], device=x0.device), NEG_INF)
+        # cross_entropy = -log_softmax gathered at the target, with a fused backward
+        nll = F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none")
+        return reduce_loss(nll.view_as(target), attention_mask[:, 1:], self.ignore_bos, train)

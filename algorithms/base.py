@@ -1,0 +1,199 @@
+"""Pieces shared by the objectives: the forward process (per-block antithetic t, masking,
+clipped-interval resampling), the SUBS parameterisation and the loss reduction (SPEC 1-2).
+
+Pure torch: no Lightning, no Hydra, no nn.Module state. Random draws use torch's global RNG
+unless a `generator` is given.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+NEG_INF = -1_000_000.0  # the reference's "minus infinity" for logits (SPEC 2.3)
+DEFAULT_EPS_MIN = 1e-3  # training.sampling_eps: the unbiased NELBO interval is [1e-3, 1]
+DEFAULT_EPS_MAX = 1.0
+MAX_RESAMPLE_ROUNDS = 10_000
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """How the network sees an input sequence of length S.
+
+    mask: attention predicate over the S positions (models.attention), None = full attention.
+    halves: 2 when the input is [x_t ; x_0]; both halves then share rotary positions 0..S/2-1.
+    outputs: the positions whose logits are needed: None (all), a slice, or a boolean (B, S)
+    tensor (the network then returns (N, V) logits for the N selected positions).
+    """
+
+    mask: Any = None
+    halves: int = 1
+    outputs: slice | Tensor | None = None
+
+
+# network(tokens (B, S), sigma (B,) or None, layout) -> logits (B, S', V)
+Network = Callable[[Tensor, Tensor | None, Layout], Tensor]
+
+
+@dataclasses.dataclass
+class Loss:
+    """loss: scalar NELBO per token; nlls: (B, L) per-token terms already multiplied by
+    token_mask; token_mask: (B, L) float weights that form the denominator."""
+
+    loss: Tensor
+    nlls: Tensor
+    token_mask: Tensor
+
+
+def f32_equal(a: float | Tensor, b: float) -> bool:
+    """Equality as the reference tests it: in float32 (float32(1e-3) == 1e-3 there)."""
+    return bool(np.float32(float(a)) == np.float32(b))
+
+
+def as_f32(x: float | Tensor, device: torch.device) -> Tensor:
+    return torch.as_tensor(x, dtype=torch.float32, device=device)
+
+
+def sample_t(
+    batch_size: int,
+    seq_len: int,
+    block_size: int,
+    eps_min: Tensor,
+    eps_max: Tensor,
+    antithetic: bool,
+    device: torch.device,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Diffusion times, one per (sequence, block) (SPEC 1.3).
+
+    Returns (B, L) with each block's value repeated K times, or (B, 1) when K == L.
+    Antithetic strata are assigned batch-major: u[b, j] <- (u[b, j] + b*nb + j) / N mod 1.
+    If eps_min >= 1 and eps_max >= 1 ("NLL mode") every t is 1.
+    """
+    num_blocks = seq_len // block_size
+    u = torch.rand(batch_size, num_blocks, device=device, generator=generator)
+    if antithetic:
+        n = batch_size * num_blocks
+        offset = (torch.arange(n, device=device) / n).view(batch_size, num_blocks)
+        u = (u / n + offset) % 1
+    if block_size != seq_len:
+        u = u.repeat_interleave(block_size, dim=-1)
+    if eps_min >= 1 and eps_max >= 1:
+        return torch.ones_like(u)
+    return u * (eps_max - eps_min) + eps_min
+
+
+def check_resample_interval(eps_min: float, eps_max: float, block_size: int) -> None:
+    """Resampling redraws blocks until their masked fraction is in range; it can only end if
+    some fraction j/K lies inside the interval (the reference loops forever otherwise)."""
+    fractions = np.arange(block_size + 1, dtype=np.float32) / np.float32(block_size)
+    lo, hi = np.float32(eps_min), np.float32(eps_max)
+    if not ((fractions >= lo) & (fractions <= hi)).any():
+        raise ValueError(
+            f"training.resample: no masked fraction j/{block_size} lies in the clip interval "
+            f"[{eps_min}, {eps_max}]; widen the interval or set training.resample=False"
+        )
+
+
+def q_xt(
+    x0: Tensor,
+    move_chance: Tensor,
+    mask_id: int,
+    block_size: int,
+    eps_min: Tensor,
+    eps_max: Tensor,
+    resample: bool,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Mask each token independently with probability `move_chance` (SPEC 1.4).
+
+    x0: (B, L); move_chance: (B, L) or (B, 1). With `resample` and a clipped interval, blocks
+    whose masked fraction falls outside it are redrawn (strict U < p) until all are in range.
+    """
+    if block_size == 1 and f32_equal(eps_min, 1.0):
+        return torch.full_like(x0, mask_id)
+    draw = torch.rand(x0.shape, device=x0.device, generator=generator)
+    xt = torch.where(draw <= move_chance, mask_id, x0)
+    low_default, high_default = f32_equal(eps_min, DEFAULT_EPS_MIN), f32_equal(eps_max, 1.0)
+    if not resample or (low_default and high_default):
+        return xt
+    check_resample_interval(float(eps_min), float(eps_max), block_size)
+    B, L = x0.shape
+    nb = L // block_size
+    xt = xt.view(B, nb, block_size)
+    x0_blocks = x0.view(B, nb, block_size)
+    p_blocks = move_chance.expand(B, L).reshape(B, nb, block_size)
+    for _ in range(MAX_RESAMPLE_ROUNDS):
+        fraction = (xt == mask_id).float().mean(-1)  # (B, nb)
+        if low_default:  # only the upper bound is clipped
+            bad = fraction > eps_max
+        elif high_default:  # only the lower bound is clipped
+            bad = fraction < eps_min
+        else:
+            bad = (fraction < eps_min) | (fraction > eps_max)
+        if not bad.any():
+            return xt.view(B, L)
+        redraw = torch.rand(xt.shape, device=x0.device, generator=generator) < p_blocks
+        xt = torch.where(bad[..., None], torch.where(redraw, mask_id, x0_blocks), xt)
+    raise RuntimeError(f"q_xt: resampling did not converge in {MAX_RESAMPLE_ROUNDS} rounds")
+
+
+def sigma_from_p(p: Tensor, sigma_max: float) -> Tensor:
+    """The noise level given to the network and to SEDD: min(-log(1 - p), sigma_max)."""
+    return torch.clamp(-torch.log(1 - p), max=sigma_max)
+
+
+def process_sigma(sigma: Tensor, time_conditioning: bool) -> Tensor:
+    """(B, k) -> (B,) by averaging; zeros when time conditioning is off (adaLN stays on)."""
+    sigma = sigma.mean(-1)
+    return sigma if time_conditioning else torch.zeros_like(sigma)
+
+
+def _mask_offset(vocab_size: int, mask_id: int, device: torch.device) -> Tensor:
+    offset = torch.zeros(vocab_size, device=device)
+    offset[mask_id] = NEG_INF
+    return offset
+
+
+def subs_log_probs(logits: Tensor, xt: Tensor, mask_id: int) -> Tensor:
+    """SUBS parameterisation (SPEC 2.3): log-probabilities (B, L, V) in float32.
+
+    The mask logit gets -1e6 before normalising; at positions where x_t is not the mask the
+    row becomes a one-hot on x_t (0 there, -1e6 elsewhere).
+    """
+    logits = logits.float() + _mask_offset(logits.shape[-1], mask_id, logits.device)
+    log_probs = logits - torch.logsumexp(logits, dim=-1, keepdim=True)
+    unmasked = (xt != mask_id)[..., None]
+    one_hot = torch.full_like(log_probs, NEG_INF).scatter_(-1, xt[..., None], 0.0)
+    return torch.where(unmasked, one_hot, log_probs)
+
+
+def subs_log_prob_of(logits: Tensor, x0: Tensor, mask_id: int) -> Tensor:
+    """log p_theta(x0 | x_t) under SUBS at masked positions of x_t, without materialising the
+    full SUBS tensor. logits: (N, V) for the N masked positions; x0: (N,) -> (N,).
+
+    Equals subs_log_probs(...).gather(-1, x0) there to float rounding (a fused log-softmax vs
+    logits - logsumexp). Unmasked positions need no logits: their SUBS value is exactly 0.
+    """
+    shifted = logits.float() + _mask_offset(logits.shape[-1], mask_id, logits.device)
+    return -F.cross_entropy(shifted, x0, reduction="none")
+
+
+def reduce_loss(nll: Tensor, attention_mask: Tensor, ignore_bos: bool, train: bool) -> Loss:
+    """SPEC 2.1: NELBO per token = sum(nll * mask) / sum(mask).
+
+    The denominator counts every token, masked or not. With `ignore_bos`, position 0 leaves the
+    denominator only at evaluation time (during training it stays, as in the reference).
+    """
+    token_mask = attention_mask.to(nll.dtype)
+    if ignore_bos and not train:
+        token_mask = token_mask.clone()
+        token_mask[:, 0] = 0
+    nlls = nll * token_mask
+    return Loss(loss=nlls.sum() / token_mask.sum(), nlls=nlls, token_mask=token_mask)

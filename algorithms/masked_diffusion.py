@@ -1,0 +1,162 @@
+"""BD3-LM and MDLM: the masked-diffusion NELBO over blocks (SPEC 2.2, 2.4).
+
+BD3-LM (cross_attn) feeds [x_t ; x_0] (B, 2L) through the block-diffusion mask so that block b
+of x_t sees itself and the clean blocks before it. MDLM is the same objective with K = L and
+the input x_t alone under full attention; with K = L the x_0 half could never be attended
+anyway, so the two agree on the same t and x_t.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import Tensor
+
+from algorithms.base import (
+    Layout,
+    Loss,
+    Network,
+    process_sigma,
+    q_xt,
+    reduce_loss,
+    sample_t,
+    sigma_from_p,
+    subs_log_prob_of,
+)
+from models.attention import BlockCausalMask, BlockDiffusionMask
+from noise_schedule import LogLinear, NoiseSchedule
+
+
+@dataclasses.dataclass
+class MaskedDiffusion:
+    noise: NoiseSchedule
+    mask_id: int
+    seq_len: int  # L
+    block_size: int  # K
+    cross_attn: bool  # BD3-LM's two-stream input [x_t ; x_0]
+    ignore_bos: bool
+    time_conditioning: bool
+    antithetic: bool
+    mdlm_loss_scale: bool = False
+    resample: bool = False
+    eval_nll: bool = True
+    var_min: bool = False  # BD3-LM: learned clip interval, validation over interval keys
+
+    def __post_init__(self):
+        if self.seq_len % self.block_size:
+            raise ValueError(
+                f"block_size={self.block_size} must divide model.length={self.seq_len}"
+            )
+        if self.mdlm_loss_scale and not isinstance(self.noise, LogLinear):
+            raise ValueError("algo.mdlm_loss_scale needs noise.type=loglinear")
+
+    @property
+    def train_layout(self) -> Layout:
+        if self.cross_attn:
+            mask = BlockDiffusionMask(self.seq_len, self.block_size)
+            return Layout(mask=mask, halves=2, outputs=slice(0, self.seq_len))
+        return Layout()
+
+    def sample_layout(self) -> Layout:
+        """Sampling without a cache: [clean blocks ; noisy block], block-causal (M_BC)."""
+        return Layout(mask=BlockCausalMask(self.block_size)) if self.cross_attn else Layout()
+
+    def eval_interval(self) -> tuple[float, float]:
+        """The (eps_min, eps_max) whose loss validation reports (SPEC 2.6): the exact NLL
+        (t = 1) for block size 1 with eval_nll, else the unbiased [1e-3, 1] NELBO."""
+        if self.block_size == 1 and (self.eval_nll or not self.var_min):
+            return 1.0, 1.0
+        return 1e-3, 1.0
+
+    def corrupt(
+        self,
+        x0: Tensor,
+        eps_min: Tensor,
+        eps_max: Tensor,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Draw t per block and x_t ~ q(x_t | x_0) (SPEC 2.2 steps 1-6).
+
+        x0: (B, L); eps_min/eps_max: float32 0-d tensors (the clip interval).
+        Returns x_t (B, L), loss_scale (B, L) or (B, 1) (= -1/t) and sigma (B, k).
+        """
+        if x0.shape[1] != self.seq_len:
+            raise ValueError(f"batch length {x0.shape[1]} != model.length={self.seq_len}")
+        t = sample_t(
+            x0.shape[0],
+            self.seq_len,
+            self.block_size,
+            eps_min,
+            eps_max,
+            self.antithetic,
+            x0.device,
+            generator,
+        )
+        loss_scale, move_chance = self.noise(t)
+        sigma = sigma_from_p(move_chance[:, 0:1], self.noise_sigma_max)  # first block's t
+        if self.mdlm_loss_scale:
+            sigma = self.noise.total_noise(t)
+            move_chance = 1 - torch.exp(-sigma)
+            loss_scale = -self.noise.rate_noise(t) / torch.expm1(sigma)
+        xt = q_xt(
+            x0,
+            move_chance,
+            self.mask_id,
+            self.block_size,
+            eps_min,
+            eps_max,
+            self.resample,
+            generator,
+        )
+        if eps_min > 0.5:  # NLL mode (K = 1, t = 1): weight -1 (fires for any eps_min > 0.5)
+            loss_scale = -torch.ones_like(loss_scale)
+        if self.ignore_bos:
+            xt[:, 0] = x0[:, 0]
+        return xt, loss_scale, sigma
+
+    def nelbo(
+        self,
+        network: Network,
+        x0: Tensor,
+        xt: Tensor,
+        loss_scale: Tensor,
+        sigma: Tensor,
+        attention_mask: Tensor,
+        train: bool,
+    ) -> Loss:
+        """The reduced NELBO for given x_t (SPEC 2.2 steps 7-9 and 2.1).
+
+        Only masked positions of x_t go through the output layer: elsewhere SUBS gives
+        log p = 0, so their terms are exactly 0 (as in the reference) at no cost.
+        """
+        masked = xt == self.mask_id  # (B, L)
+        tokens, outputs = xt, masked
+        if self.cross_attn:
+            tokens = torch.cat([xt, x0], dim=1)
+            outputs = torch.cat([masked, torch.zeros_like(masked)], dim=1)
+        layout = dataclasses.replace(self.train_layout, outputs=outputs)
+        logits = network(tokens, process_sigma(sigma, self.time_conditioning), layout)  # (N, V)
+        log_p = subs_log_prob_of(logits, x0[masked], self.mask_id)
+        weight = loss_scale.expand_as(xt)[masked]
+        nll = torch.zeros(xt.shape, dtype=log_p.dtype, device=xt.device)
+        nll = nll.masked_scatter(masked, weight * log_p)
+        return reduce_loss(nll, attention_mask, self.ignore_bos, train)
+
+    def loss(
+        self,
+        network: Network,
+        x0: Tensor,
+        attention_mask: Tensor,
+        eps_min: Tensor,
+        eps_max: Tensor,
+        train: bool,
+        generator: torch.Generator | None = None,
+    ) -> Loss:
+        """One Monte-Carlo NELBO estimate. x0, attention_mask: (B, L)."""
+        xt, loss_scale, sigma = self.corrupt(x0, eps_min, eps_max, generator)
+        return self.nelbo(network, x0, xt, loss_scale, sigma, attention_mask, train)
+
+    @property
+    def noise_sigma_max(self) -> float:
+        return getattr(self.noise, "sigma_max", float("inf"))

@@ -1,0 +1,263 @@
+"""The boundary between the Hydra config and typed objects: hardware detection, batch
+arithmetic, validation of every key before anything is written, and the `build_*` functions
+that turn config nodes into the module, data loaders and trainer. Only main.py calls these.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import pathlib
+
+import hydra
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from algorithms import build_algorithm
+from algorithms.clip_search import interval_grid
+from diffusion import Diffusion, OptimSettings
+from models import build_backbone
+from models.attention import BACKENDS, flash_available, flex_available
+from noise_schedule import build_noise
+from utils import UserError
+
+MODES = ("train", "ppl_eval", "sample_eval")
+
+
+@dataclasses.dataclass(frozen=True)
+class Hardware:
+    accelerator: str  # "cpu" | "gpu"
+    devices: int  # per node
+    num_nodes: int
+    precision: str
+
+    @property
+    def world_size(self) -> int:
+        return self.devices * self.num_nodes
+
+
+def resolve_hardware(trainer: DictConfig) -> Hardware:
+    """`auto` values: CUDA when available (all visible GPUs, bf16-mixed), else 1 CPU, 32-true."""
+    cuda = torch.cuda.is_available()
+    accelerator = trainer.accelerator
+    if accelerator == "auto":
+        accelerator = "gpu" if cuda else "cpu"
+    elif accelerator == "cuda":
+        accelerator = "gpu"
+    if accelerator not in ("cpu", "gpu"):
+        raise UserError(f"trainer.accelerator={accelerator!r}: valid are auto, cpu, gpu, cuda")
+    if accelerator == "gpu" and not cuda:
+        raise UserError("trainer.accelerator=gpu but no CUDA device is visible; use auto or cpu")
+    devices = trainer.devices
+    if devices == "auto":
+        devices = torch.cuda.device_count() if accelerator == "gpu" else 1
+    if not isinstance(devices, int) or devices < 1:
+        raise UserError(f"trainer.devices={devices!r}: give a positive integer or auto")
+    precision = trainer.precision
+    if precision == "auto":
+        precision = "bf16-mixed" if accelerator == "gpu" else "32-true"
+    elif precision == "bf16":
+        precision = "bf16-mixed"
+    return Hardware(accelerator, devices, int(trainer.num_nodes), str(precision))
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchPlan:
+    batch_size: int  # per device, per micro-batch
+    eval_batch_size: int  # per device
+    accumulate: int  # micro-batches per optimizer step
+
+
+def plan_batches(loader: DictConfig, world_size: int, accumulate: int | None = None) -> BatchPlan:
+    """global_batch_size = batch_size x devices x nodes x accumulation, exactly (SPEC 7.4).
+
+    A null per-device size is ceil(global / world_size); `accumulate` (if given) must agree.
+    """
+    global_bs, eval_global = int(loader.global_batch_size), int(loader.eval_global_batch_size)
+    batch_size = loader.batch_size or math.ceil(global_bs / world_size)
+    eval_batch_size = loader.eval_batch_size or math.ceil(eval_global / world_size)
+    per_step = batch_size * world_size
+    if global_bs % per_step:
+        raise UserError(
+            f"loader.global_batch_size={global_bs} is not a multiple of loader.batch_size "
+            f"x devices x nodes = {batch_size} x {world_size}; choose sizes that divide it"
+        )
+    derived = global_bs // per_step
+    if accumulate is not None and accumulate != derived:
+        raise UserError(
+            f"trainer.accumulate_grad_batches={accumulate} disagrees with loader.global_batch_size"
+            f"={global_bs} / ({batch_size} x {world_size}) = {derived}; leave it null"
+        )
+    return BatchPlan(int(batch_size), int(eval_batch_size), derived)
+
+
+def validate(cfg: DictConfig, hw: Hardware) -> None:
+    """Every check that can fail on user input, run before anything is written."""
+    if cfg.mode not in MODES:
+        raise UserError(f"mode={cfg.mode!r}: valid are {', '.join(MODES)}")
+    length, block_size = int(cfg.model.length), int(cfg.block_size)
+    if block_size < 1 or length % block_size:
+        raise UserError(
+            f"block_size={block_size} must be a positive divisor of model.length={length}"
+        )
+    backend = cfg.model.attn_backend
+    if backend not in BACKENDS:
+        raise UserError(f"model.attn_backend={backend!r}: valid are {', '.join(BACKENDS)}")
+    if backend == "flex":
+        if not flex_available():
+            raise UserError("model.attn_backend=flex needs torch.nn.attention.flex_attention")
+        if cfg.mode == "train" and hw.accelerator == "cpu":
+            raise UserError(
+                "model.attn_backend=flex cannot train on CPU (flex attention has no CPU "
+                "backward); use model.attn_backend=sdpa"
+            )
+    if backend == "flash_attn":
+        if not flash_available():
+            raise UserError(
+                "model.attn_backend=flash_attn needs CUDA and the flash-attn package "
+                "(pip install -r requirements-gpu.txt); use sdpa or flex"
+            )
+        if cfg.algo.cross_attn or cfg.mode == "sample_eval" and cfg.algo.name == "bd3lm":
+            raise UserError(
+                "model.attn_backend=flash_attn cannot express the block-diffusion mask; "
+                "use sdpa or flex for algo=bd3lm"
+            )
+    if cfg.algo.clip_search_widths and not cfg.algo.var_min:
+        raise UserError("algo.clip_search_widths needs algo.var_min=true (algo=bd3lm)")
+    if cfg.mode == "sample_eval":
+        if int(cfg.algo.T) < 1:
+            raise UserError(f"algo.T={cfg.algo.T}: sampling needs algo.T >= 1")
+        if not 0 < float(cfg.sampling.nucleus_p) <= 1:
+            raise UserError(f"sampling.nucleus_p={cfg.sampling.nucleus_p} must lie in (0, 1]")
+        unsupported = [k for k in ("kv_cache", "var_length") if cfg.sampling[k]]
+        if unsupported:
+            raise UserError(
+                f"sampling.{unsupported[0]}=true is not implemented yet; set it to false"
+            )
+    if cfg.mode == "train" and cfg.wandb is not None:
+        check_wandb_credentials(cfg.wandb)
+    if cfg.algo.backbone not in ("dit", "hf_dit"):
+        raise UserError(f"algo.backbone={cfg.algo.backbone!r}: valid are dit, hf_dit")
+
+
+def check_wandb_credentials(wandb_cfg: DictConfig) -> None:
+    """Online wandb needs an API key; fail now rather than deep inside the first logging call."""
+    offline = wandb_cfg.get("offline", False) or wandb_cfg.get("mode") in ("offline", "disabled")
+    if offline or os.environ.get("WANDB_MODE") in ("offline", "disabled", "dryrun"):
+        return
+    if os.environ.get("WANDB_API_KEY"):
+        return
+    netrc = pathlib.Path.home() / ".netrc"
+    if netrc.is_file() and "api.wandb.ai" in netrc.read_text():
+        return
+    raise UserError(
+        "wandb: no API key (WANDB_API_KEY or `wandb login`); set wandb=null for CSV logs, "
+        "+wandb.offline=true, or WANDB_MODE=offline"
+    )
+
+
+def effective_block_size(cfg: DictConfig) -> int:
+    """K as the objective sees it: 1 for AR, the configured block_size otherwise."""
+    return 1 if cfg.algo.parameterization == "ar" else int(cfg.block_size)
+
+
+def build_module(cfg: DictConfig, vocab_size: int, mask_id: int) -> Diffusion:
+    """The LightningModule for `cfg`, freshly initialised (seed before calling)."""
+    try:
+        noise = build_noise(cfg.noise.type)
+        algorithm = build_algorithm(
+            cfg.algo, cfg.training, noise, mask_id, int(cfg.model.length), effective_block_size(cfg)
+        )
+        model_cfg = {k: v for k, v in cfg.model.items() if k != "name"}
+        backbone = build_backbone(model_cfg, vocab_size, causal=cfg.algo.parameterization == "ar")
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    schedule = cfg.lr_scheduler
+    optim = OptimSettings(
+        lr=float(cfg.optim.lr),
+        beta1=float(cfg.optim.beta1),
+        beta2=float(cfg.optim.beta2),
+        eps=float(cfg.optim.eps),
+        weight_decay=float(cfg.optim.weight_decay),
+        lr_schedule=schedule.name,
+        warmup_steps=int(schedule.get("num_warmup_steps", 0) or 0),
+        max_steps=int(cfg.trainer.max_steps),
+        warmup_t=schedule.get("warmup_t"),
+        warmup_lr_init=float(schedule.get("warmup_lr_init", 1e-6)),
+        lr_min=float(schedule.get("lr_min", 1e-6)),
+        ema=float(cfg.training.ema),
+    )
+    return Diffusion(
+        backbone,
+        algorithm,
+        optim,
+        run_config=OmegaConf.to_container(cfg, resolve=True),
+        var_min=bool(cfg.algo.var_min),
+        eps_min=float(cfg.training.sampling_eps_min),
+        eps_max=float(cfg.training.sampling_eps_max),
+        use_ema_for_eval=not cfg.eval.disable_ema,
+        clip_grid=interval_grid(
+            list(cfg.algo.clip_search_widths),
+            float(cfg.algo.clip_search_delta),
+            effective_block_size(cfg),
+        ),
+        clip_search_batches=int(cfg.algo.clip_search_batches),
+        fix_clipping=bool(cfg.algo.fix_clipping),
+    )
+
+
+def build_loader(dataset, batch_size: int, shuffle: bool, seed: int, cfg: DictConfig, hw: Hardware):
+    workers = cfg.loader.num_workers
+    if workers is None:
+        workers = 0 if hw.accelerator == "cpu" else min(8, len(os.sched_getaffinity(0)))
+    generator = torch.Generator().manual_seed(seed) if shuffle else None
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        generator=generator,
+        num_workers=workers,
+        pin_memory=bool(cfg.loader.pin_memory) and hw.accelerator == "gpu",
+        persistent_workers=workers > 0,
+    )
+
+
+def build_logger(cfg: DictConfig, run_dir: str):
+    if cfg.wandb is None:
+        return L.pytorch.loggers.CSVLogger(run_dir, name="logs")
+    wandb_cfg = OmegaConf.to_container(cfg.wandb, resolve=True)
+    return L.pytorch.loggers.WandbLogger(
+        save_dir=run_dir, config=OmegaConf.to_container(cfg, resolve=True), **wandb_cfg
+    )
+
+
+def build_trainer(cfg: DictConfig, hw: Hardware, plan: BatchPlan, run_dir: str, fit: bool):
+    """fit=True adds the checkpoint callbacks and the logger; evaluation runs get neither."""
+    strategy = "auto"
+    if hw.world_size > 1 and cfg.strategy.name == "ddp":
+        strategy = L.pytorch.strategies.DDPStrategy(
+            find_unused_parameters=bool(cfg.strategy.find_unused_parameters)
+        )
+    callbacks = []
+    if fit:
+        callbacks = [hydra.utils.instantiate(c) for c in cfg.callbacks.values()]
+    passthrough = {
+        k: v
+        for k, v in cfg.trainer.items()
+        if k not in ("accelerator", "devices", "num_nodes", "precision", "accumulate_grad_batches")
+    }
+    return L.Trainer(
+        accelerator=hw.accelerator,
+        devices=hw.devices,
+        num_nodes=hw.num_nodes,
+        precision=hw.precision,
+        accumulate_grad_batches=plan.accumulate,
+        strategy=strategy,
+        callbacks=callbacks,
+        logger=build_logger(cfg, run_dir) if fit else False,
+        enable_checkpointing=fit,
+        default_root_dir=run_dir,
+        **passthrough,
+    )

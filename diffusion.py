@@ -1,0 +1,282 @@
+"""The LightningModule: glue between the DiT, an objective from `algorithms/`, the samplers and
+Lightning's loop. It owns the optimiser, the LR schedule, the EMA (swapped in for validation and
+sampling), the clip-interval buffers and the checkpoint hooks; all maths lives below it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import lightning as L
+import torch
+from torch import Tensor
+
+import samplers
+from algorithms import Autoregressive, MaskedDiffusion
+from algorithms.ar import ar_log_probs
+from algorithms.base import (
+    DEFAULT_EPS_MAX,
+    DEFAULT_EPS_MIN,
+    Layout,
+    process_sigma,
+    sigma_from_p,
+    subs_log_probs,
+)
+from algorithms.clip_search import VarianceRecorder, per_block_means, select_interval
+from models.attention import MaskCache
+from models.dit import DiT
+from models.ema import EMA
+
+CHECKPOINT_FORMAT = "bd3lms/1"
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimSettings:
+    lr: float = 3e-4
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    lr_schedule: str = "constant_warmup"  # constant_warmup | cosine_decay_warmup | constant
+    warmup_steps: int = 2500  # constant_warmup
+    max_steps: int = 1_000_000
+    warmup_t: float | None = None  # cosine_decay_warmup; None = 0.1 max_steps
+    warmup_lr_init: float = 1e-6
+    lr_min: float = 1e-6
+    ema: float = 0.9999  # 0 disables the EMA
+
+
+def lr_multiplier(settings: OptimSettings):
+    """step -> lr / base lr for the three schedules of SPEC 7.3.
+
+    constant_warmup: step / warmup until warmup, then 1 (the first step runs at lr 0).
+    cosine_decay_warmup: linear from warmup_lr_init over warmup_t steps (0.1 max_steps by
+    default), then cosine from lr down to lr_min over the remaining steps, then lr_min.
+    """
+    lr, name = settings.lr, settings.lr_schedule
+    if name == "constant":
+        return lambda step: 1.0
+    if name == "constant_warmup":
+        warmup = settings.warmup_steps
+        return lambda step: step / max(1, warmup) if step < warmup else 1.0
+    if name == "cosine_decay_warmup":
+        start, floor = settings.warmup_lr_init, settings.lr_min
+        warmup = settings.warmup_t if settings.warmup_t is not None else 0.1 * settings.max_steps
+        decay = settings.max_steps - warmup
+
+        def cosine(step: int) -> float:
+            if step < warmup:
+                return (start + step * (lr - start) / warmup) / lr
+            progress = min((step - warmup) / decay, 1.0)
+            return (floor + 0.5 * (lr - floor) * (1 + math.cos(math.pi * progress))) / lr
+
+        return cosine
+    raise ValueError(
+        f"lr_scheduler={name!r}: valid are constant_warmup, cosine_decay_warmup, constant"
+    )
+
+
+class Diffusion(L.LightningModule):
+    """backbone: the DiT; algorithm: a MaskedDiffusion (bd3lm, mdlm) or Autoregressive objective.
+
+    run_config: the resolved config as plain containers, stored in every checkpoint.
+    var_min: register the learned clip interval buffers `sampling_eps_min/max` (BD3-LM).
+    clip_grid: candidate intervals for the clip search (algorithms.clip_search); with more
+    than one, validation measures each on its first `clip_search_batches` batches and moves
+    the buffers to the one of least variance (unless fix_clipping).
+    """
+
+    def __init__(
+        self,
+        backbone: DiT,
+        algorithm: MaskedDiffusion | Autoregressive,
+        optim: OptimSettings,
+        run_config: dict,
+        var_min: bool = False,
+        eps_min: float = DEFAULT_EPS_MIN,
+        eps_max: float = DEFAULT_EPS_MAX,
+        use_ema_for_eval: bool = True,
+        clip_grid: list[tuple[float, float]] | None = None,
+        clip_search_batches: int = 100,
+        fix_clipping: bool = False,
+    ):
+        super().__init__()
+        self.backbone = backbone
+        self.algorithm = algorithm
+        self.optim = optim
+        self.run_config = run_config
+        self.var_min = var_min
+        if var_min:
+            self.register_buffer("sampling_eps_min", torch.tensor(eps_min, dtype=torch.float32))
+            self.register_buffer("sampling_eps_max", torch.tensor(eps_max, dtype=torch.float32))
+        self.ema = EMA(self.backbone, optim.ema) if optim.ema > 0 else None
+        self.use_ema_for_eval = use_ema_for_eval
+        self.clip_grid = clip_grid if var_min and clip_grid and len(clip_grid) > 1 else []
+        self.clip_search_batches = clip_search_batches
+        self.fix_clipping = fix_clipping
+        self._variance: VarianceRecorder | None = None
+        self.masks = MaskCache(backbone.config.attn_backend)
+        self._positions: dict[tuple, Tensor] = {}
+        self._eval_sums: Tensor | None = None
+        self.eval_result: dict | None = None
+
+    # ------------------------------------------------------------------------------------------
+    # The network as the objectives and samplers see it
+    # ------------------------------------------------------------------------------------------
+    def _get_positions(self, length: int, halves: int, device: torch.device) -> Tensor:
+        key = (length, halves, str(device))
+        if key not in self._positions:
+            self._positions[key] = torch.arange(length // halves, device=device).repeat(halves)
+        return self._positions[key]
+
+    def network(self, tokens: Tensor, sigma: Tensor | None, layout: Layout) -> Tensor:
+        """tokens (B, S), sigma (B,) or None -> logits (B, S', V); see algorithms.base.Layout."""
+        S = tokens.shape[1]
+        if sigma is None and self.backbone.sigma_map is not None:
+            sigma = torch.zeros(tokens.shape[0], device=tokens.device)
+        positions = self._get_positions(S, layout.halves, tokens.device)
+        mask = self.masks.get(layout.mask, S, S, tokens.device)
+        return self.backbone(tokens, sigma, positions, mask, layout.outputs)
+
+    def clip_interval(self) -> tuple[Tensor, Tensor]:
+        """The training interval [eps_min, eps_max] as float32 0-d tensors."""
+        if self.var_min:
+            return self.sampling_eps_min, self.sampling_eps_max
+        return (
+            torch.tensor(DEFAULT_EPS_MIN, dtype=torch.float32, device=self.device),
+            torch.tensor(DEFAULT_EPS_MAX, dtype=torch.float32, device=self.device),
+        )
+
+    # ------------------------------------------------------------------------------------------
+    # Training and validation
+    # ------------------------------------------------------------------------------------------
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        eps_min, eps_max = self.clip_interval()
+        out = self.algorithm.loss(
+            self.network, batch["input_ids"], batch["attention_mask"], eps_min, eps_max, True
+        )
+        self.log("trainer/loss", out.loss, on_step=True, prog_bar=True)
+        return out.loss
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        if self.ema is not None:
+            self.ema.update(self.backbone)
+
+    def on_validation_epoch_start(self) -> None:
+        if self.ema is not None and self.use_ema_for_eval:
+            self.ema.store(self.backbone)
+            self.ema.copy_to(self.backbone)
+        self._eval_sums = torch.zeros(2, dtype=torch.float64, device=self.device)
+        if self.clip_grid:
+            self._variance = VarianceRecorder(self.clip_grid, self.clip_search_batches)
+
+    def _eval_loss(self, batch: dict, interval: tuple[float, float]):
+        eps_min, eps_max = (
+            torch.tensor(e, dtype=torch.float32, device=self.device) for e in interval
+        )
+        x0, attention_mask = batch["input_ids"], batch["attention_mask"]
+        return self.algorithm.loss(self.network, x0, attention_mask, eps_min, eps_max, False)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        """Reported: the unbiased NELBO (or exact NLL for K = 1). With a clip grid, every
+        interval that still wants samples costs one more forward pass on this batch."""
+        report = self.algorithm.eval_interval()
+        out = self._eval_loss(batch, report)
+        self._eval_sums += torch.stack([out.nlls.sum(), out.token_mask.sum()]).double()
+        if self._variance is None:
+            return
+        for interval in self.clip_grid:
+            if self._variance.wants(interval):
+                nlls = out.nlls if interval == report else self._eval_loss(batch, interval).nlls
+                self._variance.add(interval, per_block_means(nlls, self.algorithm.block_size))
+
+    def on_validation_epoch_end(self) -> None:
+        sums = self.trainer.strategy.reduce(self._eval_sums, reduce_op="sum")
+        nll = (sums[0] / sums[1]).item()
+        self.eval_result = {
+            "nll": nll,
+            "ppl": math.exp(nll),
+            "bpd": nll / math.log(2),
+            "num_tokens": int(sums[1].item()),
+        }
+        if not self.trainer.sanity_checking:
+            for key in ("nll", "ppl", "bpd"):
+                # already reduced over ranks: every rank logs the same value (monitorable)
+                self.log(f"val/{key}", self.eval_result[key], sync_dist=False)
+        if self.ema is not None and self.use_ema_for_eval:
+            self.ema.restore(self.backbone)
+        if self._variance is not None and not self.trainer.sanity_checking:
+            self._search_clip_interval()
+
+    def _search_clip_interval(self) -> None:
+        """Move the clip buffers to the interval of least per-block NELBO variance (SPEC 2.7)."""
+        scores = self._variance.scores(lambda t: self.all_gather(t))
+        for (low, high), score in scores.items():
+            self.log(f"valid_var_{round(low, 2)} - {round(high, 2)}", score)
+        low, high = select_interval(scores)
+        if not self.fix_clipping:
+            self.sampling_eps_min.fill_(low)
+            self.sampling_eps_max.fill_(high)
+        self.log("sampling_eps_min", self.sampling_eps_min.item())
+        self.log("sampling_eps_max", self.sampling_eps_max.item())
+        self._variance = None
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(
+            self.backbone.parameters(),
+            lr=self.optim.lr,
+            betas=(self.optim.beta1, self.optim.beta2),
+            eps=self.optim.eps,
+            weight_decay=self.optim.weight_decay,
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(self.optim))
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "trainer/lr"},
+        }
+
+    # ------------------------------------------------------------------------------------------
+    # Checkpoints
+    # ------------------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["format"] = CHECKPOINT_FORMAT
+        checkpoint["config"] = self.run_config
+        if self.ema is not None:
+            checkpoint["ema"] = self.ema.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self.ema is not None and "ema" in checkpoint:
+            self.ema.load_state_dict(checkpoint["ema"])
+
+    def apply_ema(self) -> None:
+        """Evaluation/sampling outside the fit loop: copy the EMA weights in, for good."""
+        if self.ema is not None and self.use_ema_for_eval:
+            self.ema.copy_to(self.backbone)
+
+    # ------------------------------------------------------------------------------------------
+    # Sampling
+    # ------------------------------------------------------------------------------------------
+    def denoise(self, x: Tensor, t: Tensor, num_last: int) -> Tensor:
+        """The samplers' denoiser: log-probabilities (B, num_last, V) for the last positions of
+        the window x (B, S), at per-sequence times t (B,)."""
+        layout = self.algorithm.sample_layout()
+        layout = Layout(mask=layout.mask, outputs=slice(x.shape[1] - num_last, None))
+        if isinstance(self.algorithm, Autoregressive):
+            return ar_log_probs(self.network(x, None, layout), self.algorithm.mask_id)
+        sigma = sigma_from_p(t[:, None].float(), self.algorithm.noise_sigma_max)
+        sigma = process_sigma(sigma, self.algorithm.time_conditioning)
+        logits = self.network(x, sigma, layout)
+        return subs_log_probs(logits, x[:, -num_last:], self.algorithm.mask_id)
+
+    @torch.no_grad()
+    def sample(
+        self, batch_size: int, cfg: samplers.SamplerConfig, generator: torch.Generator
+    ) -> samplers.SampleOutput:
+        sampler = (
+            samplers.ar_sample
+            if isinstance(self.algorithm, Autoregressive)
+            else (samplers.semi_ar_sample)
+        )
+        return sampler(self.denoise, batch_size, cfg, generator, self.device)

@@ -1,0 +1,194 @@
+"""Rotary embeddings, attention masks as predicates, and the attention backend dispatch.
+
+A mask is a frozen dataclass whose ``__call__(q_idx, kv_idx)`` returns a boolean tensor (True =
+may attend). The same predicate is materialised as a dense boolean matrix for SDPA or as a flex
+``BlockMask``, so the backends compute the same function. Masks know about blocks; the DiT does
+not: it receives a materialised mask and applies it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+BACKENDS = ("sdpa", "flex", "flash_attn")
+
+
+# ----------------------------------------------------------------------------------------------
+# Mask predicates
+# ----------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class BlockDiffusionMask:
+    """The three-part mask over the 2L training input [x_t ; x_0] (SPEC 2.4).
+
+    Query q may attend key k iff
+      M_BD  (block-diagonal): same half and same block,
+      M_OBC (offset block-causal): q in x_t, k in x_0 and block(k) < block(q),
+      M_BC  (block-causal): both in x_0 and block(k) <= block(q).
+    """
+
+    seq_len: int  # L: length of one half
+    block_size: int  # K
+
+    def __call__(self, q: Tensor, k: Tensor) -> Tensor:
+        L, K = self.seq_len, self.block_size
+        q_x0, k_x0 = q >= L, k >= L
+        q_block = torch.where(q_x0, q - L, q) // K
+        k_block = torch.where(k_x0, k - L, k) // K
+        block_diagonal = (q_block == k_block) & (q_x0 == k_x0)
+        offset_block_causal = ~q_x0 & k_x0 & (k_block < q_block)
+        block_causal = q_x0 & k_x0 & (k_block <= q_block)
+        return block_diagonal | offset_block_causal | block_causal
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockCausalMask:
+    """Block-causal attention over one clean-then-noisy stream (sampling without a KV cache):
+    query q may attend key k iff block(k) <= block(q). Equals M_BC of the training mask."""
+
+    block_size: int
+
+    def __call__(self, q: Tensor, k: Tensor) -> Tensor:
+        return (k // self.block_size) <= (q // self.block_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class CausalMask:
+    """Token-level causal attention (AR)."""
+
+    def __call__(self, q: Tensor, k: Tensor) -> Tensor:
+        return k <= q
+
+
+def dense_mask(mask: Any, q_len: int, kv_len: int, device: torch.device | str = "cpu") -> Tensor:
+    """Materialise a predicate as a dense (q_len, kv_len) boolean tensor."""
+    q = torch.arange(q_len, device=device)[:, None]
+    k = torch.arange(kv_len, device=device)[None, :]
+    return mask(q, k)
+
+
+def flex_available() -> bool:
+    try:
+        from torch.nn.attention import flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def flash_available() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available()
+
+
+@dataclasses.dataclass
+class AttentionMask:
+    """A materialised mask ready for one backend. ``None`` fields mean full attention.
+
+    dense: (S_q, S_kv) bool tensor for SDPA; block_mask: a flex BlockMask; causal: True for
+    token-causal attention (served natively by every backend, no matrix needed).
+    """
+
+    dense: Tensor | None = None
+    block_mask: Any = None
+    causal: bool = False
+
+
+class MaskCache:
+    """Builds each (predicate, shape, backend, device) mask once and reuses it."""
+
+    def __init__(self, backend: str):
+        self.backend = backend
+        self._cache: dict[tuple, AttentionMask] = {}
+
+    def get(self, mask: Any, q_len: int, kv_len: int, device: torch.device) -> AttentionMask:
+        if mask is None:
+            return AttentionMask()
+        if isinstance(mask, CausalMask) and q_len == kv_len:
+            return AttentionMask(causal=True)
+        key = (mask, q_len, kv_len, str(device))
+        if key not in self._cache:
+            if self.backend == "flex":
+                from torch.nn.attention.flex_attention import create_block_mask
+
+                block_mask = create_block_mask(
+                    lambda b, h, q, k: mask(q, k), None, None, q_len, kv_len, device=device
+                )
+                self._cache[key] = AttentionMask(block_mask=block_mask)
+            else:
+                self._cache[key] = AttentionMask(dense=dense_mask(mask, q_len, kv_len, device))
+        return self._cache[key]
+
+
+# ----------------------------------------------------------------------------------------------
+# Backends
+# ----------------------------------------------------------------------------------------------
+_compiled_flex = None
+
+
+def _flex(q: Tensor, k: Tensor, v: Tensor, block_mask: Any) -> Tensor:
+    from torch.nn.attention.flex_attention import flex_attention
+
+    global _compiled_flex
+    if q.device.type != "cuda":  # CPU: eager, forward only (no backward on CPU, ENVIRONMENT.md)
+        return flex_attention(q, k, v, block_mask=block_mask)
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex(q, k, v, block_mask=block_mask)
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, backend: str) -> Tensor:
+    """Scaled dot-product attention, scale 1/sqrt(d), no dropout.
+
+    q: (B, H, S_q, d); k, v: (B, H, S_kv, d) -> (B, H, S_q, d).
+    """
+    if backend == "flex" and mask.block_mask is not None:
+        return _flex(q, k, v, mask.block_mask)
+    if backend == "flash_attn" and mask.dense is None and mask.block_mask is None:
+        from flash_attn import flash_attn_func
+
+        out = flash_attn_func(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=mask.causal
+        )
+        return out.transpose(1, 2)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense, is_causal=mask.causal)
+
+
+# ----------------------------------------------------------------------------------------------
+# Rotary embeddings (GPT-NeoX style, non-interleaved halves)
+# ----------------------------------------------------------------------------------------------
+class Rotary(nn.Module):
+    """Holds ``inv_freq`` = 1/10000^(2j/d), j < d/2 (a persistent buffer, as in released weights)
+    and returns cos/sin tables for arbitrary integer positions."""
+
+    def __init__(self, head_dim: int, base: float = 10_000.0):
+        super().__init__()
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2).float() / head_dim))
+        self.register_buffer("inv_freq", inv_freq)
+        self._table: tuple[Tensor, Tensor, Tensor] | None = None
+
+    def forward(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """positions: (S,) int -> cos, sin of shape (1, S, 1, d) in ``dtype``."""
+        cached = self._table
+        # Cached by identity: callers reuse one positions tensor per shape (no host sync here).
+        if cached is not None and cached[0] is positions and cached[1].dtype == dtype:
+            return cached[1], cached[2]
+        freqs = torch.outer(positions.to(self.inv_freq.dtype), self.inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = emb.cos()[None, :, None, :].to(dtype)
+        sin = emb.sin()[None, :, None, :].to(dtype)
+        self._table = (positions, cos, sin)
+        return cos, sin
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x: (B, S, H, d); cos/sin: (1, S, 1, d)."""
+    return x * cos + rotate_half(x) * sin

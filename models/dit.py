@@ -1,0 +1,232 @@
+"""The DiT backbone of BD3-LM / MDLM / AR (SPEC 3).
+
+A plain ``nn.Module`` with a small typed config. It maps tokens (B, S) and a noise level sigma
+(B,) to logits (B, S, V), given integer rotary positions (S,) and a materialised attention mask.
+It knows nothing of blocks, x_t/x_0 halves or samplers: callers pass the positions (both halves
+of the training input share 0..L-1) and the mask.
+
+Parameter names follow the released checkpoints (SPEC 3.9) and modules are registered in the
+order of SPEC 3.8 (vocab_embed, sigma_map, rotary_emb, blocks, output_layer).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from models.attention import BACKENDS, AttentionMask, Rotary, apply_rotary, attend
+
+FREQ_EMBED_DIM = 256  # sinusoidal features fed to sigma_map
+
+
+@dataclasses.dataclass(frozen=True)
+class DiTConfig:
+    """Shape and behaviour of the backbone.
+
+    adaln: adaLN modulation layers exist (always for diffusion; absent for AR unless asked).
+    causal: token-causal attention (AR).
+    """
+
+    vocab_size: int
+    hidden_size: int = 768
+    cond_dim: int = 128
+    n_blocks: int = 12
+    n_heads: int = 12
+    dropout: float = 0.1
+    causal: bool = False
+    adaln: bool = True
+    attn_backend: str = "sdpa"
+
+    def __post_init__(self):
+        if self.hidden_size % self.n_heads:
+            raise ValueError(
+                f"model.hidden_size={self.hidden_size} must be divisible by "
+                f"model.n_heads={self.n_heads}"
+            )
+        if self.attn_backend not in BACKENDS:
+            raise ValueError(f"model.attn_backend={self.attn_backend!r}: valid are {BACKENDS}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.n_heads
+
+
+class LayerNorm(nn.Module):
+    """Non-affine layer norm computed in float32 (autocast off), times a learned weight."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.dim = dim
+
+    def forward(self, x: Tensor) -> Tensor:
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            x = F.layer_norm(x.float(), [self.dim])
+        return x * self.weight[None, None, :]
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    return x * (1 + scale) + shift
+
+
+class EmbeddingLayer(nn.Module):
+    """Token embedding as a raw (V, D) parameter, Kaiming-uniform initialised (a = sqrt 5)."""
+
+    def __init__(self, dim: int, vocab_size: int):
+        super().__init__()
+        self.embedding = nn.Parameter(torch.empty(vocab_size, dim))
+        nn.init.kaiming_uniform_(self.embedding, a=math.sqrt(5))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.embedding[x]
+
+
+class TimestepEmbedder(nn.Module):
+    """sigma (B,) -> (B, C): 256 sinusoidal features [cos | sin], then Linear-SiLU-Linear."""
+
+    def __init__(self, cond_dim: int):
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(FREQ_EMBED_DIM, cond_dim, bias=True),
+            nn.SiLU(),
+            nn.Linear(cond_dim, cond_dim, bias=True),
+        )
+
+    @staticmethod
+    def features(sigma: Tensor, dim: int = FREQ_EMBED_DIM, max_period: float = 10_000.0):
+        half = dim // 2
+        freqs = torch.exp(
+            -math.log(max_period)
+            * torch.arange(0, half, dtype=torch.float32, device=sigma.device)
+            / half
+        )
+        args = sigma[:, None].float() * freqs[None]
+        return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+    def forward(self, sigma: Tensor) -> Tensor:
+        return self.mlp(self.features(sigma))
+
+
+class DiTBlock(nn.Module):
+    """Pre-LN transformer block with optional adaLN modulation (SPEC 3.2).
+
+    Without adaLN (AR) it is a plain pre-LN block: gates are 1 and modulation is skipped.
+    """
+
+    def __init__(self, config: DiTConfig):
+        super().__init__()
+        dim = config.hidden_size
+        self.n_heads = config.n_heads
+        self.backend = config.attn_backend
+        self.norm1 = LayerNorm(dim)
+        self.attn_qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.attn_out = nn.Linear(dim, dim, bias=False)
+        self.norm2 = LayerNorm(dim)
+        self.mlp = nn.Sequential(
+            nn.Linear(dim, 4 * dim, bias=True),
+            nn.GELU(approximate="tanh"),
+            nn.Linear(4 * dim, dim, bias=True),
+        )
+        self.dropout = nn.Dropout(config.dropout)
+        if config.adaln:
+            self.adaLN_modulation = nn.Linear(config.cond_dim, 6 * dim, bias=True)
+            nn.init.zeros_(self.adaLN_modulation.weight)
+            nn.init.zeros_(self.adaLN_modulation.bias)
+        else:
+            self.adaLN_modulation = None
+
+    def forward(
+        self, h: Tensor, c: Tensor | None, cos: Tensor, sin: Tensor, mask: AttentionMask
+    ) -> Tensor:
+        """h: (B, S, D), c: (B, C) or None -> (B, S, D)."""
+        if self.adaLN_modulation is not None:
+            (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp) = (
+                self.adaLN_modulation(c)[:, None].chunk(6, dim=2)
+            )
+            a = modulate(self.norm1(h), shift_msa, scale_msa)
+        else:
+            a = self.norm1(h)
+        qkv = rearrange(
+            self.attn_qkv(a), "b s (three h d) -> b s three h d", three=3, h=self.n_heads
+        )
+        q, k, v = qkv.unbind(dim=2)
+        with torch.autocast(device_type=h.device.type, enabled=False):
+            cos, sin = cos.to(q.dtype), sin.to(q.dtype)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k, v = (rearrange(x, "b s h d -> b h s d") for x in (q, k, v))
+        att = rearrange(attend(q, k, v, mask, self.backend), "b h s d -> b s (h d)")
+        if self.adaLN_modulation is None:
+            h = h + self.dropout(self.attn_out(att))
+            return h + self.dropout(self.mlp(self.norm2(h)))
+        h = h + gate_msa * self.dropout(self.attn_out(att))
+        return h + gate_mlp * self.dropout(self.mlp(modulate(self.norm2(h), shift_mlp, scale_mlp)))
+
+
+class DiTFinalLayer(nn.Module):
+    """LayerNorm, optional adaLN (shift first, then scale), zero-initialised linear to V."""
+
+    def __init__(self, config: DiTConfig):
+        super().__init__()
+        dim = config.hidden_size
+        self.norm_final = LayerNorm(dim)
+        self.linear = nn.Linear(dim, config.vocab_size)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+        if config.adaln:
+            self.adaLN_modulation = nn.Linear(config.cond_dim, 2 * dim, bias=True)
+            nn.init.zeros_(self.adaLN_modulation.weight)
+            nn.init.zeros_(self.adaLN_modulation.bias)
+        else:
+            self.adaLN_modulation = None
+
+    def forward(self, h: Tensor, c: Tensor | None, outputs: Tensor | slice | None) -> Tensor:
+        """h: (B, S, D) -> logits (B, S', V) for a slice of positions, or (N, V) for the N
+        positions of a boolean (B, S) selection."""
+        h = self.norm_final(h)
+        if self.adaLN_modulation is not None:
+            shift, scale = self.adaLN_modulation(c)[:, None].chunk(2, dim=2)
+            h = modulate(h, shift, scale)
+        if isinstance(outputs, slice):
+            h = h[:, outputs]
+        elif outputs is not None:
+            h = h[outputs]
+        return self.linear(h)
+
+
+class DiT(nn.Module):
+    """Diffusion transformer. See the module docstring for the contract."""
+
+    def __init__(self, config: DiTConfig):
+        super().__init__()
+        self.config = config
+        self.vocab_embed = EmbeddingLayer(config.hidden_size, config.vocab_size)
+        self.sigma_map = TimestepEmbedder(config.cond_dim) if config.adaln else None
+        self.rotary_emb = Rotary(config.head_dim)
+        self.blocks = nn.ModuleList(DiTBlock(config) for _ in range(config.n_blocks))
+        self.output_layer = DiTFinalLayer(config)
+
+    def forward(
+        self,
+        x: Tensor,
+        sigma: Tensor | None,
+        positions: Tensor,
+        mask: AttentionMask,
+        outputs: slice | Tensor | None = None,
+    ) -> Tensor:
+        """x: (B, S) token ids; sigma: (B,) processed noise level (zeros when time conditioning
+        is off; ignored without adaLN); positions: (S,) rotary positions; mask: materialised
+        attention mask over the S positions. `outputs` selects where logits are needed:
+        None (all, (B, S, V)), a slice ((B, S', V)) or a boolean (B, S) mask ((N, V), rows in
+        row-major order). The output projection runs only there.
+        """
+        h = self.vocab_embed(x)
+        c = F.silu(self.sigma_map(sigma)) if self.sigma_map is not None else None
+        cos, sin = self.rotary_emb(positions, h.dtype)
+        for block in self.blocks:
+            h = block(h, c, cos, sin, mask)
+        return self.output_layer(h, c, outputs)

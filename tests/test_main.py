@@ -1,0 +1,152 @@
+"""End-to-end runs of every mode through main.py on the tiny `experiment=smoke` config, and
+the bad-input contract (one line, exit code 2, nothing written)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import OFFLINE, ROOT
+
+
+@pytest.fixture(scope="session")
+def data_cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("data_cache"))
+
+
+def run_main(run_dir, *overrides, cache, check=True):
+    env = {**os.environ, **OFFLINE, "BD3LMS_CACHE": cache, "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, os.path.join(ROOT, "main.py"), "experiment=smoke"]
+    cmd += [f"hydra.run.dir={run_dir}", *overrides]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{cmd} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def trained_bd3lm(tmp_path_factory, data_cache):
+    run_dir = tmp_path_factory.mktemp("bd3lm")
+    run_main(run_dir, "algo=bd3lm", cache=data_cache)
+    return run_dir
+
+
+def test_train_writes_step_checkpoints_and_last(trained_bd3lm):
+    names = sorted(os.listdir(trained_bd3lm / "checkpoints"))
+    assert {"last.ckpt", "step_00000002.ckpt", "step_00000004.ckpt", "best.ckpt"} <= set(names)
+    ckpt = torch.load(trained_bd3lm / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 4
+    assert ckpt["config"]["block_size"] == 4 and ckpt["config"]["model"]["length"] == 32
+    assert ckpt["ema"]["num_updates"] == 4
+    assert "sampling_eps_min" in ckpt["state_dict"]
+
+
+def test_rerun_resumes_from_last_checkpoint(trained_bd3lm, data_cache, tmp_path):
+    import shutil
+
+    run_dir = tmp_path / "resumed"
+    shutil.copytree(trained_bd3lm, run_dir)
+    proc = run_main(run_dir, "algo=bd3lm", "trainer.max_steps=6", cache=data_cache)
+    assert "resuming from" in proc.stdout + proc.stderr
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 6 and ckpt["ema"]["num_updates"] == 6
+
+
+def test_ppl_eval_writes_json(trained_bd3lm, data_cache, tmp_path):
+    ckpt = trained_bd3lm / "checkpoints" / "last.ckpt"
+    run_main(tmp_path, "mode=ppl_eval", f"eval.checkpoint_path={ckpt}", cache=data_cache)
+    result = json.loads((tmp_path / "ppl_eval.json").read_text())
+    assert result["num_tokens"] == 2 * 8 * 31  # 2 batches x 8 sequences, BOS excluded
+    assert result["ppl"] == pytest.approx(torch.tensor(result["nll"]).exp().item(), rel=1e-6)
+    assert result["bpd"] == pytest.approx(result["nll"] / 0.6931471805599453, rel=1e-6)
+    assert 1 < result["ppl"] < 4097 * 4  # a bound on an almost untrained model
+
+
+def test_sample_eval_writes_samples(trained_bd3lm, data_cache, tmp_path):
+    ckpt = trained_bd3lm / "checkpoints" / "last.ckpt"
+    run_main(
+        tmp_path,
+        "mode=sample_eval",
+        f"eval.checkpoint_path={ckpt}",
+        "loader.eval_batch_size=3",
+        cache=data_cache,
+    )
+    lines = (tmp_path / "samples.jsonl").read_text().splitlines()
+    samples = [json.loads(line) for line in lines]
+    assert len(samples) == 3
+    for s in samples:
+        assert len(s["token_ids"]) == 32 and s["token_ids"][0] == 0  # BOS
+        assert 4096 not in s["token_ids"], "no mask token survives sampling"
+        assert s["nfe_denoise"] == 31  # first-hitting: one token per call, BOS given
+        assert isinstance(s["text"], str)
+    summary = json.loads((tmp_path / "sample_eval.json").read_text())
+    assert summary["num_samples"] == 3 and summary["nfe_denoise_mean"] == 31
+
+
+@pytest.mark.parametrize("algo", ["mdlm", "ar"])
+def test_baselines_train_and_sample(algo, data_cache, tmp_path):
+    run_main(tmp_path, f"algo={algo}", "trainer.max_steps=2", cache=data_cache)
+    ckpt = tmp_path / "checkpoints" / "last.ckpt"
+    out = tmp_path / "samples"
+    run_main(
+        out,
+        "mode=sample_eval",
+        f"algo={algo}",
+        f"eval.checkpoint_path={ckpt}",
+        "loader.eval_batch_size=2",
+        "sampling.first_hitting=false",
+        cache=data_cache,
+    )
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 2 and all(len(s["token_ids"]) == 32 for s in samples)
+    assert all(4096 not in s["token_ids"] for s in samples)
+
+
+def test_fine_tune_from_mdlm_style_pretrain(trained_bd3lm, data_cache, tmp_path):
+    """Stage 2 of the recipe: a K = L pre-train seeds a K = 4 run (EMA weights, EMA restarted)."""
+    pretrain = tmp_path / "pretrain"
+    run_main(pretrain, "block_size=32", "trainer.max_steps=2", cache=data_cache)
+    ckpt = pretrain / "checkpoints" / "last.ckpt"
+    run_main(tmp_path / "ft", "block_size=4", f"training.from_pretrained={ckpt}", cache=data_cache)
+    last = torch.load(tmp_path / "ft" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["ema"]["num_updates"] == 4  # restarted, not inherited from the pre-train
+
+
+def bad_run(tmp_path, *overrides, cache):
+    run_dir = tmp_path / "bad"
+    proc = run_main(run_dir, *overrides, cache=cache, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    error_lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(error_lines) == 1 and error_lines[0].startswith("error: "), proc.stderr
+    assert "Traceback" not in proc.stderr
+    written = set(os.listdir(run_dir)) - {".hydra", "main.log"} if run_dir.exists() else set()
+    assert not written, f"bad input must not write outputs: {written}"
+    return error_lines[0]
+
+
+@pytest.mark.parametrize(
+    "overrides,expected",
+    [
+        (["block_size=5"], "block_size=5"),
+        (["algo=nonsense"], "algo=nonsense: unknown; valid are ar, bd3lm, mdlm"),
+        (["model.attn_backend=flex"], "model.attn_backend=flex cannot train on CPU"),
+        (["loader.global_batch_size=10", "loader.batch_size=4"], "loader.global_batch_size=10"),
+        (["mode=ppl_eval", "eval.checkpoint_path=/nonexistent.ckpt"], "eval.checkpoint_path"),
+        (["mode=sample_eval", "algo.T=0"], "algo.T=0"),
+        (["model.attn_backend=nope"], "model.attn_backend"),
+    ],
+)
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, data_cache, overrides, expected):
+    assert expected in bad_run(tmp_path, *overrides, cache=data_cache)
+
+
+def test_unreadable_checkpoint_is_refused(tmp_path, data_cache):
+    bogus = tmp_path / "bogus.ckpt"
+    bogus.write_bytes(b"not a checkpoint")
+    line = bad_run(tmp_path, "mode=ppl_eval", f"eval.checkpoint_path={bogus}", cache=data_cache)
+    assert "not a readable checkpoint" in line

@@ -1,0 +1,56 @@
+"""Small stateless helpers shared by every layer: the user-facing error type, fsspec I/O,
+atomic writes and rank-zero logging."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+from collections.abc import Iterator
+
+import fsspec
+
+
+class UserError(Exception):
+    """Bad input that the user can fix: printed as one line by main.py, exit code 2.
+
+    The message must name the offending key or file and say what would be valid.
+    """
+
+
+def get_logger(name: str) -> logging.Logger:
+    """A logger that emits only on global rank zero (RANK / LOCAL_RANK / SLURM_PROCID)."""
+    logger = logging.getLogger(name)
+    rank = int(
+        os.environ.get("RANK", os.environ.get("LOCAL_RANK", os.environ.get("SLURM_PROCID", 0)))
+    )
+    if rank != 0:
+        logger.setLevel(logging.ERROR)
+    return logger
+
+
+def fs_exists(path: str) -> bool:
+    """Existence check that works for local paths and fsspec URLs."""
+    fs, p = fsspec.core.url_to_fs(path)
+    return fs.exists(p)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str) -> Iterator[str]:
+    """Yield a temporary local path next to `path`; rename it onto `path` only on success.
+
+    A crash inside the block leaves no file (or directory) at `path`, so readers never see a
+    half-written artefact. Works for files and for directories written by a callee.
+    """
+    parent = os.path.dirname(os.path.abspath(path)) or "."
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=parent)
+    target = os.path.join(tmp, "payload")
+    try:
+        yield target
+        os.replace(target, path)
+    finally:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
