@@ -71,14 +71,13 @@ def load_weights(module: Diffusion, checkpoint: dict, key: str) -> None:
             raise UserError(f"{key}: {err}") from None
 
 
-def load_pretrained(module: Diffusion, path: str) -> None:
+def load_pretrained(module: Diffusion, checkpoint: dict) -> None:
     """Stage-2 fine-tuning (`training.from_pretrained`): start from the checkpoint's EMA weights
     when it has them (released checkpoints are EMA weights too), restart the EMA from them
     (num_updates 0) and keep this run's clip interval (the reference resets it the same way).
     A diffusion checkpoint without clip buffers (e.g. MDLM pre-training) may seed a BD3-LM.
     """
     key = "training.from_pretrained"
-    checkpoint = read_checkpoint(path, key)
     state = dict(checkpoint["state_dict"])
     own = module.state_dict()
     for name in CLIP_BUFFERS:

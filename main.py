@@ -51,12 +51,15 @@ def write_json(path: str, payload: dict) -> None:
 # Modes
 # ----------------------------------------------------------------------------------------------
 def train(cfg: DictConfig, hw: builders.Hardware, plan: builders.BatchPlan, run_dir: str):
-    vocab = dataloader.get_vocab(cfg.data)
-    module = builders.build_module(cfg, vocab.size, vocab.mask_id)
     resume = cfg.checkpointing.resume_ckpt_path
     resume = resume if cfg.checkpointing.resume_from_ckpt and os.path.isfile(resume) else None
+    pretrained = None
     if resume is None and cfg.training.from_pretrained:
-        load_pretrained(module, cfg.training.from_pretrained)
+        pretrained = read_checkpoint(cfg.training.from_pretrained, "training.from_pretrained")
+    vocab = dataloader.get_vocab(cfg.data)
+    module = builders.build_module(cfg, vocab.size, vocab.mask_id)
+    if pretrained is not None:
+        load_pretrained(module, pretrained)
         log.info("fine-tuning from %s", cfg.training.from_pretrained)
     length = int(cfg.model.length)
     train_set = dataloader.get_dataset(cfg.data, vocab, "train", length)

@@ -1,0 +1,116 @@
+"""The clip-interval grid and selection (SPEC 2.7, 10.3), the mdlm_loss_scale path, and the
+sampler building blocks (nucleus quirk, categorical draws, per-sequence first-hitting)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from algorithms.clip_search import (
+    VarianceRecorder,
+    interval_grid,
+    per_block_means,
+    select_interval,
+)
+from algorithms.masked_diffusion import MaskedDiffusion
+from noise_schedule import LogLinear
+from samplers import SamplerConfig, nucleus, sample_categorical, semi_ar_sample
+
+
+def test_grid_has_36_keys_with_float32_starts():
+    grid = interval_grid([0.5, 0.6, 0.7, 0.8, 0.9], 0.05, block_size=4)
+    assert len(grid) == 36 and grid[0] == (1e-3, 1.0)
+    f32_eps = torch.tensor(1e-3, dtype=torch.float32).item()
+    assert f32_eps != 1e-3
+    starts_at_zero = [k for k in grid[1:] if k[0] == f32_eps]
+    assert [round(k[1], 6) for k in starts_at_zero] == [0.5, 0.6, 0.7, 0.8, 0.9]
+    assert all(high <= 1.0 for _, high in grid) and max(low for low, _ in grid) == 0.5
+    assert interval_grid([], 0.05, block_size=4) == [(1e-3, 1.0)]
+    assert interval_grid([0.5], 0.05, block_size=1) == [(1e-3, 1.0), (1.0, 1.0)]
+
+
+def test_selection_picks_the_least_variance_and_first_on_ties():
+    grid = [(1e-3, 1.0), (0.3, 0.8), (0.5, 1.0)]
+    recorder = VarianceRecorder(grid, max_batches=2)
+    gen = torch.Generator().manual_seed(0)
+    spreads = {grid[0]: 3.0, grid[1]: 0.5, grid[2]: 1.0}
+    for _ in range(3):
+        for key, spread in spreads.items():
+            if recorder.wants(key):
+                recorder.add(key, torch.randn(64, 4, generator=gen) * spread)
+    assert all(len(v) == 2 for v in recorder.samples.values())
+    scores = recorder.scores(lambda t: t)
+    assert select_interval(scores) == (0.3, 0.8)
+    assert scores[grid[0]] == pytest.approx(9.0, rel=0.3)
+    assert select_interval({grid[0]: 1.0, grid[1]: 1.0}) == grid[0]
+
+
+def test_per_block_means():
+    nlls = torch.arange(8.0).view(1, 8)
+    assert torch.equal(per_block_means(nlls, 4), torch.tensor([[1.5, 5.5]]))
+
+
+def test_mdlm_loss_scale_is_the_same_weight_by_another_path():
+    algo = MaskedDiffusion(LogLinear(), 9, 8, 8, False, True, False, True, mdlm_loss_scale=True)
+    x0 = torch.randint(0, 9, (16, 8), generator=torch.Generator().manual_seed(0))
+    eps = torch.tensor(1e-3), torch.tensor(1.0)
+    gen = torch.Generator().manual_seed(1)
+    xt, loss_scale, sigma = algo.corrupt(x0, *eps, gen)
+    t = -1 / loss_scale
+    torch.testing.assert_close(sigma, -torch.log1p(-(1 - 1e-3) * t), rtol=1e-4, atol=1e-5)
+
+
+def test_nucleus_drops_the_token_that_crosses_p():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]], dtype=torch.float64)
+    kept = nucleus(probs, 0.85)
+    torch.testing.assert_close(kept, torch.tensor([[0.625, 0.375, 0.0, 0.0]], dtype=torch.float64))
+    assert torch.equal(nucleus(probs, 0.1), torch.tensor([[1.0, 0, 0, 0]], dtype=torch.float64))
+    assert nucleus(probs, 1.0) is probs
+
+
+def test_categorical_matches_its_distribution():
+    probs = torch.tensor([0.1, 0.6, 0.3], dtype=torch.float64).expand(20_000, 3)
+    draws = sample_categorical(probs, torch.Generator().manual_seed(0))
+    freq = torch.bincount(draws, minlength=3).double() / 20_000
+    torch.testing.assert_close(freq, probs[0], atol=0.015, rtol=0)
+
+
+def test_first_hitting_is_per_sequence_and_deterministic():
+    """A fake denoiser that predicts token 3 everywhere: every sequence of the batch unmasks
+    exactly one position per model call and ends fully unmasked; NFE per sequence = L - 1."""
+    V, MASK, calls = 6, 5, []
+
+    def denoise(x, t, num_last):
+        calls.append((x.shape, (x[:, -num_last:] == MASK).sum(-1).tolist()))
+        log_p = torch.full((x.shape[0], num_last, V), -1e6)
+        log_p[..., 3] = 0.0
+        return log_p
+
+    cfg = SamplerConfig(length=12, block_size=4, num_steps=50, context=12, bos_id=0, mask_id=MASK)
+    out = semi_ar_sample(denoise, 4, cfg, torch.Generator().manual_seed(0), torch.device("cpu"))
+    assert out.tokens.shape == (4, 12) and (out.tokens[:, 0] == 0).all()
+    assert (out.tokens[:, 1:] == 3).all() and out.nfe.tolist() == [11] * 4
+    # within a block the masked count drops by exactly one per call, for every sequence
+    per_block = [c[1] for c in calls]
+    assert per_block[:3] == [[3] * 4, [2] * 4, [1] * 4] and per_block[3:7] == [
+        [4] * 4,
+        [3] * 4,
+        [2] * 4,
+        [1] * 4,
+    ]
+    again = semi_ar_sample(denoise, 4, cfg, torch.Generator().manual_seed(0), torch.device("cpu"))
+    assert torch.equal(again.tokens, out.tokens)
+
+
+def test_ddpm_sampler_unmasks_everything_by_the_last_step():
+    V, MASK = 6, 5
+
+    def denoise(x, t, num_last):
+        return torch.log_softmax(
+            torch.zeros(x.shape[0], num_last, V).index_fill(-1, torch.tensor([MASK]), -1e6), -1
+        )
+
+    cfg = SamplerConfig(12, 4, 3, 12, 0, MASK, first_hitting=False)
+    out = semi_ar_sample(denoise, 3, cfg, torch.Generator().manual_seed(0), torch.device("cpu"))
+    assert not (out.tokens == MASK).any()
+    assert (out.nfe <= 9).all() and (out.nfe >= 3).all()
