@@ -98,7 +98,7 @@ def validate(cfg: DictConfig, hw: Hardware) -> None:
     if cfg.mode not in MODES:
         raise UserError(f"mode={cfg.mode!r}: valid are {', '.join(MODES)}")
     length, block_size = int(cfg.model.length), int(cfg.block_size)
-    if block_size < 1 or length % block_size:
+    if block_size < 1 or (length % block_size and cfg.mode != "sample_eval"):
         raise UserError(
             f"block_size={block_size} must be a positive divisor of model.length={length}"
         )
@@ -127,19 +127,110 @@ def validate(cfg: DictConfig, hw: Hardware) -> None:
     if cfg.algo.clip_search_widths and not cfg.algo.var_min:
         raise UserError("algo.clip_search_widths needs algo.var_min=true (algo=bd3lm)")
     if cfg.mode == "sample_eval":
-        if int(cfg.algo.T) < 1:
-            raise UserError(f"algo.T={cfg.algo.T}: sampling needs algo.T >= 1")
-        if not 0 < float(cfg.sampling.nucleus_p) <= 1:
-            raise UserError(f"sampling.nucleus_p={cfg.sampling.nucleus_p} must lie in (0, 1]")
-        unsupported = [k for k in ("kv_cache", "var_length") if cfg.sampling[k]]
-        if unsupported:
-            raise UserError(
-                f"sampling.{unsupported[0]}=true is not implemented yet; set it to false"
-            )
+        validate_sampling(cfg)
     if cfg.mode == "train" and cfg.wandb is not None:
         check_wandb_credentials(cfg.wandb)
     if cfg.algo.backbone not in ("dit", "hf_dit"):
         raise UserError(f"algo.backbone={cfg.algo.backbone!r}: valid are dit, hf_dit")
+
+
+def validate_sampling(cfg: DictConfig) -> None:
+    sampling = cfg.sampling
+    if int(cfg.algo.T) < 1:
+        raise UserError(f"algo.T={cfg.algo.T}: sampling needs algo.T >= 1")
+    if not 0 < float(sampling.nucleus_p) <= 1:
+        raise UserError(f"sampling.nucleus_p={sampling.nucleus_p} must lie in (0, 1]")
+    if sampling.kv_cache and cfg.algo.name not in ("bd3lm", "ar"):
+        raise UserError(f"sampling.kv_cache=true needs algo=bd3lm or ar (got {cfg.algo.name})")
+    if sampling.kv_cache and sampling.reencode_context:
+        raise UserError(
+            "sampling.reencode_context=true is the uncached variant; set kv_cache=false"
+        )
+    if sampling.prefix is not None and sampling.prefix_file is not None:
+        raise UserError("give sampling.prefix or sampling.prefix_file, not both")
+    has_prompt = sampling.prefix is not None or sampling.prefix_file is not None
+    if has_prompt and cfg.algo.name == "mdlm":
+        raise UserError("sampling.prefix: prompts need algo=bd3lm or ar")
+    if sampling.prefix_file is not None and not os.path.isfile(sampling.prefix_file):
+        raise UserError(f"sampling.prefix_file={sampling.prefix_file}: no such file")
+    length, block = int(cfg.model.length), effective_block_size(cfg)
+    if cfg.algo.name != "mdlm" and length % block:
+        raise UserError(
+            f"block_size={block} must divide the generation length model.length={length}"
+        )
+    if int(sampling.num_sample_batches) < 1:
+        raise UserError("sampling.num_sample_batches must be >= 1")
+
+
+def trained_length(cfg: DictConfig, checkpoint: dict) -> int:
+    """The sampling window: the context the checkpoint was trained with, never the
+    `model.length` override (which is the generation length when sampling)."""
+    stored = checkpoint.get("config", {}).get("model", {}).get("length")
+    return int(stored) if stored else int(cfg.model.length)
+
+
+def build_sampler_config(cfg: DictConfig, vocab, window: int):
+    """samplers.SamplerConfig from the sampling/algo keys (raises UserError on bad values)."""
+    from samplers import SamplerConfig
+
+    length = int(cfg.model.length)
+    block = effective_block_size(cfg)
+    stride = None
+    if cfg.algo.name == "mdlm":  # MDLM: one block of its window, then half-window strides
+        block = min(block, window)
+        stride = window // 2 if length > block else None
+    try:
+        return SamplerConfig(
+            length=length,
+            block_size=block,
+            num_steps=int(cfg.algo.T),
+            context=window,
+            bos_id=vocab.bos_id,
+            mask_id=vocab.mask_id,
+            eos_id=vocab.eos_id,
+            first_hitting=bool(cfg.sampling.first_hitting),
+            nucleus_p=float(cfg.sampling.nucleus_p),
+            kv_cache=bool(cfg.sampling.kv_cache),
+            var_length=bool(cfg.sampling.var_length),
+            reject_low_entropy=bool(cfg.sampling.reject_low_entropy),
+            stride=stride,
+        )
+    except ValueError as err:
+        raise UserError(str(err)) from None
+
+
+def read_prompts(cfg: DictConfig) -> list[str] | None:
+    """sampling.prefix (one prompt for every sample) or sampling.prefix_file (one per line)."""
+    if cfg.sampling.prefix is not None:
+        batch = plan_batches(cfg.loader, 1).eval_batch_size
+        return [str(cfg.sampling.prefix)] * (batch * int(cfg.sampling.num_sample_batches))
+    if cfg.sampling.prefix_file is not None:
+        with open(cfg.sampling.prefix_file) as f:
+            prompts = [line.rstrip("\n") for line in f if line.strip()]
+        if not prompts:
+            raise UserError(f"sampling.prefix_file={cfg.sampling.prefix_file} has no prompts")
+        return prompts
+    return None
+
+
+def build_evaluator(cfg: DictConfig, device):
+    """The generative-perplexity judge, or None when eval.gen_ppl_eval_model_name_or_path is
+    null. Its config is probed now so that a bad name fails before any sampling."""
+    from metrics import GenerativePerplexity
+
+    name = cfg.eval.gen_ppl_eval_model_name_or_path
+    if name is None:
+        return None
+    evaluator = GenerativePerplexity(str(name), device)
+    try:
+        evaluator.check()
+    except (OSError, ValueError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise UserError(
+            f"eval.gen_ppl_eval_model_name_or_path={name} cannot be loaded ({reason[:160]}); "
+            "give a local model directory, or null to skip generative perplexity"
+        ) from None
+    return evaluator
 
 
 def check_wandb_credentials(wandb_cfg: DictConfig) -> None:
@@ -163,13 +254,16 @@ def effective_block_size(cfg: DictConfig) -> int:
     return 1 if cfg.algo.parameterization == "ar" else int(cfg.block_size)
 
 
-def build_module(cfg: DictConfig, vocab_size: int, mask_id: int) -> Diffusion:
-    """The LightningModule for `cfg`, freshly initialised (seed before calling)."""
+def build_module(
+    cfg: DictConfig, vocab_size: int, mask_id: int, seq_len: int | None = None
+) -> Diffusion:
+    """The LightningModule for `cfg`, freshly initialised (seed before calling). seq_len: the
+    training context L when `model.length` means something else (the generation length)."""
+    seq_len = seq_len or int(cfg.model.length)
+    block_size = min(effective_block_size(cfg), seq_len)
     try:
         noise = build_noise(cfg.noise.type)
-        algorithm = build_algorithm(
-            cfg.algo, cfg.training, noise, mask_id, int(cfg.model.length), effective_block_size(cfg)
-        )
+        algorithm = build_algorithm(cfg.algo, cfg.training, noise, mask_id, seq_len, block_size)
         model_cfg = {k: v for k, v in cfg.model.items() if k != "name"}
         backbone = build_backbone(model_cfg, vocab_size, causal=cfg.algo.parameterization == "ar")
     except ValueError as err:
@@ -199,9 +293,7 @@ def build_module(cfg: DictConfig, vocab_size: int, mask_id: int) -> Diffusion:
         eps_max=float(cfg.training.sampling_eps_max),
         use_ema_for_eval=not cfg.eval.disable_ema,
         clip_grid=interval_grid(
-            list(cfg.algo.clip_search_widths),
-            float(cfg.algo.clip_search_delta),
-            effective_block_size(cfg),
+            list(cfg.algo.clip_search_widths), float(cfg.algo.clip_search_delta), block_size
         ),
         clip_search_batches=int(cfg.algo.clip_search_batches),
         fix_clipping=bool(cfg.algo.fix_clipping),

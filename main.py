@@ -7,21 +7,21 @@ code 2 and one line on stderr, before anything is written.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
 
 import hydra
 import lightning as L
-import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 import builders
 import dataloader
+import generation
 import samplers
 from checkpoints import load_pretrained, load_weights, read_checkpoint
-from metrics import unigram_entropy
 from utils import UserError, atomic_path, get_logger
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
@@ -76,11 +76,11 @@ def train(cfg: DictConfig, hw: builders.Hardware, plan: builders.BatchPlan, run_
     )
 
 
-def load_for_eval(cfg: DictConfig):
-    path = cfg.eval.checkpoint_path
-    checkpoint = read_checkpoint(path, "eval.checkpoint_path")
+def load_for_eval(cfg: DictConfig, checkpoint: dict | None = None, seq_len: int | None = None):
+    if checkpoint is None:
+        checkpoint = read_checkpoint(cfg.eval.checkpoint_path, "eval.checkpoint_path")
     vocab = dataloader.get_vocab(cfg.data)
-    module = builders.build_module(cfg, vocab.size, vocab.mask_id)
+    module = builders.build_module(cfg, vocab.size, vocab.mask_id, seq_len)
     load_weights(module, checkpoint, "eval.checkpoint_path")
     return vocab, module
 
@@ -98,52 +98,44 @@ def ppl_eval(cfg: DictConfig, hw: builders.Hardware, plan: builders.BatchPlan, r
 
 
 def sample_eval(cfg: DictConfig, hw: builders.Hardware, plan: builders.BatchPlan, run_dir: str):
-    vocab, module = load_for_eval(cfg)
-    device = torch.device("cuda" if hw.accelerator == "gpu" else "cpu")
-    module.apply_ema()
-    module.to(device).eval()
-    sampler_cfg = samplers.SamplerConfig(
-        length=int(cfg.model.length),
-        block_size=builders.effective_block_size(cfg),
-        num_steps=int(cfg.algo.T),
-        context=int(cfg.model.length),
-        bos_id=vocab.bos_id,
-        mask_id=vocab.mask_id,
-        first_hitting=bool(cfg.sampling.first_hitting),
-        nucleus_p=float(cfg.sampling.nucleus_p),
+    fabric = L.Fabric(
+        accelerator=hw.accelerator,
+        devices=hw.devices,
+        num_nodes=hw.num_nodes,
+        strategy="ddp" if hw.world_size > 1 else "auto",
+        precision=hw.precision,
     )
-    generator = torch.Generator().manual_seed(int(cfg.seed))
-    autocast = torch.autocast(device.type, torch.bfloat16, enabled=hw.precision.startswith("bf16"))
-    records = []
-    samples_path = os.path.join(run_dir, "samples.jsonl")
-    with open(samples_path, "w") as out:
-        for _ in range(int(cfg.sampling.num_sample_batches)):
-            with autocast:
-                result = module.sample(plan.eval_batch_size, sampler_cfg, generator)
-            for ids, nfe in zip(result.tokens.tolist(), result.nfe.tolist(), strict=True):
-                record = {
-                    "index": len(records),
-                    "seed": int(cfg.seed),
-                    "text": dataloader.decode(vocab, ids),
-                    "token_ids": ids,
-                    "length": len(ids),
-                    "entropy": unigram_entropy(ids),
-                    "nfe_denoise": nfe,
-                }
-                records.append(record)
-                out.write(json.dumps(record) + "\n")
-                out.flush()
-    summary = {
-        "num_samples": len(records),
-        "length_mean": sum(r["length"] for r in records) / len(records),
-        "entropy_mean": sum(r["entropy"] for r in records) / len(records),
-        "nfe_denoise_mean": sum(r["nfe_denoise"] for r in records) / len(records),
-        "checkpoint": cfg.eval.checkpoint_path,
-    }
-    write_json(os.path.join(run_dir, "sample_eval.json"), summary)
-    for record in records[:4]:
-        print(f"--- sample {record['index']} ({record['length']} tokens)\n{record['text']}")
-    print(json.dumps(summary))
+    fabric.launch()
+    evaluator = builders.build_evaluator(cfg, fabric.device)
+    checkpoint = read_checkpoint(cfg.eval.checkpoint_path, "eval.checkpoint_path")
+    window = builders.trained_length(cfg, checkpoint)
+    vocab, module = load_for_eval(cfg, checkpoint, seq_len=window)
+    sampler_cfg = builders.build_sampler_config(cfg, vocab, window)
+    prompts = builders.read_prompts(cfg)
+    module.apply_ema()
+    module.to(fabric.device).eval()
+    sampler = samplers.ar_sample if cfg.algo.parameterization == "ar" else samplers.semi_ar_sample
+    model = module.sampling_model(window, reencode=bool(cfg.sampling.reencode_context))
+    out_dir = cfg.sampling.logdir or run_dir
+    job = generation.GenerationJob(
+        batch_size=plan.eval_batch_size,
+        num_batches=int(cfg.sampling.num_sample_batches),
+        seed=int(cfg.seed),
+        out_dir=out_dir,
+        rank=fabric.global_rank,
+        world_size=fabric.world_size,
+        prompts=prompts,
+    )
+    with fabric.autocast():
+        records = generation.generate(
+            functools.partial(sampler, model), sampler_cfg, job, vocab, evaluator, fabric.device
+        )
+    fabric.barrier()
+    if fabric.global_rank == 0:
+        summary = generation.write_summary(out_dir, cfg.eval.gen_ppl_eval_model_name_or_path)
+        for record in records[:4]:
+            print(f"--- sample {record['index']} ({record['length']} tokens)\n{record['text']}")
+        print(json.dumps(summary))
 
 
 MODES = {"train": train, "ppl_eval": ppl_eval, "sample_eval": sample_eval}

@@ -24,3 +24,116 @@ def unigram_perplexity(train_ids: Tensor, eval_ids: Tensor, vocab_size: int) -> 
     counts = torch.bincount(train_ids.flatten(), minlength=vocab_size).double() + 1.0
     log_p = counts.log() - counts.sum().log()
     return math.exp(-log_p[eval_ids.flatten()].mean().item())
+
+
+# ----------------------------------------------------------------------------------------------
+# Generative perplexity (SPEC 5.2)
+# ----------------------------------------------------------------------------------------------
+def sliding_windows(length: int, window: int, stride: int) -> list[tuple[int, int, int]]:
+    """(start, end, first_scored) per window: window 0 scores targets 1..end-1, window j >= 1
+    covers [j stride, j stride + window) and scores targets from j stride + window - stride,
+    so every position 1..length-1 is scored exactly once."""
+    count = max(math.ceil((length - window + stride) / stride), 1)
+    spans = []
+    for j in range(count):
+        start = j * stride
+        end = min(start + window, length)
+        spans.append((start, end, 1 if j == 0 else start + window - stride))
+    return spans
+
+
+class GenerativePerplexity:
+    """A causal LM judge (hub id or local directory), loaded on first use, never at training
+    time. Texts are retokenised with the judge's tokenizer; targets equal to its EOS id (which
+    also pads) are not scored, and position 0 never is."""
+
+    def __init__(self, name_or_path: str, device: torch.device, window: int = 1024):
+        self.name_or_path = name_or_path
+        self.device = device
+        self.max_window = window
+        self._model = None
+        self._tokenizer = None
+
+    def check(self) -> None:
+        """Fail early (before sampling) if the judge cannot be loaded."""
+        from transformers import AutoConfig
+
+        AutoConfig.from_pretrained(self.name_or_path)
+
+    def _load(self) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self._tokenizer = AutoTokenizer.from_pretrained(self.name_or_path)
+        model = AutoModelForCausalLM.from_pretrained(self.name_or_path, dtype=torch.float32)
+        self._model = model.to(self.device).eval()
+        limit = getattr(model.config, "n_positions", None) or getattr(
+            model.config, "max_position_embeddings", self.max_window
+        )
+        self.window = min(self.max_window, int(limit))
+
+    @torch.no_grad()
+    def score(self, text: str) -> tuple[float, int]:
+        """-> (sum of NLL over scored targets, number of scored targets) for one text."""
+        if self._model is None:
+            self._load()
+        ids = self._tokenizer(text, return_tensors="pt")["input_ids"][0].to(self.device)
+        eos = self._tokenizer.eos_token_id
+        total, count = 0.0, 0
+        for start, end, first in sliding_windows(len(ids), self.window, self.window // 2):
+            chunk = ids[start:end]
+            if len(chunk) < 2:
+                continue
+            logits = self._model(chunk[None]).logits[0, :-1].float()
+            targets = chunk[1:]
+            nll = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+            positions = torch.arange(start + 1, end, device=self.device)
+            keep = (positions >= first) & (targets != eos if eos is not None else True)
+            total += float(nll[keep].sum())
+            count += int(keep.sum())
+        return total, count
+
+
+# ----------------------------------------------------------------------------------------------
+# Summaries of samples.jsonl records
+# ----------------------------------------------------------------------------------------------
+def summarize_samples(records: list[dict], evaluator: str | None) -> dict:
+    """The sample_eval.json fields from per-sample records (see generation.py)."""
+    n = len(records)
+    lengths = sorted(r["length"] for r in records)
+    scored = [r for r in records if r.get("gen_ppl") is not None]
+    nll = sum(r["gen_nll_sum"] for r in scored)
+    count = sum(r["gen_num_tokens"] for r in scored)
+
+    def mean(key: str) -> float | None:
+        return sum(r[key] for r in records) / n if n else None
+
+    return {
+        "num_samples": n,
+        "gen_ppl_token_weighted": math.exp(nll / count) if count else None,
+        "gen_ppl_mean_per_sample": sum(r["gen_ppl"] for r in scored) / len(scored)
+        if scored
+        else None,
+        "entropy_mean": mean("entropy"),
+        "length_mean": mean("length"),
+        "length_median": (lengths[(n - 1) // 2] + lengths[n // 2]) / 2 if n else None,
+        "length_max": lengths[-1] if n else None,
+        "nfe_denoise_mean": mean("nfe_denoise"),
+        "nfe_total_mean": mean("nfe_total"),
+        "evaluator": evaluator,
+    }
+
+
+def plot_lengths(lengths: list[int], path: str) -> None:
+    """A histogram of sample lengths, written to `path` (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.hist(lengths, bins=min(30, max(1, len(set(lengths)))))
+    ax.set_xlabel("sample length (tokens)")
+    ax.set_ylabel("samples")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,30 +1,57 @@
 """Reverse-process samplers (SPEC 4): the semi-autoregressive block sampler of BD3-LM/MDLM
-(DDPM caching update, first-hitting, nucleus) and the AR sampler.
+(DDPM caching update, first-hitting, nucleus, KV cache, stop rules) and the AR sampler.
 
-Samplers take a denoiser callable, not the LightningModule:
-  denoise(x (B, S), t (B,), num_last) -> log-probabilities (B, num_last, V) for the last
-  `num_last` positions of x (SUBS log-probs for diffusion, next-token log-probs for AR).
-All random draws come from one CPU `torch.Generator`, so a seed fixes the samples whatever the
-device. Every sequence of a batch has its own first-hitting clock and NFE count.
+Samplers talk to the network through a `SamplingModel` (diffusion.SamplingModel implements
+it), never the LightningModule:
+  logprobs(x (B, S), t (B,), num_last, key_valid, cache, commit) -> (B, num_last, V)
+      log-probabilities for the last `num_last` positions of x (SUBS for diffusion, next-token
+      for AR); with a cache, x[:, -num_last:] is the only new input.
+  commit(x, key_valid, cache) -> None: store the clean last block in the cache.
+  new_cache(batch_size, block_size) -> KVCache.
+All random draws come from one CPU `torch.Generator` in an order that does not depend on the
+cache, so a seed fixes the samples whatever the device and whether the cache is on. Every
+sequence of a batch has its own first-hitting clock, NFE counts, length and stop reason.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
-Denoiser = Callable[[Tensor, Tensor, int], Tensor]
+from models.kv_cache import KVCache
+
 GUMBEL_EPS = 1e-10
+STOP_ENTROPY = 4.0  # nats: the reference's low-entropy stop threshold
+ENTROPY_WINDOW = 256  # tokens the entropy rule looks at
+
+
+class SamplingModel(Protocol):
+    def logprobs(
+        self,
+        x: Tensor,
+        t: Tensor,
+        num_last: int,
+        key_valid: Tensor | None,
+        cache: KVCache | None,
+        commit: bool = False,
+    ) -> Tensor: ...
+
+    def commit(self, x: Tensor, key_valid: Tensor | None, cache: KVCache) -> None: ...
+
+    def new_cache(self, batch_size: int, block_size: int) -> KVCache: ...
 
 
 @dataclasses.dataclass(frozen=True)
 class SamplerConfig:
-    """length: tokens per sample (BOS included); block_size: K; num_steps: T (> 0);
-    context: the window the network sees (its trained length); first_hitting: unmask exactly
-    one token per model call; nucleus_p in (0, 1]."""
+    """length: tokens to generate (the BOS counts when there is no prompt); block_size: K;
+    num_steps: T (DDPM steps; first-hitting makes one call per token); context: the window the
+    network sees, its trained length; stride: MDLM beyond its context appends `stride` new
+    tokens per round after a first block of `block_size` (SPEC 4.2); var_length: stop at EOS
+    or low entropy (SPEC 4.6); reject_low_entropy: flag fixed-length samples whose last 256
+    tokens have entropy < 4 for resampling, as the reference does."""
 
     length: int
     block_size: int
@@ -32,36 +59,55 @@ class SamplerConfig:
     context: int
     bos_id: int
     mask_id: int
+    eos_id: int
     first_hitting: bool = True
     nucleus_p: float = 1.0
+    kv_cache: bool = False
+    var_length: bool = False
+    reject_low_entropy: bool = True
+    stride: int | None = None
 
     def __post_init__(self):
         if self.num_steps < 1:
             raise ValueError(f"algo.T={self.num_steps}: sampling needs at least one step")
         if not 0 < self.nucleus_p <= 1:
             raise ValueError(f"sampling.nucleus_p={self.nucleus_p} must lie in (0, 1]")
-        if self.length % self.block_size:
+        step = self.stride or self.block_size
+        if self.length < self.block_size or (self.length - self.block_size) % step:
             raise ValueError(
                 f"block_size={self.block_size} must divide the generation length "
                 f"model.length={self.length}"
             )
+        if self.context % self.block_size and self.stride is None:
+            raise ValueError(f"block_size={self.block_size} must divide the window {self.context}")
+
+    def blocks(self) -> list[int]:
+        """Sizes of the successive blocks that make up `length`."""
+        step = self.stride or self.block_size
+        return [self.block_size] + [step] * ((self.length - self.block_size) // step)
 
 
 @dataclasses.dataclass
 class SampleOutput:
-    tokens: Tensor  # (B, length) int64
-    nfe: Tensor  # (B,) model calls that changed the sequence (the reference's NFE)
+    tokens: Tensor  # (B, S) int64; row b is valid up to lengths[b] (after its prompt padding)
+    lengths: Tensor  # (B,) tokens per sample, prompt included
+    nfe_denoise: Tensor  # (B,) model calls that changed the sequence (the reference's NFE)
+    nfe_total: Tensor  # (B,) denoising calls plus KV-cache commit passes
+    stop_reason: list[str]  # "length" | "eos" | "low_entropy" | "rejected_low_entropy"
+    prompt_pad: Tensor  # (B,) left padding in front of each row's prompt
 
 
-def _rand(shape: tuple[int, ...], generator: torch.Generator, device, dtype=torch.float64):
-    return torch.rand(shape, generator=generator, dtype=dtype).to(device)
+# ----------------------------------------------------------------------------------------------
+# Draws
+# ----------------------------------------------------------------------------------------------
+def _rand(shape: tuple[int, ...], generator: torch.Generator, device) -> Tensor:
+    return torch.rand(shape, generator=generator, dtype=torch.float64).to(device)
 
 
 def sample_categorical(probs: Tensor, generator: torch.Generator) -> Tensor:
     """Exponential-race Gumbel-max: argmax p / E with E = 1e-10 - log(U + 1e-10), float64.
     probs: (..., V), need not be normalised."""
-    u = _rand(tuple(probs.shape), generator, probs.device)
-    race = GUMBEL_EPS - torch.log(u + GUMBEL_EPS)
+    race = GUMBEL_EPS - torch.log(_rand(tuple(probs.shape), generator, probs.device) + GUMBEL_EPS)
     return (probs.double() / race).argmax(dim=-1)
 
 
@@ -78,107 +124,241 @@ def nucleus(probs: Tensor, p: float) -> Tensor:
     return kept / kept.sum(dim=-1, keepdim=True)
 
 
-def _denoise_block(denoise: Denoiser, window: Tensor, t: Tensor, cfg: SamplerConfig) -> Tensor:
-    """p_theta(x_0) for the last block of the window: (B, K, V) float64 after nucleus."""
-    log_probs = denoise(window, t, cfg.block_size)
-    return nucleus(log_probs.double().exp(), cfg.nucleus_p)
+# ----------------------------------------------------------------------------------------------
+# Stop rules (SPEC 4.6), per sequence
+# ----------------------------------------------------------------------------------------------
+def window_entropy(tokens: Tensor) -> Tensor:
+    """(B, W) ids -> (B,) entropy (nats) of each row's unigram distribution."""
+    counts = torch.zeros(tokens.shape[0], int(tokens.max()) + 1, device=tokens.device)
+    counts.scatter_add_(1, tokens, torch.ones_like(tokens, dtype=counts.dtype))
+    p = counts / tokens.shape[1]
+    return -(p * torch.log(p.clamp(min=1e-30))).sum(-1)
 
 
+def apply_stop_rules(
+    x: Tensor, gen_start: int, new_start: int, state: _State, cfg: SamplerConfig
+) -> None:
+    """Check the active sequences after tokens [new_start, S) were added.
+
+    var_length: the first generated EOS ends a sequence (kept); entropy of the last 256 tokens
+    below 4 ends it and drops those 256 tokens. Fixed length: low entropy marks the sequence for
+    resampling when reject_low_entropy (the reference resamples the whole batch)."""
+    S = x.shape[1]
+    if cfg.var_length:
+        is_eos = x[:, new_start:] == cfg.eos_id
+        first_eligible = gen_start if gen_start else 1  # the BOS is not a stop
+        if new_start < first_eligible:
+            is_eos[:, : first_eligible - new_start] = False
+        hit = is_eos.any(-1) & state.active
+        if hit.any():
+            first = is_eos.int().argmax(-1) + new_start
+            for b in hit.nonzero().flatten().tolist():
+                state.stop(b, int(first[b]) + 1, "eos")
+    if S - gen_start > ENTROPY_WINDOW and (cfg.var_length or cfg.reject_low_entropy):
+        low = (window_entropy(x[:, -ENTROPY_WINDOW:]) < STOP_ENTROPY) & state.active
+        for b in low.nonzero().flatten().tolist():
+            if cfg.var_length:
+                state.stop(b, S - ENTROPY_WINDOW, "low_entropy")
+            else:
+                state.stop(b, S, "rejected_low_entropy")
+
+
+@dataclasses.dataclass
+class _State:
+    active: Tensor  # (B,) bool
+    lengths: Tensor  # (B,) int64
+    reasons: list[str]
+
+    def stop(self, b: int, length: int, reason: str) -> None:
+        self.active[b] = False
+        self.lengths[b] = length
+        self.reasons[b] = reason
+
+
+def _start(batch_size: int, prompt: Tensor | None, prompt_valid: Tensor | None, device):
+    """Initial context: the left-padded prompt (B, P) and its key validity, or nothing."""
+    if prompt is None:
+        x = torch.empty(batch_size, 0, dtype=torch.long, device=device)
+        return x, None, torch.zeros(batch_size, dtype=torch.long, device=device)
+    valid = prompt_valid.to(device)
+    return prompt.to(device), valid, (~valid).sum(-1)
+
+
+def _extend_valid(key_valid: Tensor | None, n: int) -> Tensor | None:
+    if key_valid is None:
+        return None
+    return torch.cat([key_valid, key_valid.new_ones(key_valid.shape[0], n)], dim=1)
+
+
+def _prefill(model: SamplingModel, x: Tensor, valid: Tensor | None, cache, block: int) -> int:
+    """Commit a prompt into the cache block by block; returns the number of commit passes."""
+    for end in range(block, x.shape[1] + 1, block):
+        model.commit(x[:, :end], None if valid is None else valid[:, :end], cache)
+    return x.shape[1] // block
+
+
+# ----------------------------------------------------------------------------------------------
+# The semi-autoregressive block sampler (BD3-LM, MDLM)
+# ----------------------------------------------------------------------------------------------
 def _update_block(
-    block: Tensor,
-    p_x0: Tensor,
-    t: Tensor,
-    dt: float,
-    cfg: SamplerConfig,
-    generator: torch.Generator,
+    block: Tensor, p_x0: Tensor, t: Tensor, dt: float, cfg: SamplerConfig, generator
 ) -> Tensor:
     """One reverse step for the noisy block (SPEC 4.3). block: (B, K); t: (B,) float64.
 
     First-hitting: sample every position, commit one masked position per sequence (chosen
     uniformly). DDPM: q(x_s) puts p_x0 (1 - s/t) on tokens and s/t on the mask. Already
-    unmasked positions are carried over either way.
-    """
+    unmasked positions are carried over either way."""
     masked = block == cfg.mask_id
     if cfg.first_hitting:
         proposal = sample_categorical(p_x0, generator)
         scores = _rand(tuple(block.shape), generator, block.device).masked_fill(~masked, -1.0)
         chosen = torch.zeros_like(masked).scatter_(-1, scores.argmax(-1, keepdim=True), True)
-        chosen &= masked
-        return torch.where(chosen, proposal, block)
+        return torch.where(chosen & masked, proposal, block)
     mask_prob = ((t - dt) / t).clamp(min=0.0)[:, None, None]  # s / t, (B, 1, 1)
     q_xs = p_x0 * (1 - mask_prob)
     q_xs[..., cfg.mask_id] = mask_prob[..., 0]
-    proposal = sample_categorical(q_xs, generator)
-    return torch.where(masked, proposal, block)
+    return torch.where(masked, sample_categorical(q_xs, generator), block)
+
+
+def _denoise_block(
+    model: SamplingModel,
+    context: Tensor,
+    key_valid: Tensor | None,
+    block: Tensor,
+    cache: KVCache | None,
+    cfg: SamplerConfig,
+    generator: torch.Generator,
+    active: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """Fill one block. Returns the clean block (B, K) and per-sequence NFE (B,).
+
+    First-hitting: each sequence draws its next unmask time t <- t u^(1/n) (n = its masked
+    count) and unmasks one token per call. DDPM: T steps t_i = 1 - i/T, s = t_i - 1/T, so the
+    last step unmasks everything left. p_x0 is reused while no sequence changed: exact because
+    the network ignores t (no time conditioning)."""
+    B, K = block.shape
+    T = cfg.num_steps
+    t = torch.ones(B, dtype=torch.float64, device=block.device)
+    nfe = torch.zeros(B, dtype=torch.long, device=block.device)
+    valid = _extend_valid(key_valid, K)
+    p_x0 = None
+    for step in range(K if cfg.first_hitting else T):
+        masked = block == cfg.mask_id
+        if not masked.any():
+            break
+        if cfg.first_hitting:
+            n = masked.sum(-1)
+            u = _rand((B,), generator, block.device)
+            t = torch.where(n > 0, t * u ** (1.0 / n.clamp(min=1)), t)
+        else:
+            t = torch.full_like(t, 1.0 - step / T)
+        if p_x0 is None:
+            x = torch.cat([context, block], dim=1)
+            log_p = model.logprobs(x, t, K, valid, cache)
+            p_x0 = nucleus(log_p.double().exp(), cfg.nucleus_p)
+        new_block = _update_block(block, p_x0, t, 1.0 / T, cfg, generator)
+        changed = (new_block != block).any(-1)
+        nfe += changed & active
+        if changed.any():
+            p_x0 = None
+        block = new_block
+    return block, nfe
 
 
 @torch.no_grad()
 def semi_ar_sample(
-    denoise: Denoiser,
+    model: SamplingModel,
     batch_size: int,
     cfg: SamplerConfig,
     generator: torch.Generator,
     device: torch.device,
+    prompt: Tensor | None = None,
+    prompt_valid: Tensor | None = None,
+    progress=None,
 ) -> SampleOutput:
-    """Generate `cfg.length` tokens block by block, left to right (SPEC 4.2).
-
-    Each block starts fully masked (the first one with BOS at position 0) and is denoised
-    within a window of the last `cfg.context` tokens. First-hitting: each sequence draws its
-    next unmask time t <- t u^(1/n) (n = its masked count) and unmasks one token per call.
-    DDPM: T steps t_i = 1 - i/T, s = t_i - 1/T, so the last step unmasks everything left.
-    p_x0 is reused while no sequence changed: exact because the network ignores t.
-    """
-    K, T = cfg.block_size, cfg.num_steps
-    x = torch.empty(batch_size, 0, dtype=torch.long, device=device)
-    nfe = torch.zeros(batch_size, dtype=torch.long, device=device)
-    dt = 1.0 / T
-    for _ in range(cfg.length // K):
+    """Generate block by block, left to right (SPEC 4.2), optionally after a left-padded
+    prompt (B, P) whose padding is False in prompt_valid. With cfg.kv_cache, each finished
+    block is committed to the cache by one extra forward pass (counted in nfe_total)."""
+    x, key_valid, pad = _start(batch_size, prompt, prompt_valid, device)
+    gen_start = x.shape[1]
+    cache = model.new_cache(batch_size, cfg.block_size) if cfg.kv_cache else None
+    nfe_denoise = torch.zeros(batch_size, dtype=torch.long, device=device)
+    nfe_total = torch.zeros_like(nfe_denoise)
+    if cache is not None and x.shape[1]:
+        nfe_total += _prefill(model, x, key_valid, cache, cfg.block_size)
+    total = gen_start + cfg.length
+    state = _State(
+        torch.ones(batch_size, dtype=torch.bool, device=device),
+        torch.full((batch_size,), total, dtype=torch.long, device=device),
+        ["length"] * batch_size,
+    )
+    for K in cfg.blocks():
         block = torch.full((batch_size, K), cfg.mask_id, dtype=torch.long, device=device)
         if x.shape[1] == 0:
             block[:, 0] = cfg.bos_id
-        context = x[:, max(x.shape[1] + K - cfg.context, 0) :]
-        t = torch.ones(batch_size, dtype=torch.float64, device=device)
-        p_x0 = None
-        for step in range(K if cfg.first_hitting else T):  # first-hitting: one token a step
-            masked = block == cfg.mask_id
-            if not masked.any():
-                break
-            if cfg.first_hitting:
-                num_masked = masked.sum(-1)
-                u = _rand((batch_size,), generator, device)
-                t = torch.where(num_masked > 0, t * u ** (1.0 / num_masked.clamp(min=1)), t)
-            else:
-                t = torch.full_like(t, 1.0 - step / T)
-            if p_x0 is None:
-                p_x0 = _denoise_block(denoise, torch.cat([context, block], dim=1), t, cfg)
-            new_block = _update_block(block, p_x0, t, dt, cfg, generator)
-            changed = (new_block != block).any(-1)
-            nfe += changed
-            if changed.any():
-                p_x0 = None
-            block = new_block
+        visible = cfg.context - K if cache is None and cfg.stride else x.shape[1]
+        context = x[:, x.shape[1] - min(visible, x.shape[1]) :]
+        valid = None if key_valid is None else key_valid[:, key_valid.shape[1] - context.shape[1] :]
+        block, nfe = _denoise_block(
+            model, context, valid, block, cache, cfg, generator, state.active
+        )
+        nfe_denoise += nfe
+        nfe_total += nfe
+        new_start = x.shape[1]
         x = torch.cat([x, block], dim=1)
-    return SampleOutput(tokens=x, nfe=nfe)
+        key_valid = _extend_valid(key_valid, K)
+        if cache is not None and x.shape[1] < total:
+            model.commit(x, key_valid, cache)
+            nfe_total += state.active
+        apply_stop_rules(x, gen_start, new_start, state, cfg)
+        if progress is not None:
+            progress(K)
+        if not state.active.any():
+            break
+    return SampleOutput(x, state.lengths, nfe_denoise, nfe_total, state.reasons, pad)
 
 
 @torch.no_grad()
 def ar_sample(
-    denoise: Denoiser,
+    model: SamplingModel,
     batch_size: int,
     cfg: SamplerConfig,
     generator: torch.Generator,
     device: torch.device,
+    prompt: Tensor | None = None,
+    prompt_valid: Tensor | None = None,
+    progress=None,
 ) -> SampleOutput:
-    """Ancestral next-token sampling with nucleus and Gumbel-max, window `cfg.context`
-    (SPEC 4.4). NFE = length - 1 per sequence."""
-    x = torch.full((batch_size, cfg.length), cfg.bos_id, dtype=torch.long, device=device)
+    """Ancestral next-token sampling with nucleus and Gumbel-max (SPEC 4.4). With a cache,
+    each step feeds only the newest token (and commits it); without, the network re-reads the
+    sequence under the same sliding-window causal mask. NFE = tokens generated."""
+    x, key_valid, pad = _start(batch_size, prompt, prompt_valid, device)
+    if x.shape[1] == 0:
+        x = torch.full((batch_size, 1), cfg.bos_id, dtype=torch.long, device=device)
+    gen_start = x.shape[1] if prompt is not None else 0
+    total = gen_start + cfg.length
+    cache = model.new_cache(batch_size, 1) if cfg.kv_cache else None
+    nfe = torch.zeros(batch_size, dtype=torch.long, device=device)
+    if cache is not None and x.shape[1] > 1:
+        _prefill(model, x[:, :-1], None if key_valid is None else key_valid[:, :-1], cache, 1)
+    state = _State(
+        torch.ones(batch_size, dtype=torch.bool, device=device),
+        torch.full((batch_size,), total, dtype=torch.long, device=device),
+        ["length"] * batch_size,
+    )
     zero_t = torch.zeros(batch_size, dtype=torch.float64, device=device)
-    for i in range(cfg.length - 1):
-        window = x[:, max(i + 1 - cfg.context, 0) : i + 1]
-        log_probs = denoise(window, zero_t, 1)[:, -1].double()
-        probs = nucleus(log_probs.exp(), cfg.nucleus_p)
+    while x.shape[1] < total:
+        log_p = model.logprobs(x, zero_t, 1, key_valid, cache, commit=cache is not None)
+        probs = nucleus(log_p[:, -1].double().exp(), cfg.nucleus_p)
         u = _rand(tuple(probs.shape), generator, device)
         gumbel = -torch.log(-torch.log(u + GUMBEL_EPS) + GUMBEL_EPS)
-        x[:, i + 1] = (probs.log() + gumbel).argmax(-1)
-    nfe = torch.full((batch_size,), cfg.length - 1, dtype=torch.long, device=device)
-    return SampleOutput(tokens=x, nfe=nfe)
+        token = (probs.log() + gumbel).argmax(-1)
+        nfe += state.active
+        x = torch.cat([x, token[:, None]], dim=1)
+        key_valid = _extend_valid(key_valid, 1)
+        apply_stop_rules(x, gen_start, x.shape[1] - 1, state, cfg)
+        if progress is not None:
+            progress(1)
+        if not state.active.any():
+            break
+    return SampleOutput(x, state.lengths, nfe, nfe.clone(), state.reasons, pad)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from algorithms.base import NEG_INF, Layout, Loss, Network, reduce_loss
-from models.attention import CausalMask
+from models.attention import BandedBlockCausalMask, CausalMask
 
 
 def ar_log_probs(logits: Tensor, mask_id: int) -> Tensor:
@@ -28,8 +28,9 @@ class Autoregressive:
 
     train_layout = Layout(mask=CausalMask())
 
-    def sample_layout(self) -> Layout:
-        return self.train_layout
+    def sample_mask(self, window: int, reencode: bool):
+        """Causal attention limited to the last `window` tokens (re-encoded: plain causal)."""
+        return CausalMask() if reencode else BandedBlockCausalMask(1, window)
 
     def eval_interval(self) -> tuple[float, float]:
         return 1.0, 1.0

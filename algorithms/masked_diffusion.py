@@ -24,7 +24,7 @@ from algorithms.base import (
     sigma_from_p,
     subs_log_prob_of,
 )
-from models.attention import BlockCausalMask, BlockDiffusionMask
+from models.attention import BandedBlockCausalMask, BlockCausalMask, BlockDiffusionMask
 from noise_schedule import LogLinear, NoiseSchedule
 
 
@@ -58,9 +58,18 @@ class MaskedDiffusion:
             return Layout(mask=mask, halves=2, outputs=slice(0, self.seq_len))
         return Layout()
 
-    def sample_layout(self) -> Layout:
-        """Sampling without a cache: [clean blocks ; noisy block], block-causal (M_BC)."""
-        return Layout(mask=BlockCausalMask(self.block_size)) if self.cross_attn else Layout()
+    def sample_mask(self, window: int, reencode: bool):
+        """Attention over [clean blocks ; noisy block] when sampling without a cache.
+
+        BD3-LM: block-causal (M_BC). Over a whole sequence longer than the window, banded to
+        `window` tokens: exactly what the KV cache computes. reencode: the reference's variant,
+        where the caller feeds only the last `window` tokens, re-encoded from position 0.
+        MDLM: full attention over the window (always re-encoded, SPEC 4.2)."""
+        if not self.cross_attn:
+            return None
+        if reencode:
+            return BlockCausalMask(self.block_size)
+        return BandedBlockCausalMask(self.block_size, window // self.block_size)
 
     def eval_interval(self) -> tuple[float, float]:
         """The (eps_min, eps_max) whose loss validation reports (SPEC 2.6): the exact NLL

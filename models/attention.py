@@ -58,6 +58,21 @@ class BlockCausalMask:
 
 
 @dataclasses.dataclass(frozen=True)
+class BandedBlockCausalMask:
+    """Block-causal attention limited to a window of `window_blocks` blocks (the current one
+    included): query block b sees key blocks b - window_blocks + 1 .. b. Over a whole sequence
+    this is exactly what block-by-block sampling with a sliding KV cache computes; with
+    window_blocks >= the number of blocks it equals BlockCausalMask."""
+
+    block_size: int
+    window_blocks: int
+
+    def __call__(self, q: Tensor, k: Tensor) -> Tensor:
+        q_block, k_block = q // self.block_size, k // self.block_size
+        return (k_block <= q_block) & (k_block > q_block - self.window_blocks)
+
+
+@dataclasses.dataclass(frozen=True)
 class CausalMask:
     """Token-level causal attention (AR)."""
 

@@ -20,6 +20,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from models.attention import BACKENDS, AttentionMask, Rotary, apply_rotary, attend
+from models.kv_cache import KVCache
 
 FREQ_EMBED_DIM = 256  # sinusoidal features fed to sigma_map
 
@@ -141,9 +142,16 @@ class DiTBlock(nn.Module):
             self.adaLN_modulation = None
 
     def forward(
-        self, h: Tensor, c: Tensor | None, cos: Tensor, sin: Tensor, mask: AttentionMask
+        self,
+        h: Tensor,
+        c: Tensor | None,
+        cos: Tensor,
+        sin: Tensor,
+        mask: AttentionMask,
+        cache: tuple | None = None,
     ) -> Tensor:
-        """h: (B, S, D), c: (B, C) or None -> (B, S, D)."""
+        """h: (B, S, D), c: (B, C) or None -> (B, S, D). cache: (kv_cache, layer, commit,
+        block_valid) to attend over cached keys instead of applying `mask`."""
         if self.adaLN_modulation is not None:
             (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp) = (
                 self.adaLN_modulation(c)[:, None].chunk(6, dim=2)
@@ -159,7 +167,12 @@ class DiTBlock(nn.Module):
             cos, sin = cos.to(q.dtype), sin.to(q.dtype)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q, k, v = (rearrange(x, "b s h d -> b h s d") for x in (q, k, v))
-        att = rearrange(attend(q, k, v, mask, self.backend), "b h s d -> b s (h d)")
+        if cache is None:
+            att = attend(q, k, v, mask, self.backend)
+        else:
+            kv_cache, layer, commit, block_valid = cache
+            att = kv_cache.attend(layer, q, k, v, commit, block_valid)
+        att = rearrange(att, "b h s d -> b s (h d)")
         if self.adaLN_modulation is None:
             h = h + self.dropout(self.attn_out(att))
             return h + self.dropout(self.mlp(self.norm2(h)))
@@ -201,6 +214,11 @@ class DiTFinalLayer(nn.Module):
 class DiT(nn.Module):
     """Diffusion transformer. See the module docstring for the contract."""
 
+    def new_kv_cache(self, batch_size: int, window: int, block_size: int, device) -> KVCache:
+        """A cache sized for this network: `window` tokens visible (committed + current block)."""
+        c = self.config
+        return KVCache(c.n_blocks, batch_size, c.n_heads, c.head_dim, window, block_size, device)
+
     def __init__(self, config: DiTConfig):
         super().__init__()
         self.config = config
@@ -217,16 +235,24 @@ class DiT(nn.Module):
         positions: Tensor,
         mask: AttentionMask,
         outputs: slice | Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        commit: bool = False,
+        block_valid: Tensor | None = None,
     ) -> Tensor:
         """x: (B, S) token ids; sigma: (B,) processed noise level (zeros when time conditioning
         is off; ignored without adaLN); positions: (S,) rotary positions; mask: materialised
         attention mask over the S positions. `outputs` selects where logits are needed:
         None (all, (B, S, V)), a slice ((B, S', V)) or a boolean (B, S) mask ((N, V), rows in
         row-major order). The output projection runs only there.
+        kv_cache: x is the current block (B, K) at absolute `positions`; it attends over the
+        cache's committed tokens and itself (`mask` is ignored). commit: store this block's
+        keys/values in the cache (the caller then calls kv_cache.advance()). block_valid:
+        (B, K) bool, False at prompt padding (see KVCache.attend).
         """
         h = self.vocab_embed(x)
         c = F.silu(self.sigma_map(sigma)) if self.sigma_map is not None else None
         cos, sin = self.rotary_emb(positions, h.dtype)
-        for block in self.blocks:
-            h = block(h, c, cos, sin, mask)
+        for layer, block in enumerate(self.blocks):
+            cache = None if kv_cache is None else (kv_cache, layer, commit, block_valid)
+            h = block(h, c, cos, sin, mask, cache)
         return self.output_layer(h, c, outputs)

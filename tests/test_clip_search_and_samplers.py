@@ -75,42 +75,40 @@ def test_categorical_matches_its_distribution():
     torch.testing.assert_close(freq, probs[0], atol=0.015, rtol=0)
 
 
+class FakeModel:
+    """A SamplingModel whose denoiser predicts `token` everywhere (or uniform if None)."""
+
+    def __init__(self, V, mask_id, token=None):
+        self.V, self.mask_id, self.token, self.calls = V, mask_id, token, []
+
+    def logprobs(self, x, t, num_last, key_valid, cache, commit=False):
+        self.calls.append((x[:, -num_last:] == self.mask_id).sum(-1).tolist())
+        logits = torch.zeros(x.shape[0], num_last, self.V)
+        if self.token is not None:
+            logits.fill_(-1e6)
+            logits[..., self.token] = 0.0
+        logits[..., self.mask_id] = -1e6
+        return torch.log_softmax(logits, -1)
+
+
 def test_first_hitting_is_per_sequence_and_deterministic():
-    """A fake denoiser that predicts token 3 everywhere: every sequence of the batch unmasks
-    exactly one position per model call and ends fully unmasked; NFE per sequence = L - 1."""
-    V, MASK, calls = 6, 5, []
-
-    def denoise(x, t, num_last):
-        calls.append((x.shape, (x[:, -num_last:] == MASK).sum(-1).tolist()))
-        log_p = torch.full((x.shape[0], num_last, V), -1e6)
-        log_p[..., 3] = 0.0
-        return log_p
-
-    cfg = SamplerConfig(length=12, block_size=4, num_steps=50, context=12, bos_id=0, mask_id=MASK)
-    out = semi_ar_sample(denoise, 4, cfg, torch.Generator().manual_seed(0), torch.device("cpu"))
+    """Every sequence of the batch unmasks exactly one position per model call and ends fully
+    unmasked; NFE per sequence = L - 1 (the BOS is given)."""
+    model = FakeModel(6, 5, token=3)
+    cfg = SamplerConfig(12, 4, 50, 12, bos_id=0, mask_id=5, eos_id=0, reject_low_entropy=False)
+    out = semi_ar_sample(model, 4, cfg, torch.Generator().manual_seed(0), torch.device("cpu"))
     assert out.tokens.shape == (4, 12) and (out.tokens[:, 0] == 0).all()
-    assert (out.tokens[:, 1:] == 3).all() and out.nfe.tolist() == [11] * 4
+    assert (out.tokens[:, 1:] == 3).all() and out.nfe_denoise.tolist() == [11] * 4
     # within a block the masked count drops by exactly one per call, for every sequence
-    per_block = [c[1] for c in calls]
-    assert per_block[:3] == [[3] * 4, [2] * 4, [1] * 4] and per_block[3:7] == [
-        [4] * 4,
-        [3] * 4,
-        [2] * 4,
-        [1] * 4,
-    ]
-    again = semi_ar_sample(denoise, 4, cfg, torch.Generator().manual_seed(0), torch.device("cpu"))
+    assert model.calls[:3] == [[3] * 4, [2] * 4, [1] * 4]  # first block: BOS given
+    assert model.calls[3:7] == [[4] * 4, [3] * 4, [2] * 4, [1] * 4]
+    again = semi_ar_sample(model, 4, cfg, torch.Generator().manual_seed(0), torch.device("cpu"))
     assert torch.equal(again.tokens, out.tokens)
 
 
 def test_ddpm_sampler_unmasks_everything_by_the_last_step():
-    V, MASK = 6, 5
-
-    def denoise(x, t, num_last):
-        return torch.log_softmax(
-            torch.zeros(x.shape[0], num_last, V).index_fill(-1, torch.tensor([MASK]), -1e6), -1
-        )
-
-    cfg = SamplerConfig(12, 4, 3, 12, 0, MASK, first_hitting=False)
-    out = semi_ar_sample(denoise, 3, cfg, torch.Generator().manual_seed(0), torch.device("cpu"))
-    assert not (out.tokens == MASK).any()
-    assert (out.nfe <= 9).all() and (out.nfe >= 3).all()
+    cfg = SamplerConfig(12, 4, 3, 12, 0, 5, 0, first_hitting=False, reject_low_entropy=False)
+    model = FakeModel(6, 5)
+    out = semi_ar_sample(model, 3, cfg, torch.Generator().manual_seed(0), torch.device("cpu"))
+    assert not (out.tokens == 5).any()
+    assert (out.nfe_denoise <= 9).all() and (out.nfe_denoise >= 3).all()

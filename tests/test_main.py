@@ -67,43 +67,91 @@ def test_ppl_eval_writes_json(trained_bd3lm, data_cache, tmp_path):
     assert 1 < result["ppl"] < 4097 * 4  # a bound on an almost untrained model
 
 
-def test_sample_eval_writes_samples(trained_bd3lm, data_cache, tmp_path):
+@pytest.fixture(scope="session")
+def tiny_judge(tmp_path_factory, data_cache):
+    """A 1-layer GPT-2 with the GPT-2 tokenizer, saved as a local judge directory."""
+    from omegaconf import OmegaConf
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    import dataloader
+
+    path = tmp_path_factory.mktemp("judge")
+    cfg = OmegaConf.create({"tokenizer_name_or_path": "gpt2", "cache_dir": data_cache})
+    dataloader.get_vocab(cfg).tokenizer.save_pretrained(path)
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=1, n_embd=16, n_head=2, n_positions=48, vocab_size=50257)
+    GPT2LMHeadModel(config).save_pretrained(path)
+    return path
+
+
+def test_sample_eval_writes_samples(trained_bd3lm, data_cache, tmp_path, tiny_judge):
     ckpt = trained_bd3lm / "checkpoints" / "last.ckpt"
     run_main(
         tmp_path,
         "mode=sample_eval",
         f"eval.checkpoint_path={ckpt}",
         "loader.eval_batch_size=3",
+        "model.length=64",  # twice the trained window of 32
+        "sampling.kv_cache=true",
+        f"eval.gen_ppl_eval_model_name_or_path={tiny_judge}",
         cache=data_cache,
     )
     lines = (tmp_path / "samples.jsonl").read_text().splitlines()
     samples = [json.loads(line) for line in lines]
     assert len(samples) == 3
     for s in samples:
-        assert len(s["token_ids"]) == 32 and s["token_ids"][0] == 0  # BOS
+        assert len(s["token_ids"]) == s["length"] == 64 and s["token_ids"][0] == 0  # BOS
         assert 4096 not in s["token_ids"], "no mask token survives sampling"
-        assert s["nfe_denoise"] == 31  # first-hitting: one token per call, BOS given
+        assert s["nfe_denoise"] == 63  # first-hitting: one token per call, BOS given
+        assert s["nfe_total"] == 63 + 15  # plus one commit pass per block but the last
+        assert s["stop_reason"] == "length" and s["gen_ppl"] > 1 and s["entropy"] > 0
         assert isinstance(s["text"], str)
     summary = json.loads((tmp_path / "sample_eval.json").read_text())
-    assert summary["num_samples"] == 3 and summary["nfe_denoise_mean"] == 31
+    assert summary["num_samples"] == 3 and summary["nfe_denoise_mean"] == 63
+    assert summary["length_median"] == summary["length_max"] == 64
+    assert summary["gen_ppl_token_weighted"] > 1 and summary["evaluator"] == str(tiny_judge)
+    assert (tmp_path / "lengths.png").stat().st_size > 1000
+
+
+def test_sample_eval_logdir_accumulates_runs(trained_bd3lm, data_cache, tmp_path):
+    ckpt = trained_bd3lm / "checkpoints" / "last.ckpt"
+    logdir = tmp_path / "logs"
+    for seed in (1, 2):
+        run_main(
+            tmp_path / f"run{seed}",
+            "mode=sample_eval",
+            f"eval.checkpoint_path={ckpt}",
+            "loader.eval_batch_size=2",
+            f"seed={seed}",
+            "sampling.prefix=KING HENRY",
+            f"sampling.logdir={logdir}",
+            cache=data_cache,
+        )
+    samples = [json.loads(x) for x in (logdir / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 4 and {s["seed"] for s in samples} == {1, 2}
+    assert all(s["prompt"] == "KING HENRY" for s in samples)
+    assert json.loads((logdir / "sample_eval.json").read_text())["num_samples"] == 4
 
 
 @pytest.mark.parametrize("algo", ["mdlm", "ar"])
 def test_baselines_train_and_sample(algo, data_cache, tmp_path):
-    run_main(tmp_path, f"algo={algo}", "trainer.max_steps=2", cache=data_cache)
+    block = "block_size=32" if algo == "mdlm" else "block_size=1"  # MDLM: K = L
+    run_main(tmp_path, f"algo={algo}", block, "trainer.max_steps=2", cache=data_cache)
     ckpt = tmp_path / "checkpoints" / "last.ckpt"
     out = tmp_path / "samples"
     run_main(
         out,
         "mode=sample_eval",
         f"algo={algo}",
+        block,
         f"eval.checkpoint_path={ckpt}",
         "loader.eval_batch_size=2",
         "sampling.first_hitting=false",
+        "model.length=48",  # MDLM: a 32-token window then a 16-token stride; AR: sliding
         cache=data_cache,
     )
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
-    assert len(samples) == 2 and all(len(s["token_ids"]) == 32 for s in samples)
+    assert len(samples) == 2 and all(len(s["token_ids"]) == 48 for s in samples)
     assert all(4096 not in s["token_ids"] for s in samples)
 
 
@@ -138,6 +186,12 @@ def bad_run(tmp_path, *overrides, cache):
         (["loader.global_batch_size=10", "loader.batch_size=4"], "loader.global_batch_size=10"),
         (["mode=ppl_eval", "eval.checkpoint_path=/nonexistent.ckpt"], "eval.checkpoint_path"),
         (["mode=sample_eval", "algo.T=0"], "algo.T=0"),
+        (
+            ["mode=sample_eval", "eval.gen_ppl_eval_model_name_or_path=/nonexistent/judge"],
+            "eval.gen_ppl_eval_model_name_or_path",
+        ),
+        (["mode=sample_eval", "sampling.nucleus_p=0"], "sampling.nucleus_p"),
+        (["mode=sample_eval", "model.length=30"], "block_size=4 must divide"),
         (["model.attn_backend=nope"], "model.attn_backend"),
     ],
 )

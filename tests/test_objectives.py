@@ -157,7 +157,7 @@ def test_block_size_one_at_t_one_is_ar_style_nll(tiny_dit):
         cache = MaskCache("sdpa")
         for i in range(1, L):
             prefix = torch.cat([x0[:, :i], torch.full((2, 1), MASK)], dim=1)
-            mask = cache.get(algo.sample_layout().mask, i + 1, i + 1, "cpu")
+            mask = cache.get(algo.sample_mask(L, reencode=True), i + 1, i + 1, "cpu")
             logits = model(prefix, torch.zeros(2), torch.arange(i + 1), mask)[:, -1]
             log_p = subs_log_probs(logits[:, None], prefix[:, -1:], MASK)[:, 0]
             expected[:, i] = -log_p.gather(-1, x0[:, i : i + 1]).squeeze(-1)

@@ -91,7 +91,8 @@ def test_hardware_defaults_on_cpu():
         (["mode=evaluate"], "mode="),
         (["model.attn_backend=flash_attn"], "model.attn_backend=flash_attn"),
         (["mode=sample_eval", "sampling.nucleus_p=1.5"], "sampling.nucleus_p"),
-        (["mode=sample_eval", "algo.T=5", "sampling.kv_cache=true"], "sampling.kv_cache"),
+        (["mode=sample_eval", "algo=mdlm", "sampling.kv_cache=true"], "sampling.kv_cache"),
+        (["mode=sample_eval", "sampling.prefix=a", "sampling.prefix_file=b"], "not both"),
         (["model.attn_backend=nope"], "model.attn_backend"),
     ],
 )
@@ -118,15 +119,15 @@ def test_checkpoint_round_trip_gives_identical_logits(tmp_path, algo):
     load_weights(fresh, read_checkpoint(str(path), "eval.checkpoint_path"), "eval.checkpoint_path")
     x = torch.randint(0, 40, (2, 32))
     t = torch.full((2,), 0.5)
+
+    def logprobs(m):
+        return m.sampling_model(32).logprobs(x, t, 32, None, None)
+
     with torch.no_grad():
-        torch.testing.assert_close(
-            fresh.denoise(x, t, 32), module.denoise(x, t, 32), rtol=0, atol=0
-        )
+        torch.testing.assert_close(logprobs(fresh), logprobs(module), rtol=0, atol=0)
         module.apply_ema()
         fresh.apply_ema()
-        torch.testing.assert_close(
-            fresh.denoise(x, t, 32), module.denoise(x, t, 32), rtol=0, atol=0
-        )
+        torch.testing.assert_close(logprobs(fresh), logprobs(module), rtol=0, atol=0)
 
 
 def test_loading_a_mismatched_checkpoint_names_the_keys(tmp_path):

@@ -1,0 +1,188 @@
+"""`mode=sample_eval` below the config: batches of samples (optionally continuing prompts),
+the low-entropy retries, per-sample metrics, and the files of the run.
+
+Outputs in `out_dir` (the run directory, or `sampling.logdir`): `samples.jsonl` (one line per
+sample, appended as samples are made; `samples.rank{r}.jsonl` per rank when several processes
+sample), `sample_eval.json` recomputed from every samples*.jsonl line in the directory, and
+`lengths.png`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import math
+import os
+
+import torch
+from torch import Tensor
+
+import samplers
+from metrics import GenerativePerplexity, plot_lengths, summarize_samples, unigram_entropy
+from utils import atomic_path
+
+MAX_RETRIES = 10  # the reference's retries for rejected (low-entropy) samples
+RANK_SEED_STRIDE = 1_000_003
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationJob:
+    batch_size: int
+    num_batches: int
+    seed: int
+    out_dir: str
+    rank: int = 0
+    world_size: int = 1
+    prompts: list[str] | None = None  # one continuation per prompt when given
+    show_progress: bool = True
+
+
+def encode_prompts(
+    prompts: list[str], vocab, block_size: int, window: int
+) -> tuple[Tensor, Tensor]:
+    """[BOS] + prompt ids, left-padded to a common multiple of the block size.
+    -> tokens (B, P) and validity (B, P) (False at padding)."""
+    ids = [[vocab.bos_id, *vocab.tokenizer.encode(p, add_special_tokens=False)] for p in prompts]
+    longest = max(len(i) for i in ids)
+    if longest + block_size > window:
+        raise ValueError(
+            f"sampling.prefix: a prompt of {longest} tokens (BOS included) plus one block of "
+            f"{block_size} exceeds the model's window of {window} tokens"
+        )
+    width = math.ceil(longest / block_size) * block_size
+    tokens = torch.full((len(ids), width), vocab.bos_id, dtype=torch.long)
+    valid = torch.zeros(len(ids), width, dtype=torch.bool)
+    for row, seq in enumerate(ids):
+        tokens[row, width - len(seq) :] = torch.tensor(seq)
+        valid[row, width - len(seq) :] = True
+    return tokens, valid
+
+
+def _rows(job: GenerationJob) -> list[list[str | None]]:
+    """This rank's batches: prompt strings (or None) per row."""
+    if job.prompts is None:
+        batches = [[None] * job.batch_size for _ in range(job.num_batches)]
+    else:
+        p = job.prompts
+        batches = [p[i : i + job.batch_size] for i in range(0, len(p), job.batch_size)]
+    return batches[job.rank :: job.world_size]
+
+
+def _sample_rows(sample_fn, rows, vocab, cfg, generator, device, progress) -> samplers.SampleOutput:
+    prompt = valid = None
+    if rows[0] is not None:
+        prompt, valid = encode_prompts(rows, vocab, cfg.block_size, cfg.context)
+    return sample_fn(len(rows), cfg, generator, device, prompt, valid, progress)
+
+
+def generate(
+    sample_fn,
+    cfg: samplers.SamplerConfig,
+    job: GenerationJob,
+    vocab,
+    evaluator: GenerativePerplexity | None,
+    device: torch.device,
+) -> list[dict]:
+    """Run this rank's batches; every sample is appended to the rank's jsonl file at once.
+
+    sample_fn(batch_size, cfg, generator, device, prompt, prompt_valid, progress) is
+    samplers.semi_ar_sample or samplers.ar_sample bound to a SamplingModel. Fixed-length
+    samples flagged low-entropy are redrawn up to 10 times (the reference's rule); the last
+    draw is kept with stop_reason "rejected_low_entropy"."""
+    generator = torch.Generator().manual_seed(job.seed + RANK_SEED_STRIDE * job.rank)
+    name = "samples.jsonl" if job.world_size == 1 else f"samples.rank{job.rank}.jsonl"
+    os.makedirs(job.out_dir, exist_ok=True)
+    records: list[dict] = []
+    bar = _progress_bar(job, cfg)
+    with open(os.path.join(job.out_dir, name), "a") as out:
+        for batch_index, rows in enumerate(_rows(job)):
+            progress = None if bar is None else bar.update
+            result = _sample_rows(sample_fn, rows, vocab, cfg, generator, device, progress)
+            samples = _split(result)
+            for _ in range(MAX_RETRIES):
+                redo = [i for i, s in enumerate(samples) if s[3] == "rejected_low_entropy"]
+                if not redo:
+                    break
+                again = _split(
+                    _sample_rows(
+                        sample_fn, [rows[i] for i in redo], vocab, cfg, generator, device, None
+                    )
+                )
+                for i, sample in zip(redo, again, strict=True):
+                    samples[i] = sample
+            for row, (ids, nfe_denoise, nfe_total, reason) in enumerate(samples):
+                index = (batch_index * job.world_size + job.rank) * job.batch_size + row
+                record = _record(ids, vocab, evaluator, rows[row], index, job, reason)
+                record.update(nfe_denoise=nfe_denoise, nfe_total=nfe_total)
+                out.write(json.dumps(record) + "\n")
+                out.flush()
+                records.append(record)
+    if bar is not None:
+        bar.close()
+    return records
+
+
+def _split(result: samplers.SampleOutput) -> list[tuple[list[int], int, int, str]]:
+    out = []
+    for b in range(result.tokens.shape[0]):
+        start, end = int(result.prompt_pad[b]), int(result.lengths[b])
+        ids = result.tokens[b, start:end].tolist()
+        out.append(
+            (ids, int(result.nfe_denoise[b]), int(result.nfe_total[b]), result.stop_reason[b])
+        )
+    return out
+
+
+def _record(ids, vocab, evaluator, prompt, index, job, reason) -> dict:
+    from dataloader import decode
+
+    text = decode(vocab, ids)
+    record = {
+        "index": index,
+        "seed": job.seed,
+        "rank": job.rank,
+        "prompt": prompt,
+        "text": text,
+        "token_ids": ids,
+        "length": len(ids),
+        "stop_reason": reason,
+        "entropy": unigram_entropy(ids),
+        "gen_ppl": None,
+        "gen_nll_sum": None,
+        "gen_num_tokens": None,
+    }
+    if evaluator is not None:
+        nll, count = evaluator.score(text)
+        record.update(
+            gen_ppl=math.exp(nll / count) if count else None,
+            gen_nll_sum=nll if count else None,
+            gen_num_tokens=count if count else None,
+        )
+    return record
+
+
+def _progress_bar(job: GenerationJob, cfg: samplers.SamplerConfig):
+    if not job.show_progress or job.rank != 0:
+        return None
+    from tqdm import tqdm
+
+    batches = len(_rows(job))
+    return tqdm(total=batches * cfg.length, unit="tok", desc="sampling", leave=False)
+
+
+def write_summary(out_dir: str, evaluator: str | None) -> dict:
+    """Recompute sample_eval.json and lengths.png from every samples*.jsonl line in out_dir."""
+    records = []
+    for path in sorted(glob.glob(os.path.join(out_dir, "samples*.jsonl"))):
+        with open(path) as f:
+            records += [json.loads(line) for line in f if line.strip()]
+    summary = summarize_samples(records, evaluator)
+    with atomic_path(os.path.join(out_dir, "sample_eval.json")) as tmp, open(tmp, "w") as f:
+        json.dump(summary, f, indent=2)
+        f.write("\n")
+    if records:
+        with atomic_path(os.path.join(out_dir, "lengths.png")) as tmp:
+            plot_lengths([r["length"] for r in records], tmp + ".png")
+            os.replace(tmp + ".png", tmp)
+    return summary

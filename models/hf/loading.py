@@ -1,0 +1,336 @@
+"""Reading released / exported checkpoints into plain tensors, strictly by name.
+
+No Lightning, no Hydra: callers get `CheckpointError` (a ValueError whose one-line message names
+the keys) and turn it into their own error type.
+
+- `resolve_pretrained(name_or_path)`: a local HF directory, or a hub id fetched with
+  huggingface_hub (offline -> a one-line error saying how to proceed).
+- `read_hf_directory(path)`: config.json + model.safetensors (or pytorch_model.bin, read with
+  weights_only) -> (config dict, state dict).
+- The keyed backbone adapter (`BackboneKind`, `adapt_backbone_state`): turns a state dict of the
+  reference's DiT family (BD3-LM, MDLM, SEDD with time conditioning, AR causal without adaLN)
+  into our DiT's names and config, refusing anything that does not match exactly.
+- `strict_state_check`: missing / unexpected / shape-mismatched keys raise with their names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import Tensor
+
+from models.dit import DiT, DiTConfig
+
+BACKBONE_PREFIX = "backbone."
+COMPILED_PREFIX = "_orig_mod."
+INV_FREQ = "rotary_emb.inv_freq"  # recomputable from the head dim (SPEC 3.9 loading recipe)
+CLIP_BUFFERS = ("sampling_eps_min", "sampling_eps_max")
+CONFIG_FILE = "config.json"
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded as asked; the message is one line naming the keys."""
+
+
+def _names(keys: Iterable[str], limit: int = 8) -> str:
+    keys = sorted(keys)
+    shown = ", ".join(keys[:limit])
+    return f"[{shown}{f', ... (+{len(keys) - limit} more)' if len(keys) > limit else ''}]"
+
+
+# ----------------------------------------------------------------------------------------------
+# Locating and reading HF directories
+# ----------------------------------------------------------------------------------------------
+def is_hub_id(path: str) -> bool:
+    """`org/name` that is not an existing local path and not a file name."""
+    return (
+        not os.path.exists(path)
+        and HUB_ID.match(path) is not None
+        and not path.endswith((".ckpt", ".pt", ".bin", ".safetensors"))
+    )
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+
+
+def resolve_pretrained(
+    name_or_path: str, cache_dir: str | None = None, revision: str | None = None
+) -> str:
+    """A local directory for `name_or_path`: itself when it exists, else a hub snapshot."""
+    if os.path.isdir(name_or_path):
+        return name_or_path
+    if not is_hub_id(name_or_path):
+        raise CheckpointError(f"{name_or_path}: no such directory (and not a hub id org/name)")
+    from huggingface_hub import snapshot_download
+
+    patterns = [CONFIG_FILE, *WEIGHT_FILES]
+    try:
+        return snapshot_download(
+            name_or_path,
+            revision=revision,
+            cache_dir=cache_dir,
+            allow_patterns=patterns,
+            local_files_only=hub_offline(),
+        )
+    except Exception as err:  # noqa: BLE001 - any hub failure becomes one line for the user
+        if hub_offline():
+            raise CheckpointError(
+                f"{name_or_path} cannot be downloaded offline (HF_HUB_OFFLINE=1); download it "
+                "to a directory and pass its path"
+            ) from None
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise CheckpointError(
+            f"{name_or_path} could not be downloaded from the hub ({type(err).__name__}: "
+            f"{first}); download it to a directory and pass its path"
+        ) from None
+
+
+def read_config_json(directory: str) -> dict:
+    path = os.path.join(directory, CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{directory}: no {CONFIG_FILE} (not an HF model directory)")
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except (OSError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path} is not valid JSON ({err})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} does not hold a JSON object")
+    return config
+
+
+def read_weights(directory: str) -> dict[str, Tensor]:
+    """model.safetensors, else pytorch_model.bin (weights_only); sharded folders are refused."""
+    for name in WEIGHT_FILES:
+        path = os.path.join(directory, name)
+        if not os.path.isfile(path):
+            continue
+        try:
+            if name.endswith(".safetensors"):
+                from safetensors.torch import load_file
+
+                return load_file(path, device="cpu")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001
+            raise CheckpointError(f"{path} is not readable ({type(err).__name__})") from None
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{path} does not hold a state dict")
+        return state
+    raise CheckpointError(f"{directory}: no weights file (looked for {', '.join(WEIGHT_FILES)})")
+
+
+def read_hf_directory(directory: str) -> tuple[dict, dict[str, Tensor]]:
+    return read_config_json(directory), read_weights(directory)
+
+
+# ----------------------------------------------------------------------------------------------
+# Strict key checks
+# ----------------------------------------------------------------------------------------------
+def strip_prefixes(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Remove `_orig_mod.` (torch.compile) wherever it occurs in a key, for every key."""
+    return {k.replace(COMPILED_PREFIX, ""): v for k, v in state.items()}
+
+
+def strict_state_check(
+    expected: Mapping[str, Tensor],
+    state: Mapping[str, Tensor],
+    what: str,
+    optional: Iterable[str] = (),
+) -> None:
+    """Raise CheckpointError unless `state` has exactly the keys (up to `optional`) and shapes of
+    `expected`."""
+    optional = set(optional)
+    missing = set(expected) - set(state) - optional
+    unexpected = set(state) - set(expected)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{what}: keys do not match: missing={_names(missing)} unexpected={_names(unexpected)}"
+        )
+    wrong = [
+        f"{name} has shape {tuple(state[name].shape)} in the checkpoint but "
+        f"{tuple(tensor.shape)} in the model"
+        for name, tensor in expected.items()
+        if name in state and tuple(state[name].shape) != tuple(tensor.shape)
+    ]
+    if wrong:
+        more = f" (+{len(wrong) - 3} more)" if len(wrong) > 3 else ""
+        raise CheckpointError(f"{what}: {'; '.join(wrong[:3])}{more}")
+
+
+def check_inv_freq(state: Mapping[str, Tensor], model_inv_freq: Tensor, key: str) -> None:
+    """The rotary buffer is recomputed; a stored copy must agree with it (else the head dim or
+    the rotary base differs)."""
+    stored = state.get(key)
+    if stored is None:
+        return
+    if stored.shape != model_inv_freq.shape or not torch.allclose(
+        stored.float().cpu(), model_inv_freq.float().cpu(), rtol=1e-4, atol=1e-6
+    ):
+        raise CheckpointError(
+            f"{key} differs from the recomputed rotary frequencies (shape "
+            f"{tuple(stored.shape)} vs {tuple(model_inv_freq.shape)}): check n_heads / hidden_dim"
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# The keyed backbone adapter
+# ----------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class BackboneKind:
+    """What the reference's code implies for each family of released weights."""
+
+    name: str
+    adaln: bool  # sigma_map + adaLN_modulation keys exist
+    causal: bool  # token-causal attention (AR)
+    time_conditioning: bool  # sigma is fed for real (SEDD) or zeroed (MDLM / BD3-LM)
+    cross_attn: bool  # BD3-LM two-stream [x_t ; x_0] training input
+
+
+KINDS = {
+    "bd3lm": BackboneKind(
+        "bd3lm", adaln=True, causal=False, time_conditioning=False, cross_attn=True
+    ),
+    "mdlm": BackboneKind(
+        "mdlm", adaln=True, causal=False, time_conditioning=False, cross_attn=False
+    ),
+    "sedd": BackboneKind(
+        "sedd", adaln=True, causal=False, time_conditioning=True, cross_attn=False
+    ),
+    "ar": BackboneKind("ar", adaln=False, causal=True, time_conditioning=False, cross_attn=False),
+}
+
+# Released repositories -> kind (the no-EOS baselines included).
+RELEASED = {
+    "kuleshov-group/bd3lm-owt-block_size4": "bd3lm",
+    "kuleshov-group/bd3lm-owt-block_size8": "bd3lm",
+    "kuleshov-group/bd3lm-owt-block_size16": "bd3lm",
+    "kuleshov-group/bd3lm-owt-block_size1024-pretrain": "bd3lm",
+    "kuleshov-group/mdlm-owt": "mdlm",
+    "kuleshov-group/mdlm-noeos-owt": "mdlm",
+    "kuleshov-group/sedd-noeos-owt": "sedd",
+    "kuleshov-group/ar-noeos-owt": "ar",
+}
+
+
+def backbone_names(config: DiTConfig) -> dict[str, Tensor]:
+    """Our DiT's state dict for `config`, on the meta device (no memory, no init cost)."""
+    with torch.device("meta"):
+        return DiT(config).state_dict()
+
+
+def parameter_order(config: DiTConfig) -> list[str]:
+    """SPEC 3.8 order (== our DiT's registration order) of the trainable parameters."""
+    with torch.device("meta"):
+        model = DiT(config)
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def split_backbone(state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """(backbone-level weights without the `backbone.` prefix, everything else)."""
+    state = strip_prefixes(state)
+    inner = {
+        k[len(BACKBONE_PREFIX) :]: v for k, v in state.items() if k.startswith(BACKBONE_PREFIX)
+    }
+    rest = {k: v for k, v in state.items() if not k.startswith(BACKBONE_PREFIX)}
+    return inner, rest
+
+
+def infer_dit_shape(state: Mapping[str, Tensor]) -> dict:
+    """What the weights alone say: vocab_size, hidden_size, n_blocks, adaln, cond_dim (or None).
+    n_heads cannot be read from shapes (attn_qkv is 3D x D)."""
+    if "vocab_embed.embedding" not in state:
+        raise CheckpointError(
+            f"no vocab_embed.embedding among the weights {_names(state)}: not a DiT checkpoint"
+        )
+    vocab_size, hidden = state["vocab_embed.embedding"].shape
+    blocks = {int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k))}
+    adaln = "sigma_map.mlp.0.weight" in state
+    cond_dim = int(state["sigma_map.mlp.0.weight"].shape[0]) if adaln else None
+    return {
+        "vocab_size": int(vocab_size),
+        "hidden_size": int(hidden),
+        "n_blocks": len(blocks),
+        "adaln": adaln,
+        "cond_dim": cond_dim,
+    }
+
+
+def adapt_backbone_state(
+    state: Mapping[str, Tensor],
+    kind: str | BackboneKind,
+    n_heads: int,
+    dropout: float = 0.0,
+    attn_backend: str = "sdpa",
+    what: str = "checkpoint",
+) -> tuple[DiTConfig, dict[str, Tensor]]:
+    """Backbone-level state dict (prefix already stripped) -> (our DiTConfig, state without the
+    recomputable rotary buffer), checked strictly against our DiT for that kind."""
+    kind = KINDS[kind] if isinstance(kind, str) else kind
+    shape = infer_dit_shape(state)
+    adaln_keys = sorted(k for k in state if k.startswith("sigma_map.") or "adaLN_modulation" in k)
+    if kind.adaln and not shape["adaln"]:
+        raise CheckpointError(
+            f"{what}: a {kind.name} backbone needs sigma_map and adaLN_modulation weights, and "
+            "these have none (an AR checkpoint?)"
+        )
+    if not kind.adaln and adaln_keys:
+        raise CheckpointError(
+            f"{what}: an {kind.name} backbone has no sigma_map/adaLN_modulation weights but "
+            f"found {_names(adaln_keys, 4)} (a diffusion checkpoint?)"
+        )
+    if shape["hidden_size"] % n_heads:
+        raise CheckpointError(
+            f"{what}: hidden size {shape['hidden_size']} is not divisible by n_heads={n_heads}"
+        )
+    config = DiTConfig(
+        vocab_size=shape["vocab_size"],
+        hidden_size=shape["hidden_size"],
+        cond_dim=shape["cond_dim"] or 128,
+        n_blocks=shape["n_blocks"],
+        n_heads=n_heads,
+        dropout=dropout,
+        causal=kind.causal,
+        adaln=kind.adaln,
+        attn_backend=attn_backend,
+    )
+    expected = backbone_names(config)
+    strict_state_check(expected, state, what, optional=(INV_FREQ,))
+    check_inv_freq(state, rotary_inv_freq(config), INV_FREQ)
+    return config, {k: v for k, v in state.items() if k != INV_FREQ}
+
+
+def rotary_inv_freq(config: DiTConfig) -> Tensor:
+    """The value of our DiT's `rotary_emb.inv_freq` buffer for `config`."""
+    d = config.head_dim
+    return 1.0 / (10_000.0 ** (torch.arange(0, d, 2).float() / d))
+
+
+def detect_kind(
+    config: Mapping | None, state: Mapping[str, Tensor], hint: str | None = None
+) -> str:
+    """The backbone family of a checkpoint: a released repo name wins, then config.json's
+    model_type and flags, then the keys (no adaLN -> AR)."""
+    if hint is not None and hint in RELEASED:
+        return RELEASED[hint]
+    config = config or {}
+    adaln = any(k.startswith(("sigma_map.", "backbone.sigma_map.")) for k in state)
+    model_type = config.get("model_type")
+    if model_type == "bd3lm":
+        if config.get("causal") or not config.get("adaln", True):
+            return "ar"
+        if config.get("cross_attn", True):
+            return "bd3lm"
+        return "sedd" if config.get("time_conditioning") else "mdlm"
+    if not adaln:
+        return "ar"
+    if config.get("time_conditioning"):
+        return "sedd"
+    return "mdlm"

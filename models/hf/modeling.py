@@ -1,0 +1,310 @@
+"""HF models that are drop-in replacements for the released checkpoints' own classes
+(SPEC 3.9): same config fields, same state-dict keys (`backbone.` + our DiT's names, plus the
+`sampling_eps_min/max` buffers when `var_min`), a compatible forward. The network is our
+`models.dit.DiT`; these classes only choose positions and masks and load weights strictly.
+
+Loading needs no `trust_remote_code` and no flash-attn and works on CPU: a config that says
+`flex` builds its flex masks lazily on the input's device (flex forward runs on CPU);
+`attn_backend='sdpa'` may be given as an override.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+from transformers import PreTrainedModel
+from transformers.modeling_outputs import MaskedLMOutput
+
+from models.attention import (
+    BlockCausalMask,
+    BlockDiffusionMask,
+    CausalMask,
+    MaskCache,
+    flash_available,
+)
+from models.dit import DiT, DiTConfig
+from models.hf.configuration import BD3LMConfig, MDLMConfig
+from models.hf.loading import (
+    BACKBONE_PREFIX,
+    INV_FREQ,
+    CheckpointError,
+    check_inv_freq,
+    read_config_json,
+    read_weights,
+    resolve_pretrained,
+    strict_state_check,
+    strip_prefixes,
+)
+
+KV_CACHE_MESSAGE = "KV cache: see issue 3"
+# config.json keys written by transformers itself (never compared or overridden by name)
+_STANDARD_KEYS = {"architectures", "auto_map", "model_type", "transformers_version", "dtype"}
+
+
+class _DiTWrapper(PreTrainedModel):
+    """Shared machinery: our DiT as `self.backbone`, strict `from_pretrained`, mask cache."""
+
+    base_model_prefix = "backbone"
+    main_input_name = "input_ids"
+    _no_split_modules = ["DiTBlock"]
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.backbone = DiT(self.dit_config(config))
+        self._masks = MaskCache(self.backbone.config.attn_backend)
+        self._dense_masks = MaskCache("sdpa")  # flex on CPU with autograd: same mask, dense
+        self._positions: dict[tuple, Tensor] = {}
+        self.post_init()
+
+    # The DiT initialises itself (zero-initialised adaLN and output layer, SPEC 3.1-3.3).
+    def _init_weights(self, module) -> None:
+        return None
+
+    @staticmethod
+    def dit_config(config) -> DiTConfig:
+        raise NotImplementedError
+
+    @staticmethod
+    def resolve_backend(backend: str) -> str:
+        """flash_attn without CUDA + flash-attn falls back to sdpa (the same function)."""
+        return "sdpa" if backend == "flash_attn" and not flash_available() else backend
+
+    # ------------------------------------------------------------------------------------------
+    # Forward helpers
+    # ------------------------------------------------------------------------------------------
+    def _sigma(self, timesteps: Tensor | None, batch: int, device: torch.device) -> Tensor | None:
+        if self.backbone.sigma_map is None:
+            return None
+        if timesteps is None:
+            return torch.zeros(batch, device=device)
+        sigma = torch.as_tensor(timesteps, device=device, dtype=torch.float32)
+        if sigma.ndim == 0:
+            sigma = sigma.expand(batch)
+        elif sigma.ndim == 2:
+            sigma = sigma.mean(-1)
+        if not self.config.time_conditioning:  # adaLN stays on with sigma zeroed (SPEC 3.4)
+            sigma = torch.zeros_like(sigma)
+        return sigma
+
+    def _positions_for(self, length: int, halves: int, device: torch.device) -> Tensor:
+        key = (length, halves, str(device))
+        if key not in self._positions:
+            self._positions[key] = torch.arange(length // halves, device=device).repeat(halves)
+        return self._positions[key]
+
+    def _run(
+        self,
+        input_ids: Tensor,
+        timesteps: Tensor | None,
+        mask: Any,
+        halves: int,
+        outputs: slice | None,
+        output_hidden_states: bool,
+        return_dict: bool | None,
+    ):
+        S = input_ids.shape[1]
+        device = input_ids.device
+        sigma = self._sigma(timesteps, input_ids.shape[0], device)
+        positions = self._positions_for(S, halves, device)
+        masks = self._masks
+        if masks.backend == "flex" and device.type == "cpu" and torch.is_grad_enabled():
+            masks = self._dense_masks  # flex attention has no CPU backward
+        attention = masks.get(mask, S, S, device)
+        hidden: list[Tensor] = []
+        hooks = []
+        if output_hidden_states:
+            modules = [self.backbone.vocab_embed, *self.backbone.blocks]
+            hooks = [
+                m.register_forward_hook(lambda _m, _i, out: hidden.append(out)) for m in modules
+            ]
+        try:
+            logits = self.backbone(input_ids, sigma, positions, attention, outputs)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        if return_dict is None:
+            return_dict = self.config.return_dict
+        hidden_states = tuple(hidden) if output_hidden_states else None
+        if return_dict:
+            return MaskedLMOutput(logits=logits, hidden_states=hidden_states)
+        if output_hidden_states:
+            return logits, hidden_states
+        return logits
+
+    # ------------------------------------------------------------------------------------------
+    # Loading
+    # ------------------------------------------------------------------------------------------
+    @classmethod
+    def config_from_pretrained(cls, directory: str, **overrides):
+        """config.json -> config, with overrides of known fields only (others raise)."""
+        raw = read_config_json(directory)
+        model_type = raw.get("model_type")
+        if model_type != cls.config_class.model_type:
+            raise CheckpointError(
+                f"{directory}/config.json has model_type={model_type!r}; "
+                f"{cls.__name__} loads model_type={cls.config_class.model_type!r}"
+            )
+        allowed = set(cls.config_class.FIELDS) | {"return_dict", "attn_backend"}
+        unknown = sorted(set(overrides) - allowed)
+        if unknown:
+            raise CheckpointError(
+                f"{cls.__name__}.from_pretrained: unknown config overrides {unknown}; "
+                f"valid are {sorted(allowed)}"
+            )
+        fields = {k: v for k, v in raw.items() if k not in _STANDARD_KEYS - {"auto_map"}}
+        fields.update(overrides)
+        return cls.config_class(**fields)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str,
+        *model_args,
+        config=None,
+        cache_dir: str | None = None,
+        revision: str | None = None,
+        trust_remote_code: bool | None = None,  # accepted for drop-in use; never needed
+        **overrides,
+    ):
+        """Load a local HF directory or a hub id strictly by name.
+
+        overrides: config fields to change (e.g. block_size=8 for fine-tuning,
+        attn_backend='sdpa'). Missing or unexpected keys, or a shape that disagrees with the
+        config (e.g. vocab_size), raise CheckpointError naming them; only
+        `backbone.rotary_emb.inv_freq` may be absent (it is recomputed and, if stored, checked).
+        """
+        if model_args:
+            raise TypeError(f"{cls.__name__}.from_pretrained takes no positional model args")
+        directory = resolve_pretrained(str(pretrained_model_name_or_path), cache_dir, revision)
+        if config is None:
+            config = cls.config_from_pretrained(directory, **overrides)
+        model = cls(config)
+        model.load_strict(read_weights(directory), what=str(pretrained_model_name_or_path))
+        return model.eval()
+
+    def load_strict(self, state: dict[str, Tensor], what: str = "checkpoint") -> None:
+        state = strip_prefixes(state)
+        own = self.state_dict()
+        inv_freq = BACKBONE_PREFIX + INV_FREQ
+        try:
+            strict_state_check(own, state, what, optional=(inv_freq,))
+        except CheckpointError as err:
+            raise CheckpointError(f"{err} (config: {self._shape_summary()})") from None
+        check_inv_freq(state, own[inv_freq], inv_freq)
+        state = {k: v for k, v in state.items() if k != inv_freq}
+        self.load_state_dict(state, strict=False)
+
+    def _shape_summary(self) -> str:
+        c = self.config
+        return (
+            f"vocab_size={c.vocab_size} hidden_dim={c.hidden_dim} cond_dim={c.cond_dim} "
+            f"n_blocks={c.n_blocks} n_heads={c.n_heads}"
+        )
+
+    def reset_kv_cache(self, eval_batch_size: int = 1) -> None:
+        raise NotImplementedError(KV_CACHE_MESSAGE)
+
+
+class BD3LM(_DiTWrapper):
+    """Drop-in for the reference's `BD3LM` (`kuleshov-group/bd3lm-owt-*`)."""
+
+    config_class = BD3LMConfig
+
+    def __init__(self, config: BD3LMConfig):
+        super().__init__(config)
+        if config.var_min:
+            eps_min = torch.tensor(float(config.sampling_eps_min), dtype=torch.float32)
+            eps_max = torch.tensor(float(config.sampling_eps_max), dtype=torch.float32)
+            self.register_buffer("sampling_eps_min", eps_min)
+            self.register_buffer("sampling_eps_max", eps_max)
+
+    @classmethod
+    def dit_config(cls, config: BD3LMConfig) -> DiTConfig:
+        return DiTConfig(
+            vocab_size=config.vocab_size,
+            hidden_size=config.hidden_dim,
+            cond_dim=config.cond_dim,
+            n_blocks=config.n_blocks,
+            n_heads=config.n_heads,
+            dropout=config.dropout,
+            causal=config.causal,
+            adaln=config.adaln,
+            attn_backend=cls.resolve_backend(config.attn_backend),
+        )
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        timesteps: Tensor | None = None,
+        sample_mode: bool = False,
+        store_kv: bool = False,
+        output_hidden_states: bool = False,
+        return_dict: bool | None = None,
+        kv_cache: Any = None,
+    ):
+        """input_ids (B, S); timesteps: processed sigma (B,) (zeroed unless time_conditioning).
+
+        - cross_attn, training/eval: S = 2 * model_length, [x_t ; x_0] under the block-diffusion
+          mask, both halves at rotary positions 0..L-1; returns the logits of the x_t half.
+        - cross_attn with sample_mode (no cache): [clean blocks ; current block] under the
+          block-causal mask, positions 0..S-1; logits for all S positions.
+        - causal (AR): token-causal; otherwise full attention (MDLM-style), positions 0..S-1.
+        Returns the logits tensor when return_dict is false (config.return_dict by default).
+        """
+        if kv_cache is not None or store_kv:
+            raise NotImplementedError(KV_CACHE_MESSAGE)
+        config = self.config
+        S = input_ids.shape[1]
+        if config.causal:
+            mask, halves, outputs = CausalMask(), 1, None
+        elif not config.cross_attn:
+            mask, halves, outputs = None, 1, None
+        elif sample_mode:
+            mask, halves, outputs = BlockCausalMask(config.block_size), 1, None
+        else:
+            L = config.model_length
+            if S != 2 * L:
+                raise ValueError(
+                    f"BD3LM with cross_attn expects the training input [x_t ; x_0] of length "
+                    f"2 * model_length = {2 * L}, got {S} (override model_length= to change L; "
+                    "use sample_mode=True for sampling)"
+                )
+            if L % config.block_size:
+                raise ValueError(f"block_size={config.block_size} must divide model_length={L}")
+            mask, halves, outputs = BlockDiffusionMask(L, config.block_size), 2, slice(0, L)
+        return self._run(
+            input_ids, timesteps, mask, halves, outputs, output_hidden_states, return_dict
+        )
+
+
+class MDLM(_DiTWrapper):
+    """Drop-in for the reference's `MDLM` (`kuleshov-group/mdlm-owt`): adaLN, full attention,
+    no cross-attention and no clip buffers."""
+
+    config_class = MDLMConfig
+
+    @classmethod
+    def dit_config(cls, config: MDLMConfig) -> DiTConfig:
+        return DiTConfig(
+            vocab_size=config.vocab_size,
+            hidden_size=config.hidden_dim,
+            cond_dim=config.cond_dim,
+            n_blocks=config.n_blocks,
+            n_heads=config.n_heads,
+            dropout=config.dropout,
+            causal=False,
+            adaln=True,
+            attn_backend=cls.resolve_backend(getattr(config, "attn_backend", "sdpa")),
+        )
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        timesteps: Tensor | None = None,
+        output_hidden_states: bool = False,
+        return_dict: bool | None = None,
+    ):
+        """input_ids (B, S), timesteps (B,) -> logits (B, S, V) under full attention."""
+        return self._run(input_ids, timesteps, None, 1, None, output_hidden_states, return_dict)

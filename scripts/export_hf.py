@@ -1,0 +1,39 @@
+"""Export one of our Lightning checkpoints as an HF directory (config.json + model.safetensors)
+that `models.hf` and the reference's own classes load: EMA weights (unless --live) and the
+learned clip-interval buffers.
+
+    python scripts/export_hf.py outputs/.../checkpoints/best.ckpt exported/bd3lm-k4
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from checkpoints import export_hf, read_checkpoint  # noqa: E402
+from utils import UserError  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("ckpt", help="our Lightning .ckpt")
+    parser.add_argument("out_dir", help="directory to write (must not exist)")
+    parser.add_argument("--live", action="store_true", help="export the live, not EMA, weights")
+    args = parser.parse_args(argv)
+    try:
+        if os.path.exists(args.out_dir):
+            raise UserError(f"{args.out_dir} exists; give a new directory")
+        checkpoint = read_checkpoint(args.ckpt, "CKPT")
+        export_hf(checkpoint, args.out_dir, use_ema=not args.live)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(args.out_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""Sampling (SPEC 4): the KV cache against from-scratch recomputation at every step, within
+and beyond the window, with prompts of different lengths; stop rules; Gen-PPL windows."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+import builders
+import samplers
+from conftest import ROOT, randomize_
+from metrics import sliding_windows
+
+V, MASK, BOS = 41, 40, 0
+
+
+def tiny_module(algo: str, window: int = 16):
+    with initialize_config_dir(os.path.join(ROOT, "configs"), version_base=None):
+        cfg = compose(
+            "config",
+            overrides=[
+                "experiment=smoke",
+                f"algo={algo}",
+                f"model.length={window}",
+                "checkpointing.save_dir=/tmp/x",
+            ],
+        )
+    torch.manual_seed(0)
+    module = builders.build_module(cfg, vocab_size=V, mask_id=MASK)
+    randomize_(module.backbone, seed=3, scale=0.3)
+    return module.eval()
+
+
+class Recorder:
+    """Wraps a SamplingModel and keeps every denoising call's log-probabilities."""
+
+    def __init__(self, model):
+        self.model, self.calls = model, []
+
+    def logprobs(self, x, t, num_last, key_valid, cache, commit=False):
+        out = self.model.logprobs(x, t, num_last, key_valid, cache, commit)
+        self.calls.append(out)
+        return out
+
+    def commit(self, x, key_valid, cache):
+        self.model.commit(x, key_valid, cache)
+
+    def new_cache(self, batch_size, block_size):
+        return self.model.new_cache(batch_size, block_size)
+
+
+def run(module, cfg, cached: bool, prompt=None, valid=None, batch=3, window=16):
+    recorder = Recorder(module.sampling_model(window))
+    sampler = samplers.ar_sample if cfg.block_size == 1 else samplers.semi_ar_sample
+    cfg = samplers.SamplerConfig(**{**cfg.__dict__, "kv_cache": cached})
+    gen = torch.Generator().manual_seed(7)
+    out = sampler(recorder, batch, cfg, gen, torch.device("cpu"), prompt, valid)
+    return out, recorder.calls
+
+
+def sampler_cfg(length, block_size, **kw):
+    args = dict(length=length, block_size=block_size, num_steps=8, context=16, bos_id=BOS)
+    args.update(mask_id=MASK, eos_id=BOS, reject_low_entropy=False)
+    args.update(kw)
+    return samplers.SamplerConfig(**args)
+
+
+@pytest.mark.parametrize("first_hitting", [True, False])
+@pytest.mark.parametrize("length", [16, 40])  # within the 16-token window, and 2.5x beyond it
+def test_bd3lm_cache_equals_recomputation_at_every_step(length, first_hitting):
+    module = tiny_module("bd3lm")
+    cfg = sampler_cfg(length, 4, first_hitting=first_hitting, nucleus_p=0.95)
+    with torch.no_grad():
+        cached, cached_calls = run(module, cfg, cached=True)
+        fresh, fresh_calls = run(module, cfg, cached=False)
+    assert len(cached_calls) == len(fresh_calls) > length // 4
+    for a, b in zip(cached_calls, fresh_calls, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert torch.equal(cached.tokens, fresh.tokens)
+    assert not (cached.tokens == MASK).any()
+    assert (cached.nfe_total - cached.nfe_denoise == length // 4 - 1).all()  # commit passes
+
+
+def test_ar_cache_equals_recomputation_beyond_the_window():
+    module = tiny_module("ar")
+    cfg = sampler_cfg(30, 1)
+    with torch.no_grad():
+        cached, cached_calls = run(module, cfg, cached=True)
+        fresh, fresh_calls = run(module, cfg, cached=False)
+    for a, b in zip(cached_calls, fresh_calls, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert torch.equal(cached.tokens, fresh.tokens) and cached.tokens.shape == (3, 30)
+    assert (cached.nfe_denoise == 29).all()
+
+
+def test_reencode_option_differs_only_beyond_the_window():
+    module = tiny_module("bd3lm")
+    cfg = sampler_cfg(16, 4)
+    gen = lambda: torch.Generator().manual_seed(1)  # noqa: E731
+    with torch.no_grad():
+        exact = samplers.semi_ar_sample(module.sampling_model(16), 2, cfg, gen(), "cpu")
+        reref = samplers.semi_ar_sample(module.sampling_model(16, True), 2, cfg, gen(), "cpu")
+    assert torch.equal(exact.tokens, reref.tokens)
+
+
+@pytest.mark.parametrize("algo,block", [("bd3lm", 4), ("ar", 1)])
+def test_prompts_of_different_lengths_cache_equals_recomputation(algo, block):
+    from types import SimpleNamespace
+
+    from generation import encode_prompts
+
+    class Tok:  # "words" are single ids
+        def encode(self, text, add_special_tokens=False):
+            return [int(w) for w in text.split()]
+
+    vocab = SimpleNamespace(bos_id=BOS, tokenizer=Tok())
+    prompts = ["5 6 7 8 9 10", "11", "12 13 14"]
+    tokens, valid = encode_prompts(prompts, vocab, block, 16)
+    assert tokens.shape[1] % block == 0 and valid.sum(-1).tolist() == [7, 2, 4]
+    module = tiny_module(algo)
+    cfg = sampler_cfg(16 if block == 4 else 12, block)
+    with torch.no_grad():
+        cached, calls_c = run(module, cfg, True, tokens, valid)
+        fresh, calls_f = run(module, cfg, False, tokens, valid)
+    for a, b in zip(calls_c, calls_f, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert torch.equal(cached.tokens, fresh.tokens)
+    for row, prompt in enumerate(prompts):
+        start = int(cached.prompt_pad[row])
+        ids = cached.tokens[row, start : int(cached.lengths[row])].tolist()
+        assert ids[: 1 + len(prompt.split())] == [BOS] + [int(w) for w in prompt.split()]
+        assert len(ids) == 1 + len(prompt.split()) + cfg.length  # no padding leaks out
+
+
+def test_stop_rules_per_sequence():
+    cfg = sampler_cfg(600, 4, var_length=True)
+    eos = BOS
+    x = torch.randint(1, 1000, (3, 300), generator=torch.Generator().manual_seed(0))  # H ~ 5.4
+    x[:, 0] = BOS
+    x[0, 120] = eos  # row 0 ends at its first generated EOS (kept)
+    x[1, -256:] = 7  # row 1: the last 256 tokens have zero entropy
+    state = samplers._State(torch.ones(3, dtype=torch.bool), torch.full((3,), 600), ["length"] * 3)
+    samplers.apply_stop_rules(x, 0, 0, state, cfg)
+    assert state.lengths.tolist() == [121, 300 - 256, 600]
+    assert state.reasons == ["eos", "low_entropy", "length"]
+    assert state.active.tolist() == [False, False, True]
+    fixed = sampler_cfg(600, 4, reject_low_entropy=True)
+    state = samplers._State(torch.ones(3, dtype=torch.bool), torch.full((3,), 600), ["length"] * 3)
+    samplers.apply_stop_rules(x, 0, 0, state, fixed)
+    assert state.reasons == ["length", "rejected_low_entropy", "length"]
+
+
+def test_generative_perplexity_windows_cover_each_position_once():
+    spans = sliding_windows(2048, 1024, 512)
+    assert len(spans) == 3
+    scored = [p for start, end, first in spans for p in range(max(start + 1, first), end)]
+    assert sorted(scored) == list(range(1, 2048))
+    assert sliding_windows(100, 1024, 512) == [(0, 100, 1)]
