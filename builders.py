@@ -16,6 +16,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from algorithms import build_algorithm
+from algorithms.base import DoubleLengthCrop
 from algorithms.clip_search import interval_grid
 from diffusion import Diffusion, OptimSettings
 from models import build_backbone
@@ -255,15 +256,26 @@ def effective_block_size(cfg: DictConfig) -> int:
 
 
 def build_module(
-    cfg: DictConfig, vocab_size: int, mask_id: int, seq_len: int | None = None
+    cfg: DictConfig,
+    vocab_size: int,
+    mask_id: int,
+    seq_len: int | None = None,
+    bos_eos: tuple[int, int] | None = None,
 ) -> Diffusion:
     """The LightningModule for `cfg`, freshly initialised (seed before calling). seq_len: the
-    training context L when `model.length` means something else (the generation length)."""
+    training context L when `model.length` means something else (the generation length).
+    bos_eos: the inserted BOS/EOS ids, needed by the text8-crop path (2L training rows)."""
     seq_len = seq_len or int(cfg.model.length)
     block_size = min(effective_block_size(cfg), seq_len)
+    crop = None
+    if cfg.data.train == "text8-crop" and bos_eos is not None:
+        insert = bool(cfg.data.get("insert_train_special", True))
+        crop = DoubleLengthCrop(bos_eos[0], bos_eos[1], insert)
     try:
         noise = build_noise(cfg.noise.type)
-        algorithm = build_algorithm(cfg.algo, cfg.training, noise, mask_id, seq_len, block_size)
+        algorithm = build_algorithm(
+            cfg.algo, cfg.training, noise, mask_id, seq_len, block_size, crop
+        )
         model_cfg = {k: v for k, v in cfg.model.items() if k != "name"}
         backbone = build_backbone(model_cfg, vocab_size, causal=cfg.algo.parameterization == "ar")
     except ValueError as err:

@@ -57,7 +57,8 @@ def train(cfg: DictConfig, hw: builders.Hardware, plan: builders.BatchPlan, run_
     if resume is None and cfg.training.from_pretrained:
         pretrained = read_checkpoint(cfg.training.from_pretrained, "training.from_pretrained")
     vocab = dataloader.get_vocab(cfg.data)
-    module = builders.build_module(cfg, vocab.size, vocab.mask_id)
+    bos_eos = (vocab.bos_id, vocab.eos_id)
+    module = builders.build_module(cfg, vocab.size, vocab.mask_id, bos_eos=bos_eos)
     if pretrained is not None:
         load_pretrained(module, pretrained)
         log.info("fine-tuning from %s", cfg.training.from_pretrained)

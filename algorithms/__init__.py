@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from algorithms.ar import Autoregressive
+from algorithms.base import DoubleLengthCrop
 from algorithms.masked_diffusion import MaskedDiffusion
 from noise_schedule import NoiseSchedule
 
@@ -25,11 +26,12 @@ def build_algorithm(
     mask_id: int,
     seq_len: int,
     block_size: int,
+    crop: DoubleLengthCrop | None = None,
 ) -> MaskedDiffusion | Autoregressive:
     if algo["name"] not in ALGORITHMS:
         raise ValueError(f"algo.name={algo['name']!r}: valid are {ALGORITHMS}")
     if algo["parameterization"] == "ar":
-        return Autoregressive(mask_id=mask_id, seq_len=seq_len)
+        return Autoregressive(mask_id=mask_id, seq_len=seq_len, crop=crop)
     if algo["parameterization"] != "subs":
         raise ValueError(
             f"algo.parameterization={algo['parameterization']!r}: valid are {PARAMETERIZATIONS}"
@@ -47,6 +49,7 @@ def build_algorithm(
         resample=bool(training["resample"]),
         eval_nll=bool(training["eval_nll"]),
         var_min=bool(algo["var_min"]),
+        crop=crop,
     )
 
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from algorithms.base import NEG_INF, Layout, Loss, Network, reduce_loss
+from algorithms.base import NEG_INF, DoubleLengthCrop, Layout, Loss, Network, reduce_loss
 from models.attention import BandedBlockCausalMask, CausalMask
 
 
@@ -25,6 +25,7 @@ class Autoregressive:
     seq_len: int
     block_size: int = 1
     ignore_bos: bool = False
+    crop: DoubleLengthCrop | None = None  # text8-crop: 2L training rows
 
     train_layout = Layout(mask=CausalMask())
 
@@ -46,7 +47,11 @@ class Autoregressive:
         generator: torch.Generator | None = None,
     ) -> Loss:
         """Input x0[:, :-1], target x0[:, 1:], weights attention_mask[:, 1:]. eps are unused."""
-        inputs, target = x0[:, :-1], x0[:, 1:]
+        if self.crop is not None and x0.shape[1] == 2 * self.seq_len:
+            inputs, target, attention_mask = self.crop(x0, attention_mask, self.seq_len, generator)
+            attention_mask = torch.cat([attention_mask[:, :1], attention_mask], dim=1)
+        else:
+            inputs, target = x0[:, :-1], x0[:, 1:]
         logits = network(inputs, None, self.train_layout).float()
         logits = logits.index_fill(-1, torch.tensor([self.mask_id], device=x0.device), NEG_INF)
         # cross_entropy = -log_softmax gathered at the target, with a fused backward

@@ -144,6 +144,33 @@ def q_xt(
     raise RuntimeError(f"q_xt: resampling did not converge in {MAX_RESAMPLE_ROUNDS} rounds")
 
 
+@dataclasses.dataclass(frozen=True)
+class DoubleLengthCrop:
+    """The text8-crop path (SPEC 2.1): training rows of 2L tokens are cut to a random window of
+    L (one start per batch), the target is the window shifted by one, and with special tokens
+    the input starts with BOS and the target ends with EOS."""
+
+    bos_id: int
+    eos_id: int
+    insert_special: bool
+
+    def __call__(
+        self, x: Tensor, attention_mask: Tensor, seq_len: int, generator=None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """x, attention_mask: (B, 2L) -> input (B, L), target (B, L), mask (B, L)."""
+        if x.shape[1] != 2 * seq_len:
+            raise ValueError(f"rows of {x.shape[1]} tokens: expected {seq_len} or {2 * seq_len}")
+        start = int(torch.randint(seq_len, (1,), generator=generator))
+        inputs = x[:, start : start + seq_len].clone()
+        target = x[:, start + 1 : start + seq_len + 1].clone()
+        if target.shape[1] < seq_len:  # the last start has no token after the window
+            target = torch.cat([target, x[:, -1:]], dim=1)
+        if self.insert_special:
+            inputs[:, 0] = self.bos_id
+            target[:, -1] = self.eos_id
+        return inputs, target, attention_mask[:, start : start + seq_len]
+
+
 def sigma_from_p(p: Tensor, sigma_max: float) -> Tensor:
     """The noise level given to the network and to SEDD: min(-log(1 - p), sigma_max)."""
     return torch.clamp(-torch.log(1 - p), max=sigma_max)

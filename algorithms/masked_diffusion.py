@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from algorithms.base import (
+    DoubleLengthCrop,
     Layout,
     Loss,
     Network,
@@ -42,6 +43,7 @@ class MaskedDiffusion:
     resample: bool = False
     eval_nll: bool = True
     var_min: bool = False  # BD3-LM: learned clip interval, validation over interval keys
+    crop: DoubleLengthCrop | None = None  # text8-crop: 2L training rows
 
     def __post_init__(self):
         if self.seq_len % self.block_size:
@@ -162,7 +164,9 @@ class MaskedDiffusion:
         train: bool,
         generator: torch.Generator | None = None,
     ) -> Loss:
-        """One Monte-Carlo NELBO estimate. x0, attention_mask: (B, L)."""
+        """One Monte-Carlo NELBO estimate. x0, attention_mask: (B, L) (or (B, 2L) with crop)."""
+        if self.crop is not None and x0.shape[1] == 2 * self.seq_len:
+            x0, _, attention_mask = self.crop(x0, attention_mask, self.seq_len, generator)
         xt, loss_scale, sigma = self.corrupt(x0, eps_min, eps_max, generator)
         return self.nelbo(network, x0, xt, loss_scale, sigma, attention_mask, train)
 

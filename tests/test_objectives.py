@@ -204,3 +204,28 @@ def test_every_schedule_weight_is_d_alpha_over_one_minus_alpha(name):
     if name == "cosine":  # the reference's cosine adds eps to the denominator
         expected = -grad / (move + noise.eps)
     torch.testing.assert_close(noise.loss_weight(t.detach()), expected.detach(), rtol=1e-5, atol=0)
+
+
+def test_double_length_rows_are_cropped_for_text8(tiny_dit):
+    """text8-crop (SPEC 2.1): 2L rows -> a random L window with BOS first; AR targets are the
+    window shifted by one, ending in EOS."""
+    from algorithms.base import DoubleLengthCrop
+
+    crop = DoubleLengthCrop(bos_id=1, eos_id=2, insert_special=True)
+    x = torch.arange(10, 26).repeat(2, 1)  # (2, 16) = 2L with L = 8
+    inputs, target, mask = crop(x, torch.ones(2, 16), 8, torch.Generator().manual_seed(0))
+    start = int(inputs[0, 1]) - 10 - 1
+    assert inputs[0, 0] == 1 and target[0, -1] == 2 and mask.shape == (2, 8)
+    assert torch.equal(inputs[:, 1:], x[:, start + 1 : start + 8])
+    assert torch.equal(target[:, :-1], x[:, start + 1 : start + 8])
+    net = network_for(tiny_dit())
+    algo = masked_diffusion(8, 4, crop=crop)
+    with torch.no_grad():
+        out = algo.loss(net, x % MASK, torch.ones(2, 16), f32(1e-3), f32(1.0), True)
+    assert out.nlls.shape == (2, 8) and torch.isfinite(out.loss)
+    ar = Autoregressive(mask_id=MASK, seq_len=8, crop=crop)
+    with torch.no_grad():
+        out = ar.loss(
+            network_for(tiny_dit(causal=True)), x % MASK, torch.ones(2, 16), *[f32(1)] * 2, True
+        )
+    assert out.nlls.shape == (2, 8) and torch.isfinite(out.loss)
