@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from algorithms import build_algorithm
 from algorithms.base import DoubleLengthCrop
 from algorithms.clip_search import interval_grid
+from dataloader import make_loader
 from diffusion import Diffusion, OptimSettings
 from models import build_backbone
 from models.attention import BACKENDS, flash_available, flex_available
@@ -163,10 +164,14 @@ def validate_sampling(cfg: DictConfig) -> None:
         raise UserError("sampling.num_sample_batches must be >= 1")
 
 
-def trained_length(cfg: DictConfig, checkpoint: dict) -> int:
-    """The sampling window: the context the checkpoint was trained with, never the
-    `model.length` override (which is the generation length when sampling)."""
-    stored = checkpoint.get("config", {}).get("model", {}).get("length")
+def trained_length(cfg: DictConfig, loaded) -> int:
+    """The sampling window: the context the checkpoint was trained with (our checkpoints store
+    their config, HF ones `model_length`), never the `model.length` override (which is the
+    generation length when sampling)."""
+    if loaded.format == "ours":
+        stored = loaded.raw.get("config", {}).get("model", {}).get("length")
+    else:
+        stored = loaded.meta.get("model_length")
     return int(stored) if stored else int(cfg.model.length)
 
 
@@ -316,16 +321,8 @@ def build_loader(dataset, batch_size: int, shuffle: bool, seed: int, cfg: DictCo
     workers = cfg.loader.num_workers
     if workers is None:
         workers = 0 if hw.accelerator == "cpu" else min(8, len(os.sched_getaffinity(0)))
-    generator = torch.Generator().manual_seed(seed) if shuffle else None
-    return torch.utils.data.DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=shuffle,
-        generator=generator,
-        num_workers=workers,
-        pin_memory=bool(cfg.loader.pin_memory) and hw.accelerator == "gpu",
-        persistent_workers=workers > 0,
-    )
+    pin = bool(cfg.loader.pin_memory) and hw.accelerator == "gpu"
+    return make_loader(dataset, batch_size, shuffle, seed, num_workers=workers, pin_memory=pin)
 
 
 def build_logger(cfg: DictConfig, run_dir: str):

@@ -14,6 +14,7 @@ import sys
 
 import hydra
 import lightning as L
+import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
@@ -21,7 +22,13 @@ import builders
 import dataloader
 import generation
 import samplers
-from checkpoints import load_pretrained, load_weights, read_checkpoint
+from checkpoints import (
+    LoadedCheckpoint,
+    load_checkpoint_into,
+    ppl_threshold,
+    read_any_checkpoint,
+    sanity_check_perplexity,
+)
 from utils import UserError, atomic_path, get_logger
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
@@ -54,46 +61,82 @@ def train(cfg: DictConfig, hw: builders.Hardware, plan: builders.BatchPlan, run_
     resume = cfg.checkpointing.resume_ckpt_path
     resume = resume if cfg.checkpointing.resume_from_ckpt and os.path.isfile(resume) else None
     pretrained = None
+    key = "training.from_pretrained"
     if resume is None and cfg.training.from_pretrained:
-        pretrained = read_checkpoint(cfg.training.from_pretrained, "training.from_pretrained")
+        pretrained = read_any_checkpoint(cfg.training.from_pretrained, key, n_heads(cfg))
     vocab = dataloader.get_vocab(cfg.data)
     bos_eos = (vocab.bos_id, vocab.eos_id)
     module = builders.build_module(cfg, vocab.size, vocab.mask_id, bos_eos=bos_eos)
-    if pretrained is not None:
-        load_pretrained(module, pretrained)
-        log.info("fine-tuning from %s", cfg.training.from_pretrained)
     length = int(cfg.model.length)
     train_set = dataloader.get_dataset(cfg.data, vocab, "train", length)
     valid_set = dataloader.get_dataset(cfg.data, vocab, "valid", length)
+    valid_loader = builders.build_loader(valid_set, plan.eval_batch_size, False, cfg.seed, cfg, hw)
+    if pretrained is not None:
+        dataloader.check_vocab_size(vocab, checkpoint_vocab_size(pretrained), key)
+        load_checkpoint_into(module, pretrained, key, for_training=True)
+        log.info("fine-tuning from %s", cfg.training.from_pretrained)
+        threshold = ppl_threshold(cfg.training.from_pretrained, cfg.eval.sanity_ppl_max)
+        sanity_check_perplexity(module, valid_loader, threshold, cfg.training.from_pretrained)
     trainer = builders.build_trainer(cfg, hw, plan, run_dir, fit=True)
     if resume is not None:
-        log.info("resuming from %s", resume)
+        step = torch.load(resume, map_location="cpu", weights_only=True).get("global_step", 0)
+        log.info("resumed at step %d from %s", step, resume)
     trainer.fit(
         module,
         builders.build_loader(train_set, plan.batch_size, True, cfg.seed, cfg, hw),
-        builders.build_loader(valid_set, plan.eval_batch_size, False, cfg.seed, cfg, hw),
+        valid_loader,
         ckpt_path=resume,
         weights_only=True,
     )
 
 
-def load_for_eval(cfg: DictConfig, checkpoint: dict | None = None, seq_len: int | None = None):
-    if checkpoint is None:
-        checkpoint = read_checkpoint(cfg.eval.checkpoint_path, "eval.checkpoint_path")
+def n_heads(cfg: DictConfig) -> int:
+    return int(cfg.model.n_heads)
+
+
+def checkpoint_vocab_size(loaded: LoadedCheckpoint) -> int | None:
+    """Embedding rows of a checkpoint (its V), or None when it cannot be read."""
+    if loaded.dit is not None:
+        return loaded.dit.vocab_size
+    state = (loaded.raw or {}).get("state_dict", {})
+    for name, tensor in state.items():
+        if name.endswith("vocab_embed.embedding"):
+            return int(tensor.shape[0])
+    return None
+
+
+def load_for_eval(cfg: DictConfig, loaded: LoadedCheckpoint, seq_len: int | None = None):
+    """Tokenizer and module for `eval.checkpoint_path` (any supported format), weights loaded
+    strictly by name; EMA weights are swapped in by the caller's mode."""
+    key = "eval.checkpoint_path"
     vocab = dataloader.get_vocab(cfg.data)
+    size = checkpoint_vocab_size(loaded)
+    if size is not None:
+        dataloader.check_vocab_size(vocab, size, key)
     module = builders.build_module(cfg, vocab.size, vocab.mask_id, seq_len)
-    load_weights(module, checkpoint, "eval.checkpoint_path")
+    load_checkpoint_into(module, loaded, key, for_training=False)
     return vocab, module
 
 
 def ppl_eval(cfg: DictConfig, hw: builders.Hardware, plan: builders.BatchPlan, run_dir: str):
-    vocab, module = load_for_eval(cfg)
+    path = cfg.eval.checkpoint_path
+    loaded = read_any_checkpoint(path, "eval.checkpoint_path", n_heads(cfg))
+    vocab, module = load_for_eval(cfg, loaded)
     valid_set = dataloader.get_dataset(cfg.data, vocab, "valid", int(cfg.model.length))
     loader = builders.build_loader(valid_set, plan.eval_batch_size, True, cfg.seed, cfg, hw)
     trainer = builders.build_trainer(cfg, hw, plan, run_dir, fit=False)
     trainer.validate(module, loader, verbose=False)
     if trainer.is_global_zero:
-        result = {**module.eval_result, "checkpoint": cfg.eval.checkpoint_path}
+        result = {**module.eval_result, "checkpoint": path}
+        threshold = ppl_threshold(path, cfg.eval.sanity_ppl_max)
+        if threshold is not None and result["ppl"] > threshold:
+            log.warning(
+                "perplexity %.2f exceeds %.2f for %s: check the checkpoint, tokenizer "
+                "and data (a silent mis-load gives garbage)",
+                result["ppl"],
+                threshold,
+                path,
+            )
         write_json(os.path.join(run_dir, "ppl_eval.json"), result)
         print(json.dumps(result))
 
@@ -108,9 +151,9 @@ def sample_eval(cfg: DictConfig, hw: builders.Hardware, plan: builders.BatchPlan
     )
     fabric.launch()
     evaluator = builders.build_evaluator(cfg, fabric.device)
-    checkpoint = read_checkpoint(cfg.eval.checkpoint_path, "eval.checkpoint_path")
-    window = builders.trained_length(cfg, checkpoint)
-    vocab, module = load_for_eval(cfg, checkpoint, seq_len=window)
+    loaded = read_any_checkpoint(cfg.eval.checkpoint_path, "eval.checkpoint_path", n_heads(cfg))
+    window = builders.trained_length(cfg, loaded)
+    vocab, module = load_for_eval(cfg, loaded, seq_len=window)
     sampler_cfg = builders.build_sampler_config(cfg, vocab, window)
     prompts = builders.read_prompts(cfg)
     module.apply_ema()

@@ -17,7 +17,6 @@ from models.attention import MaskCache
 from models.dit import DiT, DiTConfig
 from models.hf import (
     BD3LM,
-    KV_CACHE_MESSAGE,
     MDLM,
     BD3LMConfig,
     CheckpointError,
@@ -222,7 +221,7 @@ def test_save_pretrained_round_trip_and_config_json(tmp_path):
         BD3LM.from_pretrained(str(tmp_path / "mdlm"))
 
 
-def test_sample_mode_and_kv_cache_stub():
+def test_sample_mode_and_kv_cache():
     model = randomize_(BD3LM(BD3LMConfig(**TINY, model_length=8, block_size=4, return_dict=False)))
     model.eval()
     x = torch.randint(0, 37, (1, 12))
@@ -230,11 +229,15 @@ def test_sample_mode_and_kv_cache_stub():
         full = model(x, None, sample_mode=True)
         # block-causal: the first two blocks do not see the third
         torch.testing.assert_close(model(x[:, :8], None, sample_mode=True), full[:, :8])
+        # the reference's cache protocol: commit clean blocks with store_kv, then denoise
+        model.reset_kv_cache(eval_batch_size=1)
+        model(x[:, :4], None, sample_mode=True, store_kv=True)
+        cached = model(x[:, 4:8], None, sample_mode=True)
+        torch.testing.assert_close(cached, full[:, 4:8], rtol=1e-5, atol=1e-5)
+        model._kv_cache = None
     assert full.shape == (1, 12, 37)
-    with pytest.raises(NotImplementedError, match=KV_CACHE_MESSAGE):
+    with pytest.raises(ValueError, match="store_kv=True needs a KV cache"):
         model(x[:, -4:], None, sample_mode=True, store_kv=True)
-    with pytest.raises(NotImplementedError, match=KV_CACHE_MESSAGE):
-        model(x[:, -4:], None, sample_mode=True, kv_cache=object())
     with pytest.raises(ValueError, match="2 \\* model_length"):
         model(x, None)
 

@@ -52,7 +52,7 @@ def test_rerun_resumes_from_last_checkpoint(trained_bd3lm, data_cache, tmp_path)
     run_dir = tmp_path / "resumed"
     shutil.copytree(trained_bd3lm, run_dir)
     proc = run_main(run_dir, "algo=bd3lm", "trainer.max_steps=6", cache=data_cache)
-    assert "resuming from" in proc.stdout + proc.stderr
+    assert "resumed at step 4" in proc.stdout + proc.stderr
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 6 and ckpt["ema"]["num_updates"] == 6
 

@@ -19,7 +19,7 @@ from models.hf.loading import (
     read_hf_directory,
     resolve_pretrained,
 )
-from models.hf.modeling import BD3LM, KV_CACHE_MESSAGE, MDLM
+from models.hf.modeling import BD3LM, MDLM
 
 MODEL_CLASSES = {"bd3lm": BD3LM, "mdlm": MDLM}
 
@@ -37,7 +37,6 @@ __all__ = [
     "BD3LM",
     "BD3LMConfig",
     "KINDS",
-    "KV_CACHE_MESSAGE",
     "MDLM",
     "MDLMConfig",
     "MODEL_CLASSES",

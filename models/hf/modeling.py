@@ -18,6 +18,7 @@ from transformers import PreTrainedModel
 from transformers.modeling_outputs import MaskedLMOutput
 
 from models.attention import (
+    AttentionMask,
     BlockCausalMask,
     BlockDiffusionMask,
     CausalMask,
@@ -37,8 +38,8 @@ from models.hf.loading import (
     strict_state_check,
     strip_prefixes,
 )
+from models.kv_cache import KVCache
 
-KV_CACHE_MESSAGE = "KV cache: see issue 3"
 # config.json keys written by transformers itself (never compared or overridden by name)
 _STANDARD_KEYS = {"architectures", "auto_map", "model_type", "transformers_version", "dtype"}
 
@@ -203,8 +204,33 @@ class _DiTWrapper(PreTrainedModel):
             f"n_blocks={c.n_blocks} n_heads={c.n_heads}"
         )
 
-    def reset_kv_cache(self, eval_batch_size: int = 1) -> None:
-        raise NotImplementedError(KV_CACHE_MESSAGE)
+    def reset_kv_cache(self, eval_batch_size: int = 1) -> KVCache:
+        """A fresh KV cache (window = model_length) that sample_mode forwards use by default;
+        also returned, to be passed explicitly as `kv_cache=`."""
+        config = self.config
+        block = getattr(config, "block_size", 1) if not getattr(config, "causal", False) else 1
+        device = next(self.parameters()).device
+        self._kv_cache = self.backbone.new_kv_cache(
+            eval_batch_size, config.model_length, block, device
+        )
+        return self._kv_cache
+
+    def _run_cached(self, input_ids, timesteps, cache: KVCache, store_kv: bool, return_dict):
+        """input_ids: the current block (B, K), placed after the cache's committed tokens."""
+        K = cache.block_size
+        if input_ids.shape[1] != K:
+            raise ValueError(f"with a KV cache the input is one block of {K} tokens")
+        start = cache.num_committed * K
+        positions = torch.arange(start, start + K, device=input_ids.device)
+        sigma = self._sigma(timesteps, input_ids.shape[0], input_ids.device)
+        logits = self.backbone(
+            input_ids, sigma, positions, AttentionMask(), None, cache, commit=store_kv
+        )
+        if store_kv:
+            cache.advance()
+        if return_dict if return_dict is not None else self.config.return_dict:
+            return MaskedLMOutput(logits=logits, hidden_states=None)
+        return logits
 
 
 class BD3LM(_DiTWrapper):
@@ -253,8 +279,11 @@ class BD3LM(_DiTWrapper):
         - causal (AR): token-causal; otherwise full attention (MDLM-style), positions 0..S-1.
         Returns the logits tensor when return_dict is false (config.return_dict by default).
         """
-        if kv_cache is not None or store_kv:
-            raise NotImplementedError(KV_CACHE_MESSAGE)
+        cache = kv_cache if kv_cache is not None else getattr(self, "_kv_cache", None)
+        if cache is not None and (sample_mode or kv_cache is not None):
+            return self._run_cached(input_ids, timesteps, cache, store_kv, return_dict)
+        if store_kv:
+            raise ValueError("store_kv=True needs a KV cache: call reset_kv_cache() first")
         config = self.config
         S = input_ids.shape[1]
         if config.causal:
