@@ -23,6 +23,7 @@ from diffusion import Diffusion, OptimSettings
 from models import build_backbone
 from models.attention import BACKENDS, flash_available, flex_available
 from noise_schedule import build_noise
+from training_callbacks import AtomicCheckpointIO, Preemption, Throughput
 from utils import UserError
 
 MODES = ("train", "ppl_eval", "sample_eval")
@@ -130,6 +131,8 @@ def validate(cfg: DictConfig, hw: Hardware) -> None:
         raise UserError("algo.clip_search_widths needs algo.var_min=true (algo=bd3lm)")
     if cfg.mode == "sample_eval":
         validate_sampling(cfg)
+    if cfg.mode == "train":
+        check_save_dir(str(cfg.checkpointing.save_dir))
     if cfg.mode == "train" and cfg.wandb is not None:
         check_wandb_credentials(cfg.wandb)
     if cfg.algo.backbone not in ("dit", "hf_dit"):
@@ -239,6 +242,21 @@ def build_evaluator(cfg: DictConfig, device):
     return evaluator
 
 
+def check_save_dir(save_dir: str) -> None:
+    """The checkpoint directory must be creatable and writable (fsspec URLs are not probed)."""
+    if "://" in save_dir:
+        return
+    directory = os.path.join(save_dir, "checkpoints")
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as err:
+        raise UserError(
+            f"checkpointing.save_dir={save_dir} is not writable ({err.strerror})"
+        ) from None
+    if not os.access(directory, os.W_OK):
+        raise UserError(f"checkpointing.save_dir={save_dir} is not writable")
+
+
 def check_wandb_credentials(wandb_cfg: DictConfig) -> None:
     """Online wandb needs an API key; fail now rather than deep inside the first logging call."""
     offline = wandb_cfg.get("offline", False) or wandb_cfg.get("mode") in ("offline", "disabled")
@@ -314,6 +332,7 @@ def build_module(
         ),
         clip_search_batches=int(cfg.algo.clip_search_batches),
         fix_clipping=bool(cfg.algo.fix_clipping),
+        seed=int(cfg.seed),
     )
 
 
@@ -334,16 +353,52 @@ def build_logger(cfg: DictConfig, run_dir: str):
     )
 
 
-def build_trainer(cfg: DictConfig, hw: Hardware, plan: BatchPlan, run_dir: str, fit: bool):
-    """fit=True adds the checkpoint callbacks and the logger; evaluation runs get neither."""
-    strategy = "auto"
-    if hw.world_size > 1 and cfg.strategy.name == "ddp":
-        strategy = L.pytorch.strategies.DDPStrategy(
-            find_unused_parameters=bool(cfg.strategy.find_unused_parameters)
+def build_strategy(cfg: DictConfig, hw: Hardware):
+    """`strategy=ddp` (the default; plain single-process when there is one device) or
+    `strategy=fsdp` (CUDA only: Lightning refuses FSDP on CPU)."""
+    name = cfg.strategy.name
+    if name == "fsdp":
+        if hw.accelerator != "gpu":
+            raise UserError("strategy=fsdp needs CUDA GPUs (Lightning has no FSDP on CPU); use ddp")
+        return L.pytorch.strategies.FSDPStrategy(
+            sharding_strategy=cfg.strategy.get("sharding_strategy", "SHARD_GRAD_OP")
         )
+    if name != "ddp":
+        raise UserError(f"strategy={name}: valid are ddp, fsdp")
+    if hw.world_size == 1:
+        return "auto"
+    return L.pytorch.strategies.DDPStrategy(
+        find_unused_parameters=bool(cfg.strategy.find_unused_parameters)
+    )
+
+
+def build_callbacks(cfg: DictConfig) -> list:
+    """The configured callbacks; `checkpointing.keep_last_k` turns the every-N-steps
+    checkpoints into a rolling window of the k newest (null keeps all, as the reference)."""
     callbacks = []
-    if fit:
-        callbacks = [hydra.utils.instantiate(c) for c in cfg.callbacks.values()]
+    for name, node in cfg.callbacks.items():
+        callback = hydra.utils.instantiate(node)
+        keep = cfg.checkpointing.get("keep_last_k")
+        if name == "checkpoint_every_n_steps" and keep is not None:
+            if int(keep) < 1:
+                raise UserError(f"checkpointing.keep_last_k={keep} must be >= 1 or null")
+            callback = hydra.utils.instantiate(
+                node, save_top_k=int(keep), monitor="step", mode="max"
+            )
+        callbacks.append(callback)
+    callbacks.append(Preemption(cfg.checkpointing.resume_ckpt_path))
+    callbacks.append(Throughput(int(cfg.trainer.log_every_n_steps)))
+    return callbacks
+
+
+def build_trainer(cfg: DictConfig, hw: Hardware, plan: BatchPlan, run_dir: str, fit: bool):
+    """fit=True adds the checkpoint and run callbacks and the logger; evaluation runs get
+    neither. Checkpoint files are written atomically."""
+    strategy = build_strategy(cfg, hw)
+    callbacks = build_callbacks(cfg) if fit else []
+    plugins = [AtomicCheckpointIO()]
+    if "SLURM_JOB_ID" in os.environ:  # our Preemption callback requeues, not Lightning's
+        plugins.append(L.pytorch.plugins.environments.SLURMEnvironment(auto_requeue=False))
     passthrough = {
         k: v
         for k, v in cfg.trainer.items()
@@ -360,5 +415,6 @@ def build_trainer(cfg: DictConfig, hw: Hardware, plan: BatchPlan, run_dir: str, 
         logger=build_logger(cfg, run_dir) if fit else False,
         enable_checkpointing=fit,
         default_root_dir=run_dir,
+        plugins=plugins,
         **passthrough,
     )

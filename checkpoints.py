@@ -61,8 +61,9 @@ def read_checkpoint(path: str, key: str) -> dict:
 CLIP_BUFFERS = ("sampling_eps_min", "sampling_eps_max")
 
 
-def load_weights(module: Diffusion, checkpoint: dict, key: str) -> None:
-    """Load state_dict strictly by name (shapes checked), then the EMA if present."""
+def check_state(module: Diffusion, checkpoint: dict, key: str) -> dict:
+    """The checkpoint's state_dict (compile prefixes stripped) after checking that its names
+    and shapes are exactly the module's; UserError naming the keys otherwise."""
     state = {k.replace(COMPILED_PREFIX, ""): v for k, v in checkpoint["state_dict"].items()}
     own = module.state_dict()
     missing = sorted(own.keys() - state.keys())
@@ -79,7 +80,12 @@ def load_weights(module: Diffusion, checkpoint: dict, key: str) -> None:
                 f"{tuple(own[name].shape)} in the configured model (check model.* and the "
                 "tokenizer's vocabulary size)"
             )
-    module.load_state_dict(state, strict=True)
+    return state
+
+
+def load_weights(module: Diffusion, checkpoint: dict, key: str) -> None:
+    """Load state_dict strictly by name (shapes checked), then the EMA if present."""
+    module.load_state_dict(check_state(module, checkpoint, key), strict=True)
     if module.ema is not None and "ema" in checkpoint:
         try:
             module.ema.load_state_dict(checkpoint["ema"])

@@ -100,6 +100,7 @@ class Diffusion(L.LightningModule):
         clip_grid: list[tuple[float, float]] | None = None,
         clip_search_batches: int = 100,
         fix_clipping: bool = False,
+        seed: int = 0,
     ):
         super().__init__()
         self.backbone = backbone
@@ -115,6 +116,7 @@ class Diffusion(L.LightningModule):
         self.clip_grid = clip_grid if var_min and clip_grid and len(clip_grid) > 1 else []
         self.clip_search_batches = clip_search_batches
         self.fix_clipping = fix_clipping
+        self.seed = seed
         self._variance: VarianceRecorder | None = None
         self.masks = MaskCache(backbone.config.attn_backend)
         self._positions: dict[tuple, Tensor] = {}
@@ -151,10 +153,24 @@ class Diffusion(L.LightningModule):
     # ------------------------------------------------------------------------------------------
     # Training and validation
     # ------------------------------------------------------------------------------------------
+    def step_key(self, batch_idx: int) -> int:
+        """A seed for one micro-batch: (run seed, optimizer step, micro-batch, rank)."""
+        accumulate = self.trainer.accumulate_grad_batches if self._trainer is not None else 1
+        micro = batch_idx % accumulate
+        key = ((self.seed * 1_000_003 + self.global_step) * 4099 + micro) * 1031 + self.global_rank
+        return key % (2**63 - 1)
+
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        """The forward-process noise comes from a generator, and dropout from the global RNG,
+        both seeded by `step_key`: a run resumed from a checkpoint draws exactly what an
+        uninterrupted run would have, whatever else consumed random numbers meanwhile."""
+        key = self.step_key(batch_idx)
+        torch.manual_seed(key)
+        generator = torch.Generator(device=self.device).manual_seed(key)
         eps_min, eps_max = self.clip_interval()
+        x0, attention_mask = batch["input_ids"], batch["attention_mask"]
         out = self.algorithm.loss(
-            self.network, batch["input_ids"], batch["attention_mask"], eps_min, eps_max, True
+            self.network, x0, attention_mask, eps_min, eps_max, True, generator
         )
         self.log("trainer/loss", out.loss, on_step=True, prog_bar=True)
         return out.loss

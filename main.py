@@ -14,7 +14,6 @@ import sys
 
 import hydra
 import lightning as L
-import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
@@ -24,9 +23,11 @@ import generation
 import samplers
 from checkpoints import (
     LoadedCheckpoint,
+    check_state,
     load_checkpoint_into,
     ppl_threshold,
     read_any_checkpoint,
+    read_checkpoint,
     sanity_check_perplexity,
 )
 from utils import UserError, atomic_path, get_logger
@@ -79,8 +80,9 @@ def train(cfg: DictConfig, hw: builders.Hardware, plan: builders.BatchPlan, run_
         sanity_check_perplexity(module, valid_loader, threshold, cfg.training.from_pretrained)
     trainer = builders.build_trainer(cfg, hw, plan, run_dir, fit=True)
     if resume is not None:
-        step = torch.load(resume, map_location="cpu", weights_only=True).get("global_step", 0)
-        log.info("resumed at step %d from %s", step, resume)
+        last = read_checkpoint(resume, "checkpointing.resume_ckpt_path")
+        check_state(module, last, "checkpointing.resume_ckpt_path")  # same model shape?
+        log.info("resumed at step %d from %s", last.get("global_step", 0), resume)
     trainer.fit(
         module,
         builders.build_loader(train_set, plan.batch_size, True, cfg.seed, cfg, hw),

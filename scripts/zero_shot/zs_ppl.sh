@@ -1,43 +1,49 @@
 #!/usr/bin/env bash
 # Zero-shot likelihood of an OpenWebText-trained model on the paper's suite (SPEC 5.3, Table 5):
-# mode=ppl_eval, model.length=1024, loader.eval_batch_size=16, documents concatenated without
-# EOS (+data.insert_valid_eos=False), each 1024 chunk BOS + 1022 tokens + EOS.
+# experiment=owt_zeroshot (mode=ppl_eval, model.length=1024, loader.eval_batch_size=16,
+# documents concatenated without EOS, each 1024 chunk BOS + 1022 tokens + EOS).
 #
 #   scripts/zero_shot/zs_ppl.sh ALGO CHECKPOINT [BLOCK_SIZE] [extra main.py overrides...]
-#     ALGO: bd3lm | mdlm | ar       CHECKPOINT: a .ckpt path (or a hub id once hf_dit lands)
+#     ALGO: bd3lm | mdlm | ar | sedd     CHECKPOINT: a .ckpt path, HF directory or hub id
 #   DATASETS="ptb lambada" scripts/zero_shot/zs_ppl.sh bd3lm ckpt.ckpt 4   # a subset
+#   SLURM=1 scripts/zero_shot/zs_ppl.sh ...        # one slurm job (1 GPU) per data set through
+#                                                  # scripts/slurm/job.sbatch (SBATCH_ARGS=...)
+#   TABLE_ONLY=1 scripts/zero_shot/zs_ppl.sh ...   # only print the table of finished runs
 #   Offline: add data.source=/path/to/<dataset copy> per dataset (see scripts/zero_shot/README.md).
-# Results: outputs/zero_shot/<algo>_bs<block>/<dataset>/ppl_eval.json and a summary line each.
+# Results: outputs/zero_shot/<algo>_bs<block>/<dataset>/ppl_eval.json (ZS_ROOT=... moves them)
+# and a table.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-ALGO=${1:?usage: zs_ppl.sh ALGO CHECKPOINT [BLOCK_SIZE] [overrides...]}
-CKPT=${2:?usage: zs_ppl.sh ALGO CHECKPOINT [BLOCK_SIZE] [overrides...]}
+USAGE="usage: zs_ppl.sh ALGO CHECKPOINT [BLOCK_SIZE] [overrides...]"
+ALGO=${1:?$USAGE}
+CKPT=${2:?$USAGE}
 BLOCK_SIZE=${3:-4}
 shift $(( $# < 3 ? $# : 3 ))
 PYTHON=${PYTHON:-python}
 DATASETS=${DATASETS:-"ptb wikitext103 lm1b-gpt2 lambada ag_news scientific_papers_pubmed scientific_papers_arxiv"}
 case "$ALGO" in
-  ar) ALGO_ARGS=(algo=ar) ;;
-  mdlm) ALGO_ARGS=(algo=mdlm) ;;
+  ar | mdlm | sedd) ALGO_ARGS=(algo="$ALGO") ;;
   bd3lm) ALGO_ARGS=(algo=bd3lm block_size="$BLOCK_SIZE") ;;
-  *) echo "error: ALGO=$ALGO: use bd3lm, mdlm or ar" >&2; exit 2 ;;
+  *) echo "error: ALGO=$ALGO: use bd3lm, mdlm, ar or sedd" >&2; exit 2 ;;
 esac
-OUT=outputs/zero_shot/${ALGO}_bs${BLOCK_SIZE}
+OUT=${ZS_ROOT:-outputs/zero_shot}/${ALGO}_bs${BLOCK_SIZE}
+[ -n "${SLURM:-}" ] && mkdir -p watch_folder
 for DATA in $DATASETS; do
-  echo "=== $ALGO (block size $BLOCK_SIZE) on $DATA"
-  "$PYTHON" -u main.py \
-    mode=ppl_eval \
-    loader.eval_batch_size=16 \
-    model=small \
-    "${ALGO_ARGS[@]}" \
-    data="$DATA" \
-    +data.insert_valid_eos=False \
-    model.length=1024 \
-    eval.checkpoint_path="$CKPT" \
-    wandb=null \
-    hydra.run.dir="$OUT/$DATA" \
-    "$@"
+  ARGS=(experiment=owt_zeroshot "${ALGO_ARGS[@]}" data="$DATA" eval.checkpoint_path="$CKPT"
+    hydra.run.dir="$OUT/$DATA" "$@")
+  if [ -n "${TABLE_ONLY:-}" ]; then
+    continue
+  elif [ -n "${SLURM:-}" ]; then
+    "${SBATCH:-sbatch}" ${SBATCH_ARGS:-} -J "zs_${ALGO}_bs${BLOCK_SIZE}_$DATA" --gres=gpu:1 --ntasks-per-node=1 scripts/slurm/job.sbatch "${ARGS[@]}"
+  else
+    echo "=== $ALGO (block size $BLOCK_SIZE) on $DATA"
+    "$PYTHON" -u main.py "${ARGS[@]}"
+  fi
 done
+if [ -n "${SLURM:-}" ]; then
+  echo "submitted; when the jobs are done: TABLE_ONLY=1 $0 $ALGO $CKPT $BLOCK_SIZE"
+  exit 0
+fi
 "$PYTHON" - "$OUT" $DATASETS <<'PY'
 import json, os, sys
 out, names = sys.argv[1], sys.argv[2:]

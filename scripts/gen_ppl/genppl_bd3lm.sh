@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Generative perplexity of BD3-LM K = 4, 8, 16 at L = 1024, 2048 (paper Table 7; SPEC 9.2):
+# T = 5000, p = 0.9, KV cache, 25 samples per seed, seeds 1-12 (300 samples per setting),
+# collected in outputs/samples/genppl_bd3lm_bsK_lenL (samples.jsonl, sample_eval.json).
+# BLOCK_SIZES, LENGTHS, SEEDS pick subsets. Summary: python scripts/sample_stats.py outputs/samples.
+# One GPU per job, jobs of one setting share a name and run one after another
+# (--dependency=singleton), so that their samples.jsonl appends never interleave; --no-requeue
+# because a restarted job would append its seed's samples twice.
+# Extra arguments go to main.py (last, so they win). Env: SBATCH_ARGS (more sbatch options, e.g.
+# "--partition=gpu --account=me"), SBATCH (the submit command, default sbatch).
+set -euo pipefail
+cd "$(dirname "$0")/../.." && mkdir -p watch_folder
+for L in ${LENGTHS:-1024 2048}; do for K in ${BLOCK_SIZES:-4 8 16}; do for SEED in ${SEEDS:-$(seq 1 12)}; do
+  "${SBATCH:-sbatch}" ${SBATCH_ARGS:-} -J genppl_bd3lm_bs${K}_len$L --gres=gpu:1 --ntasks-per-node=1 --no-requeue --dependency=singleton scripts/slurm/job.sbatch experiment=owt_genppl_bd3lm block_size=$K model.length=$L seed=$SEED sampling.logdir=outputs/samples/genppl_bd3lm_bs${K}_len$L "$@"
+done; done; done

@@ -1,0 +1,127 @@
+"""Preemption-safe training: SIGKILL-and-resume is bit-identical, saves are atomic, rolling
+checkpoints, SIGUSR1 saves and stops, a resume checkpoint of another shape is refused."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from test_main import bad_run, data_cache  # noqa: F401 - the session fixture
+
+from conftest import OFFLINE, ROOT
+
+STEPS = 12
+ARGS = ["model.dropout=0.1", f"trainer.max_steps={STEPS}", "trainer.val_check_interval=100"]
+
+
+def launch(run_dir, cache, *overrides):
+    env = {**os.environ, **OFFLINE, "BD3LMS_CACHE": cache, "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, os.path.join(ROOT, "main.py"), "experiment=smoke"]
+    cmd += [f"hydra.run.dir={run_dir}", *ARGS, *overrides]
+    return subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def finish(proc) -> str:
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    return out
+
+
+def final_state(run_dir):
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    return ckpt["global_step"], ckpt["state_dict"], ckpt["ema"]["shadow"]
+
+
+def test_sigkill_then_resume_is_bit_identical(tmp_path, data_cache):  # noqa: F811
+    straight = tmp_path / "straight"
+    finish(launch(straight, data_cache))
+    killed = tmp_path / "killed"
+    proc = launch(killed, data_cache)
+    first = killed / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 240
+    while not first.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    out = finish(launch(killed, data_cache))
+    assert "resumed at step" in out
+    resumed_at = int(out.split("resumed at step ")[1].split()[0])
+    assert 2 <= resumed_at < STEPS, "the kill must land before the end for this test to bite"
+    step_a, weights_a, ema_a = final_state(straight)
+    step_b, weights_b, ema_b = final_state(killed)
+    assert step_a == step_b == STEPS
+    for name, tensor in weights_a.items():
+        assert torch.equal(tensor, weights_b[name]), name
+    for name, tensor in ema_a.items():
+        assert torch.equal(tensor, ema_b[name]), name
+
+
+def test_keep_last_k_and_sigusr1(tmp_path, data_cache):  # noqa: F811
+    run_dir = tmp_path / "run"
+    finish(launch(run_dir, data_cache, "checkpointing.keep_last_k=2"))
+    steps = sorted(f for f in os.listdir(run_dir / "checkpoints") if f.startswith("step_"))
+    assert steps == [f"step_{STEPS - 2:08d}.ckpt", f"step_{STEPS:08d}.ckpt"]
+    preempted = tmp_path / "preempted"
+    proc = launch(preempted, data_cache, "trainer.max_steps=100000")
+    first = preempted / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 240
+    while not first.exists() and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGUSR1)
+    out = finish(proc)
+    assert "received signal" in out
+    step, _, _ = final_state(preempted)
+    assert 2 <= step < 100000
+
+
+def test_atomic_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    from training_callbacks import AtomicCheckpointIO
+
+    path = tmp_path / "last.ckpt"
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({"step": 1}, path)
+
+    def crash(obj, f, *args, **kwargs):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError):
+        io.save_checkpoint({"step": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True) == {"step": 1}
+    assert os.listdir(tmp_path) == ["last.ckpt"]
+
+
+def test_resume_from_another_model_shape_is_refused(tmp_path, data_cache):  # noqa: F811
+    run_dir = tmp_path / "bad"
+    finish(launch(run_dir, data_cache, "trainer.max_steps=2"))
+    before = (run_dir / "checkpoints" / "last.ckpt").read_bytes()
+    proc = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "main.py"),
+            "experiment=smoke",
+            f"hydra.run.dir={run_dir}",
+            "model.hidden_size=48",
+        ],
+        cwd=ROOT,
+        env={**os.environ, **OFFLINE, "BD3LMS_CACHE": data_cache},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2 and "checkpointing.resume_ckpt_path" in proc.stderr
+    assert (run_dir / "checkpoints" / "last.ckpt").read_bytes() == before
+
+
+def test_unwritable_save_dir(tmp_path, data_cache):  # noqa: F811
+    line = bad_run(tmp_path, "checkpointing.save_dir=/dev/null/run", cache=data_cache)
+    assert "checkpointing.save_dir" in line
