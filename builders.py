@@ -154,12 +154,12 @@ def validate_sampling(cfg: DictConfig) -> None:
     if sampling.prefix is not None and sampling.prefix_file is not None:
         raise UserError("give sampling.prefix or sampling.prefix_file, not both")
     has_prompt = sampling.prefix is not None or sampling.prefix_file is not None
-    if has_prompt and cfg.algo.name == "mdlm":
+    if has_prompt and cfg.algo.name in ("mdlm", "sedd"):
         raise UserError("sampling.prefix: prompts need algo=bd3lm or ar")
     if sampling.prefix_file is not None and not os.path.isfile(sampling.prefix_file):
         raise UserError(f"sampling.prefix_file={sampling.prefix_file}: no such file")
     length, block = int(cfg.model.length), effective_block_size(cfg)
-    if cfg.algo.name != "mdlm" and length % block:
+    if cfg.algo.name not in ("mdlm", "sedd") and length % block:
         raise UserError(
             f"block_size={block} must divide the generation length model.length={length}"
         )
@@ -185,7 +185,13 @@ def build_sampler_config(cfg: DictConfig, vocab, window: int):
     length = int(cfg.model.length)
     block = effective_block_size(cfg)
     stride = None
-    if cfg.algo.name == "mdlm":  # MDLM: one block of its window, then half-window strides
+    if cfg.algo.sampler == "analytic":  # SEDD: no blocks, the whole sequence at once
+        if length > window:
+            raise UserError(
+                f"SEDD cannot sample beyond its context: model.length={length} > {window}"
+            )
+        block = 1
+    elif cfg.algo.name == "mdlm":  # MDLM: one block of its window, then half-window strides
         block = min(block, window)
         stride = window // 2 if length > block else None
     try:
@@ -274,8 +280,12 @@ def check_wandb_credentials(wandb_cfg: DictConfig) -> None:
 
 
 def effective_block_size(cfg: DictConfig) -> int:
-    """K as the objective sees it: 1 for AR, the configured block_size otherwise."""
-    return 1 if cfg.algo.parameterization == "ar" else int(cfg.block_size)
+    """K as the objective sees it: 1 for AR, L for SEDD, the configured block_size otherwise."""
+    if cfg.algo.parameterization == "ar":
+        return 1
+    if cfg.algo.parameterization == "sedd":
+        return int(cfg.model.length)
+    return int(cfg.block_size)
 
 
 def build_module(

@@ -21,6 +21,7 @@ import builders
 import dataloader
 import generation
 import samplers
+from analytic_sampler import analytic_sample
 from checkpoints import (
     LoadedCheckpoint,
     check_state,
@@ -160,8 +161,15 @@ def sample_eval(cfg: DictConfig, hw: builders.Hardware, plan: builders.BatchPlan
     prompts = builders.read_prompts(cfg)
     module.apply_ema()
     module.to(fabric.device).eval()
-    sampler = samplers.ar_sample if cfg.algo.parameterization == "ar" else samplers.semi_ar_sample
-    model = module.sampling_model(window, reencode=bool(cfg.sampling.reencode_context))
+    if cfg.algo.sampler == "analytic":  # SEDD: all positions at once, T steps
+        score_fn = module.algorithm.score_fn(module.network)
+        noise = module.algorithm.noise
+        sample_fn = functools.partial(analytic_sample, score_fn, noise=noise)
+    else:
+        ar = cfg.algo.parameterization == "ar"
+        sampler = samplers.ar_sample if ar else samplers.semi_ar_sample
+        model = module.sampling_model(window, reencode=bool(cfg.sampling.reencode_context))
+        sample_fn = functools.partial(sampler, model)
     out_dir = cfg.sampling.logdir or run_dir
     job = generation.GenerationJob(
         batch_size=plan.eval_batch_size,
@@ -173,9 +181,7 @@ def sample_eval(cfg: DictConfig, hw: builders.Hardware, plan: builders.BatchPlan
         prompts=prompts,
     )
     with fabric.autocast():
-        records = generation.generate(
-            functools.partial(sampler, model), sampler_cfg, job, vocab, evaluator, fabric.device
-        )
+        records = generation.generate(sample_fn, sampler_cfg, job, vocab, evaluator, fabric.device)
     fabric.barrier()
     if fabric.global_rank == 0:
         summary = generation.write_summary(out_dir, cfg.eval.gen_ppl_eval_model_name_or_path)

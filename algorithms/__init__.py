@@ -12,11 +12,12 @@ from typing import Any
 from algorithms.ar import Autoregressive
 from algorithms.base import DoubleLengthCrop
 from algorithms.masked_diffusion import MaskedDiffusion
+from algorithms.sedd import SEDD
 from noise_schedule import NoiseSchedule
 
 # parameterization -> objective; bd3lm and mdlm share the SUBS objective.
-PARAMETERIZATIONS = ("subs", "ar")
-ALGORITHMS = ("bd3lm", "mdlm", "ar")
+PARAMETERIZATIONS = ("subs", "ar", "sedd")
+ALGORITHMS = ("bd3lm", "mdlm", "ar", "sedd")
 
 
 def build_algorithm(
@@ -27,11 +28,23 @@ def build_algorithm(
     seq_len: int,
     block_size: int,
     crop: DoubleLengthCrop | None = None,
-) -> MaskedDiffusion | Autoregressive:
+) -> MaskedDiffusion | Autoregressive | SEDD:
     if algo["name"] not in ALGORITHMS:
         raise ValueError(f"algo.name={algo['name']!r}: valid are {ALGORITHMS}")
     if algo["parameterization"] == "ar":
         return Autoregressive(mask_id=mask_id, seq_len=seq_len, crop=crop)
+    if algo["parameterization"] == "sedd":
+        return SEDD(
+            noise=noise,
+            mask_id=mask_id,
+            seq_len=seq_len,
+            ignore_bos=bool(algo["ignore_bos"]),
+            time_conditioning=bool(algo["time_conditioning"]),
+            antithetic=bool(training["antithetic_sampling"]),
+            mdlm_loss_scale=bool(algo["mdlm_loss_scale"]),
+            resample=bool(training["resample"]),
+            crop=crop,
+        )
     if algo["parameterization"] != "subs":
         raise ValueError(
             f"algo.parameterization={algo['parameterization']!r}: valid are {PARAMETERIZATIONS}"
@@ -53,4 +66,4 @@ def build_algorithm(
     )
 
 
-__all__ = ["Autoregressive", "MaskedDiffusion", "build_algorithm"]
+__all__ = ["SEDD", "Autoregressive", "MaskedDiffusion", "build_algorithm"]

@@ -133,12 +133,14 @@ def test_sample_eval_logdir_accumulates_runs(trained_bd3lm, data_cache, tmp_path
     assert json.loads((logdir / "sample_eval.json").read_text())["num_samples"] == 4
 
 
-@pytest.mark.parametrize("algo", ["mdlm", "ar"])
+@pytest.mark.parametrize("algo", ["mdlm", "ar", "sedd"])
 def test_baselines_train_and_sample(algo, data_cache, tmp_path):
-    block = "block_size=32" if algo == "mdlm" else "block_size=1"  # MDLM: K = L
+    block = {"mdlm": "block_size=32", "ar": "block_size=1", "sedd": "block_size=32"}[algo]
     run_main(tmp_path, f"algo={algo}", block, "trainer.max_steps=2", cache=data_cache)
     ckpt = tmp_path / "checkpoints" / "last.ckpt"
     out = tmp_path / "samples"
+    # MDLM: a 32-token window then a 16-token stride; AR: a sliding window; SEDD: its context
+    length = 32 if algo == "sedd" else 48
     run_main(
         out,
         "mode=sample_eval",
@@ -147,11 +149,11 @@ def test_baselines_train_and_sample(algo, data_cache, tmp_path):
         f"eval.checkpoint_path={ckpt}",
         "loader.eval_batch_size=2",
         "sampling.first_hitting=false",
-        "model.length=48",  # MDLM: a 32-token window then a 16-token stride; AR: sliding
+        f"model.length={length}",
         cache=data_cache,
     )
-    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
-    assert len(samples) == 2 and all(len(s["token_ids"]) == 48 for s in samples)
+    samples = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 2 and all(len(s["token_ids"]) == length for s in samples)
     assert all(4096 not in s["token_ids"] for s in samples)
 
 
