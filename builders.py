@@ -249,18 +249,18 @@ def build_evaluator(cfg: DictConfig, device):
 
 
 def check_save_dir(save_dir: str) -> None:
-    """The checkpoint directory must be creatable and writable (fsspec URLs are not probed)."""
+    """The checkpoint directory must be creatable and writable (fsspec URLs are not probed);
+    nothing is created here."""
     if "://" in save_dir:
         return
-    directory = os.path.join(save_dir, "checkpoints")
-    try:
-        os.makedirs(directory, exist_ok=True)
-    except OSError as err:
+    existing = os.path.abspath(os.path.join(save_dir, "checkpoints"))
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK):
         raise UserError(
-            f"checkpointing.save_dir={save_dir} is not writable ({err.strerror})"
-        ) from None
-    if not os.access(directory, os.W_OK):
-        raise UserError(f"checkpointing.save_dir={save_dir} is not writable")
+            f"checkpointing.save_dir={save_dir} is not writable ({existing} is not a writable "
+            "directory)"
+        )
 
 
 def check_wandb_credentials(wandb_cfg: DictConfig) -> None:

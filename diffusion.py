@@ -18,6 +18,7 @@ from algorithms.base import (
     DEFAULT_EPS_MAX,
     DEFAULT_EPS_MIN,
     Layout,
+    Shard,
     process_sigma,
     sigma_from_p,
     subs_log_probs,
@@ -154,23 +155,24 @@ class Diffusion(L.LightningModule):
     # Training and validation
     # ------------------------------------------------------------------------------------------
     def step_key(self, batch_idx: int) -> int:
-        """A seed for one micro-batch: (run seed, optimizer step, micro-batch, rank)."""
+        """A seed for one micro-batch: (run seed, optimizer step, micro-batch index)."""
         accumulate = self.trainer.accumulate_grad_batches if self._trainer is not None else 1
         micro = batch_idx % accumulate
-        key = ((self.seed * 1_000_003 + self.global_step) * 4099 + micro) * 1031 + self.global_rank
-        return key % (2**63 - 1)
+        return ((self.seed * 1_000_003 + self.global_step) * 4099 + micro) % (2**63 - 1)
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        """The forward-process noise comes from a generator, and dropout from the global RNG,
-        both seeded by `step_key`: a run resumed from a checkpoint draws exactly what an
-        uninterrupted run would have, whatever else consumed random numbers meanwhile."""
+        """The forward-process noise comes from a generator seeded by `step_key` and drawn for
+        the global batch (each rank takes its rows), dropout from the global RNG seeded by the
+        key and the rank: a resumed run draws exactly what an uninterrupted run would have, and
+        N processes draw the noise of one process with the same global batch."""
         key = self.step_key(batch_idx)
-        torch.manual_seed(key)
+        torch.manual_seed(key * 1031 + self.global_rank)
         generator = torch.Generator(device=self.device).manual_seed(key)
+        shard = Shard(self.global_rank, self.trainer.world_size) if self._trainer else None
         eps_min, eps_max = self.clip_interval()
         x0, attention_mask = batch["input_ids"], batch["attention_mask"]
         out = self.algorithm.loss(
-            self.network, x0, attention_mask, eps_min, eps_max, True, generator
+            self.network, x0, attention_mask, eps_min, eps_max, True, generator, shard
         )
         self.log("trainer/loss", out.loss, on_step=True, prog_bar=True)
         return out.loss

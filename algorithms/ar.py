@@ -9,7 +9,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from algorithms.base import NEG_INF, DoubleLengthCrop, Layout, Loss, Network, reduce_loss
+from algorithms.base import (
+    NEG_INF,
+    DoubleLengthCrop,
+    Layout,
+    Loss,
+    Network,
+    Shard,
+    reduce_loss,
+)
 from models.attention import BandedBlockCausalMask, CausalMask
 
 
@@ -45,6 +53,7 @@ class Autoregressive:
         eps_max: Tensor,
         train: bool,
         generator: torch.Generator | None = None,
+        shard: Shard | None = None,
     ) -> Loss:
         """Input x0[:, :-1], target x0[:, 1:], weights attention_mask[:, 1:]. eps are unused."""
         if self.crop is not None and x0.shape[1] == 2 * self.seq_len:

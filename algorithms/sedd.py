@@ -26,6 +26,7 @@ from algorithms.base import (
     Layout,
     Loss,
     Network,
+    Shard,
     process_sigma,
     q_xt,
     reduce_loss,
@@ -127,6 +128,7 @@ class SEDD:
         eps_min: Tensor,
         eps_max: Tensor,
         generator: torch.Generator | None = None,
+        shard: Shard | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """t per sequence, x_t ~ q(x_t | x_0). Returns x_t (B, L), dsigma (B, 1), sigma (B, 1).
 
@@ -146,6 +148,7 @@ class SEDD:
             self.antithetic,
             x0.device,
             generator,
+            shard,
         )  # (B, 1)
         loss_scale, move_chance = self.noise(t)
         sigma = sigma_from_p(move_chance[:, 0:1], self.noise_sigma_max)
@@ -162,6 +165,7 @@ class SEDD:
             eps_max,
             self.resample,
             generator,
+            shard,
         )
         if self.ignore_bos:
             xt[:, 0] = x0[:, 0]
@@ -203,12 +207,13 @@ class SEDD:
         eps_max: Tensor,
         train: bool,
         generator: torch.Generator | None = None,
+        shard: Shard | None = None,
     ) -> Loss:
         """One Monte-Carlo estimate of the score-entropy bound per token. x0, attention_mask:
         (B, L) (or (B, 2L) with crop)."""
         if self.crop is not None and x0.shape[1] == 2 * self.seq_len:
             x0, _, attention_mask = self.crop(x0, attention_mask, self.seq_len, generator)
-        xt, dsigma, sigma = self.corrupt(x0, eps_min, eps_max, generator)
+        xt, dsigma, sigma = self.corrupt(x0, eps_min, eps_max, generator, shard)
         return self.score_entropy_loss(network, x0, xt, dsigma, sigma, attention_mask, train)
 
     def score_fn(self, network: Network) -> ScoreFn:
