@@ -15,7 +15,7 @@ import sys
 import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 import builders
 import dataloader
@@ -198,6 +198,11 @@ def run(cfg: DictConfig) -> None:
     builders.validate(cfg, hw)
     plan = builders.plan_batches(cfg.loader, hw.world_size, cfg.trainer.accumulate_grad_batches)
     run_dir = HydraConfig.get().runtime.output_dir
+    if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0))) == 0:
+        resolved = OmegaConf.to_yaml(cfg, resolve=True)
+        log.info("resolved config:\n%s", resolved)
+        with atomic_path(os.path.join(run_dir, "config_resolved.yaml")) as tmp, open(tmp, "w") as f:
+            f.write(resolved)
     L.seed_everything(int(cfg.seed), verbose=False)
     MODES[cfg.mode](cfg, hw, plan, run_dir)
 

@@ -174,7 +174,8 @@ def bad_run(tmp_path, *overrides, cache):
     error_lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(error_lines) == 1 and error_lines[0].startswith("error: "), proc.stderr
     assert "Traceback" not in proc.stderr
-    written = set(os.listdir(run_dir)) - {".hydra", "main.log"} if run_dir.exists() else set()
+    logs = {".hydra", "main.log", "config_resolved.yaml"}  # Hydra's records and the resolved config
+    written = set(os.listdir(run_dir)) - logs if run_dir.exists() else set()
     assert not written, f"bad input must not write outputs: {written}"
     return error_lines[0]
 
@@ -240,4 +241,4 @@ def test_reference_command_lines_parse_and_fail_in_one_line_offline(name, tmp_pa
     assert proc.returncode == 2, proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "Traceback" not in proc.stderr
-    assert set(os.listdir(tmp_path)) <= {".hydra", "main.log"}
+    assert set(os.listdir(tmp_path)) <= {".hydra", "main.log", "config_resolved.yaml"}
