@@ -60,6 +60,26 @@ def as_f32(x: float | Tensor, device: torch.device) -> Tensor:
     return torch.as_tensor(x, dtype=torch.float32, device=device)
 
 
+@dataclasses.dataclass(frozen=True)
+class Shard:
+    """This process's rows of a global batch: rows rank, rank + world, ... (the interleaving of
+    the distributed samplers). Noise is drawn for the whole global batch and sliced, so a run
+    on `world` processes draws exactly the noise of one process with the global batch."""
+
+    rank: int
+    world: int
+
+
+def draw_uniform(
+    shape: tuple[int, ...], device, generator: torch.Generator | None, shard: Shard | None
+) -> Tensor:
+    """U[0, 1) of `shape` (rows first), drawn for the global batch when sharded."""
+    if shard is None or shard.world == 1:
+        return torch.rand(shape, device=device, generator=generator)
+    full = torch.rand((shape[0] * shard.world, *shape[1:]), device=device, generator=generator)
+    return full[shard.rank :: shard.world]
+
+
 def sample_t(
     batch_size: int,
     seq_len: int,
@@ -69,18 +89,22 @@ def sample_t(
     antithetic: bool,
     device: torch.device,
     generator: torch.Generator | None = None,
+    shard: Shard | None = None,
 ) -> Tensor:
     """Diffusion times, one per (sequence, block) (SPEC 1.3).
 
     Returns (B, L) with each block's value repeated K times, or (B, 1) when K == L.
-    Antithetic strata are assigned batch-major: u[b, j] <- (u[b, j] + b*nb + j) / N mod 1.
+    Antithetic strata are assigned batch-major over the (global) batch:
+    u[b, j] <- (u[b, j] + b*nb + j) / N mod 1.
     If eps_min >= 1 and eps_max >= 1 ("NLL mode") every t is 1.
     """
     num_blocks = seq_len // block_size
-    u = torch.rand(batch_size, num_blocks, device=device, generator=generator)
+    u = draw_uniform((batch_size, num_blocks), device, generator, shard)
     if antithetic:
-        n = batch_size * num_blocks
-        offset = (torch.arange(n, device=device) / n).view(batch_size, num_blocks)
+        world, rank = (shard.world, shard.rank) if shard is not None else (1, 0)
+        n = batch_size * world * num_blocks
+        rows = torch.arange(batch_size, device=device) * world + rank  # global row index
+        offset = (rows[:, None] * num_blocks + torch.arange(num_blocks, device=device)) / n
         u = (u / n + offset) % 1
     if block_size != seq_len:
         u = u.repeat_interleave(block_size, dim=-1)
@@ -110,6 +134,7 @@ def q_xt(
     eps_max: Tensor,
     resample: bool,
     generator: torch.Generator | None = None,
+    shard: Shard | None = None,
 ) -> Tensor:
     """Mask each token independently with probability `move_chance` (SPEC 1.4).
 
@@ -118,7 +143,7 @@ def q_xt(
     """
     if block_size == 1 and f32_equal(eps_min, 1.0):
         return torch.full_like(x0, mask_id)
-    draw = torch.rand(x0.shape, device=x0.device, generator=generator)
+    draw = draw_uniform(tuple(x0.shape), x0.device, generator, shard)
     xt = torch.where(draw <= move_chance, mask_id, x0)
     low_default, high_default = f32_equal(eps_min, DEFAULT_EPS_MIN), f32_equal(eps_max, 1.0)
     if not resample or (low_default and high_default):
@@ -139,7 +164,7 @@ def q_xt(
             bad = (fraction < eps_min) | (fraction > eps_max)
         if not bad.any():
             return xt.view(B, L)
-        redraw = torch.rand(xt.shape, device=x0.device, generator=generator) < p_blocks
+        redraw = draw_uniform(tuple(xt.shape), x0.device, generator, shard) < p_blocks
         xt = torch.where(bad[..., None], torch.where(redraw, mask_id, x0_blocks), xt)
     raise RuntimeError(f"q_xt: resampling did not converge in {MAX_RESAMPLE_ROUNDS} rounds")
 
@@ -192,8 +217,21 @@ def subs_log_probs(logits: Tensor, xt: Tensor, mask_id: int) -> Tensor:
     """SUBS parameterisation (SPEC 2.3): log-probabilities (B, L, V) in float32.
 
     The mask logit gets -1e6 before normalising; at positions where x_t is not the mask the
-    row becomes a one-hot on x_t (0 there, -1e6 elsewhere).
+    row becomes a one-hot on x_t (0 there, -1e6 elsewhere). Two passes over the vocabulary (a
+    fused log-softmax) plus in-place edits; equals subs_log_probs_reference to float rounding.
     """
+    shifted = logits.float() + _mask_offset(logits.shape[-1], mask_id, logits.device)
+    log_probs = torch.log_softmax(shifted, dim=-1)
+    index = xt[..., None]
+    unmasked = index != mask_id
+    kept = log_probs.gather(-1, index)  # masked rows: the mask column, written back unchanged
+    log_probs.masked_fill_(unmasked, NEG_INF)
+    return log_probs.scatter_(-1, index, kept.masked_fill(unmasked, 0.0))
+
+
+def subs_log_probs_reference(logits: Tensor, xt: Tensor, mask_id: int) -> Tensor:
+    """subs_log_probs as first written (logits - logsumexp, a full one-hot tensor, where): kept
+    for the benchmarks' --baseline and the equality tests."""
     logits = logits.float() + _mask_offset(logits.shape[-1], mask_id, logits.device)
     log_probs = logits - torch.logsumexp(logits, dim=-1, keepdim=True)
     unmasked = (xt != mask_id)[..., None]

@@ -18,6 +18,7 @@ from algorithms.base import (
     Layout,
     Loss,
     Network,
+    Shard,
     process_sigma,
     q_xt,
     reduce_loss,
@@ -86,6 +87,7 @@ class MaskedDiffusion:
         eps_min: Tensor,
         eps_max: Tensor,
         generator: torch.Generator | None = None,
+        shard: Shard | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Draw t per block and x_t ~ q(x_t | x_0) (SPEC 2.2 steps 1-6).
 
@@ -103,6 +105,7 @@ class MaskedDiffusion:
             self.antithetic,
             x0.device,
             generator,
+            shard,
         )
         loss_scale, move_chance = self.noise(t)
         sigma = sigma_from_p(move_chance[:, 0:1], self.noise_sigma_max)  # first block's t
@@ -119,6 +122,7 @@ class MaskedDiffusion:
             eps_max,
             self.resample,
             generator,
+            shard,
         )
         if eps_min > 0.5:  # NLL mode (K = 1, t = 1): weight -1 (fires for any eps_min > 0.5)
             loss_scale = -torch.ones_like(loss_scale)
@@ -144,8 +148,9 @@ class MaskedDiffusion:
         masked = xt == self.mask_id  # (B, L)
         tokens, outputs = xt, masked
         if self.cross_attn:
+            # a (B, L) selection over (B, 2L) tokens: logits only for x_t positions, which
+            # also tells the network that its last block can skip the x_0 queries
             tokens = torch.cat([xt, x0], dim=1)
-            outputs = torch.cat([masked, torch.zeros_like(masked)], dim=1)
         layout = dataclasses.replace(self.train_layout, outputs=outputs)
         logits = network(tokens, process_sigma(sigma, self.time_conditioning), layout)  # (N, V)
         log_p = subs_log_prob_of(logits, x0[masked], self.mask_id)
@@ -163,11 +168,12 @@ class MaskedDiffusion:
         eps_max: Tensor,
         train: bool,
         generator: torch.Generator | None = None,
+        shard: Shard | None = None,
     ) -> Loss:
         """One Monte-Carlo NELBO estimate. x0, attention_mask: (B, L) (or (B, 2L) with crop)."""
         if self.crop is not None and x0.shape[1] == 2 * self.seq_len:
             x0, _, attention_mask = self.crop(x0, attention_mask, self.seq_len, generator)
-        xt, loss_scale, sigma = self.corrupt(x0, eps_min, eps_max, generator)
+        xt, loss_scale, sigma = self.corrupt(x0, eps_min, eps_max, generator, shard)
         return self.nelbo(network, x0, xt, loss_scale, sigma, attention_mask, train)
 
     @property
