@@ -17,13 +17,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import datasets  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 import dataloader as dl  # noqa: E402
+from data.shakespeare import shakespeare_docs  # noqa: E402
 
-dl.datasets.disable_progress_bars()
+datasets.disable_progress_bars()
 
 
 def main() -> None:
@@ -34,7 +36,7 @@ def main() -> None:
     args = parser.parse_args()
     work = tempfile.mkdtemp(prefix="bd3lms-bench-")
     # paragraphs of the 42 works as documents, like a web-text corpus
-    texts = [p for _, text in dl._shakespeare_docs() for p in text.split("\n\n") if p.strip()]
+    texts = [p for _, text in shakespeare_docs() for p in text.split("\n\n") if p.strip()]
     texts = texts * args.repeat
     pq.write_table(pa.table({"text": texts}), os.path.join(work, "train.parquet"))
     base = {

