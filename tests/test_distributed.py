@@ -4,7 +4,6 @@ drawn for the global batch and sliced by rank, the data loaders interleave rows 
 from __future__ import annotations
 
 import torch
-
 from test_main import data_cache, run_main  # noqa: F401 - the session fixture
 
 COMMON = ["trainer.max_steps=4", "trainer.val_check_interval=100", "loader.global_batch_size=8"]
