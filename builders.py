@@ -209,6 +209,9 @@ def build_sampler_config(cfg: DictConfig, vocab, window: int):
             var_length=bool(cfg.sampling.var_length),
             reject_low_entropy=bool(cfg.sampling.reject_low_entropy),
             stride=stride,
+            lazy_draws=bool(cfg.sampling.lazy_draws),
+            tokens_per_step=int(cfg.sampling.tokens_per_step),
+            confidence_threshold=cfg.sampling.confidence_threshold,
         )
     except ValueError as err:
         raise UserError(str(err)) from None

@@ -16,6 +16,7 @@ sequence of a batch has its own first-hitting clock, NFE counts, length and stop
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Protocol
 
 import torch
@@ -66,8 +67,28 @@ class SamplerConfig:
     var_length: bool = False
     reject_low_entropy: bool = True
     stride: int | None = None
+    # Fast first-hitting (default): draw each step's token only at the position(s) it commits,
+    # by inverse CDF in float64 over those rows only, with the block's random numbers drawn
+    # up front (no host sync per step). Same distribution as the reference draw (a Gumbel race
+    # over every position of the block, kept with lazy_draws=False), other random numbers.
+    lazy_draws: bool = True
+    # Parallel decoding (first-hitting with lazy_draws): commit `tokens_per_step` masked
+    # positions per model call (chosen uniformly), and/or also every masked position whose
+    # most likely token has probability >= `confidence_threshold` (that token is committed).
+    # tokens_per_step=1 and no threshold is exact first-hitting.
+    tokens_per_step: int = 1
+    confidence_threshold: float | None = None
 
     def __post_init__(self):
+        if self.tokens_per_step < 1:
+            raise ValueError(f"sampling.tokens_per_step={self.tokens_per_step} must be >= 1")
+        if self.confidence_threshold is not None and not 0 < self.confidence_threshold <= 1:
+            raise ValueError(
+                f"sampling.confidence_threshold={self.confidence_threshold} must lie in (0, 1]"
+            )
+        parallel = self.tokens_per_step > 1 or self.confidence_threshold is not None
+        if parallel and not (self.first_hitting and self.lazy_draws):
+            raise ValueError("parallel decoding needs sampling.first_hitting and lazy draws")
         if self.num_steps < 1:
             raise ValueError(f"algo.T={self.num_steps}: sampling needs at least one step")
         if not 0 < self.nucleus_p <= 1:
@@ -109,6 +130,16 @@ def sample_categorical(probs: Tensor, generator: torch.Generator) -> Tensor:
     probs: (..., V), need not be normalised."""
     race = GUMBEL_EPS - torch.log(_rand(tuple(probs.shape), generator, probs.device) + GUMBEL_EPS)
     return (probs.double() / race).argmax(dim=-1)
+
+
+def sample_inverse_cdf(probs: Tensor, uniform: Tensor) -> Tensor:
+    """One draw per row from probs (..., V) (float64, need not be normalised) given one
+    uniform (...,) in [0, 1) per row: the first index whose cumulative mass exceeds u * total.
+    Zero-probability entries are never returned."""
+    cdf = probs.cumsum(dim=-1)
+    total = cdf[..., -1:]
+    target = torch.minimum(uniform[..., None] * total, torch.nextafter(total, total.new_zeros(())))
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1)
 
 
 def nucleus(probs: Tensor, p: float) -> Tensor:
@@ -229,13 +260,19 @@ def _denoise_block(
     cfg: SamplerConfig,
     generator: torch.Generator,
     active: Tensor,
+    num_masked: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Fill one block. Returns the clean block (B, K) and per-sequence NFE (B,).
+    num_masked: the most masked positions any sequence starts with (host-side, if known).
 
     First-hitting: each sequence draws its next unmask time t <- t u^(1/n) (n = its masked
     count) and unmasks one token per call. DDPM: T steps t_i = 1 - i/T, s = t_i - 1/T, so the
     last step unmasks everything left. p_x0 is reused while no sequence changed: exact because
     the network ignores t (no time conditioning)."""
+    if cfg.first_hitting and cfg.lazy_draws:
+        return _denoise_block_lazy(
+            model, context, key_valid, block, cache, cfg, generator, active, num_masked
+        )
     B, K = block.shape
     T = cfg.num_steps
     t = torch.ones(B, dtype=torch.float64, device=block.device)
@@ -262,6 +299,67 @@ def _denoise_block(
         if changed.any():
             p_x0 = None
         block = new_block
+    return block, nfe
+
+
+def _denoise_block_lazy(
+    model: SamplingModel,
+    context: Tensor,
+    key_valid: Tensor | None,
+    block: Tensor,
+    cache: KVCache | None,
+    cfg: SamplerConfig,
+    generator: torch.Generator,
+    active: Tensor,
+    num_masked: int | None,
+) -> tuple[Tensor, Tensor]:
+    """First-hitting (and parallel decoding) with work only where tokens change.
+
+    Per call: t <- t u^(1/n) per sequence; the position(s) to commit are the largest of uniform
+    scores over the masked positions (a uniform choice); the token there is drawn by inverse
+    CDF from its (nucleus-filtered) float64 row, one uniform each. All uniforms of the block,
+    (steps, B, 1 + K + k), are drawn in one call before its first step, so the number of draws
+    depends only on the block (not on the cache or the device) and no step waits on the host.
+    """
+    B, K = block.shape
+    device = block.device
+    k = min(cfg.tokens_per_step, K)
+    threshold = cfg.confidence_threshold
+    masked = block == cfg.mask_id
+    if num_masked is None:
+        num_masked = int(masked.sum(-1).max())
+    steps = -(-num_masked // k)
+    if steps == 0:
+        return block, torch.zeros(B, dtype=torch.long, device=device)
+    draws = _rand((steps, B, 1 + K + k), generator, device)
+    n = masked.sum(-1)
+    t = torch.ones(B, dtype=torch.float64, device=device)
+    nfe = torch.zeros(B, dtype=torch.long, device=device)
+    valid = _extend_valid(key_valid, K)
+    log_threshold = None if threshold is None else math.log(threshold)
+    for step in range(steps):
+        u, scores, token_u = draws[step].split((1, K, k), dim=-1)
+        t = torch.where(n > 0, t * u[:, 0] ** (1.0 / n.clamp(min=1)), t)
+        x = torch.cat([context, block], dim=1)
+        log_p = model.logprobs(x, t, K, valid, cache)  # (B, K, V)
+        scores = scores.masked_fill(~masked, -1.0)
+        # k == 1: argmax (the exact sampler); else a uniform k-subset of the masked positions
+        pos = scores.argmax(-1, keepdim=True) if k == 1 else scores.topk(k, dim=-1).indices
+        take = masked.gather(1, pos)
+        rows = log_p.gather(1, pos[..., None].expand(-1, -1, log_p.shape[-1]))  # (B, k, V)
+        probs = nucleus(rows.double().exp(), cfg.nucleus_p)
+        tokens = sample_inverse_cdf(probs, token_u)
+        new_block = block.scatter(1, pos, torch.where(take, tokens, block.gather(1, pos)))
+        if log_threshold is not None:
+            best, guess = log_p.max(dim=-1)  # the nucleus keeps the top-1, so argmax is kept
+            sure = masked & (best >= log_threshold) & (new_block == cfg.mask_id)
+            new_block = torch.where(sure, guess, new_block)
+        nfe += (n > 0) & active
+        block = new_block
+        masked = block == cfg.mask_id
+        n = masked.sum(-1)
+        if log_threshold is not None and not bool(masked.any()):
+            break  # confident commits can finish early (one host sync per step in this mode)
     return block, nfe
 
 
@@ -294,13 +392,15 @@ def semi_ar_sample(
     )
     for K in cfg.blocks():
         block = torch.full((batch_size, K), cfg.mask_id, dtype=torch.long, device=device)
+        num_masked = K
         if x.shape[1] == 0:
             block[:, 0] = cfg.bos_id
+            num_masked = K - 1
         visible = cfg.context - K if cache is None and cfg.stride else x.shape[1]
         context = x[:, x.shape[1] - min(visible, x.shape[1]) :]
         valid = None if key_valid is None else key_valid[:, key_valid.shape[1] - context.shape[1] :]
         block, nfe = _denoise_block(
-            model, context, valid, block, cache, cfg, generator, state.active
+            model, context, valid, block, cache, cfg, generator, state.active, num_masked
         )
         nfe_denoise += nfe
         nfe_total += nfe
@@ -350,9 +450,12 @@ def ar_sample(
     while x.shape[1] < total:
         log_p = model.logprobs(x, zero_t, 1, key_valid, cache, commit=cache is not None)
         probs = nucleus(log_p[:, -1].double().exp(), cfg.nucleus_p)
-        u = _rand(tuple(probs.shape), generator, device)
-        gumbel = -torch.log(-torch.log(u + GUMBEL_EPS) + GUMBEL_EPS)
-        token = (probs.log() + gumbel).argmax(-1)
+        if cfg.lazy_draws:  # one uniform per sequence (inverse CDF) instead of V Gumbels
+            token = sample_inverse_cdf(probs, _rand((batch_size,), generator, device))
+        else:
+            u = _rand(tuple(probs.shape), generator, device)
+            gumbel = -torch.log(-torch.log(u + GUMBEL_EPS) + GUMBEL_EPS)
+            token = (probs.log() + gumbel).argmax(-1)
         nfe += state.active
         x = torch.cat([x, token[:, None]], dim=1)
         key_valid = _extend_valid(key_valid, 1)

@@ -110,6 +110,10 @@ class AttentionMask:
     dense: Tensor | None = None
     block_mask: Any = None
     causal: bool = False
+    # The predicate when its structure lets SDPA skip masked-out blocks (a BlockDiffusionMask
+    # over [x_t ; x_0]); `parts` holds the small masks that path needs, built once.
+    structure: Any = None
+    parts: dict = dataclasses.field(default_factory=dict)
 
 
 class MaskCache:
@@ -134,7 +138,14 @@ class MaskCache:
                 )
                 self._cache[key] = AttentionMask(block_mask=block_mask)
             else:
-                self._cache[key] = AttentionMask(dense=dense_mask(mask, q_len, kv_len, device))
+                dense = dense_mask(mask, q_len, kv_len, device)
+                structured = (
+                    isinstance(mask, BlockDiffusionMask) and q_len == kv_len == 2 * mask.seq_len
+                )
+                parts = block_diffusion_parts(mask, device) if structured else {}
+                self._cache[key] = AttentionMask(
+                    dense=dense, structure=mask if structured else None, parts=parts
+                )
         return self._cache[key]
 
 
@@ -155,11 +166,84 @@ def _flex(q: Tensor, k: Tensor, v: Tensor, block_mask: Any) -> Tensor:
     return _compiled_flex(q, k, v, block_mask=block_mask)
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, backend: str) -> Tensor:
+def block_diffusion_parts(mask: BlockDiffusionMask, device) -> dict:
+    """The two (L, L) pieces of the block-diffusion mask that the structured path needs:
+    x_0 queries over x_0 keys (block-causal, bool) and x_t queries over x_0 keys (strictly
+    block-causal, as an additive 0 / -inf float mask)."""
+    L = mask.seq_len
+    q = torch.arange(L, device=device)[:, None] // mask.block_size
+    k = torch.arange(L, device=device)[None, :] // mask.block_size
+    strict = torch.zeros(L, L, device=device).masked_fill(k >= q, float("-inf"))
+    return {"block_causal": k <= q, "strict_additive": strict}
+
+
+def block_diffusion_attend(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask) -> Tensor:
+    """Attention under the block-diffusion mask over [x_t ; x_0] without paying for the
+    masked-out quarter and the off-diagonal x_t blocks (same function as the dense mask).
+
+    x_0 queries attend x_0 keys block-causally (one SDPA call over L x L). An x_t query of block
+    b attends the x_0 keys of blocks < b and the x_t keys of its own block: the scores against
+    x_0 (L x L, strict block-causal) and against its own block (L x K, batched per block) share
+    one softmax. q: (B, H, Q, d) for the first Q (L or 2L) positions; k, v:
+    (B, H, 2L, d) -> (B, H, Q, d).
+    """
+    L, K = mask.structure.seq_len, mask.structure.block_size
+    B, H, Q, d = q.shape
+    nb = L // K
+    k0, v0 = k[:, :, L:], v[:, :, L:]
+    scale = d**-0.5
+    qt = q[:, :, :L] * scale
+    strict = mask.parts["strict_additive"]
+    scores_x0 = torch.baddbmm(
+        strict.to(q.dtype).expand(B * H, L, L),
+        qt.reshape(B * H, L, d),
+        k0.reshape(B * H, L, d).transpose(1, 2),
+    ).view(B, H, L, L)
+    kt = k[:, :, :L].reshape(B, H, nb, K, d)
+    vt = v[:, :, :L].reshape(B, H, nb, K, d)
+    scores_own = (qt.reshape(B, H, nb, K, d) @ kt.transpose(-1, -2)).reshape(B, H, L, K)
+    probs = torch.softmax(torch.cat([scores_x0, scores_own], dim=-1), dim=-1)
+    own = (probs[..., L:].reshape(B, H, nb, K, K) @ vt).reshape(B, H, L, d)
+    out_t = torch.baddbmm(
+        own.reshape(B * H, L, d),
+        probs[..., :L].reshape(B * H, L, L),
+        v0.reshape(B * H, L, d),
+    ).view(B, H, L, d)
+    if Q == L:
+        return out_t
+    out_0 = F.scaled_dot_product_attention(
+        q[:, :, L:], k0, v0, attn_mask=mask.parts["block_causal"]
+    )
+    return torch.cat([out_t, out_0], dim=2)
+
+
+def attend(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: AttentionMask,
+    backend: str,
+    structured: bool = True,
+) -> Tensor:
     """Scaled dot-product attention, scale 1/sqrt(d), no dropout.
 
-    q: (B, H, S_q, d); k, v: (B, H, S_kv, d) -> (B, H, S_q, d).
+    q: (B, H, S_q, d); k, v: (B, H, S_kv, d) -> (B, H, S_q, d). S_q may be smaller than S_kv:
+    the queries are then the first S_q positions (rows of the mask). structured: use the
+    block-diffusion fast path when the mask allows it (sdpa; same function).
     """
+    S_q, S_kv = q.shape[2], k.shape[2]
+    if structured and backend == "sdpa" and mask.structure is not None:
+        return block_diffusion_attend(q, k, v, mask)
+    if S_q != S_kv:
+        if mask.causal:
+            dense = torch.ones(S_q, S_kv, dtype=torch.bool, device=q.device).tril()
+        elif mask.dense is not None:
+            dense = mask.dense[..., :S_q, :]
+        elif mask.block_mask is not None:
+            raise ValueError("a flex block mask cannot serve a subset of its queries")
+        else:
+            dense = None
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=dense)
     if backend == "flex" and mask.block_mask is not None:
         return _flex(q, k, v, mask.block_mask)
     if backend == "flash_attn" and mask.dense is None and mask.block_mask is None:

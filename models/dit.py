@@ -31,6 +31,15 @@ class DiTConfig:
 
     adaln: adaLN modulation layers exist (always for diffusion; absent for AR unless asked).
     causal: token-causal attention (AR).
+    structured_attention: under the block-diffusion training mask, compute x_0 rows over x_0
+        keys and x_t rows over (earlier x_0 keys + own block) only
+        (models.attention.block_diffusion_attend); same function, half the score entries.
+        Off by default: on CPU the fused SDPA kernel over the dense (2L)^2 mask measured
+        faster than this explicit-softmax path (BENCHMARKS.md); on GPU use attn_backend=flex,
+        whose block mask skips the masked-out tiles.
+    prune_last_layer: when only the first S' positions need logits (a slice from 0 or a
+        boolean (B, S') selection), the last block computes queries, attention output and MLP
+        for those positions only (keys/values still for all). Same logits, less work.
     """
 
     vocab_size: int
@@ -42,6 +51,8 @@ class DiTConfig:
     causal: bool = False
     adaln: bool = True
     attn_backend: str = "sdpa"
+    structured_attention: bool = False
+    prune_last_layer: bool = True
 
     def __post_init__(self):
         if self.hidden_size % self.n_heads:
@@ -124,6 +135,7 @@ class DiTBlock(nn.Module):
         dim = config.hidden_size
         self.n_heads = config.n_heads
         self.backend = config.attn_backend
+        self.structured = config.structured_attention
         self.norm1 = LayerNorm(dim)
         self.attn_qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.attn_out = nn.Linear(dim, dim, bias=False)
@@ -149,9 +161,12 @@ class DiTBlock(nn.Module):
         sin: Tensor,
         mask: AttentionMask,
         cache: tuple | None = None,
+        num_queries: int | None = None,
     ) -> Tensor:
         """h: (B, S, D), c: (B, C) or None -> (B, S, D). cache: (kv_cache, layer, commit,
-        block_valid) to attend over cached keys instead of applying `mask`."""
+        block_valid) to attend over cached keys instead of applying `mask`. num_queries: only
+        the first n positions are needed downstream: keys/values are computed for all S, the
+        rest of the block for those n only, and the result is (B, n, D)."""
         if self.adaLN_modulation is not None:
             (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp) = (
                 self.adaLN_modulation(c)[:, None].chunk(6, dim=2)
@@ -159,16 +174,27 @@ class DiTBlock(nn.Module):
             a = modulate(self.norm1(h), shift_msa, scale_msa)
         else:
             a = self.norm1(h)
-        qkv = rearrange(
-            self.attn_qkv(a), "b s (three h d) -> b s three h d", three=3, h=self.n_heads
-        )
-        q, k, v = qkv.unbind(dim=2)
+        n = num_queries
+        if n is None or n >= h.shape[1]:
+            qkv = rearrange(
+                self.attn_qkv(a), "b s (three h d) -> b s three h d", three=3, h=self.n_heads
+            )
+            q, k, v = qkv.unbind(dim=2)
+            cos_q, sin_q = cos, sin
+        else:  # Q for the first n positions, K/V for all (the weight rows are [Q | K | V])
+            dim = h.shape[-1]
+            weight = self.attn_qkv.weight
+            q = F.linear(a[:, :n], weight[:dim]).unflatten(-1, (self.n_heads, -1))
+            kv = F.linear(a, weight[dim:])
+            k, v = rearrange(kv, "b s (two h d) -> b s two h d", two=2, h=self.n_heads).unbind(2)
+            cos_q, sin_q = cos[:, :n], sin[:, :n]
+            h = h[:, :n]
         with torch.autocast(device_type=h.device.type, enabled=False):
-            cos, sin = cos.to(q.dtype), sin.to(q.dtype)
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            q = apply_rotary(q, cos_q.to(q.dtype), sin_q.to(q.dtype))
+            k = apply_rotary(k, cos.to(k.dtype), sin.to(k.dtype))
         q, k, v = (rearrange(x, "b s h d -> b h s d") for x in (q, k, v))
         if cache is None:
-            att = attend(q, k, v, mask, self.backend)
+            att = attend(q, k, v, mask, self.backend, self.structured)
         else:
             kv_cache, layer, commit, block_valid = cache
             att = kv_cache.attend(layer, q, k, v, commit, block_valid)
@@ -207,7 +233,7 @@ class DiTFinalLayer(nn.Module):
         if isinstance(outputs, slice):
             h = h[:, outputs]
         elif outputs is not None:
-            h = h[outputs]
+            h = h[:, : outputs.shape[1]][outputs]
         return self.linear(h)
 
 
@@ -243,7 +269,8 @@ class DiT(nn.Module):
         is off; ignored without adaLN); positions: (S,) rotary positions; mask: materialised
         attention mask over the S positions. `outputs` selects where logits are needed:
         None (all, (B, S, V)), a slice ((B, S', V)) or a boolean (B, S) mask ((N, V), rows in
-        row-major order). The output projection runs only there.
+        row-major order); a boolean (B, S') with S' < S selects among the first S' positions.
+        The output projection runs only there (and, with prune_last_layer, the last block too).
         kv_cache: x is the current block (B, K) at absolute `positions`; it attends over the
         cache's committed tokens and itself (`mask` is ignored). commit: store this block's
         keys/values in the cache (the caller then calls kv_cache.advance()). block_valid:
@@ -252,7 +279,23 @@ class DiT(nn.Module):
         h = self.vocab_embed(x)
         c = F.silu(self.sigma_map(sigma)) if self.sigma_map is not None else None
         cos, sin = self.rotary_emb(positions, h.dtype)
+        last = len(self.blocks) - 1
+        needed = self._needed_prefix(outputs, x.shape[1], mask, kv_cache)
         for layer, block in enumerate(self.blocks):
             cache = None if kv_cache is None else (kv_cache, layer, commit, block_valid)
-            h = block(h, c, cos, sin, mask, cache)
+            h = block(h, c, cos, sin, mask, cache, needed if layer == last else None)
         return self.output_layer(h, c, outputs)
+
+    def _needed_prefix(self, outputs, S: int, mask: AttentionMask, kv_cache) -> int | None:
+        """The number of leading positions whose logits are asked for, when the last block may
+        stop there (decided on the host from shapes alone: no device sync)."""
+        if not self.config.prune_last_layer or kv_cache is not None or mask.block_mask is not None:
+            return None
+        if isinstance(outputs, slice):
+            start, stop, step = outputs.indices(S)
+            if start == 0 and step == 1 and 0 < stop < S:
+                return stop
+            return None
+        if isinstance(outputs, Tensor) and outputs.dim() == 2 and outputs.shape[1] < S:
+            return outputs.shape[1]
+        return None

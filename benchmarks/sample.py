@@ -1,0 +1,190 @@
+"""Sampling benchmark (issue 7): BD3-LM K=4 / K=16 with and without the KV cache at batch 1
+and 16, and AR with its cache, on the width-128 / 4-layer DiT with random weights (vocab
+30523, a 1024-token window, nucleus 1.0, first-hitting).
+
+Reported per variant: tokens/s (generated tokens x batch / wall time), NFE per sequence
+(denoising calls; commits in parentheses) and peak memory (CUDA max_memory_allocated, or on
+CPU the growth of the peak RSS (VmHWM) over the RSS before the run -- a lower bound once an
+earlier run of the same process peaked higher). Through diffusion.Diffusion.sampling_model
+when Lightning is installed, else through benchmarks.common.TorchSamplingModel (GPU machine).
+
+--baseline runs each variant again with the issue-7 sampling switches off
+(SamplerConfig.lazy_draws=False: a Gumbel race over every position of the block, and the
+reference SUBS implementation), alternating with the optimised run.
+--parallel adds parallel decoding rows (tokens_per_step 2/4, confidence_threshold 0.9).
+
+Usage: python benchmarks/sample.py [--quick] [--baseline] [--parallel] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import common  # noqa: E402
+import torch  # noqa: E402
+from common import TorchSamplingModel, build_algorithm, build_dit  # noqa: E402
+
+import samplers  # noqa: E402
+
+VOCAB, WIDTH, LAYERS, HEADS, WINDOW = 30523, 128, 4, 4, 1024
+MASK, BOS = VOCAB - 1, 0
+
+
+def sampling_model(algo_name: str, block: int, device, baseline: bool, use_lightning: bool):
+    backbone = build_dit(VOCAB, WIDTH, LAYERS, HEADS, algo_name == "ar", init_std=0.05)
+    backbone = backbone.to(device).eval()
+    algorithm = build_algorithm(algo_name, WINDOW, block, MASK)
+    if use_lightning:
+        import diffusion
+        from algorithms import base
+
+        diffusion.subs_log_probs = (
+            base.subs_log_probs_reference if baseline else base.subs_log_probs
+        )
+        module = diffusion.Diffusion(backbone, algorithm, diffusion.OptimSettings(ema=0), {})
+        return module.to(device).eval().sampling_model(WINDOW)
+    return TorchSamplingModel(backbone, algorithm, WINDOW, reference_subs=baseline)
+
+
+def run_once(variant: dict, device, use_lightning: bool, baseline: bool):
+    """-> (seconds, output, peak MB)."""
+    algo_name, block = variant["algo"], variant["block"]
+    model = sampling_model(algo_name, block, device, baseline, use_lightning)
+    cfg = samplers.SamplerConfig(
+        length=variant["length"],
+        block_size=block,
+        num_steps=5000,
+        context=WINDOW,
+        bos_id=BOS,
+        mask_id=MASK,
+        eos_id=BOS,
+        nucleus_p=1.0,
+        kv_cache=variant["kv"],
+        reject_low_entropy=False,
+        lazy_draws=not baseline,
+        tokens_per_step=variant.get("tokens_per_step", 1),
+        confidence_threshold=variant.get("threshold"),
+    )
+    sampler = samplers.ar_sample if algo_name == "ar" else samplers.semi_ar_sample
+    gen = torch.Generator().manual_seed(0)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    rss0 = common.current_rss_mb()
+    common.sync(device)
+    start = common.now()
+    with torch.no_grad():
+        out = sampler(model, variant["batch"], cfg, gen, device)
+    common.sync(device)
+    seconds = common.now() - start
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) / 2**20
+    else:
+        peak = max(0.0, common.peak_rss_mb() - rss0)
+    return seconds, out, peak
+
+
+def variants(quick: bool, parallel: bool) -> dict[str, dict]:
+    long = 256 if quick else 1024
+    short = 256  # uncached batch-16 runs re-read the whole prefix every call
+    table = {}
+    for K in (4, 16):
+        for batch in (1, 16):
+            table[f"bd3lm{K}_kv_b{batch}_n{long}"] = dict(
+                algo="bd3lm", block=K, kv=True, batch=batch, length=long
+            )
+            n = long if batch == 1 else short
+            table[f"bd3lm{K}_nokv_b{batch}_n{n}"] = dict(
+                algo="bd3lm", block=K, kv=False, batch=batch, length=n
+            )
+    table[f"ar_kv_b1_n{long}"] = dict(algo="ar", block=1, kv=True, batch=1, length=long)
+    table[f"ar_kv_b16_n{long}"] = dict(algo="ar", block=1, kv=True, batch=16, length=long)
+    if parallel:
+        for k in (2, 4):
+            table[f"bd3lm4_kv_b1_n{long}_tps{k}"] = dict(
+                algo="bd3lm", block=4, kv=True, batch=1, length=long, tokens_per_step=k
+            )
+        table[f"bd3lm16_kv_b1_n{long}_conf0.9"] = dict(
+            algo="bd3lm", block=16, kv=True, batch=1, length=long, threshold=0.9
+        )
+    return table
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="256 tokens (< 3 min CPU)")
+    parser.add_argument("--baseline", action="store_true")
+    parser.add_argument("--parallel", action="store_true")
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--only", default=None, help="comma-separated variant names")
+    parser.add_argument("--torch-only", action="store_true", help="skip diffusion.py")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    use_lightning = not args.torch_only
+    if use_lightning:
+        try:
+            import diffusion  # noqa: F401
+        except ImportError:
+            use_lightning = False
+    print(f"device {device}, threads {torch.get_num_threads()}, via "
+          f"{'diffusion.SamplingModel' if use_lightning else 'TorchSamplingModel'}")  # fmt: skip
+    table = variants(args.quick, args.parallel)
+    if args.only:
+        table = {k: v for k, v in table.items() if k in args.only.split(",")}
+    tok_s, nfe, memory, rows = {}, {}, {}, []
+    for name, variant in table.items():
+        modes = (
+            [False, True] if args.baseline and "tps" not in name and "conf" not in name else [False]
+        )
+        for baseline in modes:
+            warm = dict(variant, length=2 * variant["block"] if variant["algo"] != "ar" else 8)
+            run_once(warm, device, use_lightning, baseline)  # first calls: allocator, kernels
+            seconds, out, peak = run_once(variant, device, use_lightning, baseline)
+            key = name + ("_baseline" if baseline else "")
+            generated = variant["length"] * variant["batch"]
+            tok_s[key] = round(generated / seconds, 1)
+            nfe[key] = [int(out.nfe_denoise.float().mean()), int(out.nfe_total.float().mean())]
+            memory[key] = round(peak)
+            commits = nfe[key][1] - nfe[key][0]
+            print(
+                f"{key}: {tok_s[key]} tokens/s, NFE {nfe[key][0]} (+{commits} commits), "
+                f"peak {memory[key]} MB",
+                flush=True,
+            )
+        base = tok_s.get(name + "_baseline")
+        rows.append([name, tok_s[name], base or "", f"{tok_s[name] / base:.2f}x" if base else "",
+                     f"{nfe[name][0]} (+{nfe[name][1] - nfe[name][0]})", memory[name]])  # fmt: skip
+    print(common.table(rows, ["variant", "tokens/s", "baseline", "speed-up", "NFE", "peak MB"]))
+    long = 256 if args.quick else 1024
+    ratios = {}
+
+    def ratio(name, num, den):
+        if num in tok_s and den in tok_s:
+            ratios[name] = round(tok_s[num] / tok_s[den], 2)
+            print(f"{name} = {tok_s[num]} / {tok_s[den]} tokens/s = {ratios[name]}")
+
+    ratio("kv_speedup_1024", f"bd3lm4_kv_b1_n{long}", f"bd3lm4_nokv_b1_n{long}")
+    ratio("batch16_over_batch1", f"bd3lm4_kv_b16_n{long}", f"bd3lm4_kv_b1_n{long}")
+    ratio("bd3lm4_over_ar_kv", f"bd3lm4_kv_b1_n{long}", f"ar_kv_b1_n{long}")
+    common.write_json(
+        args.json,
+        {
+            "device": str(device),
+            "length": long,
+            "tokens_per_s": tok_s,
+            "nfe_denoise_and_total": nfe,
+            "peak_memory_mb": memory,
+            "memory_measure": "cuda max_memory_allocated"
+            if device.type == "cuda"
+            else "peak RSS (VmHWM) growth (lower bound after the first run)",
+            **ratios,
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()

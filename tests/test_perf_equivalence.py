@@ -1,0 +1,178 @@
+"""Issue 7: every speed switch keeps the numbers (logits, gradients, losses), the fast
+samplers keep their distribution and cached == uncached, and parallel decoding with one token
+per step is the exact first-hitting sampler."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import samplers
+from algorithms.base import Layout, subs_log_probs, subs_log_probs_reference
+from algorithms.masked_diffusion import MaskedDiffusion
+from conftest import randomize_
+from models.attention import BlockDiffusionMask, MaskCache
+from models.dit import DiT, DiTConfig
+from noise_schedule import LogLinear
+
+V, MASK = 37, 36
+SWITCHES = [(False, False), (True, True), (True, False), (False, True)]
+
+
+def dit(structured: bool, prune: bool) -> DiT:
+    config = DiTConfig(
+        vocab_size=V, hidden_size=32, cond_dim=16, n_blocks=2, n_heads=4, dropout=0.0,
+        structured_attention=structured, prune_last_layer=prune,
+    )  # fmt: skip
+    return randomize_(DiT(config), seed=0)
+
+
+def network_for(model):
+    cache = MaskCache("sdpa")
+
+    def network(tokens, sigma, layout: Layout):
+        S = tokens.shape[1]
+        positions = torch.arange(S // layout.halves).repeat(layout.halves)
+        return model(tokens, sigma, positions, cache.get(layout.mask, S, S, "cpu"), layout.outputs)
+
+    return network
+
+
+@pytest.mark.parametrize("L,K", [(16, 4), (24, 8), (16, 16), (16, 1)])
+def test_dit_switches_keep_logits_and_gradients(L, K):
+    x = torch.randint(0, V - 1, (2, 2 * L), generator=torch.Generator().manual_seed(1))
+    positions, sigma = torch.arange(L).repeat(2), torch.zeros(2)
+    select = torch.rand(2, L, generator=torch.Generator().manual_seed(2)) < 0.5
+    mask = MaskCache("sdpa").get(BlockDiffusionMask(L, K), 2 * L, 2 * L, "cpu")
+    results = []
+    for structured, prune in SWITCHES:
+        model = dit(structured, prune)
+        for outputs in (select, slice(0, L)):
+            logits = model(x, sigma, positions, mask, outputs)
+            logits.square().mean().backward()
+            grads = [p.grad.clone() for p in model.parameters()]
+            model.zero_grad()
+            results.append((logits, grads))
+    for logits, grads in results[2:]:
+        ref_logits, ref_grads = results[0] if logits.dim() == 2 else results[1]
+        torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
+        for g, r in zip(grads, ref_grads, strict=True):
+            torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("K", [4, 16])
+def test_nelbo_is_the_same_with_and_without_the_switches(K):
+    L = 16
+    algo = MaskedDiffusion(LogLinear(), MASK, L, K, True, False, False, True)
+    x0 = torch.randint(0, V - 1, (3, L), generator=torch.Generator().manual_seed(0))
+    eps = torch.tensor(1e-3), torch.tensor(1.0)
+    losses = []
+    for structured, prune in SWITCHES:
+        net = network_for(dit(structured, prune))
+        out = algo.loss(net, x0, torch.ones(3, L), *eps, True, torch.Generator().manual_seed(5))
+        losses.append(out.loss)
+    for loss in losses[1:]:
+        torch.testing.assert_close(loss, losses[0], rtol=1e-5, atol=1e-6)
+
+
+def test_pruned_last_layer_matches_full_outputs_sliced():
+    L, K = 16, 4
+    x = torch.randint(0, V - 1, (2, 2 * L), generator=torch.Generator().manual_seed(1))
+    mask = MaskCache("sdpa").get(BlockDiffusionMask(L, K), 2 * L, 2 * L, "cpu")
+    args = (x, torch.zeros(2), torch.arange(L).repeat(2), mask)
+    with torch.no_grad():
+        full = dit(False, False)(*args, None)[:, :L]
+        pruned = dit(False, True)(*args, slice(0, L))
+    torch.testing.assert_close(pruned, full, rtol=1e-5, atol=1e-5)
+
+
+def test_subs_log_probs_matches_the_reference():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 5, V, generator=gen) * 4
+    xt = torch.randint(0, V, (3, 5), generator=gen)
+    xt[0] = MASK
+    torch.testing.assert_close(
+        subs_log_probs(logits, xt, MASK), subs_log_probs_reference(logits, xt, MASK)
+    )
+
+
+def test_inverse_cdf_matches_its_distribution_and_skips_zeros():
+    probs = torch.tensor([0.1, 0.0, 0.6, 0.3, 0.0], dtype=torch.float64).expand(20_000, 5)
+    u = torch.rand(20_000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    draws = samplers.sample_inverse_cdf(probs, u)
+    freq = torch.bincount(draws, minlength=5).double() / 20_000
+    torch.testing.assert_close(freq, probs[0], atol=0.015, rtol=0)
+    edge = samplers.sample_inverse_cdf(probs[:2], torch.tensor([0.0, 1.0 - 2**-53]).double())
+    assert edge.tolist() == [0, 3]
+
+
+class Confident:
+    """A SamplingModel whose denoiser puts `p` on token 3 and the rest uniformly elsewhere."""
+
+    def __init__(self, p: float):
+        self.p, self.calls = p, 0
+
+    def logprobs(self, x, t, num_last, key_valid, cache, commit=False):
+        self.calls += 1
+        probs = torch.full((x.shape[0], num_last, 6), (1 - self.p) / 4)
+        probs[..., 3], probs[..., 5] = self.p, 0.0
+        return probs.log()
+
+    def commit(self, x, key_valid, cache):
+        pass
+
+    def new_cache(self, batch_size, block_size):
+        return None
+
+
+def _cfg(**kw):
+    return samplers.SamplerConfig(12, 4, 50, 12, 0, 5, 0, reject_low_entropy=False, **kw)
+
+
+def _sample(model, cfg, batch=3):
+    gen = torch.Generator().manual_seed(0)
+    return samplers.semi_ar_sample(model, batch, cfg, gen, torch.device("cpu"))
+
+
+def test_parallel_decoding_with_one_token_per_step_is_exact_first_hitting():
+    exact = _sample(Confident(0.5), _cfg())
+    one = _sample(Confident(0.5), _cfg(tokens_per_step=1, confidence_threshold=1.0))
+    assert torch.equal(exact.tokens, one.tokens) and torch.equal(exact.nfe_denoise, one.nfe_denoise)
+    assert exact.nfe_denoise.tolist() == [11] * 3 and not (exact.tokens == 5).any()
+
+
+def test_parallel_decoding_commits_several_tokens_per_call():
+    model = Confident(0.5)
+    two = _sample(model, _cfg(tokens_per_step=2))
+    assert not (two.tokens == 5).any() and two.nfe_denoise.tolist() == [2 + 2 + 2] * 3
+    model = Confident(0.95)
+    sure = _sample(model, _cfg(confidence_threshold=0.9))
+    assert (sure.tokens[:, 1:] == 3).all() and sure.nfe_denoise.tolist() == [3] * 3
+    assert model.calls == 3  # one call per block
+
+
+def test_lazy_and_reference_draws_give_the_same_distribution():
+    """Token frequencies of the two first-hitting draws agree (they use other random numbers)."""
+    counts = []
+    for lazy in (True, False):
+        out = _sample(Confident(0.5), _cfg(lazy_draws=lazy), batch=400)
+        counts.append(torch.bincount(out.tokens[:, 1:].flatten(), minlength=6).double())
+    freq = [c / c.sum() for c in counts]
+    torch.testing.assert_close(freq[0], freq[1], atol=0.02, rtol=0)
+
+
+@pytest.mark.parametrize("kw", [dict(tokens_per_step=2), dict(confidence_threshold=0.3)])
+def test_parallel_decoding_cache_equals_recomputation(kw):
+    from test_sampling import run, sampler_cfg, tiny_module
+
+    module = tiny_module("bd3lm")
+    cfg = dataclasses.replace(sampler_cfg(40, 4), **kw)
+    with torch.no_grad():
+        cached, calls_c = run(module, cfg, cached=True)
+        fresh, calls_f = run(module, cfg, cached=False)
+    assert len(calls_c) == len(calls_f)
+    for a, b in zip(calls_c, calls_f, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert torch.equal(cached.tokens, fresh.tokens) and not (cached.tokens == 40).any()
