@@ -24,10 +24,11 @@ from algorithms.base import (
     subs_log_probs,
 )
 from algorithms.clip_search import VarianceRecorder, per_block_means, select_interval
-from models.attention import AttentionMask, MaskCache, dense_mask
+from models.attention import AttentionMask, dense_mask
 from models.dit import DiT
 from models.ema import EMA
 from models.kv_cache import KVCache
+from models.network import BackboneNetwork
 
 CHECKPOINT_FORMAT = "bd3lms/1"
 
@@ -119,28 +120,16 @@ class Diffusion(L.LightningModule):
         self.fix_clipping = fix_clipping
         self.seed = seed
         self._variance: VarianceRecorder | None = None
-        self.masks = MaskCache(backbone.config.attn_backend)
-        self._positions: dict[tuple, Tensor] = {}
+        self.net = BackboneNetwork(backbone)
         self._eval_sums: Tensor | None = None
         self.eval_result: dict | None = None
 
     # ------------------------------------------------------------------------------------------
     # The network as the objectives and samplers see it
     # ------------------------------------------------------------------------------------------
-    def _get_positions(self, length: int, halves: int, device: torch.device) -> Tensor:
-        key = (length, halves, str(device))
-        if key not in self._positions:
-            self._positions[key] = torch.arange(length // halves, device=device).repeat(halves)
-        return self._positions[key]
-
     def network(self, tokens: Tensor, sigma: Tensor | None, layout: Layout) -> Tensor:
         """tokens (B, S), sigma (B,) or None -> logits (B, S', V); see algorithms.base.Layout."""
-        S = tokens.shape[1]
-        if sigma is None and self.backbone.sigma_map is not None:
-            sigma = torch.zeros(tokens.shape[0], device=tokens.device)
-        positions = self._get_positions(S, layout.halves, tokens.device)
-        mask = self.masks.get(layout.mask, S, S, tokens.device)
-        return self.backbone(tokens, sigma, positions, mask, layout.outputs)
+        return self.net(tokens, sigma, layout)
 
     def clip_interval(self) -> tuple[Tensor, Tensor]:
         """The training interval [eps_min, eps_max] as float32 0-d tensors."""
@@ -338,10 +327,10 @@ class SamplingModel:
             key_valid = None if key_valid is None else key_valid[:, -self.window :]
         S = x.shape[1]
         predicate = self.algorithm.sample_mask(self.window, self.reencode)
-        mask = self.module.masks.get(predicate, S, S, x.device)
+        mask = self.module.net.mask(predicate, S, x.device)
         if key_valid is not None and not bool(key_valid.all()):
             mask = _with_padding(mask, predicate, key_valid)
-        positions = self.module._get_positions(S, 1, x.device)
+        positions = self.module.net.positions(S, 1, x.device)
         sigma = self._sigma(t)
         if sigma is None and self.module.backbone.sigma_map is not None:
             sigma = torch.zeros(x.shape[0], device=x.device)

@@ -1,8 +1,8 @@
 """Shared pieces of the training and sampling benchmarks.
 
 Imports only torch and the model code (models/, algorithms/, samplers.py, noise_schedule.py),
-so the GPU machine (torch only: no Lightning, Hydra or datasets) can run it. `TorchNetwork`
-and `TorchSamplingModel` mirror `diffusion.Diffusion.network` and `diffusion.SamplingModel`
+so the GPU machine (torch only: no Lightning, Hydra or datasets) can run it.
+`TorchSamplingModel` mirrors `diffusion.Diffusion.network` and `diffusion.SamplingModel`
 (without prompt padding) for that path; on a machine with Lightning the sampling benchmark
 uses the shipped `diffusion.SamplingModel` instead.
 """
@@ -27,16 +27,16 @@ from torch import Tensor  # noqa: E402
 
 from algorithms.ar import Autoregressive, ar_log_probs  # noqa: E402
 from algorithms.base import (  # noqa: E402
-    Layout,
     process_sigma,
     sigma_from_p,
     subs_log_probs,
     subs_log_probs_reference,
 )
 from algorithms.masked_diffusion import MaskedDiffusion  # noqa: E402
-from models.attention import AttentionMask, MaskCache  # noqa: E402
+from models.attention import AttentionMask  # noqa: E402
 from models.dit import DiT, DiTConfig  # noqa: E402
 from models.kv_cache import KVCache  # noqa: E402
+from models.network import BackboneNetwork  # noqa: E402
 from noise_schedule import LogLinear  # noqa: E402
 
 # variant -> (algorithm name, block size or None for MDLM/AR)
@@ -96,29 +96,6 @@ def build_algorithm(name: str, seq_len: int, block: int | None, mask_id: int):
     )
 
 
-class TorchNetwork:
-    """What Diffusion.network does, for a bare DiT: positions and masks built once per shape."""
-
-    def __init__(self, backbone: DiT):
-        self.backbone = backbone
-        self.masks = MaskCache(backbone.config.attn_backend)
-        self._positions: dict[tuple, Tensor] = {}
-
-    def positions(self, length: int, halves: int, device) -> Tensor:
-        key = (length, halves, str(device))
-        if key not in self._positions:
-            self._positions[key] = torch.arange(length // halves, device=device).repeat(halves)
-        return self._positions[key]
-
-    def __call__(self, tokens: Tensor, sigma: Tensor | None, layout: Layout) -> Tensor:
-        S = tokens.shape[1]
-        if sigma is None and self.backbone.sigma_map is not None:
-            sigma = torch.zeros(tokens.shape[0], device=tokens.device)
-        positions = self.positions(S, layout.halves, tokens.device)
-        mask = self.masks.get(layout.mask, S, S, tokens.device)
-        return self.backbone(tokens, sigma, positions, mask, layout.outputs)
-
-
 class TorchSamplingModel:
     """samplers.SamplingModel over a bare DiT (diffusion.SamplingModel without Lightning and
     without prompt padding). reference_subs: the baseline's SUBS implementation."""
@@ -126,7 +103,7 @@ class TorchSamplingModel:
     def __init__(self, backbone: DiT, algorithm, window: int, reference_subs: bool = False):
         self.backbone, self.algorithm, self.window = backbone, algorithm, window
         self.is_ar = isinstance(algorithm, Autoregressive)
-        self.network = TorchNetwork(backbone)
+        self.network = BackboneNetwork(backbone)
         self.subs = subs_log_probs_reference if reference_subs else subs_log_probs
 
     def new_cache(self, batch_size: int, block_size: int) -> KVCache:
@@ -163,7 +140,7 @@ class TorchSamplingModel:
             return self._to_logprobs(logits[:, -num_last:], x[:, -num_last:])
         S = x.shape[1]
         predicate = self.algorithm.sample_mask(self.window, False)
-        mask = self.network.masks.get(predicate, S, S, x.device)
+        mask = self.network.mask(predicate, S, x.device)
         positions = self.network.positions(S, 1, x.device)
         outputs = slice(S - num_last, None)
         logits = self.backbone(x, self._sigma(t, x.shape[0], x.device), positions, mask, outputs)

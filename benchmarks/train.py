@@ -25,7 +25,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402
 import torch  # noqa: E402
-from common import TRAIN_VARIANTS, TorchNetwork, build_algorithm, build_dit  # noqa: E402
+from common import TRAIN_VARIANTS, build_algorithm, build_dit  # noqa: E402
+
+from models.network import BackboneNetwork  # noqa: E402
 
 # name -> (width, layers, heads, L, vocab, batch)
 SHAPES = {
@@ -52,7 +54,7 @@ class Runner:
         if compile_:
             for i, block_module in enumerate(self.backbone.blocks):
                 self.backbone.blocks[i] = torch.compile(block_module)
-        self.network = TorchNetwork(self.backbone)
+        self.network = BackboneNetwork(self.backbone)
         self.algo = build_algorithm(name, L, block, vocab - 1)
         self.opt = torch.optim.AdamW(self.backbone.parameters(), lr=1e-4)
         gen = torch.Generator().manual_seed(0)

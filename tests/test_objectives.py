@@ -10,7 +10,6 @@ import torch
 from algorithms.ar import Autoregressive
 from algorithms.base import (
     NEG_INF,
-    Layout,
     q_xt,
     reduce_loss,
     sample_t,
@@ -19,6 +18,7 @@ from algorithms.base import (
 )
 from algorithms.masked_diffusion import MaskedDiffusion
 from models.attention import AttentionMask, MaskCache
+from models.network import BackboneNetwork
 from noise_schedule import SCHEDULES, LogLinear, build_noise
 
 V, MASK = 37, 36
@@ -30,18 +30,8 @@ def f32(x):
 
 
 def network_for(model):
-    """The glue's `network` callable for a bare DiT (what Diffusion.network does)."""
-    cache = MaskCache("sdpa")
-
-    def network(tokens, sigma, layout: Layout):
-        S = tokens.shape[1]
-        positions = torch.arange(S // layout.halves).repeat(layout.halves)
-        mask = cache.get(layout.mask, S, S, tokens.device)
-        if sigma is None and model.sigma_map is not None:
-            sigma = torch.zeros(tokens.shape[0])
-        return model(tokens, sigma, positions, mask, layout.outputs)
-
-    return network
+    """The glue's `network` callable for a bare DiT (what Diffusion.network uses)."""
+    return BackboneNetwork(model)
 
 
 def masked_diffusion(L, K, cross_attn=True, **kw):

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from algorithms.base import Layout, process_sigma
 from algorithms.sedd import SEDD, log_expm1, score_entropy, sedd_log_score
 from analytic_sampler import _draw, _step_probs, analytic_sample
-from models.attention import MaskCache
+from models.network import BackboneNetwork
 from noise_schedule import LogLinear
 from samplers import SamplerConfig
 
@@ -25,15 +25,8 @@ def f32(x):
 
 
 def network_for(model):
-    """The glue's `network` callable for a bare DiT (what Diffusion.network does)."""
-    cache = MaskCache("sdpa")
-
-    def network(tokens, sigma, layout: Layout):
-        S = tokens.shape[1]
-        mask = cache.get(layout.mask, S, S, tokens.device)
-        return model(tokens, sigma, torch.arange(S), mask, layout.outputs)
-
-    return network
+    """The glue's `network` callable for a bare DiT (what Diffusion.network uses)."""
+    return BackboneNetwork(model)
 
 
 def sedd(L, **kw):
