@@ -412,11 +412,11 @@ def build_trainer(cfg: DictConfig, hw: Hardware, plan: BatchPlan, run_dir: str, 
     plugins = [AtomicCheckpointIO()]
     if "SLURM_JOB_ID" in os.environ:  # our Preemption callback requeues, not Lightning's
         plugins.append(L.pytorch.plugins.environments.SLURMEnvironment(auto_requeue=False))
-    passthrough = {
-        k: v
-        for k, v in cfg.trainer.items()
-        if k not in ("accelerator", "devices", "num_nodes", "precision", "accumulate_grad_batches")
-    }
+    derived = ("accelerator", "devices", "num_nodes", "precision", "accumulate_grad_batches")
+    passthrough = {k: v for k, v in cfg.trainer.items() if k not in (*derived, "deterministic")}
+    deterministic = cfg.trainer.get("deterministic")
+    if deterministic is None:  # multi-threaded CPU kernels are otherwise not bit-reproducible
+        deterministic = hw.accelerator == "cpu"
     return L.Trainer(
         accelerator=hw.accelerator,
         devices=hw.devices,
@@ -429,5 +429,6 @@ def build_trainer(cfg: DictConfig, hw: Hardware, plan: BatchPlan, run_dir: str, 
         enable_checkpointing=fit,
         default_root_dir=run_dir,
         plugins=plugins,
+        deterministic=deterministic,
         **passthrough,
     )
