@@ -96,7 +96,7 @@ def test_ar_cache_equals_recomputation_beyond_the_window():
     assert (cached.nfe_denoise == 29).all()
 
 
-def test_reencode_option_differs_only_beyond_the_window():
+def test_reencode_option_equals_the_exact_path_within_the_window():
     module = tiny_module("bd3lm")
     cfg = sampler_cfg(16, 4)
     gen = lambda: torch.Generator().manual_seed(1)  # noqa: E731

@@ -63,9 +63,21 @@ class _DiTWrapper(PreTrainedModel):
     def _init_weights(self, module) -> None:
         return None
 
-    @staticmethod
-    def dit_config(config) -> DiTConfig:
-        raise NotImplementedError
+    @classmethod
+    def dit_config(cls, config) -> DiTConfig:
+        """The DiT shape of an HF config. MDLM configs have no causal/adaln/attn_backend
+        fields: a non-causal adaLN DiT with sdpa."""
+        return DiTConfig(
+            vocab_size=config.vocab_size,
+            hidden_size=config.hidden_dim,
+            cond_dim=config.cond_dim,
+            n_blocks=config.n_blocks,
+            n_heads=config.n_heads,
+            dropout=config.dropout,
+            causal=getattr(config, "causal", False),
+            adaln=getattr(config, "adaln", True),
+            attn_backend=cls.resolve_backend(getattr(config, "attn_backend", "sdpa")),
+        )
 
     @staticmethod
     def resolve_backend(backend: str) -> str:
@@ -246,20 +258,6 @@ class BD3LM(_DiTWrapper):
             self.register_buffer("sampling_eps_min", eps_min)
             self.register_buffer("sampling_eps_max", eps_max)
 
-    @classmethod
-    def dit_config(cls, config: BD3LMConfig) -> DiTConfig:
-        return DiTConfig(
-            vocab_size=config.vocab_size,
-            hidden_size=config.hidden_dim,
-            cond_dim=config.cond_dim,
-            n_blocks=config.n_blocks,
-            n_heads=config.n_heads,
-            dropout=config.dropout,
-            causal=config.causal,
-            adaln=config.adaln,
-            attn_backend=cls.resolve_backend(config.attn_backend),
-        )
-
     def forward(
         self,
         input_ids: Tensor,
@@ -313,20 +311,6 @@ class MDLM(_DiTWrapper):
     no cross-attention and no clip buffers."""
 
     config_class = MDLMConfig
-
-    @classmethod
-    def dit_config(cls, config: MDLMConfig) -> DiTConfig:
-        return DiTConfig(
-            vocab_size=config.vocab_size,
-            hidden_size=config.hidden_dim,
-            cond_dim=config.cond_dim,
-            n_blocks=config.n_blocks,
-            n_heads=config.n_heads,
-            dropout=config.dropout,
-            causal=False,
-            adaln=True,
-            attn_backend=cls.resolve_backend(getattr(config, "attn_backend", "sdpa")),
-        )
 
     def forward(
         self,
