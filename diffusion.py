@@ -13,22 +13,17 @@ import torch
 from torch import Tensor
 
 from algorithms import Autoregressive, MaskedDiffusion
-from algorithms.ar import ar_log_probs
 from algorithms.base import (
     DEFAULT_EPS_MAX,
     DEFAULT_EPS_MIN,
     Layout,
     Shard,
-    process_sigma,
-    sigma_from_p,
-    subs_log_probs,
 )
 from algorithms.clip_search import VarianceRecorder, per_block_means, select_interval
-from models.attention import AttentionMask, dense_mask
 from models.dit import DiT
 from models.ema import EMA
-from models.kv_cache import KVCache
 from models.network import BackboneNetwork
+from sampling_model import SamplingModel
 
 CHECKPOINT_FORMAT = "bd3lms/1"
 
@@ -267,90 +262,4 @@ class Diffusion(L.LightningModule):
     # ------------------------------------------------------------------------------------------
     def sampling_model(self, window: int, reencode: bool = False) -> SamplingModel:
         """The view of this module the samplers use; `window` is the trained context."""
-        return SamplingModel(self, window, reencode)
-
-
-class SamplingModel:
-    """Implements samplers.SamplingModel over a Diffusion module (see samplers.py).
-
-    Without a cache the network reads the whole sequence so far under the algorithm's sampling
-    mask (banded to `window` tokens), or, with `reencode` and for MDLM, only the last `window`
-    tokens re-encoded from position 0 (the reference's behaviour). With a cache it reads just
-    the newest block at its absolute positions.
-    """
-
-    def __init__(self, module: Diffusion, window: int, reencode: bool):
-        self.module = module
-        self.algorithm = module.algorithm
-        self.window = window
-        self.is_ar = isinstance(module.algorithm, Autoregressive)
-        self.reencode = reencode or (not self.is_ar and not self.algorithm.cross_attn)
-
-    def new_cache(self, batch_size: int, block_size: int) -> KVCache:
-        window = self.window - self.window % block_size
-        return self.module.backbone.new_kv_cache(batch_size, window, block_size, self.module.device)
-
-    def _sigma(self, t: Tensor) -> Tensor | None:
-        if self.is_ar:
-            return None
-        sigma = sigma_from_p(t[:, None].float(), self.algorithm.noise_sigma_max)
-        return process_sigma(sigma, self.algorithm.time_conditioning)
-
-    def _to_logprobs(self, logits: Tensor, x_last: Tensor) -> Tensor:
-        if self.is_ar:
-            return ar_log_probs(logits, self.algorithm.mask_id)
-        return subs_log_probs(logits, x_last, self.algorithm.mask_id)
-
-    def _run_cached(self, x, t, key_valid, cache, commit, outputs):
-        K = cache.block_size
-        S = x.shape[1]
-        block_valid = None
-        if key_valid is not None and not bool(key_valid[:, -K:].all()):
-            block_valid = key_valid[:, -K:]
-        positions = torch.arange(S - K, S, device=x.device)
-        backbone = self.module.backbone
-        sigma = self._sigma(t)
-        if sigma is None and backbone.sigma_map is not None:
-            sigma = torch.zeros(x.shape[0], device=x.device)
-        return backbone(
-            x[:, -K:], sigma, positions, AttentionMask(), outputs, cache, commit, block_valid
-        )
-
-    def logprobs(self, x, t, num_last, key_valid, cache, commit=False) -> Tensor:
-        if cache is not None:
-            logits = self._run_cached(x, t, key_valid, cache, commit, None)
-            if commit:
-                cache.advance(None if key_valid is None else key_valid[:, -cache.block_size :])
-            return self._to_logprobs(logits[:, -num_last:], x[:, -num_last:])
-        if self.reencode:
-            x = x[:, -self.window :]
-            key_valid = None if key_valid is None else key_valid[:, -self.window :]
-        S = x.shape[1]
-        predicate = self.algorithm.sample_mask(self.window, self.reencode)
-        mask = self.module.net.mask(predicate, S, x.device)
-        if key_valid is not None and not bool(key_valid.all()):
-            mask = _with_padding(mask, predicate, key_valid)
-        positions = self.module.net.positions(S, 1, x.device)
-        sigma = self._sigma(t)
-        if sigma is None and self.module.backbone.sigma_map is not None:
-            sigma = torch.zeros(x.shape[0], device=x.device)
-        outputs = slice(S - num_last, None)
-        logits = self.module.backbone(x, sigma, positions, mask, outputs)
-        return self._to_logprobs(logits, x[:, -num_last:])
-
-    def commit(self, x, key_valid, cache) -> None:
-        clean = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)  # t = 0
-        self._run_cached(x, clean, key_valid, cache, True, slice(0, 0))
-        cache.advance(None if key_valid is None else key_valid[:, -cache.block_size :])
-
-
-def _with_padding(mask: AttentionMask, predicate, key_valid: Tensor) -> AttentionMask:
-    """Per-sequence dense mask: real tokens never attend prompt padding; padding attends only
-    padding (so every row has a key and values stay finite)."""
-    S = key_valid.shape[1]
-    base = dense_mask(predicate, S, S, key_valid.device) if predicate is not None else None
-    same_kind = key_valid[:, :, None] == key_valid[:, None, :]  # (B, S, S)
-    if mask.causal:
-        base = torch.ones(S, S, dtype=torch.bool, device=key_valid.device).tril()
-    dense = same_kind if base is None else same_kind & base
-    return AttentionMask(dense=dense[:, None])
+        return SamplingModel(self.backbone, self.algorithm, window, reencode, self.net)

@@ -1,13 +1,18 @@
 """Reverse-process samplers (SPEC 4): the semi-autoregressive block sampler of BD3-LM/MDLM
 (DDPM caching update, first-hitting, nucleus, KV cache, stop rules) and the AR sampler.
 
-Samplers talk to the network through a `SamplingModel` (diffusion.SamplingModel implements
-it), never the LightningModule:
-  logprobs(x (B, S), t (B,), num_last, key_valid, cache, commit) -> (B, num_last, V)
-      log-probabilities for the last `num_last` positions of x (SUBS for diffusion, next-token
-      for AR); with a cache, x[:, -num_last:] is the only new input.
+Samplers talk to the network through a `SamplingModel` (sampling_model.SamplingModel
+implements it), never the LightningModule:
+  logprobs(x (B, S), t (B,), num_last, key_valid, cache, commit, commit_previous, rows)
+      -> (B, num_last, V) log-probabilities for the last `num_last` positions of x (SUBS for
+      diffusion, next-token for AR); with a cache, x[:, -num_last:] is the only new input.
+      commit: store that input in the cache (AR). commit_previous: the block of K tokens before
+      it is clean and not cached yet: store it in the same call (a fused commit). rows: (B, k)
+      ascending positions among the last num_last: only those rows, (B, k, V).
   commit(x, key_valid, cache) -> None: store the clean last block in the cache.
   new_cache(batch_size, block_size) -> KVCache.
+  can_fuse_commit: True when the network ignores t (no time conditioning), so a block can be
+      committed inside the next block's first call instead of by its own pass.
 All random draws come from one CPU `torch.Generator` in an order that does not depend on the
 cache, so a seed fixes the samples whatever the device and whether the cache is on. Every
 sequence of a batch has its own first-hitting clock, NFE counts, length and stop reason.
@@ -38,7 +43,11 @@ class SamplingModel(Protocol):
         key_valid: Tensor | None,
         cache: KVCache | None,
         commit: bool = False,
+        commit_previous: bool = False,
+        rows: Tensor | None = None,
     ) -> Tensor: ...
+
+    can_fuse_commit: bool
 
     def commit(self, x: Tensor, key_valid: Tensor | None, cache: KVCache) -> None: ...
 
@@ -78,6 +87,10 @@ class SamplerConfig:
     # tokens_per_step=1 and no threshold is exact first-hitting.
     tokens_per_step: int = 1
     confidence_threshold: float | None = None
+    # KV cache: commit each finished block inside the next block's first denoising call (one
+    # forward over 2K tokens) instead of by a pass of its own, when the model allows it
+    # (SamplingModel.can_fuse_commit). Same logits; False is the separate pass (benchmarks).
+    fuse_commit: bool = True
 
     def __post_init__(self):
         if self.tokens_per_step < 1:
@@ -113,7 +126,7 @@ class SampleOutput:
     tokens: Tensor  # (B, S) int64; row b is valid up to lengths[b] (after its prompt padding)
     lengths: Tensor  # (B,) tokens per sample, prompt included
     nfe_denoise: Tensor  # (B,) model calls that changed the sequence (the reference's NFE)
-    nfe_total: Tensor  # (B,) denoising calls plus KV-cache commit passes
+    nfe_total: Tensor  # (B,) denoising calls plus separate KV-cache commit passes
     stop_reason: list[str]  # "length" | "eos" | "low_entropy" | "rejected_low_entropy"
     prompt_pad: Tensor  # (B,) left padding in front of each row's prompt
 
@@ -261,9 +274,13 @@ def _denoise_block(
     generator: torch.Generator,
     active: Tensor,
     num_masked: int | None = None,
+    commit_previous: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Fill one block. Returns the clean block (B, K) and per-sequence NFE (B,).
     num_masked: the most masked positions any sequence starts with (host-side, if known).
+    commit_previous: the last block of `context` is still to be committed to the cache; the
+    first model call does it (a fused commit). The block must then start with a masked token
+    (every block after the first does), so that there is a first call.
 
     First-hitting: each sequence draws its next unmask time t <- t u^(1/n) (n = its masked
     count) and unmasks one token per call. DDPM: T steps t_i = 1 - i/T, s = t_i - 1/T, so the
@@ -271,8 +288,9 @@ def _denoise_block(
     the network ignores t (no time conditioning)."""
     if cfg.first_hitting and cfg.lazy_draws:
         return _denoise_block_lazy(
-            model, context, key_valid, block, cache, cfg, generator, active, num_masked
-        )
+            model, context, key_valid, block, cache, cfg, generator, active, num_masked,
+            commit_previous,
+        )  # fmt: skip
     B, K = block.shape
     T = cfg.num_steps
     t = torch.ones(B, dtype=torch.float64, device=block.device)
@@ -291,7 +309,8 @@ def _denoise_block(
             t = torch.full_like(t, 1.0 - step / T)
         if p_x0 is None:
             x = torch.cat([context, block], dim=1)
-            log_p = model.logprobs(x, t, K, valid, cache)
+            log_p = model.logprobs(x, t, K, valid, cache, commit_previous=commit_previous)
+            commit_previous = False
             p_x0 = nucleus(log_p.double().exp(), cfg.nucleus_p)
         new_block = _update_block(block, p_x0, t, 1.0 / T, cfg, generator)
         changed = (new_block != block).any(-1)
@@ -312,6 +331,7 @@ def _denoise_block_lazy(
     generator: torch.Generator,
     active: Tensor,
     num_masked: int | None,
+    commit_previous: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """First-hitting (and parallel decoding) with work only where tokens change.
 
@@ -341,12 +361,19 @@ def _denoise_block_lazy(
         u, scores, token_u = draws[step].split((1, K, k), dim=-1)
         t = torch.where(n > 0, t * u[:, 0] ** (1.0 / n.clamp(min=1)), t)
         x = torch.cat([context, block], dim=1)
-        log_p = model.logprobs(x, t, K, valid, cache)  # (B, K, V)
         scores = scores.masked_fill(~masked, -1.0)
         # k == 1: argmax (the exact sampler); else a uniform k-subset of the masked positions
-        pos = scores.argmax(-1, keepdim=True) if k == 1 else scores.topk(k, dim=-1).indices
+        if k == 1:
+            pos = scores.argmax(-1, keepdim=True)
+        else:
+            pos = scores.topk(k, dim=-1).indices.sort(dim=-1).values
         take = masked.gather(1, pos)
-        rows = log_p.gather(1, pos[..., None].expand(-1, -1, log_p.shape[-1]))  # (B, k, V)
+        fused = commit_previous and step == 0
+        if log_threshold is None:  # only the committed rows need the output layer
+            rows = model.logprobs(x, t, K, valid, cache, commit_previous=fused, rows=pos)
+        else:  # the confidence rule reads every row
+            log_p = model.logprobs(x, t, K, valid, cache, commit_previous=fused)  # (B, K, V)
+            rows = log_p.gather(1, pos[..., None].expand(-1, -1, log_p.shape[-1]))  # (B, k, V)
         probs = nucleus(rows.double().exp(), cfg.nucleus_p)
         tokens = sample_inverse_cdf(probs, token_u)
         new_block = block.scatter(1, pos, torch.where(take, tokens, block.gather(1, pos)))
@@ -376,10 +403,13 @@ def semi_ar_sample(
 ) -> SampleOutput:
     """Generate block by block, left to right (SPEC 4.2), optionally after a left-padded
     prompt (B, P) whose padding is False in prompt_valid. With cfg.kv_cache, each finished
-    block is committed to the cache by one extra forward pass (counted in nfe_total)."""
+    block is committed to the cache: inside the next block's first call when
+    cfg.fuse_commit and model.can_fuse_commit, else by an extra forward pass (counted in
+    nfe_total)."""
     x, key_valid, pad = _start(batch_size, prompt, prompt_valid, device)
     gen_start = x.shape[1]
     cache = model.new_cache(batch_size, cfg.block_size) if cfg.kv_cache else None
+    fuse = cache is not None and cfg.fuse_commit and model.can_fuse_commit
     nfe_denoise = torch.zeros(batch_size, dtype=torch.long, device=device)
     nfe_total = torch.zeros_like(nfe_denoise)
     if cache is not None and x.shape[1]:
@@ -390,6 +420,7 @@ def semi_ar_sample(
         torch.full((batch_size,), total, dtype=torch.long, device=device),
         ["length"] * batch_size,
     )
+    pending = False  # the last block of x is clean but not yet in the cache (fused commit)
     for K in cfg.blocks():
         block = torch.full((batch_size, K), cfg.mask_id, dtype=torch.long, device=device)
         num_masked = K
@@ -400,14 +431,16 @@ def semi_ar_sample(
         context = x[:, x.shape[1] - min(visible, x.shape[1]) :]
         valid = None if key_valid is None else key_valid[:, key_valid.shape[1] - context.shape[1] :]
         block, nfe = _denoise_block(
-            model, context, valid, block, cache, cfg, generator, state.active, num_masked
-        )
+            model, context, valid, block, cache, cfg, generator, state.active, num_masked,
+            pending,
+        )  # fmt: skip
         nfe_denoise += nfe
         nfe_total += nfe
         new_start = x.shape[1]
         x = torch.cat([x, block], dim=1)
         key_valid = _extend_valid(key_valid, K)
-        if cache is not None and x.shape[1] < total:
+        pending = fuse and x.shape[1] < total
+        if cache is not None and x.shape[1] < total and not fuse:
             model.commit(x, key_valid, cache)
             nfe_total += state.active
         apply_stop_rules(x, gen_start, new_start, state, cfg)

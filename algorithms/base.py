@@ -230,8 +230,9 @@ def subs_log_probs(logits: Tensor, xt: Tensor, mask_id: int) -> Tensor:
 
 
 def subs_log_probs_reference(logits: Tensor, xt: Tensor, mask_id: int) -> Tensor:
-    """subs_log_probs as first written (logits - logsumexp, a full one-hot tensor, where): kept
-    for the benchmarks' --baseline and the equality tests."""
+    """subs_log_probs as first written (logits - logsumexp, a full one-hot tensor, where), as
+    the reference computes it: the dense NELBO path (MaskedDiffusion.masked_outputs=False) and
+    the sampling benchmark's --baseline use it."""
     logits = logits.float() + _mask_offset(logits.shape[-1], mask_id, logits.device)
     log_probs = logits - torch.logsumexp(logits, dim=-1, keepdim=True)
     unmasked = (xt != mask_id)[..., None]

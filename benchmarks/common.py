@@ -2,9 +2,7 @@
 
 Imports only torch and the model code (models/, algorithms/, samplers.py, noise_schedule.py),
 so the GPU machine (torch only: no Lightning, Hydra or datasets) can run it.
-`TorchSamplingModel` mirrors `diffusion.Diffusion.network` and `diffusion.SamplingModel`
-(without prompt padding) for that path; on a machine with Lightning the sampling benchmark
-uses the shipped `diffusion.SamplingModel` instead.
+Sampling goes through the shipped `sampling_model.SamplingModel` (torch only as well).
 """
 
 from __future__ import annotations
@@ -23,20 +21,10 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
-from torch import Tensor  # noqa: E402
 
-from algorithms.ar import Autoregressive, ar_log_probs  # noqa: E402
-from algorithms.base import (  # noqa: E402
-    process_sigma,
-    sigma_from_p,
-    subs_log_probs,
-    subs_log_probs_reference,
-)
+from algorithms.ar import Autoregressive  # noqa: E402
 from algorithms.masked_diffusion import MaskedDiffusion  # noqa: E402
-from models.attention import AttentionMask  # noqa: E402
 from models.dit import DiT, DiTConfig  # noqa: E402
-from models.kv_cache import KVCache  # noqa: E402
-from models.network import BackboneNetwork  # noqa: E402
 from noise_schedule import LogLinear  # noqa: E402
 
 # variant -> (algorithm name, block size or None for MDLM/AR)
@@ -54,10 +42,10 @@ def build_dit(
     optimised: bool = True,
     seed: int = 0,
     init_std: float | None = None,
-    structured: bool = False,
 ) -> DiT:
-    """A DiT with the issue-7 switches on (optimised) or off (baseline). init_std: random
-    weights everywhere (zero-initialised layers would make every logit 0)."""
+    """A DiT with the issue-7 switches on (optimised) or off (baseline: dense SDPA mask, full
+    last layer). init_std: random weights everywhere (zero-initialised layers would make every
+    logit 0)."""
     torch.manual_seed(seed)
     config = DiTConfig(
         vocab_size=vocab,
@@ -69,7 +57,7 @@ def build_dit(
         causal=causal,
         adaln=not causal,
         attn_backend=backend,
-        structured_attention=structured,
+        structured_attention=optimised,
         prune_last_layer=optimised,
     )
     model = DiT(config)
@@ -81,7 +69,11 @@ def build_dit(
     return model
 
 
-def build_algorithm(name: str, seq_len: int, block: int | None, mask_id: int):
+def build_algorithm(
+    name: str, seq_len: int, block: int | None, mask_id: int, optimised: bool = True
+):
+    """optimised=False: the masked-diffusion loss computes logits and SUBS at every position
+    (the reference's dense path) instead of at the masked x_t positions only."""
     if name == "ar":
         return Autoregressive(mask_id=mask_id, seq_len=seq_len)
     return MaskedDiffusion(
@@ -93,63 +85,8 @@ def build_algorithm(name: str, seq_len: int, block: int | None, mask_id: int):
         ignore_bos=False,
         time_conditioning=False,
         antithetic=True,
+        masked_outputs=optimised,
     )
-
-
-class TorchSamplingModel:
-    """samplers.SamplingModel over a bare DiT (diffusion.SamplingModel without Lightning and
-    without prompt padding). reference_subs: the baseline's SUBS implementation."""
-
-    def __init__(self, backbone: DiT, algorithm, window: int, reference_subs: bool = False):
-        self.backbone, self.algorithm, self.window = backbone, algorithm, window
-        self.is_ar = isinstance(algorithm, Autoregressive)
-        self.network = BackboneNetwork(backbone)
-        self.subs = subs_log_probs_reference if reference_subs else subs_log_probs
-
-    def new_cache(self, batch_size: int, block_size: int) -> KVCache:
-        window = self.window - self.window % block_size
-        device = next(self.backbone.parameters()).device
-        return self.backbone.new_kv_cache(batch_size, window, block_size, device)
-
-    def _sigma(self, t: Tensor, batch: int, device) -> Tensor | None:
-        if self.is_ar:
-            return None
-        sigma = sigma_from_p(t[:, None].float(), self.algorithm.noise_sigma_max)
-        return process_sigma(sigma, self.algorithm.time_conditioning).to(device)
-
-    def _to_logprobs(self, logits: Tensor, x_last: Tensor) -> Tensor:
-        if self.is_ar:
-            return ar_log_probs(logits, self.algorithm.mask_id)
-        return self.subs(logits, x_last, self.algorithm.mask_id)
-
-    def _run_cached(self, x, t, cache, commit, outputs):
-        K, S = cache.block_size, x.shape[1]
-        positions = torch.arange(S - K, S, device=x.device)
-        return self.backbone(
-            x[:, -K:], self._sigma(t, x.shape[0], x.device), positions, AttentionMask(),
-            outputs, cache, commit,
-        )  # fmt: skip
-
-    def logprobs(self, x, t, num_last, key_valid, cache, commit=False) -> Tensor:
-        if key_valid is not None:
-            raise ValueError("TorchSamplingModel: prompts with padding are not supported")
-        if cache is not None:
-            logits = self._run_cached(x, t, cache, commit, None)
-            if commit:
-                cache.advance()
-            return self._to_logprobs(logits[:, -num_last:], x[:, -num_last:])
-        S = x.shape[1]
-        predicate = self.algorithm.sample_mask(self.window, False)
-        mask = self.network.mask(predicate, S, x.device)
-        positions = self.network.positions(S, 1, x.device)
-        outputs = slice(S - num_last, None)
-        logits = self.backbone(x, self._sigma(t, x.shape[0], x.device), positions, mask, outputs)
-        return self._to_logprobs(logits, x[:, -num_last:])
-
-    def commit(self, x, key_valid, cache) -> None:
-        clean = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
-        self._run_cached(x, clean, cache, True, slice(0, 0))
-        cache.advance()
 
 
 def median_ms(samples: list[float]) -> float:

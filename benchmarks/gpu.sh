@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 7 GPU benchmarks (< 8 minutes on one H100/H200): needs only torch (no Lightning, Hydra,
-# datasets or wandb; the sampling benchmark then uses benchmarks/common.TorchSamplingModel).
+# datasets or wandb: the benchmarks import only torch and the model code).
 #   1. training at the paper's small shape (width 768, 12 layers, L=1024, batch 16, bf16) for
 #      sdpa, flex (compiled block mask) and flash_attn when installed (AR/MDLM only), optimised
 #      and baseline side by side: step ms, tokens/s, peak memory, MFU;
@@ -18,13 +18,13 @@ if [[ "${DRY_RUN:-0}" != "1" ]] && $PY -c "import torch, sys; sys.exit(0 if torc
   if $PY -c "import flash_attn" 2>/dev/null; then backends=$backends,flash_attn; fi
   timeout 330 $PY benchmarks/train.py --device cuda --shapes small_L1024 --backends "$backends" \
     --bf16 --baseline --reps 5 --json "$OUT/train_gpu.json" 2>&1 | tee "$OUT/train_gpu.log" || true
-  timeout 120 $PY benchmarks/sample.py --device cuda --torch-only --baseline \
+  timeout 120 $PY benchmarks/sample.py --device cuda --baseline \
     --only bd3lm4_kv_b1_n1024,bd3lm4_kv_b16_n1024,bd3lm16_kv_b1_n1024,bd3lm4_nokv_b1_n1024,ar_kv_b1_n1024 \
     --json "$OUT/sample_gpu.json" 2>&1 | tee "$OUT/sample_gpu.log" || true
 else
   echo "no GPU: dry run of the CPU fallback"
   $PY benchmarks/train.py --device cpu --shapes w128_L128 --variants mdlm,bd3lm4 --reps 1 \
     --baseline --no-memory --json "$OUT/train_dry.json"
-  $PY benchmarks/sample.py --device cpu --torch-only --quick \
+  $PY benchmarks/sample.py --device cpu --quick \
     --only bd3lm4_kv_b1_n256,ar_kv_b1_n256 --json "$OUT/sample_dry.json"
 fi

@@ -3,13 +3,14 @@ and 16, and AR with its cache, on the width-128 / 4-layer DiT with random weight
 30523, a 1024-token window, nucleus 1.0, first-hitting).
 
 Reported per variant: tokens/s (generated tokens x batch / wall time), NFE per sequence
-(denoising calls; commits in parentheses) and peak memory (CUDA max_memory_allocated, or on
-CPU the growth of the peak RSS (VmHWM) over the RSS before the run -- a lower bound once an
-earlier run of the same process peaked higher). Through diffusion.Diffusion.sampling_model
-when Lightning is installed, else through benchmarks.common.TorchSamplingModel (GPU machine).
+(denoising calls; separate commit passes in parentheses) and peak memory (CUDA
+max_memory_allocated, or on CPU the growth of the peak RSS (VmHWM) over the RSS before the
+run -- a lower bound once an earlier run of the same process peaked higher). Through the
+shipped sampling_model.SamplingModel (torch only, as on the GPU machine).
 
 --baseline runs each variant again with the issue-7 sampling switches off
-(SamplerConfig.lazy_draws=False: a Gumbel race over every position of the block, and the
+(SamplerConfig.lazy_draws=False: a Gumbel race over every position of the block;
+SamplerConfig.fuse_commit=False: a forward pass of its own per committed block; and the
 reference SUBS implementation), alternating with the optimised run.
 --parallel adds parallel decoding rows (tokens_per_step 2/4, confidence_threshold 0.9).
 
@@ -26,34 +27,25 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402
 import torch  # noqa: E402
-from common import TorchSamplingModel, build_algorithm, build_dit  # noqa: E402
+from common import build_algorithm, build_dit  # noqa: E402
 
 import samplers  # noqa: E402
+from sampling_model import SamplingModel  # noqa: E402
 
 VOCAB, WIDTH, LAYERS, HEADS, WINDOW = 30523, 128, 4, 4, 1024
 MASK, BOS = VOCAB - 1, 0
 
 
-def sampling_model(algo_name: str, block: int, device, baseline: bool, use_lightning: bool):
+def build_sampling_model(algo_name: str, block: int, device, baseline: bool) -> SamplingModel:
     backbone = build_dit(VOCAB, WIDTH, LAYERS, HEADS, algo_name == "ar", init_std=0.05)
-    backbone = backbone.to(device).eval()
     algorithm = build_algorithm(algo_name, WINDOW, block, MASK)
-    if use_lightning:
-        import diffusion
-        from algorithms import base
-
-        diffusion.subs_log_probs = (
-            base.subs_log_probs_reference if baseline else base.subs_log_probs
-        )
-        module = diffusion.Diffusion(backbone, algorithm, diffusion.OptimSettings(ema=0), {})
-        return module.to(device).eval().sampling_model(WINDOW)
-    return TorchSamplingModel(backbone, algorithm, WINDOW, reference_subs=baseline)
+    return SamplingModel(backbone.to(device).eval(), algorithm, WINDOW, reference_subs=baseline)
 
 
-def run_once(variant: dict, device, use_lightning: bool, baseline: bool):
+def run_once(variant: dict, device, baseline: bool):
     """-> (seconds, output, peak MB)."""
     algo_name, block = variant["algo"], variant["block"]
-    model = sampling_model(algo_name, block, device, baseline, use_lightning)
+    model = build_sampling_model(algo_name, block, device, baseline)
     cfg = samplers.SamplerConfig(
         length=variant["length"],
         block_size=block,
@@ -66,6 +58,7 @@ def run_once(variant: dict, device, use_lightning: bool, baseline: bool):
         kv_cache=variant["kv"],
         reject_low_entropy=False,
         lazy_draws=not baseline,
+        fuse_commit=not baseline,
         tokens_per_step=variant.get("tokens_per_step", 1),
         confidence_threshold=variant.get("threshold"),
     )
@@ -121,17 +114,9 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--only", default=None, help="comma-separated variant names")
-    parser.add_argument("--torch-only", action="store_true", help="skip diffusion.py")
     args = parser.parse_args()
     device = torch.device(args.device)
-    use_lightning = not args.torch_only
-    if use_lightning:
-        try:
-            import diffusion  # noqa: F401
-        except ImportError:
-            use_lightning = False
-    print(f"device {device}, threads {torch.get_num_threads()}, via "
-          f"{'diffusion.SamplingModel' if use_lightning else 'TorchSamplingModel'}")  # fmt: skip
+    print(f"device {device}, threads {torch.get_num_threads()}, torch {torch.__version__}")
     table = variants(args.quick, args.parallel)
     if args.only:
         table = {k: v for k, v in table.items() if k in args.only.split(",")}
@@ -142,8 +127,8 @@ def main() -> None:
         )
         for baseline in modes:
             warm = dict(variant, length=2 * variant["block"] if variant["algo"] != "ar" else 8)
-            run_once(warm, device, use_lightning, baseline)  # first calls: allocator, kernels
-            seconds, out, peak = run_once(variant, device, use_lightning, baseline)
+            run_once(warm, device, baseline)  # first calls: allocator, kernels
+            seconds, out, peak = run_once(variant, device, baseline)
             key = name + ("_baseline" if baseline else "")
             generated = variant["length"] * variant["batch"]
             tok_s[key] = round(generated / seconds, 1)

@@ -6,9 +6,11 @@ torch.cuda.max_memory_allocated; on CPU the growth of the process's peak RSS
 (VmHWM, /proc/self/status) over its RSS before building the model, measured in a fresh
 spawned process per variant (weights, AdamW state and activations of 2 steps).
 
---baseline also runs every variant with the issue-7 switches off (DiTConfig
-prune_last_layer=False; structured_attention is opt-in, --structured), interleaved with the
-optimised runs in the same process, so the two columns are measured side by side.
+--baseline also runs every variant with the issue-7 switches off, interleaved with the optimised
+runs in the same process, so the two columns are measured side by side: logits and SUBS at every
+position of the network input (MaskedDiffusion.masked_outputs=False, as the reference), the full
+last layer (DiTConfig.prune_last_layer=False) and SDPA over the dense (2L)^2 mask
+(DiTConfig.structured_attention=False).
 
 Usage: python benchmarks/train.py [--quick] [--baseline] [--json PATH] [--device cpu|cuda]
        [--shapes w128_L128,w256_L512] [--backends sdpa,flex,flash_attn] [--bf16] [--compile]
@@ -40,22 +42,18 @@ SHAPES = {
 class Runner:
     """One (variant, shape, backend, mode): model, optimiser, data; `step()` times one step."""
 
-    def __init__(
-        self, variant, shape, backend, optimised, device, bf16=False, compile_=False,
-        structured=False,
-    ):  # fmt: skip
+    def __init__(self, variant, shape, backend, optimised, device, bf16=False, compile_=False):
         name, block = TRAIN_VARIANTS[variant]
         width, layers, heads, L, vocab, batch = SHAPES[shape]
         self.device, self.bf16 = device, bf16
         self.backbone = build_dit(
-            vocab, width, layers, heads, name == "ar", backend, optimised, init_std=0.02,
-            structured=structured and optimised,
-        ).to(device)  # fmt: skip
+            vocab, width, layers, heads, name == "ar", backend, optimised, init_std=0.02
+        ).to(device)
         if compile_:
             for i, block_module in enumerate(self.backbone.blocks):
                 self.backbone.blocks[i] = torch.compile(block_module)
         self.network = BackboneNetwork(self.backbone)
-        self.algo = build_algorithm(name, L, block, vocab - 1)
+        self.algo = build_algorithm(name, L, block, vocab - 1, optimised)
         self.opt = torch.optim.AdamW(self.backbone.parameters(), lr=1e-4)
         gen = torch.Generator().manual_seed(0)
         self.x0 = torch.randint(0, vocab - 1, (batch, L), generator=gen).to(device)
@@ -140,9 +138,6 @@ def main() -> None:
     parser.add_argument("--bf16", action="store_true", help="autocast bf16 (GPU)")
     parser.add_argument("--compile", action="store_true", help="torch.compile each block")
     parser.add_argument("--reps", type=int, default=None)
-    parser.add_argument(
-        "--structured", action="store_true", help="opt in to DiTConfig.structured_attention"
-    )
     parser.add_argument("--no-memory", action="store_true")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -166,9 +161,8 @@ def main() -> None:
                 for optimised in modes:
                     key = _key(variant, shape, backend, optimised, len(backends) > 1)
                     runners[key] = Runner(
-                        variant, shape, backend, optimised, device, args.bf16, args.compile,
-                        args.structured,
-                    )  # fmt: skip
+                        variant, shape, backend, optimised, device, args.bf16, args.compile
+                    )
             for runner in runners.values():  # warm-up (and compilation)
                 runner.step()
             times = {key: [] for key in runners}

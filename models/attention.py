@@ -166,55 +166,54 @@ def _flex(q: Tensor, k: Tensor, v: Tensor, block_mask: Any) -> Tensor:
     return _compiled_flex(q, k, v, block_mask=block_mask)
 
 
+STRUCTURED_CHUNKS = 4  # query chunks per half in block_diffusion_attend (measured best on CPU)
+
+
 def block_diffusion_parts(mask: BlockDiffusionMask, device) -> dict:
-    """The two (L, L) pieces of the block-diffusion mask that the structured path needs:
-    x_0 queries over x_0 keys (block-causal, bool) and x_t queries over x_0 keys (strictly
-    block-causal, as an additive 0 / -inf float mask)."""
-    L = mask.seq_len
-    q = torch.arange(L, device=device)[:, None] // mask.block_size
-    k = torch.arange(L, device=device)[None, :] // mask.block_size
-    strict = torch.zeros(L, L, device=device).masked_fill(k >= q, float("-inf"))
-    return {"block_causal": k <= q, "strict_additive": strict}
+    """The per-chunk masks of block_diffusion_attend, built once per shape.
+
+    The L positions of each half are cut into chunks of c tokens (c a multiple of K, about
+    L / STRUCTURED_CHUNKS). For the chunk [a, b): x_t rows see the x_0 keys [0, b - K) and the
+    x_t keys [a, b); x_0 rows see the x_0 keys [0, b). Each mask is the matching sub-matrix of
+    the dense (2L, 2L) mask, so the function is unchanged.
+    Returns {"spans": [(a, b)], "xt": [(c, b - K + c) bool], "x0": [(c, b) bool]}.
+    """
+    L, K = mask.seq_len, mask.block_size
+    chunk = max(K, -(-L // (STRUCTURED_CHUNKS * K)) * K)
+    full = dense_mask(mask, 2 * L, 2 * L, device)
+    spans, xt, x0 = [], [], []
+    for a in range(0, L, chunk):
+        b = min(a + chunk, L)
+        keys = torch.cat([torch.arange(L, L + b - K), torch.arange(a, b)]).to(device)
+        spans.append((a, b))
+        xt.append(full[a:b][:, keys].contiguous())
+        x0.append(full[L + a : L + b, L : L + b].contiguous())
+    return {"spans": spans, "xt": xt, "x0": x0}
 
 
 def block_diffusion_attend(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask) -> Tensor:
-    """Attention under the block-diffusion mask over [x_t ; x_0] without paying for the
-    masked-out quarter and the off-diagonal x_t blocks (same function as the dense mask).
+    """Attention under the block-diffusion mask over [x_t ; x_0] that skips most masked-out
+    entries: the same function as SDPA over the dense (2L, 2L) mask, about a third of the score
+    entries (one SDPA call per query chunk and half, see block_diffusion_parts).
 
-    x_0 queries attend x_0 keys block-causally (one SDPA call over L x L). An x_t query of block
-    b attends the x_0 keys of blocks < b and the x_t keys of its own block: the scores against
-    x_0 (L x L, strict block-causal) and against its own block (L x K, batched per block) share
-    one softmax. q: (B, H, Q, d) for the first Q (L or 2L) positions; k, v:
-    (B, H, 2L, d) -> (B, H, Q, d).
+    An x_t row of block b sees the x_0 keys of blocks < b and the x_t keys of its own block; an
+    x_0 row sees the x_0 keys of blocks <= b. q: (B, H, Q, d) for the first Q (L or 2L)
+    positions; k, v: (B, H, 2L, d) -> (B, H, Q, d).
     """
     L, K = mask.structure.seq_len, mask.structure.block_size
-    B, H, Q, d = q.shape
-    nb = L // K
-    k0, v0 = k[:, :, L:], v[:, :, L:]
-    scale = d**-0.5
-    qt = q[:, :, :L] * scale
-    strict = mask.parts["strict_additive"]
-    scores_x0 = torch.baddbmm(
-        strict.to(q.dtype).expand(B * H, L, L),
-        qt.reshape(B * H, L, d),
-        k0.reshape(B * H, L, d).transpose(1, 2),
-    ).view(B, H, L, L)
-    kt = k[:, :, :L].reshape(B, H, nb, K, d)
-    vt = v[:, :, :L].reshape(B, H, nb, K, d)
-    scores_own = (qt.reshape(B, H, nb, K, d) @ kt.transpose(-1, -2)).reshape(B, H, L, K)
-    probs = torch.softmax(torch.cat([scores_x0, scores_own], dim=-1), dim=-1)
-    own = (probs[..., L:].reshape(B, H, nb, K, K) @ vt).reshape(B, H, L, d)
-    out_t = torch.baddbmm(
-        own.reshape(B * H, L, d),
-        probs[..., :L].reshape(B * H, L, L),
-        v0.reshape(B * H, L, d),
-    ).view(B, H, L, d)
-    if Q == L:
-        return out_t
-    out_0 = F.scaled_dot_product_attention(
-        q[:, :, L:], k0, v0, attn_mask=mask.parts["block_causal"]
-    )
-    return torch.cat([out_t, out_0], dim=2)
+    parts = mask.parts
+    outs_t, outs_0 = [], []
+    for (a, b), m_t, m_0 in zip(parts["spans"], parts["xt"], parts["x0"], strict=True):
+        keys = torch.cat([k[:, :, L : L + b - K], k[:, :, a:b]], dim=2)
+        values = torch.cat([v[:, :, L : L + b - K], v[:, :, a:b]], dim=2)
+        outs_t.append(F.scaled_dot_product_attention(q[:, :, a:b], keys, values, attn_mask=m_t))
+        if q.shape[2] > L:
+            outs_0.append(
+                F.scaled_dot_product_attention(
+                    q[:, :, L + a : L + b], k[:, :, L : L + b], v[:, :, L : L + b], attn_mask=m_0
+                )
+            )
+    return torch.cat(outs_t + outs_0, dim=2)
 
 
 def attend(

@@ -31,12 +31,10 @@ class DiTConfig:
 
     adaln: adaLN modulation layers exist (always for diffusion; absent for AR unless asked).
     causal: token-causal attention (AR).
-    structured_attention: under the block-diffusion training mask, compute x_0 rows over x_0
-        keys and x_t rows over (earlier x_0 keys + own block) only
-        (models.attention.block_diffusion_attend); same function, half the score entries.
-        Off by default: on CPU the fused SDPA kernel over the dense (2L)^2 mask measured
-        faster than this explicit-softmax path (BENCHMARKS.md); on GPU use attn_backend=flex,
-        whose block mask skips the masked-out tiles.
+    structured_attention: under the block-diffusion training mask (sdpa backend), attend per
+        query chunk to the keys the chunk can see (models.attention.block_diffusion_attend):
+        the same function as SDPA over the dense (2L)^2 mask with about a third of the score
+        entries. On GPU, attn_backend=flex skips masked-out tiles with a compiled block mask.
     prune_last_layer: when only the first S' positions need logits (a slice from 0 or a
         boolean (B, S') selection), the last block computes queries, attention output and MLP
         for those positions only (keys/values still for all). Same logits, less work.
@@ -51,7 +49,7 @@ class DiTConfig:
     causal: bool = False
     adaln: bool = True
     attn_backend: str = "sdpa"
-    structured_attention: bool = False
+    structured_attention: bool = True
     prune_last_layer: bool = True
 
     def __post_init__(self):

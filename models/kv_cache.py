@@ -1,11 +1,18 @@
 """An explicit, preallocated KV cache for block-by-block sampling (passed to DiT.forward).
 
 Per layer it holds the post-rotary keys and values of committed (clean) tokens in a ring of
-`capacity` = window - block_size slots, plus `block_size` scratch slots for the block being
-denoised. A denoising call writes the block's keys/values into the scratch slots and attends
-over ring + scratch with full attention (a per-sequence key-validity mask hides empty slots and
-prompt padding). A commit call also copies them into the oldest ring slots; validity is updated
-after the call (`advance`), so a block never sees its own keys twice.
+`capacity` = window - block_size slots, plus scratch slots: K for the block being denoised and
+K for a clean block committed in the same call. Slots per layer, in order:
+[previous block (K) | ring (capacity) | current block (K)].
+
+A denoising call (K tokens) writes the block's keys/values into the current-block slots and
+attends over ring + current block with full attention (a per-sequence key-validity mask hides
+empty slots and prompt padding). A commit call (K tokens, commit=True) also copies them into the
+oldest ring slots. A fused call (2K tokens, commit=True) does both at once: its first K tokens
+are the clean block just finished, committed exactly as a commit call would, and its last K
+tokens are the next block being denoised, which sees the ring as it is after that commit. In
+every case validity is updated after the call (`advance`), so a block never sees its own keys
+twice.
 
 Keys carry absolute rotary positions. Scores depend only on relative positions, so once the
 ring wraps (sequences longer than the window) the cache equals a full recomputation under the
@@ -15,7 +22,16 @@ banded block-causal mask (`models.attention.BandedBlockCausalMask`).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+
+
+def _own_block(block_valid: Tensor | None, batch: int, K: int, device) -> Tensor:
+    """(B, K, K) attention within a block: real tokens see real tokens, padding sees padding
+    (so every row has a key and values stay finite; nobody reads padding outputs)."""
+    if block_valid is None:
+        return torch.ones(batch, K, K, dtype=torch.bool, device=device)
+    return block_valid[:, :, None] == block_valid[:, None, :]
 
 
 class KVCache:
@@ -35,18 +51,23 @@ class KVCache:
             raise ValueError(f"KV cache window {window} must be a multiple of block {block_size}")
         self.block_size = block_size
         self.capacity = window - block_size
-        self.shape = (n_layers, batch_size, n_heads, self.capacity + block_size, head_dim)
+        slots = block_size + self.capacity + block_size
+        self.shape = (n_layers, batch_size, n_heads, slots, head_dim)
         self.k: Tensor | None = None
         self.v: Tensor | None = None
+        # validity of ring + current block (the slots a denoising call attends)
         self.valid = torch.zeros(
             batch_size, self.capacity + block_size, dtype=torch.bool, device=device
         )
         self.valid[:, self.capacity :] = True
         self.num_committed = 0  # blocks committed so far (host-side counter, no syncs)
+        self._padded = False  # some committed block had prompt padding
+        self._mask: Tensor | None = None  # built at layer 0 of a call, reused by the others
 
     @property
     def slot(self) -> slice:
-        """Ring slots the next committed block overwrites (the oldest block once full)."""
+        """Ring slots (relative to the ring) the next committed block overwrites (the oldest
+        block once full)."""
         if self.capacity == 0:
             return slice(0, 0)
         start = (self.num_committed * self.block_size) % self.capacity
@@ -61,32 +82,59 @@ class KVCache:
         commit: bool,
         block_valid: Tensor | None = None,
     ) -> Tensor:
-        """q, k, v: (B, H, K, d) for the current block -> attention output (B, H, K, d).
+        """q, k, v: (B, H, n, d) with n = K (one block) or 2K (a clean block to commit, then
+        the block being denoised) -> attention output (B, H, n, d).
 
-        commit: also store k, v as the newest committed block. block_valid: (B, K) bool, False
-        at prompt padding: real tokens then ignore padding in their own block, and padding
-        attends only padding there (so its values stay finite; nobody reads them)."""
-        if q.shape[2] != self.block_size:
-            raise ValueError(f"KV cache expects blocks of {self.block_size} tokens")
+        commit: store the clean block's keys/values as the newest committed block (required
+        for n = 2K). block_valid: (B, K) bool, False at prompt padding (n = K only)."""
+        K, cap = self.block_size, self.capacity
+        n = q.shape[2]
+        if n not in (K, 2 * K) or (n == 2 * K and not commit):
+            raise ValueError(f"KV cache expects {K} tokens, or {2 * K} with commit")
         if self.k is None:
             self.k = torch.zeros(self.shape, dtype=k.dtype, device=k.device)
             self.v = torch.zeros(self.shape, dtype=v.dtype, device=v.device)
-        self.k[layer, :, :, self.capacity :] = k
-        self.v[layer, :, :, self.capacity :] = v
-        if block_valid is None:
-            mask = self.valid[:, None, None, :]
+        keys, values = self.k[layer], self.v[layer]
+        keys[:, :, K + cap :] = k[:, :, -K:]
+        values[:, :, K + cap :] = v[:, :, -K:]
+        if layer == 0:  # a network call starts at layer 0
+            self._mask = self._build_mask(n, block_valid)
+        if n == K:
+            out = F.scaled_dot_product_attention(
+                q, keys[:, :, K:], values[:, :, K:], attn_mask=self._mask
+            )
         else:
-            K = self.block_size
-            ring = self.valid[:, None, None, : self.capacity].expand(-1, 1, K, -1)
-            own = (block_valid[:, :, None] == block_valid[:, None, :])[:, None]
-            mask = torch.cat([ring, own], dim=-1)
-        out = torch.nn.functional.scaled_dot_product_attention(
-            q, self.k[layer], self.v[layer], attn_mask=mask
-        )
-        if commit:  # after attending: the block it replaces is still in this block's window
-            self.k[layer, :, :, self.slot] = k
-            self.v[layer, :, :, self.slot] = v
+            keys[:, :, :K] = k[:, :, :K]
+            values[:, :, :K] = v[:, :, :K]
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=self._mask)
+        if commit:  # after attending: the block it replaces is in the committed block's window
+            ring = slice(K + self.slot.start, K + self.slot.stop)
+            keys[:, :, ring] = k[:, :, :K]
+            values[:, :, ring] = v[:, :, :K]
         return out
+
+    def _build_mask(self, n: int, block_valid: Tensor | None) -> Tensor | None:
+        """(B, 1, n, keys) bool over the slots the call attends; None when all are visible."""
+        K, cap = self.block_size, self.capacity
+        B, device = self.valid.shape[0], self.valid.device
+        ring = self.valid[:, None, :cap].expand(-1, K, -1)  # (B, K, cap)
+        if n == K:
+            if block_valid is None:
+                full = self.num_committed * K >= cap and not self._padded
+                return None if full else self.valid[:, None, None, :]
+            return torch.cat([ring, _own_block(block_valid, B, K, device)], dim=-1)[:, None]
+        if block_valid is not None:
+            raise ValueError("a fused commit takes generated blocks only (prefill prompts)")
+        ones = torch.ones(B, K, K, dtype=torch.bool, device=device)
+        none = torch.zeros(B, K, K, dtype=torch.bool, device=device)
+        # the committed block: the ring as before the commit, itself, not the next block
+        prev_rows = torch.cat([ones, ring, none], dim=-1)
+        # the next block: the committed block (unless the window is one block), the ring
+        # without the slot the commit overwrites (that block leaves the window), itself
+        ring_after = ring.clone()
+        ring_after[..., self.slot] = False
+        cur_rows = torch.cat([none if cap == 0 else ones, ring_after, ones], dim=-1)
+        return torch.cat([prev_rows, cur_rows], dim=1)[:, None]
 
     def advance(self, block_valid: Tensor | None = None) -> None:
         """Mark the block just committed as visible. block_valid: (B, K) bool (False for prompt
@@ -94,4 +142,5 @@ class KVCache:
         slot = self.slot
         if self.capacity:
             self.valid[:, slot] = True if block_valid is None else block_valid
+        self._padded |= block_valid is not None
         self.num_committed += 1

@@ -81,9 +81,11 @@ class FakeModel:
     def __init__(self, V, mask_id, token=None):
         self.V, self.mask_id, self.token, self.calls = V, mask_id, token, []
 
-    def logprobs(self, x, t, num_last, key_valid, cache, commit=False):
+    def logprobs(
+        self, x, t, num_last, key_valid, cache, commit=False, commit_previous=False, rows=None
+    ):
         self.calls.append((x[:, -num_last:] == self.mask_id).sum(-1).tolist())
-        logits = torch.zeros(x.shape[0], num_last, self.V)
+        logits = torch.zeros(x.shape[0], num_last if rows is None else rows.shape[1], self.V)
         if self.token is not None:
             logits.fill_(-1e6)
             logits[..., self.token] = 0.0

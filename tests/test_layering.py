@@ -11,6 +11,7 @@ PURE = [
     "models",
     "algorithms",
     "samplers.py",
+    "sampling_model.py",
     "analytic_sampler.py",
     "noise_schedule.py",
     "metrics.py",

@@ -5,15 +5,17 @@ per step is the exact first-hitting sampler."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import samplers
 from algorithms.base import Layout, subs_log_probs, subs_log_probs_reference
 from algorithms.masked_diffusion import MaskedDiffusion
 from conftest import randomize_
-from models.attention import BlockDiffusionMask, MaskCache
+from models.attention import BlockDiffusionMask, MaskCache, block_diffusion_attend
 from models.dit import DiT, DiTConfig
 from noise_schedule import LogLinear
 
@@ -40,7 +42,7 @@ def network_for(model):
     return network
 
 
-@pytest.mark.parametrize("L,K", [(16, 4), (24, 8), (16, 16), (16, 1)])
+@pytest.mark.parametrize("L,K", [(16, 4), (24, 8), (16, 16), (16, 1), (20, 4)])
 def test_dit_switches_keep_logits_and_gradients(L, K):
     x = torch.randint(0, V - 1, (2, 2 * L), generator=torch.Generator().manual_seed(1))
     positions, sigma = torch.arange(L).repeat(2), torch.zeros(2)
@@ -63,18 +65,40 @@ def test_dit_switches_keep_logits_and_gradients(L, K):
 
 
 @pytest.mark.parametrize("K", [4, 16])
-def test_nelbo_is_the_same_with_and_without_the_switches(K):
+@pytest.mark.parametrize("cross_attn", [True, False])
+def test_nelbo_is_the_same_with_and_without_the_switches(K, cross_attn):
     L = 16
-    algo = MaskedDiffusion(LogLinear(), MASK, L, K, True, False, False, True)
+    algo = MaskedDiffusion(LogLinear(), MASK, L, K, cross_attn, False, False, True)
     x0 = torch.randint(0, V - 1, (3, L), generator=torch.Generator().manual_seed(0))
     eps = torch.tensor(1e-3), torch.tensor(1.0)
     losses = []
-    for structured, prune in SWITCHES:
+    for (structured, prune), masked_outputs in itertools.product(SWITCHES, (True, False)):
         net = network_for(dit(structured, prune))
+        algo = dataclasses.replace(algo, masked_outputs=masked_outputs)
         out = algo.loss(net, x0, torch.ones(3, L), *eps, True, torch.Generator().manual_seed(5))
         losses.append(out.loss)
+        out.loss.backward()
+    assert losses[0] > 0
     for loss in losses[1:]:
         torch.testing.assert_close(loss, losses[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("L,K", [(16, 4), (20, 4), (64, 4), (32, 16), (12, 1)])
+def test_structured_attention_equals_sdpa_over_the_dense_mask(L, K):
+    """The chunked path against SDPA over the materialised (2L, 2L) mask, all 2L query rows
+    and the x_t rows alone (the pruned last layer), values and gradients."""
+    gen = torch.Generator().manual_seed(L + K)
+    q, k, v = (torch.randn(2, 3, 2 * L, 8, generator=gen, requires_grad=True) for _ in range(3))
+    mask = MaskCache("sdpa").get(BlockDiffusionMask(L, K), 2 * L, 2 * L, "cpu")
+    assert len(mask.parts["spans"]) > 1 or K == L
+    for rows in (2 * L, L):
+        ref = F.scaled_dot_product_attention(q[:, :, :rows], k, v, attn_mask=mask.dense[:rows])
+        out = block_diffusion_attend(q[:, :, :rows], k, v, mask)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+        grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+        ref_grads = torch.autograd.grad(ref.square().sum(), (q, k, v))
+        for g, r in zip(grads, ref_grads, strict=True):
+            torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
 
 
 def test_pruned_last_layer_matches_full_outputs_sliced():
@@ -114,9 +138,12 @@ class Confident:
     def __init__(self, p: float):
         self.p, self.calls = p, 0
 
-    def logprobs(self, x, t, num_last, key_valid, cache, commit=False):
+    def logprobs(
+        self, x, t, num_last, key_valid, cache, commit=False, commit_previous=False, rows=None
+    ):
         self.calls += 1
-        probs = torch.full((x.shape[0], num_last, 6), (1 - self.p) / 4)
+        shape = (x.shape[0], num_last if rows is None else rows.shape[1], 6)
+        probs = torch.full(shape, (1 - self.p) / 4)
         probs[..., 3], probs[..., 5] = self.p, 0.0
         return probs.log()
 
@@ -176,3 +203,27 @@ def test_parallel_decoding_cache_equals_recomputation(kw):
     for a, b in zip(calls_c, calls_f, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert torch.equal(cached.tokens, fresh.tokens) and not (cached.tokens == 40).any()
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_selected_rows_equal_the_full_output(cached):
+    """logprobs(rows=...) runs the output layer on the chosen rows only: same values."""
+    from test_sampling import tiny_module
+
+    model = tiny_module("bd3lm").sampling_model(16)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 40, (3, 8), generator=gen)
+    x[:, 5:] = 40  # the mask id of tiny_module's vocabulary
+    t = torch.full((3,), 0.7, dtype=torch.float64)
+    rows = torch.tensor([[0, 3], [1, 2], [2, 3]])
+
+    def call(**kw):
+        cache = model.new_cache(3, 4) if cached else None
+        if cached:
+            model.commit(x[:, :4], None, cache)
+        return model.logprobs(x, t, 4, None, cache, **kw)
+
+    with torch.no_grad():
+        full, some = call(), call(rows=rows)
+    assert some.shape == (3, 2, 41)
+    torch.testing.assert_close(some, full.gather(1, rows[..., None].expand(-1, -1, 41)))

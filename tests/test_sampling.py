@@ -3,6 +3,7 @@ and beyond the window, with prompts of different lengths; stop rules; Gen-PPL wi
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
@@ -17,7 +18,7 @@ from metrics import sliding_windows
 V, MASK, BOS = 41, 40, 0
 
 
-def tiny_module(algo: str, window: int = 16):
+def tiny_module(algo: str, window: int = 16, *overrides: str):
     with initialize_config_dir(os.path.join(ROOT, "configs"), version_base=None):
         cfg = compose(
             "config",
@@ -26,6 +27,7 @@ def tiny_module(algo: str, window: int = 16):
                 f"algo={algo}",
                 f"model.length={window}",
                 "checkpointing.save_dir=/tmp/x",
+                *overrides,
             ],
         )
     torch.manual_seed(0)
@@ -39,9 +41,12 @@ class Recorder:
 
     def __init__(self, model):
         self.model, self.calls = model, []
+        self.can_fuse_commit = model.can_fuse_commit
 
-    def logprobs(self, x, t, num_last, key_valid, cache, commit=False):
-        out = self.model.logprobs(x, t, num_last, key_valid, cache, commit)
+    def logprobs(
+        self, x, t, num_last, key_valid, cache, commit=False, commit_previous=False, rows=None
+    ):
+        out = self.model.logprobs(x, t, num_last, key_valid, cache, commit, commit_previous, rows)
         self.calls.append(out)
         return out
 
@@ -68,11 +73,15 @@ def sampler_cfg(length, block_size, **kw):
     return samplers.SamplerConfig(**args)
 
 
+@pytest.mark.parametrize("fuse_commit", [True, False])
 @pytest.mark.parametrize("first_hitting", [True, False])
 @pytest.mark.parametrize("length", [16, 40])  # within the 16-token window, and 2.5x beyond it
-def test_bd3lm_cache_equals_recomputation_at_every_step(length, first_hitting):
+def test_bd3lm_cache_equals_recomputation_at_every_step(length, first_hitting, fuse_commit):
+    """Fused commits (each block committed inside the next block's first call) and separate
+    commit passes both give the uncached logits at every step."""
     module = tiny_module("bd3lm")
     cfg = sampler_cfg(length, 4, first_hitting=first_hitting, nucleus_p=0.95)
+    cfg = dataclasses.replace(cfg, fuse_commit=fuse_commit)
     with torch.no_grad():
         cached, cached_calls = run(module, cfg, cached=True)
         fresh, fresh_calls = run(module, cfg, cached=False)
@@ -81,7 +90,25 @@ def test_bd3lm_cache_equals_recomputation_at_every_step(length, first_hitting):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert torch.equal(cached.tokens, fresh.tokens)
     assert not (cached.tokens == MASK).any()
-    assert (cached.nfe_total - cached.nfe_denoise == length // 4 - 1).all()  # commit passes
+    commit_passes = 0 if fuse_commit else length // 4 - 1
+    assert (cached.nfe_total - cached.nfe_denoise == commit_passes).all()
+
+
+def test_time_conditioned_model_commits_by_separate_passes():
+    """With time conditioning a clean block is committed at t = 0, which the next block's call
+    (at its own t) cannot do: the sampler falls back to separate commit passes, so allowing
+    fusion changes nothing (fusing would change the cached keys and hence the logits)."""
+    module = tiny_module("bd3lm", 16, "algo.time_conditioning=true")
+    randomize_(module.backbone, seed=4, scale=0.3)  # adaLN weights start at 0: make t matter
+    assert not module.sampling_model(16).can_fuse_commit
+    cfg = sampler_cfg(40, 4)
+    with torch.no_grad():
+        allowed, allowed_calls = run(module, cfg, cached=True)
+        separate, separate_calls = run(module, dataclasses.replace(cfg, fuse_commit=False), True)
+    for a, b in zip(allowed_calls, separate_calls, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert torch.equal(allowed.tokens, separate.tokens)
+    assert (allowed.nfe_total - allowed.nfe_denoise == 40 // 4 - 1).all()
 
 
 def test_ar_cache_equals_recomputation_beyond_the_window():

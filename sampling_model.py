@@ -1,0 +1,138 @@
+"""The network as the samplers see it: `samplers.SamplingModel` over a DiT and an objective.
+
+Torch only (no Lightning), so `diffusion.Diffusion.sampling_model()`, the benchmarks and the GPU
+script all sample through this one class.
+
+Without a cache the network reads the whole sequence so far under the objective's sampling mask
+(banded to `window` tokens), or, with `reencode` and for MDLM, only the last `window` tokens
+re-encoded from position 0 (the reference's behaviour). With a cache it reads just the newest
+block at its absolute positions (two blocks for a fused commit, see models/kv_cache.py).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from algorithms.ar import Autoregressive, ar_log_probs
+from algorithms.base import process_sigma, sigma_from_p, subs_log_probs, subs_log_probs_reference
+from models.attention import AttentionMask, dense_mask
+from models.dit import DiT
+from models.kv_cache import KVCache
+from models.network import BackboneNetwork
+
+
+class SamplingModel:
+    """Implements samplers.SamplingModel. algorithm: MaskedDiffusion or Autoregressive.
+    reference_subs: the reference's SUBS implementation (the sampling benchmark's baseline)."""
+
+    def __init__(
+        self,
+        backbone: DiT,
+        algorithm,
+        window: int,
+        reencode: bool = False,
+        network: BackboneNetwork | None = None,
+        reference_subs: bool = False,
+    ):
+        self.backbone, self.algorithm, self.window = backbone, algorithm, window
+        self.network = network or BackboneNetwork(backbone)
+        self.is_ar = isinstance(algorithm, Autoregressive)
+        self.reencode = reencode or (not self.is_ar and not algorithm.cross_attn)
+        self.subs = subs_log_probs_reference if reference_subs else subs_log_probs
+
+    @property
+    def can_fuse_commit(self) -> bool:
+        """A clean block's commit can share the next block's call when t does not reach the
+        network (its conditioning would differ: 0 for the clean block)."""
+        return self.is_ar or not self.algorithm.time_conditioning
+
+    def new_cache(self, batch_size: int, block_size: int) -> KVCache:
+        window = self.window - self.window % block_size
+        device = next(self.backbone.parameters()).device
+        return self.backbone.new_kv_cache(batch_size, window, block_size, device)
+
+    def logprobs(
+        self, x, t, num_last, key_valid, cache, commit=False, commit_previous=False, rows=None
+    ) -> Tensor:
+        """See samplers.SamplingModel. rows: (B, k) distinct, ascending positions among the
+        last num_last: the output layer then runs on those rows only -> (B, k, V)."""
+        if cache is not None:
+            K = cache.block_size
+            span = 2 * K if commit_previous else K
+            outputs = self._outputs(x.shape[0], span, num_last, rows, x.device)
+            logits = self._run_cached(
+                x, t, key_valid, cache, commit or commit_previous, outputs, span
+            )
+            if commit or commit_previous:
+                end = x.shape[1] - (K if commit_previous else 0)
+                cache.advance(None if key_valid is None else key_valid[:, end - K : end])
+            return self._to_logprobs(logits, x[:, -num_last:], rows)
+        if self.reencode:
+            x = x[:, -self.window :]
+            key_valid = None if key_valid is None else key_valid[:, -self.window :]
+        S = x.shape[1]
+        predicate = self.algorithm.sample_mask(self.window, self.reencode)
+        mask = self.network.mask(predicate, S, x.device)
+        if key_valid is not None and not bool(key_valid.all()):
+            mask = _with_padding(mask, predicate, key_valid)
+        positions = self.network.positions(S, 1, x.device)
+        outputs = self._outputs(x.shape[0], S, num_last, rows, x.device)
+        logits = self.backbone(x, self._sigma(t, x), positions, mask, outputs)
+        return self._to_logprobs(logits, x[:, -num_last:], rows)
+
+    def commit(self, x, key_valid, cache) -> None:
+        clean = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)  # t = 0
+        self._run_cached(x, clean, key_valid, cache, True, slice(0, 0), cache.block_size)
+        cache.advance(None if key_valid is None else key_valid[:, -cache.block_size :])
+
+    # ------------------------------------------------------------------------------------------
+    @staticmethod
+    def _outputs(batch: int, S: int, num_last: int, rows: Tensor | None, device):
+        """Where the output layer runs: the last num_last positions, or the given rows."""
+        if rows is None:
+            return slice(S - num_last, None)
+        select = torch.zeros(batch, S, dtype=torch.bool, device=device)
+        return select.scatter_(1, rows + (S - num_last), True)
+
+    def _sigma(self, t: Tensor, x: Tensor) -> Tensor | None:
+        if self.is_ar:
+            return (
+                None
+                if self.backbone.sigma_map is None
+                else x.new_zeros(x.shape[0], dtype=torch.float32)
+            )
+        sigma = sigma_from_p(t[:, None].float(), self.algorithm.noise_sigma_max)
+        return process_sigma(sigma, self.algorithm.time_conditioning).to(x.device)
+
+    def _to_logprobs(self, logits: Tensor, x_last: Tensor, rows: Tensor | None) -> Tensor:
+        if rows is not None:  # (B * k, V) in row-major order -> (B, k, V)
+            logits = logits.view(rows.shape[0], rows.shape[1], -1)
+            x_last = x_last.gather(1, rows)
+        if self.is_ar:
+            return ar_log_probs(logits, self.algorithm.mask_id)
+        return self.subs(logits, x_last, self.algorithm.mask_id)
+
+    def _run_cached(self, x, t, key_valid, cache, commit, outputs, span):
+        """The last `span` tokens of x (K, or 2K for a fused commit) through the cache."""
+        S = x.shape[1]
+        block_valid = None
+        if key_valid is not None and not bool(key_valid[:, -span:].all()):
+            block_valid = key_valid[:, -span:]
+        positions = torch.arange(S - span, S, device=x.device)
+        return self.backbone(
+            x[:, -span:], self._sigma(t, x), positions, AttentionMask(), outputs, cache, commit,
+            block_valid,
+        )  # fmt: skip
+
+
+def _with_padding(mask: AttentionMask, predicate, key_valid: Tensor) -> AttentionMask:
+    """Per-sequence dense mask: real tokens never attend prompt padding; padding attends only
+    padding (so every row has a key and values stay finite)."""
+    S = key_valid.shape[1]
+    base = dense_mask(predicate, S, S, key_valid.device) if predicate is not None else None
+    same_kind = key_valid[:, :, None] == key_valid[:, None, :]  # (B, S, S)
+    if mask.causal:
+        base = torch.ones(S, S, dtype=torch.bool, device=key_valid.device).tril()
+    dense = same_kind if base is None else same_kind & base
+    return AttentionMask(dense=dense[:, None])
