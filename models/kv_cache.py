@@ -7,12 +7,13 @@ K for a clean block committed in the same call. Slots per layer, in order:
 
 A denoising call (K tokens) writes the block's keys/values into the current-block slots and
 attends over ring + current block with full attention (a per-sequence key-validity mask hides
-empty slots and prompt padding). A commit call (K tokens, commit=True) also copies them into the
-oldest ring slots. A fused call (2K tokens, commit=True) does both at once: its first K tokens
-are the clean block just finished, committed exactly as a commit call would, and its last K
-tokens are the next block being denoised, which sees the ring as it is after that commit. In
-every case validity is updated after the call (`advance`), so a block never sees its own keys
-twice.
+empty slots and prompt padding; until the ring first wraps, and without prompt padding, new
+tokens go right after the filled prefix of the ring instead and only that prefix is read). A
+commit call (K tokens, commit=True) also copies them into the oldest ring slots. A fused call
+(2K tokens, commit=True) does both at once: its first K tokens are the clean block just
+finished, committed exactly as a commit call would, and its last K tokens are the next block
+being denoised, which sees the ring as it is after that commit. In every case validity is
+updated after the call (`advance`), so a block never sees its own keys twice.
 
 Keys carry absolute rotary positions. Scores depend only on relative positions, so once the
 ring wraps (sequences longer than the window) the cache equals a full recomputation under the
@@ -62,7 +63,7 @@ class KVCache:
         self.valid[:, self.capacity :] = True
         self.num_committed = 0  # blocks committed so far (host-side counter, no syncs)
         self._padded = False  # some committed block had prompt padding
-        self._mask: Tensor | None = None  # built at layer 0 of a call, reused by the others
+        self._plan: tuple = ()  # made at layer 0 of a call, used by every layer (_plan_call)
 
     @property
     def slot(self) -> slice:
@@ -83,35 +84,53 @@ class KVCache:
         block_valid: Tensor | None = None,
     ) -> Tensor:
         """q, k, v: (B, H, n, d) with n = K (one block) or 2K (a clean block to commit, then
-        the block being denoised) -> attention output (B, H, n, d).
+        the block being denoised) -> attention output (B, H, n, d). Layer 0 starts a call.
 
         commit: store the clean block's keys/values as the newest committed block (required
         for n = 2K). block_valid: (B, K) bool, False at prompt padding (n = K only)."""
-        K, cap = self.block_size, self.capacity
+        K = self.block_size
         n = q.shape[2]
         if n not in (K, 2 * K) or (n == 2 * K and not commit):
             raise ValueError(f"KV cache expects {K} tokens, or {2 * K} with commit")
         if self.k is None:
             self.k = torch.zeros(self.shape, dtype=k.dtype, device=k.device)
             self.v = torch.zeros(self.shape, dtype=v.dtype, device=v.device)
+        if layer == 0:
+            self._plan = self._plan_call(n, commit, block_valid)
+        start, prev_at, cur_at, mask, in_place = self._plan
         keys, values = self.k[layer], self.v[layer]
-        keys[:, :, K + cap :] = k[:, :, -K:]
-        values[:, :, K + cap :] = v[:, :, -K:]
-        if layer == 0:  # a network call starts at layer 0
-            self._mask = self._build_mask(n, block_valid)
-        if n == K:
-            out = F.scaled_dot_product_attention(
-                q, keys[:, :, K:], values[:, :, K:], attn_mask=self._mask
-            )
-        else:
-            keys[:, :, :K] = k[:, :, :K]
-            values[:, :, :K] = v[:, :, :K]
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=self._mask)
-        if commit:  # after attending: the block it replaces is in the committed block's window
+        keys[:, :, cur_at : cur_at + K] = k[:, :, -K:]
+        values[:, :, cur_at : cur_at + K] = v[:, :, -K:]
+        if n == 2 * K:
+            keys[:, :, prev_at : prev_at + K] = k[:, :, :K]
+            values[:, :, prev_at : prev_at + K] = v[:, :, :K]
+        out = F.scaled_dot_product_attention(
+            q, keys[:, :, start : cur_at + K], values[:, :, start : cur_at + K], attn_mask=mask
+        )
+        if commit and not in_place:  # after attending: the block it replaces was visible
             ring = slice(K + self.slot.start, K + self.slot.stop)
             keys[:, :, ring] = k[:, :, :K]
             values[:, :, ring] = v[:, :, :K]
         return out
+
+    def _plan_call(self, n: int, commit: bool, block_valid: Tensor | None) -> tuple:
+        """Where this call's n new tokens go and which slots it attends (the same for every
+        layer): (start, prev_at, cur_at, mask, in_place). Keys are slots [start, cur_at + K).
+
+        Until the ring wraps, with no prompt padding, the committed slots are the prefix
+        [K, K + filled): new tokens are written right after it (where the next commit puts
+        them, so a commit needs no copy) and attention reads only the filled slots. Otherwise
+        the layout of the module docstring with a validity mask."""
+        K, cap = self.block_size, self.capacity
+        filled = self.num_committed * K
+        linear = filled + n <= cap + K and (not commit or filled < cap)
+        if linear and block_valid is None and not self._padded:
+            mask = None
+            if n == 2 * K:  # the committed block does not see the next one
+                mask = torch.ones(n, filled + n, dtype=torch.bool, device=self.valid.device)
+                mask[:K, filled + K :] = False
+            return K, K + filled, K + filled + n - K, mask, True
+        return (0 if n == 2 * K else K, 0, K + cap, self._build_mask(n, block_valid), False)
 
     def _build_mask(self, n: int, block_valid: Tensor | None) -> Tensor | None:
         """(B, 1, n, keys) bool over the slots the call attends; None when all are visible."""
