@@ -210,6 +210,7 @@ def build_sampler_config(cfg: DictConfig, vocab, window: int):
             reject_low_entropy=bool(cfg.sampling.reject_low_entropy),
             stride=stride,
             lazy_draws=bool(cfg.sampling.lazy_draws),
+            fuse_commit=bool(cfg.sampling.fuse_commit),
             tokens_per_step=int(cfg.sampling.tokens_per_step),
             confidence_threshold=cfg.sampling.confidence_threshold,
         )

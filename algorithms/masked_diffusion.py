@@ -47,7 +47,8 @@ class MaskedDiffusion:
     var_min: bool = False  # BD3-LM: learned clip interval, validation over interval keys
     crop: DoubleLengthCrop | None = None  # text8-crop: 2L training rows
     # Logits only at the masked x_t positions (default). False: the reference's dense path
-    # (logits for all S positions, SUBS over (B, L, V)); same loss, for benchmarks and tests.
+    # (logits for all S = L or 2L input positions, SUBS over (B, L, V)); same loss, for the
+    # training benchmark's baseline and the equality tests.
     masked_outputs: bool = True
 
     def __post_init__(self):
@@ -154,7 +155,8 @@ class MaskedDiffusion:
         tokens = torch.cat([xt, x0], dim=1) if self.cross_attn else xt
         sigma = process_sigma(sigma, self.time_conditioning)
         if not self.masked_outputs:
-            logits = network(tokens, sigma, self.train_layout)[:, : self.seq_len]  # (B, L, V)
+            layout = dataclasses.replace(self.train_layout, outputs=None)  # all S positions
+            logits = network(tokens, sigma, layout)[:, : self.seq_len]  # (B, L, V)
             log_p = subs_log_probs_reference(logits, xt, self.mask_id)
             nll = loss_scale * log_p.gather(-1, x0[..., None])[..., 0]
             return reduce_loss(nll, attention_mask, self.ignore_bos, train)
