@@ -32,6 +32,7 @@ from models.kv_cache import KVCache
 GUMBEL_EPS = 1e-10
 STOP_ENTROPY = 4.0  # nats: the reference's low-entropy stop threshold
 ENTROPY_WINDOW = 256  # tokens the entropy rule looks at
+UNMASK_ORDERS = ("random", "confidence")
 
 
 class SamplingModel(Protocol):
@@ -87,6 +88,10 @@ class SamplerConfig:
     # tokens_per_step=1 and no threshold is exact first-hitting.
     tokens_per_step: int = 1
     confidence_threshold: float | None = None
+    # Which positions a call commits: "random" (uniform among the masked ones, first-hitting's
+    # choice) or "confidence" (the masked positions whose most likely token is most probable,
+    # as MaskGIT-style decoders do; not the exact sampler even at one token per step).
+    unmask_order: str = "random"
     # KV cache: commit each finished block inside the next block's first denoising call (one
     # forward over 2K tokens) instead of by a pass of its own, when the model allows it
     # (SamplingModel.can_fuse_commit). Same logits; False is the separate pass (benchmarks).
@@ -99,9 +104,18 @@ class SamplerConfig:
             raise ValueError(
                 f"sampling.confidence_threshold={self.confidence_threshold} must lie in (0, 1]"
             )
+        if self.unmask_order not in UNMASK_ORDERS:
+            raise ValueError(
+                f"sampling.unmask_order={self.unmask_order!r}: valid are {UNMASK_ORDERS}"
+            )
         parallel = self.tokens_per_step > 1 or self.confidence_threshold is not None
-        if parallel and not (self.first_hitting and self.lazy_draws):
-            raise ValueError("parallel decoding needs sampling.first_hitting and lazy draws")
+        if (parallel or self.unmask_order != "random") and not (
+            self.first_hitting and self.lazy_draws
+        ):
+            raise ValueError(
+                "parallel decoding and sampling.unmask_order need sampling.first_hitting and "
+                "sampling.lazy_draws"
+            )
         if self.num_steps < 1:
             raise ValueError(f"algo.T={self.num_steps}: sampling needs at least one step")
         if not 0 < self.nucleus_p <= 1:
@@ -357,28 +371,33 @@ def _denoise_block_lazy(
     nfe = torch.zeros(B, dtype=torch.long, device=device)
     valid = _extend_valid(key_valid, K)
     log_threshold = None if threshold is None else math.log(threshold)
+    by_confidence = cfg.unmask_order == "confidence"
     for step in range(steps):
         u, scores, token_u = draws[step].split((1, K, k), dim=-1)
         t = torch.where(n > 0, t * u[:, 0] ** (1.0 / n.clamp(min=1)), t)
         x = torch.cat([context, block], dim=1)
-        scores = scores.masked_fill(~masked, -1.0)
-        # k == 1: argmax (the exact sampler); else a uniform k-subset of the masked positions
+        fused = commit_previous and step == 0
+        log_p = None
+        if by_confidence or log_threshold is not None:  # these rules read every row
+            log_p = model.logprobs(x, t, K, valid, cache, commit_previous=fused)  # (B, K, V)
+            best, guess = log_p.max(dim=-1)  # the nucleus keeps the top-1, so argmax is kept
+        if by_confidence:
+            scores = best.double()
+        scores = scores.masked_fill(~masked, -math.inf)
+        # k == 1: argmax (the exact sampler when random); else the k best masked positions
         if k == 1:
             pos = scores.argmax(-1, keepdim=True)
         else:
             pos = scores.topk(k, dim=-1).indices.sort(dim=-1).values
         take = masked.gather(1, pos)
-        fused = commit_previous and step == 0
-        if log_threshold is None:  # only the committed rows need the output layer
+        if log_p is None:  # only the committed rows need the output layer
             rows = model.logprobs(x, t, K, valid, cache, commit_previous=fused, rows=pos)
-        else:  # the confidence rule reads every row
-            log_p = model.logprobs(x, t, K, valid, cache, commit_previous=fused)  # (B, K, V)
+        else:
             rows = log_p.gather(1, pos[..., None].expand(-1, -1, log_p.shape[-1]))  # (B, k, V)
         probs = nucleus(rows.double().exp(), cfg.nucleus_p)
         tokens = sample_inverse_cdf(probs, token_u)
         new_block = block.scatter(1, pos, torch.where(take, tokens, block.gather(1, pos)))
         if log_threshold is not None:
-            best, guess = log_p.max(dim=-1)  # the nucleus keeps the top-1, so argmax is kept
             sure = masked & (best >= log_threshold) & (new_block == cfg.mask_id)
             new_block = torch.where(sure, guess, new_block)
         nfe += (n > 0) & active

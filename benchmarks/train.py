@@ -64,12 +64,14 @@ class Runner:
 
     @staticmethod
     def _model_flops(name, block, width, layers, L, vocab, batch) -> float:
-        """Useful FLOPs per step (forward + backward = 3x forward) of the dense formulation:
-        the body over S = L (2L for BD3-LM), attention over the allowed mask entries, the
-        output layer over the positions that need logits (L for AR, about L/2 for the
-        masked-diffusion objectives in expectation)."""
+        """Useful FLOPs per step (forward + backward = 3x forward): the body over S = L (2L
+        for BD3-LM, whose last layer needs only keys and values of the x_0 half), attention
+        over the allowed mask entries, the output layer over the positions that need logits
+        (L for AR, about L/2 for the masked-diffusion objectives in expectation)."""
         S = 2 * L if name == "bd3lm" else L
         body = 2 * 12 * width * width * layers * S
+        if name == "bd3lm":
+            body -= 2 * 10 * width * width * L  # last layer, x_0 rows: only K/V (2 of 12)
         if name == "ar":
             allowed = L * (L + 1) / 2
         elif name == "mdlm":
@@ -203,10 +205,15 @@ def main() -> None:
             [key, step_ms[key], base if base else "", f"{base / step_ms[key]:.2f}x" if base else "",
              tok_s[key], memory.get(key, ""), mfu.get(key, "")]
         )  # fmt: skip
+    flop_ratios = {}
     for shape in shapes:
         b, m = step_ms.get(f"bd3lm4@{shape}"), step_ms.get(f"mdlm@{shape}")
         if b and m:
             ratios[shape] = round(b / m, 3)
+        width, layers, _, L, vocab, batch = SHAPES[shape]
+        bd3 = Runner._model_flops("bd3lm", 4, width, layers, L, vocab, batch)
+        mdlm = Runner._model_flops("mdlm", L, width, layers, L, vocab, batch)
+        flop_ratios[shape] = round(bd3 / mdlm, 3)
     header = ["variant@shape", "step ms", "baseline ms", "speed-up", "tokens/s", "peak MB"]
     print(common.table(rows, header + ["MFU"]))
     for shape, r in ratios.items():
@@ -215,7 +222,8 @@ def main() -> None:
             b, m = step_ms.get(f"bd3lm4@{shape}_baseline"), step_ms.get(f"mdlm@{shape}_baseline")
             if b and m:
                 line += f" (baseline {b / m:.2f}x)"
-        print(line + f"  [bd3lm4 {step_ms[f'bd3lm4@{shape}']} ms, mdlm {step_ms[f'mdlm@{shape}']}]")
+        line += f"  [bd3lm4 {step_ms[f'bd3lm4@{shape}']} ms, mdlm {step_ms[f'mdlm@{shape}']}]"
+        print(line + f"; useful-FLOP ratio {flop_ratios[shape]:.2f}x")
     memory_kind = (
         "cuda max_memory_allocated" if device.type == "cuda" else "peak RSS (VmHWM) growth"
     )
@@ -229,6 +237,7 @@ def main() -> None:
             "memory_measure": memory_kind,
             "mfu": mfu,
             "ratio_bd3lm4_over_mdlm": ratios,
+            "flop_ratio_bd3lm4_over_mdlm": flop_ratios,
             "reps": reps,
         },
     )

@@ -271,8 +271,10 @@ class DiT(nn.Module):
         The output projection runs only there (and, with prune_last_layer, the last block too).
         kv_cache: x is the current block (B, K) at absolute `positions`; it attends over the
         cache's committed tokens and itself (`mask` is ignored). commit: store this block's
-        keys/values in the cache (the caller then calls kv_cache.advance()). block_valid:
-        (B, K) bool, False at prompt padding (see KVCache.attend).
+        keys/values in the cache (the caller then calls kv_cache.advance()); with x of 2K
+        tokens, the first K are a clean block committed in the same call and the last K the
+        block being denoised (see models/kv_cache.py). block_valid: (B, K) bool, False at
+        prompt padding (see KVCache.attend).
         """
         h = self.vocab_embed(x)
         c = F.silu(self.sigma_map(sigma)) if self.sigma_map is not None else None

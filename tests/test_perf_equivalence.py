@@ -180,6 +180,32 @@ def test_parallel_decoding_commits_several_tokens_per_call():
     assert model.calls == 3  # one call per block
 
 
+class ByPosition:
+    """A SamplingModel whose row j puts 0.2 + 0.2 j on token 3: later rows are surer."""
+
+    def __init__(self):
+        self.blocks = []
+
+    def logprobs(
+        self, x, t, num_last, key_valid, cache, commit=False, commit_previous=False, rows=None
+    ):
+        self.blocks.append(x[:, -num_last:].clone())
+        sure = 0.2 + 0.2 * torch.arange(num_last, dtype=torch.float32)
+        probs = ((1 - sure) / 4)[None, :, None].expand(x.shape[0], -1, 6).clone()
+        probs[..., 3], probs[..., 5] = sure, 0.0
+        probs = probs.log()
+        return probs if rows is None else probs.gather(1, rows[..., None].expand(-1, -1, 6))
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_confidence_order_unmasks_the_surest_positions_first(k):
+    model = ByPosition()
+    _sample(model, _cfg(tokens_per_step=k, unmask_order="confidence"))
+    second_block = model.blocks[-(4 // k) :]  # the calls of the last block
+    masked = [(b[0] == 5).nonzero().flatten().tolist() for b in second_block]
+    assert masked == ([[0, 1, 2, 3], [0, 1, 2], [0, 1], [0]] if k == 1 else [[0, 1, 2, 3], [0, 1]])
+
+
 def test_lazy_and_reference_draws_give_the_same_distribution():
     """Token frequencies of the two first-hitting draws agree (they use other random numbers)."""
     counts = []
