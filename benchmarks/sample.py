@@ -15,6 +15,7 @@ reference SUBS implementation), alternating with the optimised run.
 --parallel adds parallel decoding rows (tokens_per_step 2/4, confidence_threshold 0.9).
 
 Usage: python benchmarks/sample.py [--quick] [--baseline] [--parallel] [--json PATH]
+       [--only NAME,...] [--profile NAME]
 """
 
 from __future__ import annotations
@@ -106,6 +107,28 @@ def variants(quick: bool, parallel: bool) -> dict[str, dict]:
     return table
 
 
+def profile(name: str, variant: dict, device) -> None:
+    """Per-call profile of one variant (torch.profiler): the ops that take the time, in
+    microseconds per model call (denoising calls + separate commits)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    run_once(dict(variant, length=2 * variant["block"]), device, False)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch_profile(activities=activities) as prof:
+        seconds, out, _ = run_once(variant, device, False)
+    calls = int(out.nfe_total.float().mean())
+    print(f"\nprofile of {name}: {seconds / calls * 1e6:.0f} us per model call ({calls} calls)")
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    rows = [
+        [e.key[:48], e.count // calls, round(e.self_cpu_time_total / calls),
+         f"{100 * e.self_cpu_time_total / total:.1f}%"]
+        for e in events[:14]
+    ]  # fmt: skip
+    print(common.table(rows, ["op", "per call", "self us per call", "share"]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="256 tokens (< 3 min CPU)")
@@ -114,10 +137,13 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--only", default=None, help="comma-separated variant names")
+    parser.add_argument("--profile", default=None, help="print a per-call profile of a variant")
     args = parser.parse_args()
     device = torch.device(args.device)
     print(f"device {device}, threads {torch.get_num_threads()}, torch {torch.__version__}")
     table = variants(args.quick, args.parallel)
+    if args.profile:
+        return profile(args.profile, table[args.profile], device)
     if args.only:
         table = {k: v for k, v in table.items() if k in args.only.split(",")}
     tok_s, nfe, memory, rows = {}, {}, {}, []
