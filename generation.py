@@ -2,9 +2,10 @@
 the low-entropy retries, per-sample metrics, and the files of the run.
 
 Outputs in `out_dir` (the run directory, or `sampling.logdir`): `samples.jsonl` (one line per
-sample, appended as samples are made; `samples.rank{r}.jsonl` per rank when several processes
+sample, written as samples are made; `samples.rank{r}.jsonl` per rank when several processes
 sample), `sample_eval.json` recomputed from every samples*.jsonl line in the directory, and
-`lengths.png`.
+`lengths.png`. In a `sampling.logdir` runs append to the files (samples accumulate across
+seeds); in the run directory a new run replaces the previous run's samples.
 """
 
 from __future__ import annotations
@@ -36,6 +37,20 @@ class GenerationJob:
     world_size: int = 1
     prompts: list[str] | None = None  # one continuation per prompt when given
     show_progress: bool = True
+    append: bool = False  # keep earlier runs' samples in out_dir (sampling.logdir)
+
+    @property
+    def file_name(self) -> str:
+        return "samples.jsonl" if self.world_size == 1 else f"samples.rank{self.rank}.jsonl"
+
+
+def _drop_stale_samples(job: GenerationJob) -> None:
+    """Rank 0, when not appending: remove samples*.jsonl files that no rank of this run writes
+    (left by an earlier run with another process count); each rank truncates its own."""
+    current = {dataclasses.replace(job, rank=r).file_name for r in range(job.world_size)}
+    for path in glob.glob(os.path.join(job.out_dir, "samples*.jsonl")):
+        if os.path.basename(path) not in current:
+            os.remove(path)
 
 
 def encode_prompts(
@@ -84,18 +99,19 @@ def generate(
     evaluator: GenerativePerplexity | None,
     device: torch.device,
 ) -> list[dict]:
-    """Run this rank's batches; every sample is appended to the rank's jsonl file at once.
+    """Run this rank's batches; every sample goes to the rank's jsonl file at once.
 
     sample_fn(batch_size, cfg, generator, device, prompt, prompt_valid, progress) is
     samplers.semi_ar_sample or samplers.ar_sample bound to a SamplingModel. Fixed-length
     samples flagged low-entropy are redrawn up to 10 times (the reference's rule); the last
     draw is kept with stop_reason "rejected_low_entropy"."""
     generator = torch.Generator().manual_seed(job.seed + RANK_SEED_STRIDE * job.rank)
-    name = "samples.jsonl" if job.world_size == 1 else f"samples.rank{job.rank}.jsonl"
     os.makedirs(job.out_dir, exist_ok=True)
+    if not job.append and job.rank == 0:
+        _drop_stale_samples(job)
     records: list[dict] = []
     bar = _progress_bar(job, cfg)
-    with open(os.path.join(job.out_dir, name), "a") as out:
+    with open(os.path.join(job.out_dir, job.file_name), "a" if job.append else "w") as out:
         for batch_index, rows in enumerate(_rows(job)):
             progress = None if bar is None else bar.update
             result = _sample_rows(sample_fn, rows, vocab, cfg, generator, device, progress)

@@ -179,6 +179,7 @@ def sample_eval(cfg: DictConfig, hw: builders.Hardware, plan: builders.BatchPlan
         rank=fabric.global_rank,
         world_size=fabric.world_size,
         prompts=prompts,
+        append=cfg.sampling.logdir is not None,
     )
     with fabric.autocast():
         records = generation.generate(sample_fn, sampler_cfg, job, vocab, evaluator, fabric.device)

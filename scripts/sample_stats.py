@@ -139,18 +139,16 @@ def plot_genppl_vs_nfe(runs: dict[str, dict], path: str, nfe: str = "denoise") -
     from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, x, y, ci in points:
-        ax.errorbar([x], [y], yerr=[ci], fmt="o", capsize=3)
-        ax.annotate(
-            os.path.basename(os.path.normpath(name)),
-            (x, y),
-            fontsize=7,
-            textcoords="offset points",
-            xytext=(4, 4),
-        )
-    if not points:
+    markers = "osD^v<>ph*X"
+    for i, (name, x, y, ci) in enumerate(points):
+        label = os.path.basename(os.path.normpath(name))
+        ax.errorbar([x], [y], yerr=[ci], fmt=markers[i % len(markers)], capsize=3, label=label)
+    if points:  # a legend, not labels next to the points: nearby points stay readable
+        ax.legend(fontsize=7, ncol=2, loc="best")
+        ax.set_yscale("log")
+    else:
         ax.text(0.5, 0.5, "no run has a generative perplexity", ha="center", transform=ax.transAxes)
-    ax.margins(x=0.25, y=0.1)  # room for the labels
+    ax.margins(x=0.1, y=0.1)
     ax.xaxis.set_major_locator(MaxNLocator(6))
     ax.set_xlabel(f"mean NFE ({nfe})")
     ax.set_ylabel("mean Gen PPL (95% CI)")

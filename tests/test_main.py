@@ -103,7 +103,7 @@ def test_sample_eval_writes_samples(trained_bd3lm, data_cache, tmp_path, tiny_ju
         assert len(s["token_ids"]) == s["length"] == 64 and s["token_ids"][0] == 0  # BOS
         assert 4096 not in s["token_ids"], "no mask token survives sampling"
         assert s["nfe_denoise"] == 63  # first-hitting: one token per call, BOS given
-        assert s["nfe_total"] == 63 + 15  # plus one commit pass per block but the last
+        assert s["nfe_total"] == 63  # each block is committed inside the next one's first call
         assert s["stop_reason"] == "length" and s["gen_ppl"] > 1 and s["entropy"] > 0
         assert isinstance(s["text"], str)
     summary = json.loads((tmp_path / "sample_eval.json").read_text())
@@ -131,6 +131,24 @@ def test_sample_eval_logdir_accumulates_runs(trained_bd3lm, data_cache, tmp_path
     assert len(samples) == 4 and {s["seed"] for s in samples} == {1, 2}
     assert all(s["prompt"] == "KING HENRY" for s in samples)
     assert json.loads((logdir / "sample_eval.json").read_text())["num_samples"] == 4
+
+
+def test_sample_eval_rerun_in_a_run_directory_replaces_its_samples(
+    trained_bd3lm, data_cache, tmp_path
+):
+    ckpt = trained_bd3lm / "checkpoints" / "last.ckpt"
+    (tmp_path / "samples.rank3.jsonl").write_text("{}\n")  # left by a 4-process run
+    for _ in range(2):
+        run_main(
+            tmp_path,
+            "mode=sample_eval",
+            f"eval.checkpoint_path={ckpt}",
+            "loader.eval_batch_size=2",
+            cache=data_cache,
+        )
+    assert len((tmp_path / "samples.jsonl").read_text().splitlines()) == 2
+    assert not (tmp_path / "samples.rank3.jsonl").exists()
+    assert json.loads((tmp_path / "sample_eval.json").read_text())["num_samples"] == 2
 
 
 @pytest.mark.parametrize("algo", ["mdlm", "ar", "sedd"])
