@@ -15,13 +15,14 @@ reference SUBS implementation), alternating with the optimised run.
 --parallel adds parallel decoding rows (tokens_per_step 2/4, confidence_threshold 0.9).
 
 Usage: python benchmarks/sample.py [--quick] [--baseline] [--parallel] [--json PATH]
-       [--only NAME,...] [--profile NAME]
+       [--only NAME,...] [--profile NAME] [--threads N] [--reps N]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -138,7 +139,11 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--only", default=None, help="comma-separated variant names")
     parser.add_argument("--profile", default=None, help="print a per-call profile of a variant")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--reps", type=int, default=1, help="timed runs per variant (median)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     print(f"device {device}, threads {torch.get_num_threads()}, torch {torch.__version__}")
     table = variants(args.quick, args.parallel)
@@ -147,25 +152,36 @@ def main() -> None:
     if args.only:
         table = {k: v for k, v in table.items() if k in args.only.split(",")}
     tok_s, nfe, memory, rows = {}, {}, {}, []
-    for name, variant in table.items():
-        modes = (
-            [False, True] if args.baseline and "tps" not in name and "conf" not in name else [False]
-        )
-        for baseline in modes:
-            warm = dict(variant, length=2 * variant["block"] if variant["algo"] != "ar" else 8)
-            run_once(warm, device, baseline)  # first calls: allocator, kernels
-            seconds, out, peak = run_once(variant, device, baseline)
+    parallel = ("_tps", "_conf")  # parallel-decoding rows have no baseline
+    runs = [
+        (name, baseline)
+        for name in table
+        for baseline in (False, True)
+        if not baseline or (args.baseline and not any(p in name for p in parallel))
+    ]
+    seconds = {run: [] for run in runs}
+    for rep in range(args.reps):  # rounds over every run, so drifts hit all of them alike
+        for name, baseline in runs:
+            variant = table[name]
+            if rep == 0:  # first calls: allocator, kernels
+                warm = dict(variant, length=2 * variant["block"] if variant["algo"] != "ar" else 8)
+                run_once(warm, device, baseline)
+            took, out, peak = run_once(variant, device, baseline)
+            seconds[(name, baseline)].append(took)
             key = name + ("_baseline" if baseline else "")
-            generated = variant["length"] * variant["batch"]
-            tok_s[key] = round(generated / seconds, 1)
-            nfe[key] = [int(out.nfe_denoise.float().mean()), int(out.nfe_total.float().mean())]
-            memory[key] = round(peak)
-            commits = nfe[key][1] - nfe[key][0]
-            print(
-                f"{key}: {tok_s[key]} tokens/s, NFE {nfe[key][0]} (+{commits} commits), "
-                f"peak {memory[key]} MB",
-                flush=True,
-            )
+            if rep == 0:
+                nfe[key] = [int(out.nfe_denoise.float().mean()), int(out.nfe_total.float().mean())]
+                memory[key] = round(peak)
+            if rep == args.reps - 1:
+                median = statistics.median(seconds[(name, baseline)])
+                tok_s[key] = round(variant["length"] * variant["batch"] / median, 1)
+                commits = nfe[key][1] - nfe[key][0]
+                print(
+                    f"{key}: {tok_s[key]} tokens/s (median of {args.reps}), NFE {nfe[key][0]} "
+                    f"(+{commits} commits), peak {memory[key]} MB",
+                    flush=True,
+                )
+    for name in table:
         base = tok_s.get(name + "_baseline")
         rows.append([name, tok_s[name], base or "", f"{tok_s[name] / base:.2f}x" if base else "",
                      f"{nfe[name][0]} (+{nfe[name][1] - nfe[name][0]})", memory[name]])  # fmt: skip
@@ -189,6 +205,8 @@ def main() -> None:
             "tokens_per_s": tok_s,
             "nfe_denoise_and_total": nfe,
             "peak_memory_mb": memory,
+            "reps": args.reps,
+            "threads": torch.get_num_threads(),
             "memory_measure": "cuda max_memory_allocated"
             if device.type == "cuda"
             else "peak RSS (VmHWM) growth (lower bound after the first run)",
