@@ -156,4 +156,6 @@ def test_study_table_and_target():
     assert study.point_overrides(study.POINTS["conf0.7"]) == [
         "sampling.tokens_per_step=1",
         "sampling.confidence_threshold=0.7",
+        "sampling.unmask_order=random",
     ]
+    assert study.point_overrides(study.POINTS["order_k2"])[2] == "sampling.unmask_order=confidence"
