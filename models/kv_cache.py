@@ -138,9 +138,8 @@ class KVCache:
         B, device = self.valid.shape[0], self.valid.device
         ring = self.valid[:, None, :cap].expand(-1, K, -1)  # (B, K, cap)
         if n == K:
-            if block_valid is None:
-                full = self.num_committed * K >= cap and not self._padded
-                return None if full else self.valid[:, None, None, :]
+            if block_valid is None:  # here the ring has wrapped: every slot is filled
+                return self.valid[:, None, None, :] if self._padded else None
             return torch.cat([ring, _own_block(block_valid, B, K, device)], dim=-1)[:, None]
         if block_valid is not None:
             raise ValueError("a fused commit takes generated blocks only (prefill prompts)")

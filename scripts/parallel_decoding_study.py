@@ -171,9 +171,6 @@ def run_point(
             if json.load(f).get("num_samples") == samples:
                 print(f"point {name}: found {samples} samples; not resampling", flush=True)
                 return out
-    for stale in ("samples.jsonl", "sample_eval.json"):  # samples.jsonl is appended to
-        if os.path.exists(os.path.join(out, stale)):
-            os.remove(os.path.join(out, stale))
     batch = min(batch, samples)
     cmd = main_py(
         experiment,
