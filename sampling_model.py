@@ -17,9 +17,10 @@ from torch import Tensor
 from algorithms.ar import Autoregressive, ar_log_probs
 from algorithms.base import process_sigma, sigma_from_p, subs_log_probs, subs_log_probs_reference
 from models.attention import AttentionMask, dense_mask
-from models.dit import DiT
+from models.dit import Conditioning, DiT
 from models.kv_cache import KVCache
 from models.network import BackboneNetwork
+from models.weight_stamp import WeightStamp
 
 
 class SamplingModel:
@@ -40,6 +41,7 @@ class SamplingModel:
         self.is_ar = isinstance(algorithm, Autoregressive)
         self.reencode = reencode or (not self.is_ar and not algorithm.cross_attn)
         self.subs = subs_log_probs_reference if reference_subs else subs_log_probs
+        self._constant: tuple[tuple, WeightStamp, Conditioning] | None = None  # _conditioning
 
     @property
     def can_fuse_commit(self) -> bool:
@@ -78,7 +80,9 @@ class SamplingModel:
             mask = _with_padding(mask, predicate, key_valid)
         positions = self.network.positions(S, 1, x.device)
         outputs = self._outputs(x.shape[0], S, num_last, rows, x.device)
-        logits = self.backbone(x, self._sigma(t, x), positions, mask, outputs)
+        logits = self.backbone(
+            x, None, positions, mask, outputs, conditioning=self._conditioning(t, x)
+        )
         return self._to_logprobs(logits, x[:, -num_last:], rows)
 
     def commit(self, x, key_valid, cache) -> None:
@@ -95,15 +99,31 @@ class SamplingModel:
         select = torch.zeros(batch, S, dtype=torch.bool, device=device)
         return select.scatter_(1, rows + (S - num_last), True)
 
-    def _sigma(self, t: Tensor, x: Tensor) -> Tensor | None:
-        if self.is_ar:
-            return (
-                None
-                if self.backbone.sigma_map is None
-                else x.new_zeros(x.shape[0], dtype=torch.float32)
-            )
-        sigma = sigma_from_p(t[:, None].float(), self.algorithm.noise_sigma_max)
-        return process_sigma(sigma, self.algorithm.time_conditioning).to(x.device)
+    def _conditioning(self, t: Tensor, x: Tensor) -> Conditioning | None:
+        """The backbone's adaLN modulation at t (B,). Without time conditioning sigma is 0 at
+        every call, so the modulation is a constant: it is computed once per batch size and
+        mode and reused until the weights it derives from change (WeightStamp)."""
+        if self.backbone.sigma_map is None:
+            return None
+        if not self.is_ar and self.algorithm.time_conditioning:
+            sigma = sigma_from_p(t[:, None].float(), self.algorithm.noise_sigma_max)
+            return self.backbone.condition(process_sigma(sigma, True).to(x.device))
+        device = x.device
+        mode = (x.shape[0], device, torch.is_grad_enabled(), torch.is_autocast_enabled(device.type))
+        weights = self._conditioning_weights()
+        if (
+            self._constant is None
+            or self._constant[0] != mode
+            or not self._constant[1].matches(weights)
+        ):
+            zeros = torch.zeros(x.shape[0], dtype=torch.float32, device=device)
+            self._constant = (mode, WeightStamp(weights), self.backbone.condition(zeros))
+        return self._constant[2]
+
+    def _conditioning_weights(self) -> list[Tensor]:
+        modules = [self.backbone.sigma_map, self.backbone.output_layer.adaLN_modulation]
+        modules += [block.adaLN_modulation for block in self.backbone.blocks]
+        return [p for m in modules for p in m.parameters()]
 
     def _to_logprobs(self, logits: Tensor, x_last: Tensor, rows: Tensor | None) -> Tensor:
         if rows is not None:  # (B * k, V) in row-major order -> (B, k, V)
@@ -121,8 +141,8 @@ class SamplingModel:
             block_valid = key_valid[:, -span:]
         positions = torch.arange(S - span, S, device=x.device)
         return self.backbone(
-            x[:, -span:], self._sigma(t, x), positions, AttentionMask(), outputs, cache, commit,
-            block_valid,
+            x[:, -span:], None, positions, AttentionMask(), outputs, cache, commit, block_valid,
+            self._conditioning(t, x),
         )  # fmt: skip
 
 

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from models.attention import BACKENDS, AttentionMask, Rotary, apply_rotary, attend
 from models.kv_cache import KVCache
+from models.weight_stamp import WeightStamp
 
 FREQ_EMBED_DIM = 256  # sinusoidal features fed to sigma_map
 
@@ -82,6 +83,16 @@ class LayerNorm(nn.Module):
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     return x * (1 + scale) + shift
+
+
+@dataclasses.dataclass(frozen=True)
+class Conditioning:
+    """The adaLN modulation for one sigma (DiT.condition). blocks: per block (shift_msa,
+    scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp); final: the output layer's (shift,
+    scale). Every tensor is (B, 1, D)."""
+
+    blocks: tuple[tuple[Tensor, ...], ...]
+    final: tuple[Tensor, Tensor]
 
 
 class EmbeddingLayer(nn.Module):
@@ -151,24 +162,27 @@ class DiTBlock(nn.Module):
         else:
             self.adaLN_modulation = None
 
+    def modulation(self, c: Tensor) -> tuple[Tensor, ...]:
+        """c: (B, C) -> the block's six (B, 1, D) adaLN vectors (see Conditioning)."""
+        return self.adaLN_modulation(c)[:, None].chunk(6, dim=2)
+
     def forward(
         self,
         h: Tensor,
-        c: Tensor | None,
+        mod: tuple[Tensor, ...] | None,
         cos: Tensor,
         sin: Tensor,
         mask: AttentionMask,
         cache: tuple | None = None,
         num_queries: int | None = None,
     ) -> Tensor:
-        """h: (B, S, D), c: (B, C) or None -> (B, S, D). cache: (kv_cache, layer, commit,
-        block_valid) to attend over cached keys instead of applying `mask`. num_queries: only
-        the first n positions are needed downstream: keys/values are computed for all S, the
-        rest of the block for those n only, and the result is (B, n, D)."""
-        if self.adaLN_modulation is not None:
-            (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp) = (
-                self.adaLN_modulation(c)[:, None].chunk(6, dim=2)
-            )
+        """h: (B, S, D), mod: this block's Conditioning entry (None without adaLN) ->
+        (B, S, D). cache: (kv_cache, layer, commit, block_valid) to attend over cached keys
+        instead of applying `mask`. num_queries: only the first n positions are needed
+        downstream: keys/values are computed for all S, the rest of the block for those n
+        only, and the result is (B, n, D)."""
+        if mod is not None:
+            shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
             a = modulate(self.norm1(h), shift_msa, scale_msa)
         else:
             a = self.norm1(h)
@@ -197,7 +211,7 @@ class DiTBlock(nn.Module):
             kv_cache, layer, commit, block_valid = cache
             att = kv_cache.attend(layer, q, k, v, commit, block_valid)
         att = rearrange(att, "b h s d -> b s (h d)")
-        if self.adaLN_modulation is None:
+        if mod is None:
             h = h + self.dropout(self.attn_out(att))
             return h + self.dropout(self.mlp(self.norm2(h)))
         h = h + gate_msa * self.dropout(self.attn_out(att))
@@ -220,19 +234,47 @@ class DiTFinalLayer(nn.Module):
             nn.init.zeros_(self.adaLN_modulation.bias)
         else:
             self.adaLN_modulation = None
+        self._weight_t: tuple[WeightStamp, Tensor] | None = None  # see _project
 
-    def forward(self, h: Tensor, c: Tensor | None, outputs: Tensor | slice | None) -> Tensor:
-        """h: (B, S, D) -> logits (B, S', V) for a slice of positions, or (N, V) for the N
-        positions of a boolean (B, S) selection."""
+    def modulation(self, c: Tensor) -> tuple[Tensor, Tensor]:
+        """c: (B, C) -> (shift, scale), each (B, 1, D)."""
+        shift, scale = self.adaLN_modulation(c)[:, None].chunk(2, dim=2)
+        return shift, scale
+
+    def forward(
+        self, h: Tensor, mod: tuple[Tensor, Tensor] | None, outputs: Tensor | slice | None
+    ) -> Tensor:
+        """h: (B, S, D), mod: (shift, scale) or None without adaLN -> logits (B, S', V) for a
+        slice of positions, or (N, V) for the N positions of a boolean (B, S) selection."""
         h = self.norm_final(h)
-        if self.adaLN_modulation is not None:
-            shift, scale = self.adaLN_modulation(c)[:, None].chunk(2, dim=2)
-            h = modulate(h, shift, scale)
+        if mod is not None:
+            h = modulate(h, *mod)
         if isinstance(outputs, slice):
             h = h[:, outputs]
         elif outputs is not None:
             h = h[:, : outputs.shape[1]][outputs]
-        return self.linear(h)
+        return self._project(h)
+
+    def _project(self, h: Tensor) -> Tensor:
+        """The vocabulary projection h (..., D) -> (..., V).
+
+        On CPU without autograd or autocast (sampling, evaluation) it multiplies by a cached
+        (D, V) copy of the (V, D) weight: the same products, and at 4 or more rows the same
+        GEMM result bit for bit, while a one-row GEMV reads the transposed layout 3-7x faster
+        on our 2-core CPU (the output layer was the largest op of a cached sampling call).
+        The copy is rebuilt whenever the weight changes (optimizer step, EMA swap, load)."""
+        weight, bias = self.linear.weight, self.linear.bias
+        if (
+            h.device.type != "cpu"
+            or torch.is_grad_enabled()
+            or torch.is_autocast_enabled("cpu")
+            or h.dtype != weight.dtype
+        ):
+            return self.linear(h)
+        if self._weight_t is None or not self._weight_t[0].matches([weight]):
+            self._weight_t = (WeightStamp([weight]), weight.detach().t().contiguous())
+        flat = h.reshape(-1, h.shape[-1])
+        return torch.addmm(bias, flat, self._weight_t[1]).view(*h.shape[:-1], weight.shape[0])
 
 
 class DiT(nn.Module):
@@ -262,6 +304,7 @@ class DiT(nn.Module):
         kv_cache: KVCache | None = None,
         commit: bool = False,
         block_valid: Tensor | None = None,
+        conditioning: Conditioning | None = None,
     ) -> Tensor:
         """x: (B, S) token ids; sigma: (B,) processed noise level (zeros when time conditioning
         is off; ignored without adaLN); positions: (S,) rotary positions; mask: materialised
@@ -274,17 +317,29 @@ class DiT(nn.Module):
         keys/values in the cache (the caller then calls kv_cache.advance()); with x of 2K
         tokens, the first K are a clean block committed in the same call and the last K the
         block being denoised (see models/kv_cache.py). block_valid: (B, K) bool, False at
-        prompt padding (see KVCache.attend).
+        prompt padding (see KVCache.attend). conditioning: self.condition(sigma) computed
+        beforehand (then sigma is not read), e.g. reused across calls with the same sigma.
         """
         h = self.vocab_embed(x)
-        c = F.silu(self.sigma_map(sigma)) if self.sigma_map is not None else None
+        if conditioning is None:
+            conditioning = self.condition(sigma)
         cos, sin = self.rotary_emb(positions, h.dtype)
         last = len(self.blocks) - 1
         needed = self._needed_prefix(outputs, x.shape[1], mask, kv_cache)
         for layer, block in enumerate(self.blocks):
             cache = None if kv_cache is None else (kv_cache, layer, commit, block_valid)
-            h = block(h, c, cos, sin, mask, cache, needed if layer == last else None)
-        return self.output_layer(h, c, outputs)
+            mod = None if conditioning is None else conditioning.blocks[layer]
+            h = block(h, mod, cos, sin, mask, cache, needed if layer == last else None)
+        return self.output_layer(h, None if conditioning is None else conditioning.final, outputs)
+
+    def condition(self, sigma: Tensor | None) -> Conditioning | None:
+        """sigma (B,) -> the adaLN modulation of every block and the output layer; None for a
+        backbone without adaLN (AR)."""
+        if self.sigma_map is None:
+            return None
+        c = F.silu(self.sigma_map(sigma))
+        mods = tuple(block.modulation(c) for block in self.blocks)
+        return Conditioning(mods, self.output_layer.modulation(c))
 
     def _needed_prefix(self, outputs, S: int, mask: AttentionMask, kv_cache) -> int | None:
         """The number of leading positions whose logits are asked for, when the last block may

@@ -253,3 +253,56 @@ def test_selected_rows_equal_the_full_output(cached):
         full, some = call(), call(rows=rows)
     assert some.shape == (3, 2, 41)
     torch.testing.assert_close(some, full.gather(1, rows[..., None].expand(-1, -1, 41)))
+
+
+def test_inference_projection_equals_linear_and_follows_every_weight_change():
+    """The CPU inference projection (a cached transposed weight) gives F.linear's logits and
+    is rebuilt after an in-place update, a load_state_dict and a replaced tensor."""
+    layer = dit(True, True).output_layer
+    h = torch.randn(2, 3, 32, generator=torch.Generator().manual_seed(0))
+
+    def check():
+        with torch.no_grad():
+            for rows in (h[:1, :1], h[:, :2], h):  # a GEMV and GEMMs
+                expected = F.linear(rows, layer.linear.weight, layer.linear.bias)
+                torch.testing.assert_close(layer._project(rows), expected, rtol=1e-6, atol=1e-6)
+
+    check()
+    with torch.no_grad():
+        layer.linear.weight.mul_(-2.0)  # an optimizer step or an EMA copy
+    check()
+    state = {k: torch.randn_like(v) for k, v in layer.state_dict().items()}
+    layer.load_state_dict(state)
+    check()
+    layer.linear.weight.data = torch.randn_like(layer.linear.weight)
+    check()
+    assert layer._project(h).requires_grad  # with autograd on: the plain F.linear
+
+
+def test_constant_conditioning_is_reused_only_while_its_weights_stand():
+    """Without time conditioning the sampling model computes the adaLN modulation once; a
+    weight change (here the last block's adaLN) must reach the next call. With time
+    conditioning the modulation follows t."""
+    from test_sampling import tiny_module
+
+    module = tiny_module("bd3lm")
+    model = module.sampling_model(16)
+    x = torch.randint(0, 40, (2, 8), generator=torch.Generator().manual_seed(0))
+    x[:, 5:] = 40
+    t = torch.full((2,), 0.7, dtype=torch.float64)
+    with torch.no_grad():
+        before = model.logprobs(x, t, 4, None, None)
+        torch.testing.assert_close(model.logprobs(x, t * 0.5, 4, None, None), before)
+        module.backbone.blocks[-1].adaLN_modulation.bias.add_(0.5)
+        after = model.logprobs(x, t, 4, None, None)
+        fresh = module.sampling_model(16).logprobs(x, t, 4, None, None)
+    torch.testing.assert_close(after, fresh, rtol=0, atol=0)
+    assert not torch.allclose(after, before)
+
+    timed = tiny_module("bd3lm", 16, "algo.time_conditioning=true")
+    randomize_(timed.backbone, seed=4, scale=0.3)
+    model = timed.sampling_model(16)
+    with torch.no_grad():
+        assert not torch.allclose(
+            model.logprobs(x, t, 4, None, None), model.logprobs(x, t * 0.5, 4, None, None)
+        )
