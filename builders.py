@@ -213,6 +213,7 @@ def build_sampler_config(cfg: DictConfig, vocab, window: int):
             fuse_commit=bool(cfg.sampling.fuse_commit),
             tokens_per_step=int(cfg.sampling.tokens_per_step),
             confidence_threshold=cfg.sampling.confidence_threshold,
+            entropy_bound=cfg.sampling.entropy_bound,
             unmask_order=str(cfg.sampling.unmask_order),
         )
     except ValueError as err:

@@ -88,6 +88,11 @@ class SamplerConfig:
     # tokens_per_step=1 and no threshold is exact first-hitting.
     tokens_per_step: int = 1
     confidence_threshold: float | None = None
+    # Parallel decoding by an entropy budget (after the EB-sampler, Ben-Hamu et al. 2025): a
+    # call commits its position(s) as above, then also the still-masked positions of lowest
+    # entropy (of their nucleus-filtered distributions) while those extra entropies sum to at
+    # most `entropy_bound` nats; every token is drawn from its distribution (no argmax).
+    entropy_bound: float | None = None
     # Which positions a call commits: "random" (uniform among the masked ones, first-hitting's
     # choice) or "confidence" (the masked positions whose most likely token is most probable,
     # as MaskGIT-style decoders do; not the exact sampler even at one token per step).
@@ -104,11 +109,14 @@ class SamplerConfig:
             raise ValueError(
                 f"sampling.confidence_threshold={self.confidence_threshold} must lie in (0, 1]"
             )
+        if self.entropy_bound is not None and not self.entropy_bound > 0:
+            raise ValueError(f"sampling.entropy_bound={self.entropy_bound} must be > 0")
         if self.unmask_order not in UNMASK_ORDERS:
             raise ValueError(
                 f"sampling.unmask_order={self.unmask_order!r}: valid are {UNMASK_ORDERS}"
             )
         parallel = self.tokens_per_step > 1 or self.confidence_threshold is not None
+        parallel |= self.entropy_bound is not None
         if (parallel or self.unmask_order != "random") and not (
             self.first_hitting and self.lazy_draws
         ):
@@ -352,8 +360,9 @@ def _denoise_block_lazy(
     Per call: t <- t u^(1/n) per sequence; the position(s) to commit are the largest of uniform
     scores over the masked positions (a uniform choice); the token there is drawn by inverse
     CDF from its (nucleus-filtered) float64 row, one uniform each. All uniforms of the block,
-    (steps, B, 1 + K + k), are drawn in one call before its first step, so the number of draws
-    depends only on the block (not on the cache or the device) and no step waits on the host.
+    (steps, B, 1 + K + k), plus K per step for cfg.entropy_bound, are drawn in one call before
+    its first step, so the number of draws depends only on the block (not on the cache or the
+    device) and no step waits on the host (except for the early stop of the parallel rules).
     """
     B, K = block.shape
     device = block.device
@@ -365,7 +374,9 @@ def _denoise_block_lazy(
     steps = -(-num_masked // k)
     if steps == 0:
         return block, torch.zeros(B, dtype=torch.long, device=device)
-    draws = _rand((steps, B, 1 + K + k), generator, device)
+    bound = cfg.entropy_bound
+    sizes = (1, K, k) + (() if bound is None else (K,))
+    draws = _rand((steps, B, sum(sizes)), generator, device)
     n = masked.sum(-1)
     t = torch.ones(B, dtype=torch.float64, device=device)
     nfe = torch.zeros(B, dtype=torch.long, device=device)
@@ -373,12 +384,12 @@ def _denoise_block_lazy(
     log_threshold = None if threshold is None else math.log(threshold)
     by_confidence = cfg.unmask_order == "confidence"
     for step in range(steps):
-        u, scores, token_u = draws[step].split((1, K, k), dim=-1)
+        u, scores, token_u, *extra_u = draws[step].split(sizes, dim=-1)
         t = torch.where(n > 0, t * u[:, 0] ** (1.0 / n.clamp(min=1)), t)
         x = torch.cat([context, block], dim=1)
         fused = commit_previous and step == 0
         log_p = None
-        if by_confidence or log_threshold is not None:  # these rules read every row
+        if by_confidence or log_threshold is not None or bound is not None:  # read every row
             log_p = model.logprobs(x, t, K, valid, cache, commit_previous=fused)  # (B, K, V)
             best, guess = log_p.max(dim=-1)  # the nucleus keeps the top-1, so argmax is kept
         if by_confidence:
@@ -398,15 +409,33 @@ def _denoise_block_lazy(
         tokens = sample_inverse_cdf(probs, token_u)
         new_block = block.scatter(1, pos, torch.where(take, tokens, block.gather(1, pos)))
         if log_threshold is not None:
-            sure = masked & (best >= log_threshold) & (new_block == cfg.mask_id)
+            sure = (best >= log_threshold) & (new_block == cfg.mask_id)
             new_block = torch.where(sure, guess, new_block)
+        if bound is not None:
+            new_block = _entropy_budget_commit(new_block, log_p, extra_u[0], bound, cfg)
         nfe += (n > 0) & active
         block = new_block
         masked = block == cfg.mask_id
         n = masked.sum(-1)
-        if log_threshold is not None and not bool(masked.any()):
-            break  # confident commits can finish early (one host sync per step in this mode)
+        if (log_threshold is not None or bound is not None) and not bool(masked.any()):
+            break  # parallel commits can finish early (one host sync per step in these modes)
     return block, nfe
+
+
+def _entropy_budget_commit(
+    block: Tensor, log_p: Tensor, uniform: Tensor, bound: float, cfg: SamplerConfig
+) -> Tensor:
+    """block (B, K) after this call's commits; log_p (B, K, V); uniform (B, K) in [0, 1).
+    Commits the still-masked positions in order of increasing entropy while their entropies
+    sum to at most `bound` nats, each token drawn from its nucleus-filtered row."""
+    probs = nucleus(log_p.double().exp(), cfg.nucleus_p)
+    q = probs / probs.sum(-1, keepdim=True)
+    entropy = -torch.special.xlogy(q, q).sum(-1)  # (B, K)
+    entropy = entropy.masked_fill(block != cfg.mask_id, math.inf)
+    sorted_entropy, order = entropy.sort(dim=-1)
+    within = torch.zeros_like(block, dtype=torch.bool)
+    within.scatter_(1, order, sorted_entropy.cumsum(-1) <= bound)
+    return torch.where(within, sample_inverse_cdf(probs, uniform), block)
 
 
 @torch.no_grad()

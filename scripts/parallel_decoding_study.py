@@ -28,7 +28,9 @@ RUN (default outputs/parallel_study; outputs/parallel_study_quick with --quick):
 Points (all with nucleus_p 0.9 of the demo config): exact (tokens_per_step=1), k2, k3, k4
 (tokens_per_step=k; with block size 4, k2 gives NFE = L/2), conf0.9 / conf0.7 / conf0.5 /
 conf0.3 / conf0.2 / conf0.1 / conf0.05 (confidence_threshold p with one uniform token per call),
-k2_conf0.9 (both), order_k1 / order_k2 (sampling.unmask_order=confidence with k = 1, 2).
+k2_conf0.9 (both), order_k1 / order_k2 (sampling.unmask_order=confidence with k = 1, 2),
+eb0.5 / eb1 / eb2 / eb4 (sampling.entropy_bound in nats) and order_eb1 / order_eb2 (entropy
+bound with unmask_order=confidence, the EB-sampler proper).
 Logs of every subprocess go to RUN/logs/. `--quick` is a seconds-long smoke version
 (experiment=smoke model, a few judge steps, 4 samples per point, three points).
 """
@@ -71,6 +73,13 @@ POINTS = {
     # sampling.unmask_order=confidence: the most confident masked positions first
     "order_k1": {"tokens_per_step": 1, "unmask_order": "confidence"},
     "order_k2": {"tokens_per_step": 2, "unmask_order": "confidence"},
+    # sampling.entropy_bound=g: also the lowest-entropy positions, entropies summing <= g nats
+    "eb0.5": {"tokens_per_step": 1, "entropy_bound": 0.5},
+    "eb1": {"tokens_per_step": 1, "entropy_bound": 1.0},
+    "eb2": {"tokens_per_step": 1, "entropy_bound": 2.0},
+    "eb4": {"tokens_per_step": 1, "entropy_bound": 4.0},
+    "order_eb1": {"tokens_per_step": 1, "entropy_bound": 1.0, "unmask_order": "confidence"},
+    "order_eb2": {"tokens_per_step": 1, "entropy_bound": 2.0, "unmask_order": "confidence"},
 }
 DEFAULT_POINTS = list(POINTS)
 QUICK_POINTS = ["exact", "k2", "conf0.5"]
@@ -144,9 +153,11 @@ def ensure_judge(run: str, judge_args: list[str], timings: dict) -> dict:
 
 def point_overrides(settings: dict) -> list[str]:
     threshold = settings.get("confidence_threshold")
+    bound = settings.get("entropy_bound")
     return [
         f"sampling.tokens_per_step={settings['tokens_per_step']}",
         f"sampling.confidence_threshold={'null' if threshold is None else threshold}",
+        f"sampling.entropy_bound={'null' if bound is None else bound}",
         f"sampling.unmask_order={settings.get('unmask_order', 'random')}",
     ]
 

@@ -156,6 +156,8 @@ def test_study_table_and_target():
     assert study.point_overrides(study.POINTS["conf0.7"]) == [
         "sampling.tokens_per_step=1",
         "sampling.confidence_threshold=0.7",
+        "sampling.entropy_bound=null",
         "sampling.unmask_order=random",
     ]
-    assert study.point_overrides(study.POINTS["order_k2"])[2] == "sampling.unmask_order=confidence"
+    assert study.point_overrides(study.POINTS["order_k2"])[3] == "sampling.unmask_order=confidence"
+    assert study.point_overrides(study.POINTS["eb1"])[2] == "sampling.entropy_bound=1.0"

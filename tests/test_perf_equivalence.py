@@ -216,7 +216,9 @@ def test_lazy_and_reference_draws_give_the_same_distribution():
     torch.testing.assert_close(freq[0], freq[1], atol=0.02, rtol=0)
 
 
-@pytest.mark.parametrize("kw", [dict(tokens_per_step=2), dict(confidence_threshold=0.3)])
+@pytest.mark.parametrize(
+    "kw", [dict(tokens_per_step=2), dict(confidence_threshold=0.3), dict(entropy_bound=2.0)]
+)
 def test_parallel_decoding_cache_equals_recomputation(kw):
     from test_sampling import run, sampler_cfg, tiny_module
 
@@ -306,3 +308,31 @@ def test_constant_conditioning_is_reused_only_while_its_weights_stand():
         assert not torch.allclose(
             model.logprobs(x, t, 4, None, None), model.logprobs(x, t * 0.5, 4, None, None)
         )
+
+
+class TwoKinds:
+    """A SamplingModel whose block rows 0-1 are a coin between tokens 1 and 2 (entropy ln 2)
+    and rows 2-3 uniform over tokens 0-4 (entropy ln 5)."""
+
+    def logprobs(
+        self, x, t, num_last, key_valid, cache, commit=False, commit_previous=False, rows=None
+    ):
+        probs = torch.zeros(x.shape[0], num_last, 6)
+        probs[:, :2, 1:3] = 0.5
+        probs[:, 2:, :5] = 0.2
+        probs = probs.log()
+        return probs if rows is None else probs.gather(1, rows[..., None].expand(-1, -1, 6))
+
+
+@pytest.mark.parametrize("bound,calls", [(1.0, [3, 3, 3]), (2.0, [2, 2, 2])])
+def test_entropy_budget_commits_the_lowest_entropy_rows_and_draws_their_tokens(bound, calls):
+    """Most confident first (row 0, else 1), then lowest entropy while the extra entropies sum
+    to <= bound: at 1.0 one coin row joins (ln 2), at 2.0 a coin and a uniform row (ln 2 + ln 5
+    > 2 stops the second); the joined tokens are draws (both coin sides), not argmaxes."""
+    out = _sample(TwoKinds(), _cfg(entropy_bound=bound, unmask_order="confidence"), batch=400)
+    assert out.nfe_denoise.tolist() == [sum(calls)] * 400 and not (out.tokens == 5).any()
+    coin = out.tokens[:, [5, 9]].flatten()  # row 1 of blocks 2 and 3: joined by the budget
+    assert set(coin.tolist()) == {1, 2}
+    assert abs((coin == 1).double().mean().item() - 0.5) < 0.06
+    with pytest.raises(ValueError, match="entropy_bound"):
+        _cfg(entropy_bound=0.0)
