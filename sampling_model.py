@@ -25,7 +25,9 @@ from models.weight_stamp import WeightStamp
 
 class SamplingModel:
     """Implements samplers.SamplingModel. algorithm: MaskedDiffusion or Autoregressive.
-    reference_subs: the reference's SUBS implementation (the sampling benchmark's baseline)."""
+    reference_subs: the reference's SUBS implementation; reuse_conditioning=False recomputes
+    the adaLN modulation at every call even when it cannot change (both: the sampling
+    benchmark's baseline)."""
 
     def __init__(
         self,
@@ -35,12 +37,14 @@ class SamplingModel:
         reencode: bool = False,
         network: BackboneNetwork | None = None,
         reference_subs: bool = False,
+        reuse_conditioning: bool = True,
     ):
         self.backbone, self.algorithm, self.window = backbone, algorithm, window
         self.network = network or BackboneNetwork(backbone)
         self.is_ar = isinstance(algorithm, Autoregressive)
         self.reencode = reencode or (not self.is_ar and not algorithm.cross_attn)
         self.subs = subs_log_probs_reference if reference_subs else subs_log_probs
+        self.reuse_conditioning = reuse_conditioning
         self._constant: tuple[tuple, WeightStamp, Conditioning] | None = None  # _conditioning
 
     @property
@@ -105,10 +109,12 @@ class SamplingModel:
         mode and reused until the weights it derives from change (WeightStamp)."""
         if self.backbone.sigma_map is None:
             return None
+        device = x.device
         if not self.is_ar and self.algorithm.time_conditioning:
             sigma = sigma_from_p(t[:, None].float(), self.algorithm.noise_sigma_max)
-            return self.backbone.condition(process_sigma(sigma, True).to(x.device))
-        device = x.device
+            return self.backbone.condition(process_sigma(sigma, True).to(device))
+        if not self.reuse_conditioning:
+            return self.backbone.condition(torch.zeros(x.shape[0], device=device))
         mode = (x.shape[0], device, torch.is_grad_enabled(), torch.is_autocast_enabled(device.type))
         weights = self._conditioning_weights()
         if (

@@ -44,8 +44,8 @@ def build_dit(
     init_std: float | None = None,
 ) -> DiT:
     """A DiT with the issue-7 switches on (optimised) or off (baseline: dense SDPA mask, full
-    last layer). init_std: random weights everywhere (zero-initialised layers would make every
-    logit 0)."""
+    last layer, the output layer on its (V, D) weight). init_std: random weights everywhere
+    (zero-initialised layers would make every logit 0)."""
     torch.manual_seed(seed)
     config = DiTConfig(
         vocab_size=vocab,
@@ -59,6 +59,7 @@ def build_dit(
         attn_backend=backend,
         structured_attention=optimised,
         prune_last_layer=optimised,
+        transposed_head=optimised,
     )
     model = DiT(config)
     if init_std is not None:

@@ -10,8 +10,10 @@ shipped sampling_model.SamplingModel (torch only, as on the GPU machine).
 
 --baseline runs each variant again with the issue-7 sampling switches off
 (SamplerConfig.lazy_draws=False: a Gumbel race over every position of the block;
-SamplerConfig.fuse_commit=False: a forward pass of its own per committed block; and the
-reference SUBS implementation), alternating with the optimised run.
+SamplerConfig.fuse_commit=False: a forward pass of its own per committed block; the
+reference SUBS implementation; DiTConfig.transposed_head=False: the output layer reads its
+(V, D) weight; SamplingModel.reuse_conditioning=False: the adaLN modulation is recomputed at
+every call), alternating with the optimised run.
 --parallel adds parallel decoding rows (tokens_per_step 2/4, confidence_threshold 0.9).
 
 Usage: python benchmarks/sample.py [--quick] [--baseline] [--parallel] [--json PATH]
@@ -39,9 +41,13 @@ MASK, BOS = VOCAB - 1, 0
 
 
 def build_sampling_model(algo_name: str, block: int, device, baseline: bool) -> SamplingModel:
-    backbone = build_dit(VOCAB, WIDTH, LAYERS, HEADS, algo_name == "ar", init_std=0.05)
+    ar, fast = algo_name == "ar", not baseline
+    backbone = build_dit(VOCAB, WIDTH, LAYERS, HEADS, ar, optimised=fast, init_std=0.05)
     algorithm = build_algorithm(algo_name, WINDOW, block, MASK)
-    return SamplingModel(backbone.to(device).eval(), algorithm, WINDOW, reference_subs=baseline)
+    backbone = backbone.to(device).eval()
+    return SamplingModel(
+        backbone, algorithm, WINDOW, reference_subs=baseline, reuse_conditioning=fast
+    )
 
 
 def run_once(variant: dict, device, baseline: bool):

@@ -21,6 +21,7 @@ import glob
 import json
 import math
 import os
+import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -124,6 +125,8 @@ def _columns(s: dict) -> list[str]:
 
 def plot_genppl_vs_nfe(runs: dict[str, dict], path: str, nfe: str = "denoise") -> int:
     """One point per run with a Gen PPL: mean NFE against mean Gen PPL, 95% CI bars.
+    Runs whose names differ only in their numbers (conf0.3, conf0.5; k2, k3) form a family:
+    one colour and marker, joined by a line in NFE order, each point tagged with its numbers.
     Returns the number of points drawn (the file is written even when it is 0)."""
     import matplotlib
 
@@ -138,12 +141,24 @@ def plot_genppl_vs_nfe(runs: dict[str, dict], path: str, nfe: str = "denoise") -
     ]
     from matplotlib.ticker import MaxNLocator
 
+    families: dict[str, list] = {}
+    for name, x, y, ci in points:
+        label = os.path.basename(os.path.normpath(name))
+        family = re.sub(r"\d+(\.\d+)?", "", label)
+        families.setdefault(family, []).append((x, y, ci, re.findall(r"\d+(?:\.\d+)?", label)))
     fig, ax = plt.subplots(figsize=(7, 4.5))
     markers = "osD^v<>ph*X"
-    for i, (name, x, y, ci) in enumerate(points):
-        label = os.path.basename(os.path.normpath(name))
-        ax.errorbar([x], [y], yerr=[ci], fmt=markers[i % len(markers)], capsize=3, label=label)
-    if points:  # a legend, not labels next to the points: nearby points stay readable
+    for i, (family, members) in enumerate(families.items()):
+        members.sort()
+        xs, ys, cis, tags = zip(*members, strict=True)
+        style = dict(color=f"C{i % 10}", marker=markers[i % len(markers)], capsize=3)
+        label = family.strip("_") or "runs"
+        ax.errorbar(xs, ys, yerr=cis, ls="-" if len(xs) > 1 else "none", label=label, **style)
+        for x, y, tag in zip(xs, ys, tags, strict=True):
+            if len(members) > 1 and tag:
+                ax.annotate("/".join(tag), (x, y), xytext=(3, 3), textcoords="offset points",
+                            fontsize=6, color=style["color"])  # fmt: skip
+    if points:
         ax.legend(fontsize=7, ncol=2, loc="best")
         ax.set_yscale("log")
     else:

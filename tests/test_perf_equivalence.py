@@ -18,6 +18,7 @@ from conftest import randomize_
 from models.attention import BlockDiffusionMask, MaskCache, block_diffusion_attend
 from models.dit import DiT, DiTConfig
 from noise_schedule import LogLinear
+from sampling_model import SamplingModel
 
 V, MASK = 37, 36
 SWITCHES = [(False, False), (True, True), (True, False), (False, True)]
@@ -298,7 +299,10 @@ def test_constant_conditioning_is_reused_only_while_its_weights_stand():
         module.backbone.blocks[-1].adaLN_modulation.bias.add_(0.5)
         after = model.logprobs(x, t, 4, None, None)
         fresh = module.sampling_model(16).logprobs(x, t, 4, None, None)
+        plain = SamplingModel(module.backbone, module.algorithm, 16, reuse_conditioning=False)
+        recomputed = plain.logprobs(x, t, 4, None, None)
     torch.testing.assert_close(after, fresh, rtol=0, atol=0)
+    torch.testing.assert_close(after, recomputed, rtol=0, atol=0)
     assert not torch.allclose(after, before)
 
     timed = tiny_module("bd3lm", 16, "algo.time_conditioning=true")
