@@ -66,7 +66,7 @@ class SamplingModel:
         if cache is not None:
             K = cache.block_size
             span = 2 * K if commit_previous else K
-            outputs = self._outputs(x.shape[0], span, num_last, rows, x.device)
+            outputs = self._outputs(span, num_last, rows)
             logits = self._run_cached(
                 x, t, key_valid, cache, commit or commit_previous, outputs, span
             )
@@ -83,7 +83,7 @@ class SamplingModel:
         if key_valid is not None and not bool(key_valid.all()):
             mask = _with_padding(mask, predicate, key_valid)
         positions = self.network.positions(S, 1, x.device)
-        outputs = self._outputs(x.shape[0], S, num_last, rows, x.device)
+        outputs = self._outputs(S, num_last, rows)
         logits = self.backbone(
             x, None, positions, mask, outputs, conditioning=self._conditioning(t, x)
         )
@@ -96,12 +96,10 @@ class SamplingModel:
 
     # ------------------------------------------------------------------------------------------
     @staticmethod
-    def _outputs(batch: int, S: int, num_last: int, rows: Tensor | None, device):
-        """Where the output layer runs: the last num_last positions, or the given rows."""
-        if rows is None:
-            return slice(S - num_last, None)
-        select = torch.zeros(batch, S, dtype=torch.bool, device=device)
-        return select.scatter_(1, rows + (S - num_last), True)
+    def _outputs(S: int, num_last: int, rows: Tensor | None):
+        """Where the output layer runs: the last num_last positions, or the given rows (as
+        positions among the S inputs)."""
+        return slice(S - num_last, None) if rows is None else rows + (S - num_last)
 
     def _conditioning(self, t: Tensor, x: Tensor) -> Conditioning | None:
         """The backbone's adaLN modulation at t (B,). Without time conditioning sigma is 0 at

@@ -8,6 +8,7 @@ unless a `generator` is given.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -207,7 +208,9 @@ def process_sigma(sigma: Tensor, time_conditioning: bool) -> Tensor:
     return sigma if time_conditioning else torch.zeros_like(sigma)
 
 
+@functools.lru_cache(maxsize=16)
 def _mask_offset(vocab_size: int, mask_id: int, device: torch.device) -> Tensor:
+    """(V,) zeros with NEG_INF at mask_id, made once per (V, mask_id, device); never edited."""
     offset = torch.zeros(vocab_size, device=device)
     offset[mask_id] = NEG_INF
     return offset

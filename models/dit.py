@@ -85,15 +85,16 @@ class LayerNorm(nn.Module):
         return x * self.weight[None, None, :]
 
 
-def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
-    return x * (1 + scale) + shift
+def modulate(x: Tensor, shift: Tensor, one_plus_scale: Tensor) -> Tensor:
+    """adaLN: x * (1 + scale) + shift, with 1 + scale formed once in Conditioning."""
+    return x * one_plus_scale + shift
 
 
 @dataclasses.dataclass(frozen=True)
 class Conditioning:
     """The adaLN modulation for one sigma (DiT.condition). blocks: per block (shift_msa,
-    scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp); final: the output layer's (shift,
-    scale). Every tensor is (B, 1, D)."""
+    1 + scale_msa, gate_msa, shift_mlp, 1 + scale_mlp, gate_mlp); final: the output layer's
+    (shift, 1 + scale). Every tensor is (B, 1, D)."""
 
     blocks: tuple[tuple[Tensor, ...], ...]
     final: tuple[Tensor, Tensor]
@@ -168,7 +169,10 @@ class DiTBlock(nn.Module):
 
     def modulation(self, c: Tensor) -> tuple[Tensor, ...]:
         """c: (B, C) -> the block's six (B, 1, D) adaLN vectors (see Conditioning)."""
-        return self.adaLN_modulation(c)[:, None].chunk(6, dim=2)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c)[
+            :, None
+        ].chunk(6, dim=2)
+        return shift_msa, 1 + scale_msa, gate_msa, shift_mlp, 1 + scale_mlp, gate_mlp
 
     def forward(
         self,
@@ -242,22 +246,25 @@ class DiTFinalLayer(nn.Module):
         self._weight_t: tuple[WeightStamp, Tensor] | None = None  # see _project
 
     def modulation(self, c: Tensor) -> tuple[Tensor, Tensor]:
-        """c: (B, C) -> (shift, scale), each (B, 1, D)."""
+        """c: (B, C) -> (shift, 1 + scale), each (B, 1, D)."""
         shift, scale = self.adaLN_modulation(c)[:, None].chunk(2, dim=2)
-        return shift, scale
+        return shift, 1 + scale
 
     def forward(
         self, h: Tensor, mod: tuple[Tensor, Tensor] | None, outputs: Tensor | slice | None
     ) -> Tensor:
-        """h: (B, S, D), mod: (shift, scale) or None without adaLN -> logits (B, S', V) for a
-        slice of positions, or (N, V) for the N positions of a boolean (B, S) selection."""
+        """h: (B, S, D), mod: (shift, 1 + scale) or None without adaLN -> logits (B, S', V) for a
+        slice of positions, (N, V) for the N positions of a boolean (B, S) selection, or
+        (B * k, V) for a long (B, k) tensor of positions (see DiT.forward)."""
         h = self.norm_final(h)
         if mod is not None:
             h = modulate(h, *mod)
         if isinstance(outputs, slice):
             h = h[:, outputs]
-        elif outputs is not None:
+        elif outputs is not None and outputs.dtype == torch.bool:
             h = h[:, : outputs.shape[1]][outputs]
+        elif outputs is not None:  # (B, k) positions: a gather, no host sync
+            h = h.gather(1, outputs[..., None].expand(-1, -1, h.shape[-1])).flatten(0, 1)
         return self._project(h)
 
     def _project(self, h: Tensor) -> Tensor:
@@ -316,8 +323,9 @@ class DiT(nn.Module):
         """x: (B, S) token ids; sigma: (B,) processed noise level (zeros when time conditioning
         is off; ignored without adaLN); positions: (S,) rotary positions; mask: materialised
         attention mask over the S positions. `outputs` selects where logits are needed:
-        None (all, (B, S, V)), a slice ((B, S', V)) or a boolean (B, S) mask ((N, V), rows in
-        row-major order); a boolean (B, S') with S' < S selects among the first S' positions.
+        None (all, (B, S, V)), a slice ((B, S', V)), a boolean (B, S) mask ((N, V), rows in
+        row-major order; a boolean (B, S') with S' < S selects among the first S' positions)
+        or a long (B, k) tensor of positions per sequence ((B * k, V), row-major).
         The output projection runs only there (and, with prune_last_layer, the last block too).
         kv_cache: x is the current block (B, K) at absolute `positions`; it attends over the
         cache's committed tokens and itself (`mask` is ignored). commit: store this block's
@@ -358,6 +366,7 @@ class DiT(nn.Module):
             if start == 0 and step == 1 and 0 < stop < S:
                 return stop
             return None
-        if isinstance(outputs, Tensor) and outputs.dim() == 2 and outputs.shape[1] < S:
+        boolean = isinstance(outputs, Tensor) and outputs.dtype == torch.bool
+        if boolean and outputs.dim() == 2 and outputs.shape[1] < S:
             return outputs.shape[1]
         return None
