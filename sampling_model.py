@@ -103,17 +103,18 @@ class SamplingModel:
 
     def _conditioning(self, t: Tensor, x: Tensor) -> Conditioning | None:
         """The backbone's adaLN modulation at t (B,). Without time conditioning sigma is 0 at
-        every call, so the modulation is a constant: it is computed once per batch size and
-        mode and reused until the weights it derives from change (WeightStamp)."""
+        every call, so the modulation is a constant: without autograd it is computed once per
+        batch size and autocast mode and reused until the weights it derives from change
+        (WeightStamp)."""
         if self.backbone.sigma_map is None:
             return None
         device = x.device
         if not self.is_ar and self.algorithm.time_conditioning:
             sigma = sigma_from_p(t[:, None].float(), self.algorithm.noise_sigma_max)
             return self.backbone.condition(process_sigma(sigma, True).to(device))
-        if not self.reuse_conditioning:
+        if not self.reuse_conditioning or torch.is_grad_enabled():  # no graph kept across calls
             return self.backbone.condition(torch.zeros(x.shape[0], device=device))
-        mode = (x.shape[0], device, torch.is_grad_enabled(), torch.is_autocast_enabled(device.type))
+        mode = (x.shape[0], device, torch.is_autocast_enabled(device.type))
         weights = self._conditioning_weights()
         if (
             self._constant is None

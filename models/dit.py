@@ -169,9 +169,8 @@ class DiTBlock(nn.Module):
 
     def modulation(self, c: Tensor) -> tuple[Tensor, ...]:
         """c: (B, C) -> the block's six (B, 1, D) adaLN vectors (see Conditioning)."""
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c)[
-            :, None
-        ].chunk(6, dim=2)
+        mods = self.adaLN_modulation(c)[:, None].chunk(6, dim=2)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods
         return shift_msa, 1 + scale_msa, gate_msa, shift_mlp, 1 + scale_mlp, gate_mlp
 
     def forward(
@@ -271,11 +270,11 @@ class DiTFinalLayer(nn.Module):
         """The vocabulary projection h (..., D) -> (..., V).
 
         With config.transposed_head, on CPU without autograd or autocast (sampling,
-        evaluation) it multiplies by a cached
-        (D, V) copy of the (V, D) weight: the same products, and at 4 or more rows the same
-        GEMM result bit for bit, while a one-row GEMV reads the transposed layout 3-7x faster
-        on our 2-core CPU (the output layer was the largest op of a cached sampling call).
-        The copy is rebuilt whenever the weight changes (optimizer step, EMA swap, load)."""
+        evaluation) it multiplies by a cached (D, V) copy of the (V, D) weight: the same
+        products, and at 4 or more rows the same GEMM result bit for bit, while a one-row GEMV
+        reads the transposed layout 3-7x faster on our 2-core CPU (the output layer was the
+        largest op of a cached sampling call). The copy is rebuilt whenever the weight
+        changes (optimizer step, EMA swap, load; see WeightStamp)."""
         weight, bias = self.linear.weight, self.linear.bias
         if (
             not self.transposed
