@@ -328,13 +328,15 @@ class TwoKinds:
         return probs if rows is None else probs.gather(1, rows[..., None].expand(-1, -1, 6))
 
 
-@pytest.mark.parametrize("bound,calls", [(1.0, [3, 3, 3]), (2.0, [2, 2, 2])])
+@pytest.mark.parametrize("bound,calls", [(1.0, 9), (2.0, 6)])
 def test_entropy_budget_commits_the_lowest_entropy_rows_and_draws_their_tokens(bound, calls):
-    """Most confident first (row 0, else 1), then lowest entropy while the extra entropies sum
-    to <= bound: at 1.0 one coin row joins (ln 2), at 2.0 a coin and a uniform row (ln 2 + ln 5
-    > 2 stops the second); the joined tokens are draws (both coin sides), not argmaxes."""
+    """Each call commits the most confident masked row, then the lowest-entropy ones while
+    their entropies sum to <= bound. A full block (rows 0-1 coins, ln 2; rows 2-3 uniform,
+    ln 5): at 1.0, rows {0, 1}, {2}, {3}; at 2.0, rows {0, 1} then {2, 3} (ln 2 + ln 5 > 2
+    keeps row 2 out of the first call). The first block (row 0 is BOS): 3 calls at 1.0, 2 at
+    2.0. Rows joined by the budget get draws (both coin sides), not argmaxes."""
     out = _sample(TwoKinds(), _cfg(entropy_bound=bound, unmask_order="confidence"), batch=400)
-    assert out.nfe_denoise.tolist() == [sum(calls)] * 400 and not (out.tokens == 5).any()
+    assert out.nfe_denoise.tolist() == [calls] * 400 and not (out.tokens == 5).any()
     coin = out.tokens[:, [5, 9]].flatten()  # row 1 of blocks 2 and 3: joined by the budget
     assert set(coin.tolist()) == {1, 2}
     assert abs((coin == 1).double().mean().item() - 0.5) < 0.06
