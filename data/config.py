@@ -34,6 +34,19 @@ def distribution(dist_name: str, needed_by: str) -> metadata.Distribution:
         ) from err
 
 
+def import_datasets(needed_for: str):
+    """The `datasets` package, imported only where documents are read and tokenized (loading an
+    existing token cache does not need it); UserError naming what needs it when missing."""
+    try:
+        import datasets
+    except ImportError as err:
+        raise UserError(
+            f"{needed_for} needs the `datasets` package (pip install -r requirements.txt), or "
+            "an already built token cache in data.cache_dir"
+        ) from err
+    return datasets
+
+
 def hub_offline() -> bool:
     flags = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
     return any(os.environ.get(f, "").upper() in ("1", "ON", "YES", "TRUE") for f in flags)

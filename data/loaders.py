@@ -34,6 +34,30 @@ def rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
     return rank, world_size
 
 
+class EvalRows(torch.utils.data.Dataset):
+    """An evaluation view of a dataset that tells each row where it sits in its global batch.
+
+    Its sampler (ResumableSampler with `eval_batch_size`) yields keys (index, global_row,
+    global_batch_rows, real): items gain `global_row` (the row's index in the global batch of
+    eval_batch_size x world rows), `global_batch_rows` (real rows in that global batch) and
+    `real` (False for the repeated rows that pad the ranks to equal length). The objectives
+    draw evaluation noise per global row (algorithms.base.Shard), and padding rows are left
+    out of every sum, so evaluation numbers do not depend on the number of processes.
+    """
+
+    def __init__(self, dataset: torch.utils.data.Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int, int, bool]) -> dict[str, Any]:
+        index, global_row, global_batch_rows, real = key
+        item = dict(self.dataset[index])
+        item.update(global_row=global_row, global_batch_rows=global_batch_rows, real=real)
+        return item
+
+
 class ResumableSampler(torch.utils.data.DistributedSampler):
     """Indices deterministic from (seed, epoch), sharded by rank, able to skip a prefix.
 
@@ -42,6 +66,9 @@ class ResumableSampler(torch.utils.data.DistributedSampler):
     repetition (or cut, with drop_last) to a multiple of the world size, then every
     world_size-th index from `rank`. Rank and world size default to torch.distributed's at
     iteration time (Lightning initialises it after the loader is built).
+
+    eval_batch_size: yield EvalRows keys for loaders of that per-device batch size instead of
+    plain indices.
     """
 
     def __init__(
@@ -52,6 +79,7 @@ class ResumableSampler(torch.utils.data.DistributedSampler):
         rank: int | None = None,
         world_size: int | None = None,
         drop_last: bool = False,
+        eval_batch_size: int | None = None,
     ):
         # DistributedSampler.__init__ would query torch.distributed now; resolve lazily instead
         self.dataset, self.shuffle, self.seed, self.drop_last = (
@@ -63,6 +91,7 @@ class ResumableSampler(torch.utils.data.DistributedSampler):
         self._rank, self._world = rank, world_size
         self.epoch = 0
         self.skip = 0  # samples of the next iteration to skip (set by ResumableDataLoader)
+        self.eval_batch_size = eval_batch_size
 
     @property
     def num_replicas(self) -> int:
@@ -95,9 +124,25 @@ class ResumableSampler(torch.utils.data.DistributedSampler):
         rank, world = rank_and_world(self._rank, self._world)
         return order[:total][rank:total:world]
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator[Any]:
         skip, self.skip = self.skip, 0
-        return iter(self.indices()[skip:])
+        indices = self.indices()[skip:]
+        if self.eval_batch_size is None:
+            return iter(indices)
+        return iter(self._eval_keys(indices, skip))
+
+    def _eval_keys(self, indices: list[int], skip: int) -> list[tuple[int, int, int, bool]]:
+        """(index, global_row, global_batch_rows, real) per yielded index (see EvalRows). The
+        i-th index of this rank sits at position rank + world * i of the padded order; global
+        batch j holds positions [j G, (j + 1) G), G = eval_batch_size x world."""
+        rank, world = rank_and_world(self._rank, self._world)
+        n, per_batch = len(self.dataset), self.eval_batch_size * world
+        keys = []
+        for i, index in enumerate(indices, start=skip):
+            position = rank + world * i
+            start = position - position % per_batch
+            keys.append((index, position - start, min(per_batch, n - start), position < n))
+        return keys
 
     def __len__(self) -> int:
         return self.num_samples
@@ -171,11 +216,14 @@ def make_loader(
     world_size: int | None = None,
     drop_last: bool = False,
     prefetched: int = 0,
+    eval_rows: bool = False,
 ) -> torch.utils.data.DataLoader:
     """A deterministic, rank-sharded, resumable loader (a plain one for streaming datasets).
 
     rank / world_size: None = torch.distributed's at iteration time (or RANK / WORLD_SIZE).
     prefetched: see ResumableDataLoader (0 under Lightning 2.6 and when iterating by hand).
+    eval_rows: an evaluation loader whose items say where they sit in the global batch and
+    whether they pad (EvalRows).
     """
     persistent = num_workers > 0
     if isinstance(dataset, torch.utils.data.IterableDataset):
@@ -187,9 +235,11 @@ def make_loader(
             persistent_workers=persistent,
             drop_last=drop_last,
         )
-    sampler = ResumableSampler(dataset, shuffle, seed, rank, world_size, drop_last)
+    sampler = ResumableSampler(
+        dataset, shuffle, seed, rank, world_size, drop_last, batch_size if eval_rows else None
+    )
     return ResumableDataLoader(
-        dataset,
+        EvalRows(dataset) if eval_rows else dataset,
         batch_size=batch_size,
         sampler=sampler,
         num_workers=num_workers,

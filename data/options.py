@@ -65,10 +65,10 @@ class PipelineOptions:
             )
         spec = DATASETS[name]
         streaming = bool(data_cfg.get("streaming", False))
-        if streaming and (spec.kind != "hub" or _source_for(data_cfg, split, name)):
+        if streaming and spec.kind not in ("hub", "local"):
             raise UserError(
-                f"data.streaming=True works only for hub datasets without data.source "
-                f"({key}={name}): set data.streaming=False"
+                f"data.streaming=True works for hub datasets and data.source copies, not "
+                f"{key}={name} ({spec.kind}): set data.streaming=False"
             )
         insert_special = bool(data_cfg.get(f"insert_{split}_special", True))
         row_len = 2 * seq_len if name == "text8-crop" and split == "train" else seq_len

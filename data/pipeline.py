@@ -12,21 +12,23 @@ import json
 import math
 import os
 import shutil
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import datasets
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from data.cache import CACHE_FORMAT_VERSION, TokenDataset, hf_cache_dir, load_or_build
-from data.config import require
+from data.config import import_datasets, require
 from data.options import MAP_BATCH_SIZE, PipelineOptions, cache_name, no_rows
 from data.processing import TokenizeBatch, check_pad, pad_rows, wrap_flat
 from data.registry import SPLITS
 from data.sources import load_texts
 from data.streaming import StreamingTokenDataset
 from data.vocab import Vocab
+
+if TYPE_CHECKING:  # imported where used: an existing token cache loads without it
+    import datasets
 
 
 def get_dataset(
@@ -36,14 +38,14 @@ def get_dataset(
 
     n = seq_len, or 2 * seq_len for the text8-crop train split. Loaded from `data.cache_dir`
     when a complete cache with the same options exists, else built there (atomically, by one
-    process while the others wait). With `data.streaming=true` (hub datasets only) returns a
-    `StreamingTokenDataset` that tokenizes on the fly and is never cached.
+    process while the others wait). With `data.streaming=true` (hub datasets or a data.source
+    copy) returns a `StreamingTokenDataset` that tokenizes on the fly and is never cached.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     opts = PipelineOptions.from_cfg(data_cfg, split, seq_len)
     if opts.streaming:
-        return StreamingTokenDataset(opts, vocab, hf_cache_dir(data_cfg))
+        return StreamingTokenDataset(opts, vocab, hf_cache_dir(data_cfg), data_cfg)
     name = cache_name(opts, vocab)
     return load_or_build(
         str(require(data_cfg, "cache_dir")), name, lambda out: _build(opts, vocab, data_cfg, out)
@@ -75,6 +77,8 @@ def _tokenize_dataset(
 
     Each document is tokenized on its own, so the result does not depend on the process count.
     """
+    datasets = import_datasets("reading and tokenizing a dataset split")
+
     num_proc = max(1, min(opts.num_proc, math.ceil(len(texts) / MAP_BATCH_SIZE)))
     if num_proc > 1:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # fork after a fast tokenizer
@@ -91,6 +95,8 @@ def _tokenize_dataset(
 
 
 def _map(texts, function, num_proc, opts, work_dir) -> datasets.Dataset:
+    datasets = import_datasets("reading and tokenizing a dataset split")
+
     return texts.map(
         function,
         batched=True,

@@ -10,25 +10,29 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import datasets
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet
 
 from data.cache import hf_cache_dir
-from data.config import hub_offline
+from data.config import hub_offline, import_datasets
 from data.options import PipelineOptions
 from data.shakespeare import shakespeare_docs, split_docs
 from data.text8 import text8_chunks
 from utils import UserError
+
+if TYPE_CHECKING:  # imported where used: an existing token cache loads without it
+    import datasets
 
 SOURCE_EXTS = ("parquet", "jsonl", "txt")
 
 
 def load_texts(data_cfg: Any, opts: PipelineOptions) -> datasets.Dataset:
     """The raw documents of one split, in a fixed order, as a Dataset with `opts.column`."""
+    datasets = import_datasets("reading and tokenizing a dataset split")
+
     spec = opts.spec
     if spec.kind == "embedded":
         train_docs, valid_docs = split_docs(shakespeare_docs(), opts.num_valid_docs)
@@ -37,7 +41,7 @@ def load_texts(data_cfg: Any, opts: PipelineOptions) -> datasets.Dataset:
     if spec.kind == "text8":
         return text8_chunks(opts)
     if opts.source is not None:
-        dataset, column = _from_source(data_cfg, opts, opts.source, opts.source_split)
+        dataset, column = from_source(data_cfg, opts, opts.source, opts.source_split)
     elif spec.kind == "local":
         raise UserError(
             f"{opts.key}=local needs data.source=PATH_OR_URL: a directory (or fsspec URL) "
@@ -81,6 +85,8 @@ def source_hint(opts: PipelineOptions) -> str:
 
 def _from_hub(data_cfg: Any, opts: PipelineOptions) -> datasets.Dataset:
     """The split from the hub (or a remote file); UserError in one line when unreachable."""
+    datasets = import_datasets("reading and tokenizing a dataset split")
+
     spec = opts.spec
     try:
         if spec.url is not None:
@@ -163,20 +169,27 @@ def _ext(path: str) -> str | None:
     return None
 
 
-def _from_source(
-    data_cfg: Any, opts: PipelineOptions, source: str, split: str
-) -> tuple[datasets.Dataset, str]:
-    """The split from a `data.source` copy and the column holding its text."""
+def from_source(
+    data_cfg: Any, opts: PipelineOptions, source: str, split: str, streaming: bool = False
+) -> tuple[datasets.Dataset | datasets.IterableDataset, str]:
+    """The split from a `data.source` copy and the column holding its text; with `streaming`
+    an IterableDataset with one shard per file."""
     files, ext = _find_split_files(source, split, opts.spec.config, opts.key)
     if _all_empty(files, ext):
         raise UserError(
             f"{opts.key}={opts.name}: split {split!r} of data.source={source!r} is empty "
             f"({files[0]}); point data.source at a copy whose {split} split has documents"
         )
+    datasets = import_datasets("reading and tokenizing a dataset split")
+
     builder = {"parquet": "parquet", "jsonl": "json", "txt": "text"}[ext]
     try:
         dataset = datasets.load_dataset(
-            builder, data_files=files, split="train", cache_dir=hf_cache_dir(data_cfg)
+            builder,
+            data_files=files,
+            split="train",
+            cache_dir=hf_cache_dir(data_cfg),
+            streaming=streaming,
         )
     except Exception as err:
         raise UserError(
@@ -185,7 +198,7 @@ def _from_source(
         ) from err
     if ext == "txt":
         return dataset, "text"
-    if opts.column not in dataset.column_names:
+    if dataset.column_names is not None and opts.column not in dataset.column_names:
         raise UserError(
             f"data.source={source!r}: {files[0]} has columns {dataset.column_names} but "
             f"{opts.key}={opts.name} reads column {opts.column!r} (the hub dataset's column)"

@@ -10,15 +10,18 @@ from __future__ import annotations
 import io
 import os
 import zipfile
+from typing import TYPE_CHECKING
 
-import datasets
 import fsspec
 import tokenizers
 import transformers
 
-from data.config import hub_offline
+from data.config import hub_offline, import_datasets
 from data.options import PipelineOptions, no_rows
 from utils import UserError
+
+if TYPE_CHECKING:  # imported where used: an existing token cache loads without it
+    import datasets
 
 TEXT8_SPECIALS = ("[CLS]", "[SEP]", "[BOS]", "[EOS]", "[MASK]", "[PAD]", "[RESERVED]", "[UNK]")
 TEXT8_CHARS = "abcdefghijklmnopqrstuvwxyz "
@@ -63,6 +66,8 @@ def text8_chunks(opts: PipelineOptions) -> datasets.Dataset:
     docs = [raw[i : i + size] for i in range(0, len(raw) - size + 1, size)]
     if not docs:
         raise no_rows(opts, len(raw))
+    datasets = import_datasets("reading and tokenizing a dataset split")
+
     return datasets.Dataset.from_dict({opts.column: docs})
 
 

@@ -330,3 +330,34 @@ def test_streaming_rows_match_the_cached_pipeline(tmp_path, vocab, monkeypatch):
     rows = torch.stack([item["input_ids"] for item in streamed])
     # wikitext2 detokenises, but these texts (a, b, c and spaces) have nothing to undo
     assert torch.equal(rows, cached.input_ids)
+
+
+def test_streaming_consumers_read_only_their_shards(tmp_path, vocab, monkeypatch):
+    """A local 4-file parquet stream: each of 2 ranks opens only its own 2 files, each of 2
+    DataLoader workers of a rank only its own file, and 2 worker processes together give the
+    cached pipeline's rows as a multiset (each file holds a multiple of the 1000-document map
+    batch). With fewer files than ranks every rank streams all of them."""
+    rng = np.random.default_rng(1)
+    texts = ["".join(rng.choice(list("abc "), size=rng.integers(1, 30))) for _ in range(4000)]
+    files = [texts[i::4] for i in range(4)]
+    for i, docs in enumerate(files):
+        write_parquet(tmp_path / "src" / f"train-{i:05d}-of-00004.parquet", {"text": docs})
+    source = str(tmp_path / "src")
+    cached = dl.get_dataset(cfg_for(tmp_path, source=source), vocab, "train", 16).input_ids
+    streamed = dl.get_dataset(cfg_for(tmp_path, source=source, streaming=True), vocab, "train", 16)
+    for rank in range(2):
+        stream, own = streamed.rank_stream(rank, 2)
+        assert own and stream.n_shards == 2
+        for worker in range(2):  # what datasets gives a DataLoader worker of this rank
+            info = torch.utils.data._utils.worker.WorkerInfo(
+                id=worker, num_workers=2, seed=0, dataset=None
+            )
+            monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda info=info: info)
+            docs = [example["text"] for example in stream]
+            assert docs == files[2 * rank + worker]  # 1000 of the 4000 documents
+        monkeypatch.undo()
+    loader = torch.utils.data.DataLoader(streamed, batch_size=None, num_workers=2)
+    rows = torch.stack([item["input_ids"] for item in loader])
+    assert sorted(map(tuple, rows.tolist())) == sorted(map(tuple, cached.tolist()))
+    stream, own = streamed.rank_stream(0, 5)  # fewer shards than ranks: the whole stream
+    assert not own and stream.n_shards == 4
