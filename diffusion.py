@@ -17,6 +17,7 @@ from algorithms.base import (
     DEFAULT_EPS_MAX,
     DEFAULT_EPS_MIN,
     Layout,
+    Loss,
     Shard,
 )
 from algorithms.clip_search import VarianceRecorder, per_block_means, select_interval
@@ -152,14 +153,29 @@ class Diffusion(L.LightningModule):
         key = self.step_key(batch_idx)
         torch.manual_seed(key * 1031 + self.global_rank)
         generator = torch.Generator(device=self.device).manual_seed(key)
-        shard = Shard(self.global_rank, self.trainer.world_size) if self._trainer else None
-        eps_min, eps_max = self.clip_interval()
         x0, attention_mask = batch["input_ids"], batch["attention_mask"]
+        shard = None
+        if self._trainer is not None and self.trainer.world_size > 1:
+            shard = Shard.interleaved(
+                x0.shape[0], self.global_rank, self.trainer.world_size, x0.device
+            )
+        eps_min, eps_max = self.clip_interval()
         out = self.algorithm.loss(
             self.network, x0, attention_mask, eps_min, eps_max, True, generator, shard
         )
         self.log("trainer/loss", out.loss, on_step=True, prog_bar=True)
         return out.loss
+
+    def configure_gradient_clipping(
+        self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
+    ) -> None:
+        """Clipping by norm as Lightning does it, except under FSDP, whose precision plugin
+        refuses it: the wrapped root's own `clip_grad_norm_` reduces the norm over shards."""
+        strategy = self.trainer.strategy
+        if gradient_clip_val and isinstance(strategy, L.pytorch.strategies.FSDPStrategy):
+            strategy.model.clip_grad_norm_(float(gradient_clip_val))
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
@@ -174,25 +190,49 @@ class Diffusion(L.LightningModule):
         if self.clip_grid:
             self._variance = VarianceRecorder(self.clip_grid, self.clip_search_batches)
 
-    def _eval_loss(self, batch: dict, interval: tuple[float, float]):
+    def eval_key(self, batch_idx: int) -> int:
+        """The seed of validation batch `batch_idx`'s noise: (run seed, batch index), the same
+        on every rank and at every validation run (checkpoints are compared on equal noise)."""
+        return ((self.seed * 1_000_003 + 2**31 + batch_idx) * 4099) % (2**63 - 1)
+
+    def _eval_loss(self, batch: dict, batch_idx: int, interval: tuple[float, float]):
+        """One NELBO estimate of `batch` at `interval`. Evaluation loaders (data EvalRows) say
+        where each row sits in the global batch: the noise is drawn per global row from a
+        generator seeded by `eval_key`, so it does not depend on the number of processes, and
+        padding rows get weight 0. Other loaders: the rank's own draws, every row counted."""
         eps_min, eps_max = (
             torch.tensor(e, dtype=torch.float32, device=self.device) for e in interval
         )
         x0, attention_mask = batch["input_ids"], batch["attention_mask"]
-        return self.algorithm.loss(self.network, x0, attention_mask, eps_min, eps_max, False)
+        shard = Shard.from_batch(batch)
+        key = self.eval_key(batch_idx) + (0 if shard is not None else self.global_rank)
+        generator = torch.Generator(device=self.device).manual_seed(key)
+        out = self.algorithm.loss(
+            self.network, x0, attention_mask, eps_min, eps_max, False, generator, shard
+        )
+        if "real" in batch:
+            real = batch["real"].to(out.nlls.dtype)[:, None]
+            out = Loss(out.loss, out.nlls * real, out.token_mask * real)
+        return out
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         """Reported: the unbiased NELBO (or exact NLL for K = 1). With a clip grid, every
-        interval that still wants samples costs one more forward pass on this batch."""
+        interval that still wants samples costs one more forward pass on this batch (on the
+        same noise: common random numbers make the intervals' variances comparable)."""
         report = self.algorithm.eval_interval()
-        out = self._eval_loss(batch, report)
+        out = self._eval_loss(batch, batch_idx, report)
         self._eval_sums += torch.stack([out.nlls.sum(), out.token_mask.sum()]).double()
         if self._variance is None:
             return
         for interval in self.clip_grid:
             if self._variance.wants(interval):
-                nlls = out.nlls if interval == report else self._eval_loss(batch, interval).nlls
-                self._variance.add(interval, per_block_means(nlls, self.algorithm.block_size))
+                nlls = out.nlls
+                if interval != report:
+                    nlls = self._eval_loss(batch, batch_idx, interval).nlls
+                means = per_block_means(nlls, self.algorithm.block_size)
+                if "real" in batch:  # padding rows: NaN, dropped after the all-gather
+                    means = means.masked_fill(~batch["real"][:, None], math.nan)
+                self._variance.add(interval, means)
 
     def on_validation_epoch_end(self) -> None:
         sums = self.trainer.strategy.reduce(self._eval_sums, reduce_op="sum")

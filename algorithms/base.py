@@ -63,22 +63,40 @@ def as_f32(x: float | Tensor, device: torch.device) -> Tensor:
 
 @dataclasses.dataclass(frozen=True)
 class Shard:
-    """This process's rows of a global batch: rows rank, rank + world, ... (the interleaving of
-    the distributed samplers). Noise is drawn for the whole global batch and sliced, so a run
-    on `world` processes draws exactly the noise of one process with the global batch."""
+    """This process's rows of a global batch: `rows` (B,) are their indices among the `size`
+    rows of the global batch. Noise is drawn for the whole global batch and indexed, so N
+    processes draw exactly the noise of one process holding the global batch.
 
-    rank: int
-    world: int
+    Training: `Shard.interleaved` (rows rank, rank + world, ..., the distributed samplers'
+    interleaving). Evaluation: the rows the evaluation loader reports (`Shard.from_batch`), where
+    `size` counts the real rows of the global batch and padding rows (index >= size, repeats
+    that make the ranks' batches equal) are dropped by the caller.
+    """
+
+    rows: Tensor
+    size: int
+
+    @classmethod
+    def interleaved(cls, batch_size: int, rank: int, world: int, device) -> Shard:
+        rows = torch.arange(batch_size, device=device) * world + rank
+        return cls(rows, batch_size * world)
+
+    @classmethod
+    def from_batch(cls, batch: dict) -> Shard | None:
+        """The shard an evaluation batch describes (data.loaders.EvalRows), or None."""
+        if "global_row" not in batch:
+            return None
+        return cls(batch["global_row"], int(batch["global_batch_rows"][0]))
 
 
 def draw_uniform(
     shape: tuple[int, ...], device, generator: torch.Generator | None, shard: Shard | None
 ) -> Tensor:
     """U[0, 1) of `shape` (rows first), drawn for the global batch when sharded."""
-    if shard is None or shard.world == 1:
+    if shard is None:
         return torch.rand(shape, device=device, generator=generator)
-    full = torch.rand((shape[0] * shard.world, *shape[1:]), device=device, generator=generator)
-    return full[shard.rank :: shard.world]
+    full = torch.rand((shard.size, *shape[1:]), device=device, generator=generator)
+    return full[shard.rows.clamp(max=shard.size - 1)]  # padding rows (>= size) are dropped
 
 
 def sample_t(
@@ -95,16 +113,18 @@ def sample_t(
     """Diffusion times, one per (sequence, block) (SPEC 1.3).
 
     Returns (B, L) with each block's value repeated K times, or (B, 1) when K == L.
-    Antithetic strata are assigned batch-major over the (global) batch:
-    u[b, j] <- (u[b, j] + b*nb + j) / N mod 1.
+    Antithetic strata are assigned batch-major over the (global) batch of N = rows x nb draws:
+    u[b, j] <- (u[b, j] + b*nb + j) / N mod 1, b the global row index.
     If eps_min >= 1 and eps_max >= 1 ("NLL mode") every t is 1.
     """
     num_blocks = seq_len // block_size
     u = draw_uniform((batch_size, num_blocks), device, generator, shard)
     if antithetic:
-        world, rank = (shard.world, shard.rank) if shard is not None else (1, 0)
-        n = batch_size * world * num_blocks
-        rows = torch.arange(batch_size, device=device) * world + rank  # global row index
+        if shard is None:
+            rows, size = torch.arange(batch_size, device=device), batch_size
+        else:
+            rows, size = shard.rows, shard.size  # global row indices
+        n = size * num_blocks
         offset = (rows[:, None] * num_blocks + torch.arange(num_blocks, device=device)) / n
         u = (u / n + offset) % 1
     if block_size != seq_len:
@@ -186,7 +206,9 @@ class DoubleLengthCrop:
         """x, attention_mask: (B, 2L) -> input (B, L), target (B, L), mask (B, L)."""
         if x.shape[1] != 2 * seq_len:
             raise ValueError(f"rows of {x.shape[1]} tokens: expected {seq_len} or {2 * seq_len}")
-        start = int(torch.randint(seq_len, (1,), generator=generator))
+        # drawn where the generator lives (the model's device during training)
+        device = generator.device if generator is not None else x.device
+        start = int(torch.randint(seq_len, (1,), generator=generator, device=device))
         inputs = x[:, start : start + seq_len].clone()
         target = x[:, start + 1 : start + seq_len + 1].clone()
         if target.shape[1] < seq_len:  # the last start has no token after the window

@@ -55,11 +55,15 @@ class VarianceRecorder:
 
     def scores(self, gather: Callable[[Tensor], Tensor]) -> dict[Interval, float]:
         """Mean over recorded batches of the unbiased variance of the batch's samples gathered
-        from every rank; intervals with no samples are left out."""
+        from every rank (NaN entries, padding rows, left out); intervals with no samples are
+        left out."""
         scores = {}
         for key, batches in self.samples.items():
             if batches:
-                total = sum(gather(b).flatten().double().var().item() for b in batches)
+                total = 0.0
+                for b in batches:
+                    gathered = gather(b).flatten().double()
+                    total += gathered[~gathered.isnan()].var().item()
                 scores[key] = total / len(batches)
         return scores
 

@@ -1,15 +1,25 @@
 """Two-process DDP on CPU (gloo) equals one process with the same global batch: the noise is
-drawn for the global batch and sliced by rank, the data loaders interleave rows by rank."""
+drawn for the global batch and sliced by rank, the data loaders interleave rows by rank;
+evaluation drops the rows that pad the ranks and draws its noise per global row."""
 
 from __future__ import annotations
 
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
 import torch
-from test_main import data_cache, run_main  # noqa: F401 - the session fixture
+from test_main import run_main
+
+from conftest import OFFLINE, ROOT, run_inprocess
 
 COMMON = ["trainer.max_steps=4", "trainer.val_check_interval=100", "loader.global_batch_size=8"]
 
 
-def test_two_process_ddp_matches_one_process(tmp_path, data_cache):  # noqa: F811
+def test_two_process_ddp_matches_one_process(tmp_path, data_cache):
     run_main(tmp_path / "one", *COMMON, "loader.batch_size=8", cache=data_cache)
     run_main(
         tmp_path / "two",
@@ -28,7 +38,7 @@ def test_two_process_ddp_matches_one_process(tmp_path, data_cache):  # noqa: F81
         torch.testing.assert_close(two["ema"]["shadow"][name], tensor, rtol=1e-6, atol=1e-7)
 
 
-def test_two_process_sampling_shards_batches_with_distinct_seeds(tmp_path, data_cache):  # noqa: F811
+def test_two_process_sampling_shards_batches_with_distinct_seeds(tmp_path, data_cache):
     import json
 
     run_main(tmp_path / "train", "trainer.max_steps=2", cache=data_cache)
@@ -52,3 +62,80 @@ def test_two_process_sampling_shards_batches_with_distinct_seeds(tmp_path, data_
     texts = [r["token_ids"] for rank in rows for r in rows[rank]]
     assert len({tuple(t) for t in texts}) == 4, "ranks must not repeat each other's samples"
     assert json.loads((out / "sample_eval.json").read_text())["num_samples"] == 4
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def torchrun(jobs: list[list[str]], data_cache: str) -> None:
+    """Run main.run jobs in 2 processes launched by torchrun (gloo on CPU)."""
+    argv = [a for job in jobs for a in ("---", *job)][1:]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={free_port()}",
+        os.path.join(ROOT, "tests", "torchrun_main.py"),
+        *argv,
+    ]
+    env = {**os.environ, **OFFLINE, "BD3LMS_CACHE": data_cache, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+
+
+@pytest.mark.e2e
+def test_two_process_ppl_eval_equals_one_process(tmp_path, data_cache, smoke_checkpoint):
+    """A validation set of an odd number of rows over 2 processes (the distributed sampler pads
+    one rank with a repeated row): num_tokens, the AR NLL and the BD3-LM NELBO equal one
+    process's, with the same global batch of 4."""
+    words = [
+        "the",
+        "king",
+        "queen",
+        "crown",
+        "sword",
+        "night",
+        "day",
+        "love",
+        "death",
+        "and",
+        "of",
+        "to",
+        "a",
+        "is",
+        "my",
+    ]
+    gen = torch.Generator().manual_seed(0)
+    docs = [
+        " ".join(words[i] for i in torch.randint(0, len(words), (40,), generator=gen))
+        for _ in range(40)
+    ]  # fmt: skip (55 rows)
+    (tmp_path / "src").mkdir()
+    lines = "".join(json.dumps({"text": d}) + "\n" for d in docs)
+    (tmp_path / "src" / "validation.jsonl").write_text(lines)
+    data = ["data.valid=local", f"+data.valid_source={tmp_path / 'src'}"]
+    run_inprocess(tmp_path / "ar", "algo=ar", "block_size=1", "trainer.max_steps=2")
+    checkpoints = {"bd3lm": smoke_checkpoint, "ar": tmp_path / "ar" / "checkpoints" / "last.ckpt"}
+    jobs, single = [], {}
+    for algo, ckpt in checkpoints.items():
+        common = [*data, f"algo={algo}", "mode=ppl_eval",
+                  f"eval.checkpoint_path={ckpt}", "trainer.limit_val_batches=1.0",
+                  "loader.eval_global_batch_size=4"]  # fmt: skip
+        if algo == "ar":
+            common.append("block_size=1")
+        run_inprocess(tmp_path / f"{algo}1", *common, "loader.eval_batch_size=4")
+        single[algo] = json.loads((tmp_path / f"{algo}1" / "ppl_eval.json").read_text())
+        jobs.append([str(tmp_path / f"{algo}2"), "experiment=smoke", *common,
+                     "loader.eval_batch_size=2",
+                     "trainer.devices=2", "trainer.accelerator=cpu"])  # fmt: skip
+    rows = single["ar"]["num_tokens"] / 31  # every row: 31 targets (32 tokens, BOS excluded)
+    assert rows == int(rows) and int(rows) % 2 == 1, "the row count must not split over 2"
+    torchrun(jobs, data_cache)
+    for algo in checkpoints:
+        double = json.loads((tmp_path / f"{algo}2" / "ppl_eval.json").read_text())
+        assert double["num_tokens"] == single[algo]["num_tokens"]
+        assert double["nll"] == pytest.approx(single[algo]["nll"], rel=1e-6)
