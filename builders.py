@@ -24,9 +24,10 @@ from models import build_backbone
 from models.attention import BACKENDS, flash_available, flex_available
 from noise_schedule import build_noise
 from training_callbacks import AtomicCheckpointIO, Preemption, Throughput
-from utils import UserError
+from utils import UserError, get_logger
 
 MODES = ("train", "ppl_eval", "sample_eval")
+log = get_logger("bd3lms")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,14 +36,50 @@ class Hardware:
     devices: int  # per node
     num_nodes: int
     precision: str
+    precision_choice: str | None = None  # why `trainer.precision=auto` chose it (None: set)
 
     @property
     def world_size(self) -> int:
         return self.devices * self.num_nodes
 
 
-def resolve_hardware(trainer: DictConfig) -> Hardware:
-    """`auto` values: CUDA when available (all visible GPUs, bf16-mixed), else 1 CPU, 32-true."""
+PRECISIONS = {
+    "auto": "auto",
+    "32-true": "32-true",
+    "32": "32-true",
+    "bf16-mixed": "bf16-mixed",
+    "bf16": "bf16-mixed",
+    "16-mixed": "16-mixed",
+    "16": "16-mixed",
+}
+MATMUL_PRECISIONS = ("highest", "high", "medium")
+
+
+def auto_precision(accelerator: str, released_checkpoint: bool) -> tuple[str, str]:
+    """`trainer.precision=auto` -> (precision, why). CPU: float32. GPU: bf16-mixed where the
+    card computes bf16 natively (Ampere and newer), else 16-mixed. Evaluating a released HF
+    checkpoint (or `algo.backbone=hf_dit`): float32, the precision of the paper's likelihoods
+    and samples."""
+    if accelerator == "cpu":
+        return "32-true", "CPU"
+    if released_checkpoint:
+        return "32-true", "a released checkpoint is evaluated in float32, as in the paper"
+    if torch.cuda.is_bf16_supported(including_emulation=False):
+        return "bf16-mixed", "the GPU computes bf16 natively"
+    return "16-mixed", "the GPU has no native bf16"
+
+
+def evaluates_released(cfg: DictConfig, loaded) -> bool:
+    """An evaluation of a released checkpoint: an HF-format one (directory or hub id), or any
+    checkpoint with `algo.backbone=hf_dit` (the reference's switch for them)."""
+    if loaded is None or cfg.mode not in ("ppl_eval", "sample_eval"):
+        return False
+    return cfg.algo.backbone == "hf_dit" or loaded.format == "hf"
+
+
+def resolve_hardware(trainer: DictConfig, released_checkpoint: bool = False) -> Hardware:
+    """`auto` values: CUDA when available (all visible GPUs), else 1 CPU; the precision as
+    `auto_precision` picks it (the reason in `precision_choice`, which main.run logs)."""
     cuda = torch.cuda.is_available()
     accelerator = trainer.accelerator
     if accelerator == "auto":
@@ -56,14 +93,33 @@ def resolve_hardware(trainer: DictConfig) -> Hardware:
     devices = trainer.devices
     if devices == "auto":
         devices = torch.cuda.device_count() if accelerator == "gpu" else 1
-    if not isinstance(devices, int) or devices < 1:
+    if not isinstance(devices, int) or isinstance(devices, bool) or devices < 1:
         raise UserError(f"trainer.devices={devices!r}: give a positive integer or auto")
-    precision = trainer.precision
+    precision = PRECISIONS.get(str(trainer.precision))
+    if precision is None:
+        raise UserError(
+            f"trainer.precision={trainer.precision!r}: valid are {', '.join(PRECISIONS)}"
+        )
+    why = None
     if precision == "auto":
-        precision = "bf16-mixed" if accelerator == "gpu" else "32-true"
-    elif precision == "bf16":
-        precision = "bf16-mixed"
-    return Hardware(accelerator, devices, int(trainer.num_nodes), str(precision))
+        precision, why = auto_precision(accelerator, released_checkpoint)
+    if precision == "16-mixed" and accelerator == "cpu":
+        raise UserError(
+            "trainer.precision=16-mixed needs a GPU (no float16 autocast training on CPU); "
+            "use bf16-mixed or 32-true"
+        )
+    return Hardware(accelerator, devices, int(trainer.num_nodes), precision, why)
+
+
+def configure_float32_matmul(trainer: DictConfig) -> None:
+    """`trainer.float32_matmul_precision`: highest (exact float32 matmuls, torch's default),
+    high (TF32 tensor cores on Ampere and newer) or medium (bf16); float32 work only."""
+    value = trainer.get("float32_matmul_precision") or "highest"
+    if value not in MATMUL_PRECISIONS:
+        raise UserError(
+            f"trainer.float32_matmul_precision={value!r}: valid are {', '.join(MATMUL_PRECISIONS)}"
+        )
+    torch.set_float32_matmul_precision(value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,6 +193,31 @@ def validate(cfg: DictConfig, hw: Hardware) -> None:
         check_wandb_credentials(cfg.wandb)
     if cfg.algo.backbone not in ("dit", "hf_dit"):
         raise UserError(f"algo.backbone={cfg.algo.backbone!r}: valid are dit, hf_dit")
+    validate_strategy(cfg, hw)
+
+
+def validate_strategy(cfg: DictConfig, hw: Hardware) -> None:
+    """strategy=fsdp needs CUDA, clips by norm only (through FSDP's own clip_grad_norm_, see
+    Diffusion.configure_gradient_clipping) and has no EMA: ours keeps full copies of the
+    parameters by name, which is not shard-aware."""
+    name = cfg.strategy.name
+    if name not in ("ddp", "fsdp"):
+        raise UserError(f"strategy={name}: valid are ddp, fsdp")
+    if name != "fsdp":
+        return
+    if hw.accelerator != "gpu":
+        raise UserError("strategy=fsdp needs CUDA GPUs (Lightning has no FSDP on CPU); use ddp")
+    if float(cfg.training.ema) > 0:
+        raise UserError(
+            f"strategy=fsdp with training.ema={cfg.training.ema}: the EMA is not shard-aware "
+            "(it keeps full parameter copies); set training.ema=0 or use strategy=ddp"
+        )
+    algorithm = cfg.trainer.get("gradient_clip_algorithm")
+    if algorithm not in (None, "norm"):
+        raise UserError(
+            f"strategy=fsdp with trainer.gradient_clip_algorithm={algorithm}: FSDP clips by "
+            "norm only; set trainer.gradient_clip_algorithm=norm"
+        )
 
 
 def validate_sampling(cfg: DictConfig) -> None:
@@ -352,40 +433,100 @@ def build_module(
     )
 
 
-def build_loader(dataset, batch_size: int, shuffle: bool, seed: int, cfg: DictConfig, hw: Hardware):
+def compile_for_training(module: Diffusion, cfg: DictConfig) -> None:
+    """`training.compile=true`: torch.compile each DiT block for the training steps (see
+    DiT.compile_blocks; validation and sampling stay eager)."""
+    if cfg.training.get("compile", False):
+        module.backbone.compile_blocks(dynamic=False)
+
+
+def build_loader(
+    dataset,
+    batch_size: int,
+    shuffle: bool,
+    seed: int,
+    cfg: DictConfig,
+    hw: Hardware,
+    evaluation: bool = False,
+):
+    """evaluation: items carry their global-batch rows and padding flags (data EvalRows), so that
+    evaluation numbers do not depend on the number of processes."""
     workers = cfg.loader.num_workers
     if workers is None:
         workers = 0 if hw.accelerator == "cpu" else min(8, len(os.sched_getaffinity(0)))
     pin = bool(cfg.loader.pin_memory) and hw.accelerator == "gpu"
-    return make_loader(dataset, batch_size, shuffle, seed, num_workers=workers, pin_memory=pin)
+    return make_loader(
+        dataset,
+        batch_size,
+        shuffle,
+        seed,
+        num_workers=workers,
+        pin_memory=pin,
+        eval_rows=evaluation,
+    )
 
 
 def build_logger(cfg: DictConfig, run_dir: str):
+    """CSV logs under run_dir/logs with `wandb=null`, else a wandb run in run_dir. Each point
+    of a `-m` sweep is its own wandb run, named after its overrides (finish_logger ends it)."""
     if cfg.wandb is None:
         return L.pytorch.loggers.CSVLogger(run_dir, name="logs")
     wandb_cfg = OmegaConf.to_container(cfg.wandb, resolve=True)
+    point = sweep_point()
+    if point is not None:
+        wandb_cfg["name"] = f"{wandb_cfg['name']}-{point}" if wandb_cfg.get("name") else point
     return L.pytorch.loggers.WandbLogger(
         save_dir=run_dir, config=OmegaConf.to_container(cfg, resolve=True), **wandb_cfg
     )
 
 
+def sweep_point() -> str | None:
+    """The overrides that name this point of a `-m` sweep (its job number when it has none);
+    None outside sweeps."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    job = HydraConfig.get().job
+    return str(job.override_dirname or job.num)
+
+
+def finish_logger(trainer) -> None:
+    """End this run's wandb run (if one started), so that the next point of a sweep in the same
+    process starts its own."""
+    import sys
+
+    wandb = sys.modules.get("wandb")
+    if trainer.is_global_zero and wandb is not None and wandb.run is not None:
+        wandb.finish()
+
+
 def build_strategy(cfg: DictConfig, hw: Hardware):
     """`strategy=ddp` (the default; plain single-process when there is one device) or
-    `strategy=fsdp` (CUDA only: Lightning refuses FSDP on CPU)."""
-    name = cfg.strategy.name
-    if name == "fsdp":
-        if hw.accelerator != "gpu":
-            raise UserError("strategy=fsdp needs CUDA GPUs (Lightning has no FSDP on CPU); use ddp")
+    `strategy=fsdp` (CUDA only, checked by validate_strategy): each DiT block is its own FSDP
+    unit (`fsdp_wrap_policy`). `strategy.force=true` builds the DDP strategy on one device too
+    (the GPU acceptance check)."""
+    if cfg.strategy.name == "fsdp":
         return L.pytorch.strategies.FSDPStrategy(
-            sharding_strategy=cfg.strategy.get("sharding_strategy", "SHARD_GRAD_OP")
+            sharding_strategy=cfg.strategy.get("sharding_strategy", "SHARD_GRAD_OP"),
+            auto_wrap_policy=fsdp_wrap_policy(),
         )
-    if name != "ddp":
-        raise UserError(f"strategy={name}: valid are ddp, fsdp")
-    if hw.world_size == 1:
+    if hw.world_size == 1 and not cfg.strategy.force:
         return "auto"
     return L.pytorch.strategies.DDPStrategy(
         find_unused_parameters=bool(cfg.strategy.find_unused_parameters)
     )
+
+
+def fsdp_wrap_policy():
+    """FSDP auto-wrap policy: every DiTBlock is a unit of its own (parameters gathered one
+    block at a time); embedding, timestep map and output layer stay with the root."""
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    from models.dit import DiTBlock
+
+    return ModuleWrapPolicy({DiTBlock})
 
 
 def build_callbacks(cfg: DictConfig) -> list:
@@ -416,7 +557,8 @@ def build_trainer(cfg: DictConfig, hw: Hardware, plan: BatchPlan, run_dir: str, 
     if "SLURM_JOB_ID" in os.environ:  # our Preemption callback requeues, not Lightning's
         plugins.append(L.pytorch.plugins.environments.SLURMEnvironment(auto_requeue=False))
     derived = ("accelerator", "devices", "num_nodes", "precision", "accumulate_grad_batches")
-    passthrough = {k: v for k, v in cfg.trainer.items() if k not in (*derived, "deterministic")}
+    ours = ("deterministic", "float32_matmul_precision")
+    passthrough = {k: v for k, v in cfg.trainer.items() if k not in (*derived, *ours)}
     deterministic = cfg.trainer.get("deterministic")
     if deterministic is None:  # multi-threaded CPU kernels are otherwise not bit-reproducible
         deterministic = hw.accelerator == "cpu"

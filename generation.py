@@ -10,6 +10,7 @@ seeds); in the run directory a new run replaces the previous run's samples.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import json
@@ -84,11 +85,14 @@ def _rows(job: GenerationJob) -> list[list[str | None]]:
     return batches[job.rank :: job.world_size]
 
 
-def _sample_rows(sample_fn, rows, vocab, cfg, generator, device, progress) -> samplers.SampleOutput:
+def _sample_rows(
+    sample_fn, rows, vocab, cfg, generator, device, progress, autocast
+) -> samplers.SampleOutput:
     prompt = valid = None
     if rows[0] is not None:
         prompt, valid = encode_prompts(rows, vocab, cfg.block_size, cfg.context)
-    return sample_fn(len(rows), cfg, generator, device, prompt, valid, progress)
+    with autocast():
+        return sample_fn(len(rows), cfg, generator, device, prompt, valid, progress)
 
 
 def generate(
@@ -98,13 +102,16 @@ def generate(
     vocab,
     evaluator: GenerativePerplexity | None,
     device: torch.device,
+    autocast=contextlib.nullcontext,
 ) -> list[dict]:
     """Run this rank's batches; every sample goes to the rank's jsonl file at once.
 
     sample_fn(batch_size, cfg, generator, device, prompt, prompt_valid, progress) is
     samplers.semi_ar_sample or samplers.ar_sample bound to a SamplingModel. Fixed-length
     samples flagged low-entropy are redrawn up to 10 times (the reference's rule); the last
-    draw is kept with stop_reason "rejected_low_entropy"."""
+    draw is kept with stop_reason "rejected_low_entropy". autocast: a context manager factory
+    for the sampler's precision (e.g. Fabric.autocast); the judge always scores outside it, in
+    float32 (the paper's protocol)."""
     generator = torch.Generator().manual_seed(job.seed + RANK_SEED_STRIDE * job.rank)
     os.makedirs(job.out_dir, exist_ok=True)
     if not job.append and job.rank == 0:
@@ -114,16 +121,17 @@ def generate(
     with open(os.path.join(job.out_dir, job.file_name), "a" if job.append else "w") as out:
         for batch_index, rows in enumerate(_rows(job)):
             progress = None if bar is None else bar.update
-            result = _sample_rows(sample_fn, rows, vocab, cfg, generator, device, progress)
+            result = _sample_rows(
+                sample_fn, rows, vocab, cfg, generator, device, progress, autocast
+            )
             samples = _split(result)
             for _ in range(MAX_RETRIES):
                 redo = [i for i, s in enumerate(samples) if s[3] == "rejected_low_entropy"]
                 if not redo:
                     break
+                redone = [rows[i] for i in redo]
                 again = _split(
-                    _sample_rows(
-                        sample_fn, [rows[i] for i in redo], vocab, cfg, generator, device, None
-                    )
+                    _sample_rows(sample_fn, redone, vocab, cfg, generator, device, None, autocast)
                 )
                 for i, sample in zip(redo, again, strict=True):
                     samples[i] = sample

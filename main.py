@@ -1,8 +1,9 @@
 """Hydra entry point: compose and validate the config, build tokenizer, data, module and
 trainer, and dispatch on `mode` (train | ppl_eval | sample_eval). No maths here.
 
-Every output goes under the Hydra run directory (`hydra.run.dir=DIR`). Bad input exits with
-code 2 and one line on stderr, before anything is written.
+Every output goes under the run directory (`hydra.run.dir=DIR`; under `-m`, one directory per
+sweep point). Bad input exits with code 2 and one line on stderr, before anything is written.
+`compose(overrides, run_dir)` + `run(cfg, run_dir)` is the same run in process (tests, scripts).
 """
 
 from __future__ import annotations
@@ -10,12 +11,14 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import sys
+from collections.abc import Sequence
 
 import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 import builders
 import dataloader
@@ -31,14 +34,30 @@ from checkpoints import (
     read_checkpoint,
     sanity_check_perplexity,
 )
-from utils import UserError, atomic_path, get_logger
+from utils import UserError, atomic_path, get_logger, global_rank
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 GROUPS = ("algo", "model", "data", "noise", "lr_scheduler", "strategy", "experiment")
+EVAL_MODES = ("ppl_eval", "sample_eval")
+SWEEP_FUNCTION = re.compile(r"^(\w+)\((.*)\)$")  # choice(a,b), range(...), glob(...)
 log = get_logger("bd3lms")
 
 
-def check_group_choices(argv: list[str]) -> None:
+def group_values(value: str) -> list[str] | None:
+    """The config names a `group=value` override asks for: one name, a comma-separated sweep
+    list (`-m algo=ar,mdlm`) or `choice(...)`; None for values that are not names
+    (`glob(...)`, `range(...)`, interpolations), which Hydra checks itself."""
+    function = SWEEP_FUNCTION.match(value)
+    if function:
+        if function[1] != "choice":
+            return None
+        value = function[2]
+    if "${" in value:
+        return None
+    return [v.strip().strip("'\"") for v in value.split(",")]
+
+
+def check_group_choices(argv: Sequence[str]) -> None:
     """Fail in one line on `group=name` overrides whose config file does not exist (Hydra's own
     message spans many lines)."""
     for arg in argv:
@@ -46,8 +65,27 @@ def check_group_choices(argv: list[str]) -> None:
         if not sep or key not in GROUPS or value in ("null", ""):
             continue
         choices = sorted(f[:-5] for f in os.listdir(os.path.join(CONFIG_DIR, key)))
-        if value not in choices:
-            raise UserError(f"{key}={value}: unknown; valid are {', '.join(choices)}")
+        for name in group_values(value) or []:
+            if name not in choices:
+                raise UserError(f"{key}={name}: unknown; valid are {', '.join(choices)}")
+
+
+def compose(overrides: Sequence[str], run_dir: str) -> DictConfig:
+    """The config that `python main.py OVERRIDES hydra.run.dir=RUN_DIR` runs, for in-process
+    runs (tests, scripts): Hydra's compose API, with `${hydra:runtime.output_dir}` = run_dir."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    check_group_choices(overrides)
+    with initialize_config_dir(CONFIG_DIR, version_base=None):
+        cfg = hydra_compose("config", overrides=list(overrides), return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = os.path.abspath(run_dir)
+        cfg.hydra.job.name = "main"
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
 
 
 def write_json(path: str, payload: dict) -> None:
@@ -59,7 +97,7 @@ def write_json(path: str, payload: dict) -> None:
 # ----------------------------------------------------------------------------------------------
 # Modes
 # ----------------------------------------------------------------------------------------------
-def train(cfg: DictConfig, hw: builders.Hardware, plan: builders.BatchPlan, run_dir: str):
+def train(cfg: DictConfig, hw: builders.Hardware, plan: builders.BatchPlan, run_dir: str, _):
     resume = cfg.checkpointing.resume_ckpt_path
     resume = resume if cfg.checkpointing.resume_from_ckpt and os.path.isfile(resume) else None
     pretrained = None
@@ -72,7 +110,9 @@ def train(cfg: DictConfig, hw: builders.Hardware, plan: builders.BatchPlan, run_
     length = int(cfg.model.length)
     train_set = dataloader.get_dataset(cfg.data, vocab, "train", length)
     valid_set = dataloader.get_dataset(cfg.data, vocab, "valid", length)
-    valid_loader = builders.build_loader(valid_set, plan.eval_batch_size, False, cfg.seed, cfg, hw)
+    valid_loader = builders.build_loader(
+        valid_set, plan.eval_batch_size, False, cfg.seed, cfg, hw, evaluation=True
+    )
     if pretrained is not None:
         dataloader.check_vocab_size(vocab, checkpoint_vocab_size(pretrained), key)
         load_checkpoint_into(module, pretrained, key, for_training=True)
@@ -84,13 +124,17 @@ def train(cfg: DictConfig, hw: builders.Hardware, plan: builders.BatchPlan, run_
         last = read_checkpoint(resume, "checkpointing.resume_ckpt_path")
         check_state(module, last, "checkpointing.resume_ckpt_path")  # same model shape?
         log.info("resumed at step %d from %s", last.get("global_step", 0), resume)
-    trainer.fit(
-        module,
-        builders.build_loader(train_set, plan.batch_size, True, cfg.seed, cfg, hw),
-        valid_loader,
-        ckpt_path=resume,
-        weights_only=True,
-    )
+    builders.compile_for_training(module, cfg)
+    try:
+        trainer.fit(
+            module,
+            builders.build_loader(train_set, plan.batch_size, True, cfg.seed, cfg, hw),
+            valid_loader,
+            ckpt_path=resume,
+            weights_only=True,
+        )
+    finally:
+        builders.finish_logger(trainer)
 
 
 def n_heads(cfg: DictConfig) -> int:
@@ -121,16 +165,19 @@ def load_for_eval(cfg: DictConfig, loaded: LoadedCheckpoint, seq_len: int | None
     return vocab, module
 
 
-def ppl_eval(cfg: DictConfig, hw: builders.Hardware, plan: builders.BatchPlan, run_dir: str):
+def ppl_eval(
+    cfg: DictConfig, hw: builders.Hardware, plan: builders.BatchPlan, run_dir: str, loaded
+):
     path = cfg.eval.checkpoint_path
-    loaded = read_any_checkpoint(path, "eval.checkpoint_path", n_heads(cfg))
     vocab, module = load_for_eval(cfg, loaded)
     valid_set = dataloader.get_dataset(cfg.data, vocab, "valid", int(cfg.model.length))
-    loader = builders.build_loader(valid_set, plan.eval_batch_size, True, cfg.seed, cfg, hw)
+    loader = builders.build_loader(
+        valid_set, plan.eval_batch_size, True, cfg.seed, cfg, hw, evaluation=True
+    )
     trainer = builders.build_trainer(cfg, hw, plan, run_dir, fit=False)
     trainer.validate(module, loader, verbose=False)
     if trainer.is_global_zero:
-        result = {**module.eval_result, "checkpoint": path}
+        result = {**module.eval_result, "checkpoint": path, "precision": hw.precision}
         threshold = ppl_threshold(path, cfg.eval.sanity_ppl_max)
         if threshold is not None and result["ppl"] > threshold:
             log.warning(
@@ -144,7 +191,9 @@ def ppl_eval(cfg: DictConfig, hw: builders.Hardware, plan: builders.BatchPlan, r
         print(json.dumps(result))
 
 
-def sample_eval(cfg: DictConfig, hw: builders.Hardware, plan: builders.BatchPlan, run_dir: str):
+def sample_eval(
+    cfg: DictConfig, hw: builders.Hardware, plan: builders.BatchPlan, run_dir: str, loaded
+):
     fabric = L.Fabric(
         accelerator=hw.accelerator,
         devices=hw.devices,
@@ -154,7 +203,6 @@ def sample_eval(cfg: DictConfig, hw: builders.Hardware, plan: builders.BatchPlan
     )
     fabric.launch()
     evaluator = builders.build_evaluator(cfg, fabric.device)
-    loaded = read_any_checkpoint(cfg.eval.checkpoint_path, "eval.checkpoint_path", n_heads(cfg))
     window = builders.trained_length(cfg, loaded)
     vocab, module = load_for_eval(cfg, loaded, seq_len=window)
     sampler_cfg = builders.build_sampler_config(cfg, vocab, window)
@@ -181,8 +229,10 @@ def sample_eval(cfg: DictConfig, hw: builders.Hardware, plan: builders.BatchPlan
         prompts=prompts,
         append=cfg.sampling.logdir is not None,
     )
-    with fabric.autocast():
-        records = generation.generate(sample_fn, sampler_cfg, job, vocab, evaluator, fabric.device)
+    # the sampler runs in the run's precision; the judge scores in float32 outside it
+    records = generation.generate(
+        sample_fn, sampler_cfg, job, vocab, evaluator, fabric.device, autocast=fabric.autocast
+    )
     fabric.barrier()
     if fabric.global_rank == 0:
         summary = generation.write_summary(out_dir, cfg.eval.gen_ppl_eval_model_name_or_path)
@@ -194,18 +244,31 @@ def sample_eval(cfg: DictConfig, hw: builders.Hardware, plan: builders.BatchPlan
 MODES = {"train": train, "ppl_eval": ppl_eval, "sample_eval": sample_eval}
 
 
-def run(cfg: DictConfig) -> None:
+def run(cfg: DictConfig, run_dir: str | None = None) -> None:
+    """One run of `cfg` in `run_dir` (default: the Hydra job's output directory). Every check
+    that can fail on user input (UserError) runs before anything is written."""
+    run_dir = run_dir or HydraConfig.get().runtime.output_dir
     hw = builders.resolve_hardware(cfg.trainer)
     builders.validate(cfg, hw)
     plan = builders.plan_batches(cfg.loader, hw.world_size, cfg.trainer.accumulate_grad_batches)
-    run_dir = HydraConfig.get().runtime.output_dir
-    if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0))) == 0:
+    builders.configure_float32_matmul(cfg.trainer)
+    if cfg.mode == "sample_eval":
+        builders.build_evaluator(cfg, "cpu")  # a judge that cannot be loaded fails first
+    loaded = None
+    if cfg.mode in EVAL_MODES:
+        path = cfg.eval.checkpoint_path
+        loaded = read_any_checkpoint(path, "eval.checkpoint_path", n_heads(cfg))
+    if builders.evaluates_released(cfg, loaded):  # float32 unless a precision is set
+        hw = builders.resolve_hardware(cfg.trainer, released_checkpoint=True)
+    if hw.precision_choice is not None:
+        log.info("trainer.precision=auto -> %s (%s)", hw.precision, hw.precision_choice)
+    if global_rank() == 0:
         resolved = OmegaConf.to_yaml(cfg, resolve=True)
         log.info("resolved config:\n%s", resolved)
         with atomic_path(os.path.join(run_dir, "config_resolved.yaml")) as tmp, open(tmp, "w") as f:
             f.write(resolved)
     L.seed_everything(int(cfg.seed), verbose=False)
-    MODES[cfg.mode](cfg, hw, plan, run_dir)
+    MODES[cfg.mode](cfg, hw, plan, run_dir, loaded)
 
 
 @hydra.main(version_base=None, config_path="configs", config_name="config")

@@ -73,9 +73,14 @@ class GenerativePerplexity:
 
     @torch.no_grad()
     def score(self, text: str) -> tuple[float, int]:
-        """-> (sum of NLL over scored targets, number of scored targets) for one text."""
+        """-> (sum of NLL over scored targets, number of scored targets) for one text, in
+        float32 whatever autocast the caller runs under (the paper's protocol)."""
         if self._model is None:
             self._load()
+        with torch.autocast(device_type=torch.device(self.device).type, enabled=False):
+            return self._score(text)
+
+    def _score(self, text: str) -> tuple[float, int]:
         ids = self._tokenizer(text, return_tensors="pt")["input_ids"][0].to(self.device)
         eos = self._tokenizer.eos_token_id
         total, count = 0.0, 0

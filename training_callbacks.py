@@ -1,5 +1,5 @@
 """Lightning plumbing for long, preemptible runs: atomic checkpoint files, save-and-requeue on
-SIGUSR1/SIGTERM, and throughput/memory logging. Public Lightning APIs only."""
+SIGUSR1/SIGUSR2/SIGTERM, and throughput/memory logging."""
 
 from __future__ import annotations
 
@@ -42,37 +42,68 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 class Preemption(L.Callback):
-    """On SIGUSR1 (slurm's warning signal) or SIGTERM: save `last_path` at the next batch end
-    on every rank, requeue the slurm job (rank 0) and stop. Rerunning the same command (the
-    requeued job does) resumes from `last_path`."""
+    """Save-and-requeue on the warning signals of a cluster: SIGUSR1 (slurm `--signal`, our
+    job template), SIGUSR2 (submitit's warning signal) and SIGTERM.
 
-    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+    A signal requests a save; it happens at the end of the current optimizer step, never
+    inside a gradient accumulation (a checkpoint cannot hold partial gradients, so a save there
+    would not resume bit-identically). Every rank saves `last_path` and training stops. Then
+    the job is requeued by whoever owns the signal: if a Python handler was installed for it
+    before training (submitit's, under `hydra/launcher=slurm`), that handler is called once
+    fit has ended, so submitit requeues the job and counts its timeouts (`max_num_timeout`) as
+    usual; otherwise (a plain sbatch job) rank 0 runs `scontrol requeue $SLURM_JOB_ID`.
+    Rerunning the same command (the requeued job does) resumes from `last_path`.
+    """
+
+    SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
 
     def __init__(self, last_path: str):
         self.last_path = last_path
-        self.requested = False
+        self.requested: int | None = None  # the signal received, until the save
+        self.saved_for: int | None = None  # the signal the save answered
         self._previous: dict = {}
 
     def _handler(self, signum, frame) -> None:
-        log.warning("received signal %d: checkpointing and requeueing", signum)
-        self.requested = True
+        log.warning("received signal %d: checkpointing at the end of this optimizer step", signum)
+        self.requested = signum
 
     def on_fit_start(self, trainer, pl_module) -> None:
         for sig in self.SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handler)
 
-    def on_fit_end(self, trainer, pl_module) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+    @staticmethod
+    def at_step_boundary(trainer, batch_idx: int) -> bool:
+        """True when the optimizer has just stepped (the last micro-batch of an accumulation,
+        or the last batch of the epoch, where Lightning steps early)."""
+        if (batch_idx + 1) % trainer.accumulate_grad_batches == 0:
+            return True
+        return bool(trainer.fit_loop.epoch_loop.batch_progress.is_last_batch)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if not trainer.strategy.reduce_boolean_decision(self.requested, all=False):
+        if not self.at_step_boundary(trainer, batch_idx):
+            return
+        if not trainer.strategy.reduce_boolean_decision(self.requested is not None, all=False):
             return
         trainer.save_checkpoint(self.last_path)
+        log.warning("saved %s at step %d; stopping", self.last_path, trainer.global_step)
+        self.saved_for = self.requested or signal.SIGUSR1
+        self.requested = None
+        trainer.should_stop = True
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        previous, self._previous = self._previous, {}
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if self.saved_for is None:
+            return
+        signum, self.saved_for = self.saved_for, None
+        owner = previous.get(signum)
+        if callable(owner):  # e.g. submitit: it requeues and counts the timeout
+            owner(signum, None)
+            return
         job = os.environ.get("SLURM_JOB_ID")
         if trainer.is_global_zero and job:
             subprocess.run(["scontrol", "requeue", job], check=False)
-        trainer.should_stop = True
 
 
 class Throughput(L.Callback):

@@ -9,8 +9,6 @@ import os
 import tempfile
 from collections.abc import Iterator
 
-import fsspec
-
 
 class UserError(Exception):
     """Bad input that the user can fix: printed as one line by main.py, exit code 2.
@@ -19,21 +17,24 @@ class UserError(Exception):
     """
 
 
+RANK_VARIABLES = ("RANK", "SLURM_PROCID", "LOCAL_RANK")
+
+
+def global_rank() -> int:
+    """This process's global rank before any process group exists: RANK (torchrun, Lightning's
+    own launcher), else SLURM_PROCID (srun, one task per GPU), else LOCAL_RANK, else 0."""
+    for name in RANK_VARIABLES:
+        if os.environ.get(name, "").strip():
+            return int(os.environ[name])
+    return 0
+
+
 def get_logger(name: str) -> logging.Logger:
-    """A logger that emits only on global rank zero (RANK / LOCAL_RANK / SLURM_PROCID)."""
+    """A logger that emits only on global rank zero (see `global_rank`)."""
     logger = logging.getLogger(name)
-    rank = int(
-        os.environ.get("RANK", os.environ.get("LOCAL_RANK", os.environ.get("SLURM_PROCID", 0)))
-    )
-    if rank != 0:
+    if global_rank() != 0:
         logger.setLevel(logging.ERROR)
     return logger
-
-
-def fs_exists(path: str) -> bool:
-    """Existence check that works for local paths and fsspec URLs."""
-    fs, p = fsspec.core.url_to_fs(path)
-    return fs.exists(p)
 
 
 @contextlib.contextmanager

@@ -159,7 +159,9 @@ def _flex(q: Tensor, k: Tensor, v: Tensor, block_mask: Any) -> Tensor:
     from torch.nn.attention.flex_attention import flex_attention
 
     global _compiled_flex
-    if q.device.type != "cuda":  # CPU: eager, forward only (no backward on CPU, ENVIRONMENT.md)
+    # CPU: eager, forward only (flex attention has no CPU backward); inside a compiled region
+    # (compiled DiT blocks) the enclosing compile handles flex itself
+    if q.device.type != "cuda" or torch.compiler.is_compiling():
         return flex_attention(q, k, v, block_mask=block_mask)
     if _compiled_flex is None:
         _compiled_flex = torch.compile(flex_attention, dynamic=False)

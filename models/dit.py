@@ -306,6 +306,14 @@ class DiT(nn.Module):
         self.rotary_emb = Rotary(config.head_dim)
         self.blocks = nn.ModuleList(DiTBlock(config) for _ in range(config.n_blocks))
         self.output_layer = DiTFinalLayer(config)
+        self._compiled_blocks: list | None = None  # see compile_blocks
+
+    def compile_blocks(self, **options) -> None:
+        """torch.compile every DiTBlock (`options` go to torch.compile). The compiled blocks
+        serve calls with autograd on (training steps), whose shapes are fixed; calls without
+        autograd (validation, sampling, whose cached attention grows block by block) run the
+        eager blocks, so sampling never recompiles. Parameter names are unchanged."""
+        self._compiled_blocks = [torch.compile(block, **options) for block in self.blocks]
 
     def forward(
         self,
@@ -340,7 +348,10 @@ class DiT(nn.Module):
         cos, sin = self.rotary_emb(positions, h.dtype)
         last = len(self.blocks) - 1
         needed = self._needed_prefix(outputs, x.shape[1], mask, kv_cache)
-        for layer, block in enumerate(self.blocks):
+        blocks = self.blocks
+        if self._compiled_blocks is not None and kv_cache is None and torch.is_grad_enabled():
+            blocks = self._compiled_blocks
+        for layer, block in enumerate(blocks):
             cache = None if kv_cache is None else (kv_cache, layer, commit, block_valid)
             mod = None if conditioning is None else conditioning.blocks[layer]
             h = block(h, mod, cos, sin, mask, cache, needed if layer == last else None)

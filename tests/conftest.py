@@ -1,5 +1,6 @@
 """Test setup: offline hub variables (hub look-ups otherwise stall for tens of seconds), the
-repository root on sys.path, a tiny model factory shared by the numerics tests."""
+repository root on sys.path, the shared data cache, in-process and subprocess runs of main.py,
+and a tiny model factory shared by the numerics tests."""
 
 from __future__ import annotations
 
@@ -54,3 +55,47 @@ def tiny_dit():
         return model.eval()
 
     return make
+
+
+@pytest.fixture(scope="session")
+def data_cache(tmp_path_factory):
+    """One token/tokenizer cache for the session (BD3LMS_CACHE, which data.cache_dir reads)."""
+    path = str(tmp_path_factory.mktemp("data_cache"))
+    os.environ["BD3LMS_CACHE"] = path
+    return path
+
+
+def run_inprocess(run_dir, *overrides, experiment="smoke"):
+    """`main.py experiment=smoke OVERRIDES` in this process with run directory `run_dir`
+    (UserError propagates). Needs the data_cache fixture."""
+    import main
+
+    run_dir = str(run_dir)
+    cfg = main.compose([f"experiment={experiment}", *overrides], run_dir)
+    main.run(cfg, run_dir)
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def judge_dir(tmp_path_factory, data_cache):
+    """A 1-layer GPT-2 with the GPT-2 tokenizer, saved as a local judge directory."""
+    from omegaconf import OmegaConf
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    import dataloader
+
+    path = tmp_path_factory.mktemp("judge")
+    cfg = OmegaConf.create({"tokenizer_name_or_path": "gpt2", "cache_dir": data_cache})
+    dataloader.get_vocab(cfg).tokenizer.save_pretrained(path)
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=1, n_embd=16, n_head=2, n_positions=48, vocab_size=50257)
+    GPT2LMHeadModel(config).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def smoke_checkpoint(tmp_path_factory, data_cache):
+    """last.ckpt of a 4-step BD3-LM smoke run (in process)."""
+    run_dir = tmp_path_factory.mktemp("smoke_bd3lm")
+    run_inprocess(run_dir, "algo=bd3lm")
+    return run_dir / "checkpoints" / "last.ckpt"

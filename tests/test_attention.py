@@ -7,6 +7,7 @@ import torch
 
 from models.attention import (
     AttentionMask,
+    BandedBlockCausalMask,
     BlockCausalMask,
     BlockDiffusionMask,
     CausalMask,
@@ -86,3 +87,63 @@ def test_flex_matches_sdpa_forward_on_cpu(tiny_dit, L, K):
         ref = sdpa_model(x, sigma, positions, MaskCache("sdpa").get(predicate, 2 * L, 2 * L, "cpu"))
         out = flex_model(x, sigma, positions, MaskCache("flex").get(predicate, 2 * L, 2 * L, "cpu"))
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "predicate,S",
+    [
+        (BlockCausalMask(4), 24),
+        (BandedBlockCausalMask(4, 2), 24),
+        (BandedBlockCausalMask(3, 3), 27),
+    ],
+)
+def test_flex_matches_sdpa_for_the_sampling_masks(predicate, S):
+    """The uncached sampling masks (block-causal, and banded beyond the window) under flex
+    (eager, forward only on CPU) and under SDPA over the dense mask."""
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(2, 3, S, 8, generator=gen) for _ in range(3))
+    dense = MaskCache("sdpa").get(predicate, S, S, torch.device("cpu"))
+    flex = MaskCache("flex").get(predicate, S, S, torch.device("cpu"))
+    assert flex.block_mask is not None and dense.dense is not None
+    torch.testing.assert_close(
+        attend(q, k, v, flex, "flex"), attend(q, k, v, dense, "sdpa"), rtol=1e-5, atol=1e-6
+    )
+
+
+def test_flex_model_cached_sampling_equals_its_uncached_flex_sampling(tiny_dit):
+    """A flex model samples without a cache through flex block masks and with the cache
+    through SDPA inside the cache: the same log-probabilities at every call, within and beyond
+    the window."""
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    import samplers
+    from algorithms import MaskedDiffusion
+    from noise_schedule import LogLinear
+    from sampling_model import SamplingModel
+
+    model = tiny_dit(vocab_size=37, backend="flex")
+    algorithm = MaskedDiffusion(
+        LogLinear(), mask_id=36, seq_len=16, block_size=4, cross_attn=True, ignore_bos=True,
+        time_conditioning=False, antithetic=True,
+    )  # fmt: skip
+    cfg = samplers.SamplerConfig(
+        length=32, block_size=4, num_steps=4, context=16, bos_id=0, mask_id=36, eos_id=0,
+        reject_low_entropy=False,
+    )  # fmt: skip
+    calls = {True: [], False: []}
+    for cached in (True, False):
+        sampling_model = SamplingModel(model, algorithm, window=16)
+        original = sampling_model.logprobs
+
+        def logprobs(*args, _orig=original, _out=calls[cached], **kwargs):
+            _out.append(_orig(*args, **kwargs))
+            return _out[-1]
+
+        sampling_model.logprobs = logprobs
+        run_cfg = samplers.SamplerConfig(**{**cfg.__dict__, "kv_cache": cached})
+        gen = torch.Generator().manual_seed(3)
+        with torch.no_grad():
+            samplers.semi_ar_sample(sampling_model, 2, run_cfg, gen, torch.device("cpu"))
+    assert len(calls[True]) == len(calls[False]) > 8
+    for a, b in zip(calls[True], calls[False], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

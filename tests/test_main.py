@@ -14,11 +14,6 @@ import torch
 from conftest import OFFLINE, ROOT
 
 
-@pytest.fixture(scope="session")
-def data_cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("data_cache"))
-
-
 def run_main(run_dir, *overrides, cache, check=True):
     env = {**os.environ, **OFFLINE, "BD3LMS_CACHE": cache, "PYTHONWARNINGS": "ignore"}
     cmd = [sys.executable, os.path.join(ROOT, "main.py"), "experiment=smoke"]
@@ -67,24 +62,7 @@ def test_ppl_eval_writes_json(trained_bd3lm, data_cache, tmp_path):
     assert 1 < result["ppl"] < 4097 * 4  # a bound on an almost untrained model
 
 
-@pytest.fixture(scope="session")
-def tiny_judge(tmp_path_factory, data_cache):
-    """A 1-layer GPT-2 with the GPT-2 tokenizer, saved as a local judge directory."""
-    from omegaconf import OmegaConf
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    import dataloader
-
-    path = tmp_path_factory.mktemp("judge")
-    cfg = OmegaConf.create({"tokenizer_name_or_path": "gpt2", "cache_dir": data_cache})
-    dataloader.get_vocab(cfg).tokenizer.save_pretrained(path)
-    torch.manual_seed(0)
-    config = GPT2Config(n_layer=1, n_embd=16, n_head=2, n_positions=48, vocab_size=50257)
-    GPT2LMHeadModel(config).save_pretrained(path)
-    return path
-
-
-def test_sample_eval_writes_samples(trained_bd3lm, data_cache, tmp_path, tiny_judge):
+def test_sample_eval_writes_samples(trained_bd3lm, data_cache, tmp_path, judge_dir):
     ckpt = trained_bd3lm / "checkpoints" / "last.ckpt"
     run_main(
         tmp_path,
@@ -93,7 +71,7 @@ def test_sample_eval_writes_samples(trained_bd3lm, data_cache, tmp_path, tiny_ju
         "loader.eval_batch_size=3",
         "model.length=64",  # twice the trained window of 32
         "sampling.kv_cache=true",
-        f"eval.gen_ppl_eval_model_name_or_path={tiny_judge}",
+        f"eval.gen_ppl_eval_model_name_or_path={judge_dir}",
         cache=data_cache,
     )
     lines = (tmp_path / "samples.jsonl").read_text().splitlines()
@@ -109,7 +87,7 @@ def test_sample_eval_writes_samples(trained_bd3lm, data_cache, tmp_path, tiny_ju
     summary = json.loads((tmp_path / "sample_eval.json").read_text())
     assert summary["num_samples"] == 3 and summary["nfe_denoise_mean"] == 63
     assert summary["length_median"] == summary["length_max"] == 64
-    assert summary["gen_ppl_token_weighted"] > 1 and summary["evaluator"] == str(tiny_judge)
+    assert summary["gen_ppl_token_weighted"] > 1 and summary["evaluator"] == str(judge_dir)
     assert (tmp_path / "lengths.png").stat().st_size > 1000
 
 

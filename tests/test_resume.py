@@ -8,12 +8,14 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
+import lightning as L
 import pytest
 import torch
-from test_main import bad_run, data_cache  # noqa: F401 - the session fixture
+from test_main import bad_run
 
-from conftest import OFFLINE, ROOT
+from conftest import OFFLINE, ROOT, run_inprocess
 
 STEPS = 12
 ARGS = ["model.dropout=0.1", f"trainer.max_steps={STEPS}", "trainer.val_check_interval=100"]
@@ -39,7 +41,7 @@ def final_state(run_dir):
     return ckpt["global_step"], ckpt["state_dict"], ckpt["ema"]["shadow"]
 
 
-def test_sigkill_then_resume_is_bit_identical(tmp_path, data_cache):  # noqa: F811
+def test_sigkill_then_resume_is_bit_identical(tmp_path, data_cache):
     straight = tmp_path / "straight"
     finish(launch(straight, data_cache))
     killed = tmp_path / "killed"
@@ -63,7 +65,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, data_cache):  # noqa: F8
         assert torch.equal(tensor, ema_b[name]), name
 
 
-def test_keep_last_k_and_sigusr1(tmp_path, data_cache):  # noqa: F811
+def test_keep_last_k_and_sigusr1(tmp_path, data_cache):
     run_dir = tmp_path / "run"
     finish(launch(run_dir, data_cache, "checkpointing.keep_last_k=2"))
     steps = sorted(f for f in os.listdir(run_dir / "checkpoints") if f.startswith("step_"))
@@ -100,7 +102,7 @@ def test_atomic_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["last.ckpt"]
 
 
-def test_resume_from_another_model_shape_is_refused(tmp_path, data_cache):  # noqa: F811
+def test_resume_from_another_model_shape_is_refused(tmp_path, data_cache):
     run_dir = tmp_path / "bad"
     finish(launch(run_dir, data_cache, "trainer.max_steps=2"))
     before = (run_dir / "checkpoints" / "last.ckpt").read_bytes()
@@ -122,6 +124,72 @@ def test_resume_from_another_model_shape_is_refused(tmp_path, data_cache):  # no
     assert (run_dir / "checkpoints" / "last.ckpt").read_bytes() == before
 
 
-def test_unwritable_save_dir(tmp_path, data_cache):  # noqa: F811
+def test_unwritable_save_dir(tmp_path, data_cache):
     line = bad_run(tmp_path, "checkpointing.save_dir=/dev/null/run", cache=data_cache)
     assert "checkpointing.save_dir" in line
+
+
+class SendSignalAt(L.Callback):
+    """Test callback: sends `signum` to this process at the start of micro-batch `batch`."""
+
+    def __init__(self, batch: int, signum: int):
+        self.batch, self.signum = batch, signum
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == self.batch and trainer.global_step < 3:
+            os.kill(os.getpid(), self.signum)
+
+
+ACCUMULATE = ["loader.global_batch_size=8", "loader.batch_size=4", "model.dropout=0.1"]
+ACCUMULATE += ["trainer.max_steps=6", "trainer.val_check_interval=100"]
+
+
+def test_usr2_mid_accumulation_saves_after_the_step_and_resumes_bit_identically(
+    tmp_path, data_cache
+):
+    """submitit's warning signal (SIGUSR2) arrives during micro-batch 1 of an accumulation of 2
+    (batch_idx 2, the first half of optimizer step 2): the save waits for the step to end, the
+    handler submitit installed before training is then called (it requeues and counts), and a
+    resume from that checkpoint ends bit-identical to an uninterrupted run."""
+    run_inprocess(tmp_path / "straight", *ACCUMULATE)
+    owner_calls = []
+    previous = signal.signal(signal.SIGUSR2, lambda signum, frame: owner_calls.append(signum))
+    try:
+        callback = [f"+callbacks.preempt._target_={__name__}.SendSignalAt"]
+        callback += ["+callbacks.preempt.batch=2", f"+callbacks.preempt.signum={signal.SIGUSR2}"]
+        run_inprocess(tmp_path / "preempted", *ACCUMULATE, *callback)
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    assert owner_calls == [signal.SIGUSR2]
+    saved = torch.load(tmp_path / "preempted" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert saved["global_step"] == 2, "saved at the end of the interrupted optimizer step"
+    run_inprocess(tmp_path / "preempted", *ACCUMULATE)  # the requeued job: resume to the end
+    step_a, weights_a, ema_a = final_state(tmp_path / "straight")
+    step_b, weights_b, ema_b = final_state(tmp_path / "preempted")
+    assert step_a == step_b == 6
+    for name, tensor in weights_a.items():
+        assert torch.equal(tensor, weights_b[name]), name
+    for name, tensor in ema_a.items():
+        assert torch.equal(tensor, ema_b[name]), name
+
+
+def test_requeue_owner(monkeypatch):
+    """After the save, a signal with a Python owner (submitit) is handed to it; without one
+    (a plain sbatch job) rank 0 requeues the slurm job itself."""
+    from training_callbacks import Preemption
+
+    commands = []
+    monkeypatch.setattr(subprocess, "run", lambda cmd, check: commands.append(cmd))
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    trainer = types.SimpleNamespace(is_global_zero=True)
+    callback = Preemption("unused")
+    callback._previous, callback.saved_for = {signal.SIGUSR1: signal.SIG_DFL}, signal.SIGUSR1
+    callback.on_fit_end(trainer, None)
+    assert commands == [["scontrol", "requeue", "4242"]]
+    owned = []
+    callback._previous = {signal.SIGUSR2: lambda s, f: owned.append(s)}
+    callback.saved_for = signal.SIGUSR2
+    callback.on_fit_end(trainer, None)
+    assert owned == [signal.SIGUSR2] and len(commands) == 1
+    callback.on_fit_end(trainer, None)  # nothing saved: nothing to hand over
+    assert owned == [signal.SIGUSR2] and len(commands) == 1
