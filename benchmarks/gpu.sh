@@ -1,30 +1,29 @@
 #!/usr/bin/env bash
-# Issue 7 GPU benchmarks (< 8 minutes on one H100/H200): needs only torch (no Lightning, Hydra,
-# datasets or wandb: the benchmarks import only torch and the model code).
-#   1. training at the paper's small shape (width 768, 12 layers, L=1024, batch 16, bf16) for
-#      sdpa, flex (compiled block mask) and flash_attn when installed (AR/MDLM only), optimised
-#      and baseline side by side: step ms, tokens/s, peak memory, MFU;
-#   2. the sampling benchmark (width 128, 1024 tokens, batch 1 and 16, with and without cache).
-# Without a GPU it dry-runs the CPU fallback on tiny settings (DRY_RUN=1 forces that).
-# Results: $OUT/ (or ./bench_out) train_gpu.json, sample_gpu.json and the logs.
-set -euo pipefail
+# The GPU acceptance run (about 5 minutes on one H100/H200; see benchmarks/acceptance.py for
+# the sections): correctness checks first, benchmarks last, $OUT/acceptance.json rewritten
+# after every section. Whatever the machine lacks of hydra-core / omegaconf is installed from
+# the bundle that benchmarks/gpu_bundle.sh prepares on a CPU machine (BUNDLE, default
+# .gpu_bundle), whose caches the sections read (no network, no `datasets` needed).
+#   bash benchmarks/gpu.sh            # the GPU run
+#   bash benchmarks/gpu.sh --cpu      # the CPU dry run (toy sizes, GPU-only sections skipped)
+set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+BUNDLE=${BUNDLE:-.gpu_bundle}
 OUT=${OUT:-bench_out}
 mkdir -p "$OUT"
-if [[ "${DRY_RUN:-0}" != "1" ]] && $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-  $PY -c "import torch; print(torch.__version__, torch.cuda.get_device_name(0))"
-  backends=sdpa,flex
-  if $PY -c "import flash_attn" 2>/dev/null; then backends=$backends,flash_attn; fi
-  timeout 330 $PY benchmarks/train.py --device cuda --shapes small_L1024 --backends "$backends" \
-    --bf16 --baseline --reps 5 --json "$OUT/train_gpu.json" 2>&1 | tee "$OUT/train_gpu.log" || true
-  timeout 120 $PY benchmarks/sample.py --device cuda --baseline \
-    --only bd3lm4_kv_b1_n1024,bd3lm4_kv_b16_n1024,bd3lm16_kv_b1_n1024,bd3lm4_nokv_b1_n1024,ar_kv_b1_n1024 \
-    --json "$OUT/sample_gpu.json" 2>&1 | tee "$OUT/sample_gpu.log" || true
-else
-  echo "no GPU: dry run of the CPU fallback"
-  $PY benchmarks/train.py --device cpu --shapes w128_L128 --variants mdlm,bd3lm4 --reps 1 \
-    --baseline --no-memory --json "$OUT/train_dry.json"
-  $PY benchmarks/sample.py --device cpu --quick \
-    --only bd3lm4_kv_b1_n256,ar_kv_b1_n256 --json "$OUT/sample_dry.json"
+if ! $PY -c "import hydra, omegaconf" 2>/dev/null; then
+  if [ ! -d "$BUNDLE/wheels" ]; then
+    echo "error: hydra-core / omegaconf missing and no bundle at $BUNDLE: run" \
+      "benchmarks/gpu_bundle.sh on a CPU machine and bring $BUNDLE along" >&2
+    exit 2
+  fi
+  SITE=${TMPDIR:-/tmp}/bd3lms-site
+  $PY -m pip install --quiet --no-index --no-deps --no-compile --disable-pip-version-check \
+    --target "$SITE" "$BUNDLE"/wheels/*.whl || exit 2
+  export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 fi
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=disabled
+$PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
+$PY -u benchmarks/acceptance.py --out "$OUT" --bundle "$BUNDLE" "$@" 2>&1 | tee "$OUT/acceptance.log"
+exit "${PIPESTATUS[0]}"

@@ -36,31 +36,36 @@ from common import build_algorithm, build_dit  # noqa: E402
 import samplers  # noqa: E402
 from sampling_model import SamplingModel  # noqa: E402
 
-VOCAB, WIDTH, LAYERS, HEADS, WINDOW = 30523, 128, 4, 4, 1024
-MASK, BOS = VOCAB - 1, 0
+# the benchmark's DiT (random weights) and its window; --toy: a seconds-long CPU check
+MODEL = dict(vocab=30523, width=128, layers=4, heads=4, window=1024)
+TOY = dict(vocab=513, width=32, layers=2, heads=2, window=64)
+BOS = 0
 
 
-def build_sampling_model(algo_name: str, block: int, device, baseline: bool) -> SamplingModel:
+def build_sampling_model(variant: dict, device, baseline: bool) -> SamplingModel:
+    algo_name, block, m = variant["algo"], variant["block"], variant["model"]
     ar, fast = algo_name == "ar", not baseline
-    backbone = build_dit(VOCAB, WIDTH, LAYERS, HEADS, ar, optimised=fast, init_std=0.05)
-    algorithm = build_algorithm(algo_name, WINDOW, block, MASK)
+    backbone = build_dit(
+        m["vocab"], m["width"], m["layers"], m["heads"], ar, optimised=fast, init_std=0.05
+    )
+    algorithm = build_algorithm(algo_name, m["window"], block, m["vocab"] - 1)
     backbone = backbone.to(device).eval()
     return SamplingModel(
-        backbone, algorithm, WINDOW, reference_subs=baseline, reuse_conditioning=fast
+        backbone, algorithm, m["window"], reference_subs=baseline, reuse_conditioning=fast
     )
 
 
 def run_once(variant: dict, device, baseline: bool):
     """-> (seconds, output, peak MB)."""
     algo_name, block = variant["algo"], variant["block"]
-    model = build_sampling_model(algo_name, block, device, baseline)
+    model = build_sampling_model(variant, device, baseline)
     cfg = samplers.SamplerConfig(
         length=variant["length"],
         block_size=block,
         num_steps=5000,
-        context=WINDOW,
+        context=variant["model"]["window"],
         bos_id=BOS,
-        mask_id=MASK,
+        mask_id=variant["model"]["vocab"] - 1,
         eos_id=BOS,
         nucleus_p=1.0,
         kv_cache=variant["kv"],
@@ -88,14 +93,17 @@ def run_once(variant: dict, device, baseline: bool):
     return seconds, out, peak
 
 
-def lengths(quick: bool) -> tuple[int, int, int]:
+def lengths(quick: bool, toy: bool = False) -> tuple[int, int, int]:
     """Tokens per sample: batch 1; batch 16 cached; batch 16 uncached (it re-reads the whole
-    prefix every call). --quick keeps every variant under about 15 s."""
+    prefix every call). --quick keeps every variant under about 15 s, --toy about 1 s."""
+    if toy:
+        return (64, 32, 32)
     return (256, 64, 64) if quick else (1024, 1024, 256)
 
 
-def variants(quick: bool, parallel: bool) -> dict[str, dict]:
-    long, b16, b16_uncached = lengths(quick)
+def variants(quick: bool, parallel: bool, toy: bool = False) -> dict[str, dict]:
+    long, b16, b16_uncached = lengths(quick, toy)
+    model = TOY if toy else MODEL
     table = {}
     for K in (4, 16):
         for batch in (1, 16):
@@ -117,6 +125,8 @@ def variants(quick: bool, parallel: bool) -> dict[str, dict]:
         table[f"bd3lm16_kv_b1_n{long}_conf0.9"] = dict(
             algo="bd3lm", block=16, kv=True, batch=1, length=long, threshold=0.9
         )
+    for spec in table.values():
+        spec["model"] = model
     return table
 
 
@@ -142,9 +152,10 @@ def profile(name: str, variant: dict, device) -> None:
     print(common.table(rows, ["op", "per call", "self us per call", "share"]))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="256 / 64 tokens (< 3 min CPU)")
+    parser.add_argument("--toy", action="store_true", help="a width-32 DiT, 64 / 32 tokens")
     parser.add_argument("--baseline", action="store_true")
     parser.add_argument("--parallel", action="store_true")
     parser.add_argument("--json", default=None)
@@ -153,12 +164,12 @@ def main() -> None:
     parser.add_argument("--profile", default=None, help="print a per-call profile of a variant")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--reps", type=int, default=1, help="timed runs per variant (median)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     print(f"device {device}, threads {torch.get_num_threads()}, torch {torch.__version__}")
-    table = variants(args.quick, args.parallel)
+    table = variants(args.quick, args.parallel, args.toy)
     if args.profile:
         return profile(args.profile, table[args.profile], device)
     if args.only:
@@ -198,7 +209,7 @@ def main() -> None:
         rows.append([name, tok_s[name], base or "", f"{tok_s[name] / base:.2f}x" if base else "",
                      f"{nfe[name][0]} (+{nfe[name][1] - nfe[name][0]})", memory[name]])  # fmt: skip
     print(common.table(rows, ["variant", "tokens/s", "baseline", "speed-up", "NFE", "peak MB"]))
-    long = 256 if args.quick else 1024
+    long = lengths(args.quick, args.toy)[0]
     ratios = {}
 
     def ratio(name, num, den):
@@ -208,7 +219,9 @@ def main() -> None:
 
     ratio("kv_speedup_1024", f"bd3lm4_kv_b1_n{long}", f"bd3lm4_nokv_b1_n{long}")
     ratio(
-        "batch16_over_batch1", f"bd3lm4_kv_b16_n{lengths(args.quick)[1]}", f"bd3lm4_kv_b1_n{long}"
+        "batch16_over_batch1",
+        f"bd3lm4_kv_b16_n{lengths(args.quick, args.toy)[1]}",
+        f"bd3lm4_kv_b1_n{long}",
     )
     ratio("bd3lm4_over_ar_kv", f"bd3lm4_kv_b1_n{long}", f"ar_kv_b1_n{long}")
     common.write_json(

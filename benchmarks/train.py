@@ -36,6 +36,7 @@ SHAPES = {
     "w128_L128": (128, 4, 4, 128, 30523, 8),
     "w256_L512": (256, 4, 4, 512, 8193, 4),
     "small_L1024": (768, 12, 12, 1024, 50258, 16),  # the paper's small model (GPU)
+    "toy": (32, 2, 2, 32, 513, 4),  # a seconds-long check that the script runs
 }
 
 
@@ -128,7 +129,7 @@ def peak_tflops(device: torch.device, bf16: bool) -> float | None:
     return None
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions (< 3 min CPU)")
     parser.add_argument("--baseline", action="store_true", help="also run with switches off")
@@ -141,7 +142,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile each block")
     parser.add_argument("--reps", type=int, default=None)
     parser.add_argument("--no-memory", action="store_true")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     device = torch.device(args.device)
     reps = args.reps or (3 if args.quick else 7)
     modes = [True, False] if args.baseline else [True]
