@@ -1,5 +1,6 @@
 # make demo: train, evaluate and sample a tiny BD3-LM on the embedded corpus (CPU, minutes).
 # make test: the test suite. Both create .venv on first use and install from this repo's files.
+# make mutation: the mutation report docs/mutation.md (not part of make test).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -7,7 +8,7 @@ STAMP := $(VENV)/.installed
 # No hub access is needed by the demo or the tests; without these, hub look-ups stall.
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=disabled
 
-.PHONY: demo test lint format install clean
+.PHONY: demo test lint format install clean mutation
 
 install: $(STAMP)
 
@@ -22,6 +23,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(OFFLINE) $(BIN)/python -m pytest
+
+# One-line mutations of the maths against the tests (scripts/mutants.toml; about 15 minutes):
+# writes docs/mutation.md. Not part of `make test`.
+mutation: $(STAMP)
+	$(OFFLINE) $(BIN)/python scripts/mutation.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -228,6 +228,11 @@ def validate_sampling(cfg: DictConfig) -> None:
         raise UserError(f"sampling.nucleus_p={sampling.nucleus_p} must lie in (0, 1]")
     if sampling.kv_cache and cfg.algo.name not in ("bd3lm", "ar"):
         raise UserError(f"sampling.kv_cache=true needs algo=bd3lm or ar (got {cfg.algo.name})")
+    if sampling.kv_cache and cfg.algo.time_conditioning and cfg.algo.name == "bd3lm":
+        raise UserError(
+            "sampling.kv_cache=true needs algo.time_conditioning=false: a time-conditioned "
+            "BD3-LM re-encodes its context at every step's t; set sampling.kv_cache=false"
+        )
     if sampling.kv_cache and sampling.reencode_context:
         raise UserError(
             "sampling.reencode_context=true is the uncached variant; set kv_cache=false"
@@ -295,6 +300,7 @@ def build_sampler_config(cfg: DictConfig, vocab, window: int):
             tokens_per_step=int(cfg.sampling.tokens_per_step),
             confidence_threshold=cfg.sampling.confidence_threshold,
             entropy_bound=cfg.sampling.entropy_bound,
+            eb_gamma=cfg.sampling.eb_gamma,
             unmask_order=str(cfg.sampling.unmask_order),
         )
     except ValueError as err:

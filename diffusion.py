@@ -221,7 +221,7 @@ class Diffusion(L.LightningModule):
         same noise: common random numbers make the intervals' variances comparable)."""
         report = self.algorithm.eval_interval()
         out = self._eval_loss(batch, batch_idx, report)
-        self._eval_sums += torch.stack([out.nlls.sum(), out.token_mask.sum()]).double()
+        self._eval_sums += torch.stack([out.nlls.double().sum(), out.token_mask.double().sum()])
         if self._variance is None:
             return
         for interval in self.clip_grid:

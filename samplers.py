@@ -11,8 +11,6 @@ implements it), never the LightningModule:
       ascending positions among the last num_last: only those rows, (B, k, V).
   commit(x, key_valid, cache) -> None: store the clean last block in the cache.
   new_cache(batch_size, block_size) -> KVCache.
-  can_fuse_commit: True when the network ignores t (no time conditioning), so a block can be
-      committed inside the next block's first call instead of by its own pass.
 All random draws come from one CPU `torch.Generator` in an order that does not depend on the
 cache, so a seed fixes the samples whatever the device and whether the cache is on. Every
 sequence of a batch has its own first-hitting clock, NFE counts, length and stop reason.
@@ -47,8 +45,6 @@ class SamplingModel(Protocol):
         commit_previous: bool = False,
         rows: Tensor | None = None,
     ) -> Tensor: ...
-
-    can_fuse_commit: bool
 
     def commit(self, x: Tensor, key_valid: Tensor | None, cache: KVCache) -> None: ...
 
@@ -88,18 +84,23 @@ class SamplerConfig:
     # tokens_per_step=1 and no threshold is exact first-hitting.
     tokens_per_step: int = 1
     confidence_threshold: float | None = None
-    # Parallel decoding by an entropy budget (after the EB-sampler, Ben-Hamu et al. 2025): a
+    # Parallel decoding by an entropy budget (ours; stricter than the EB-sampler below): a
     # call commits its position(s) as above, then also the still-masked positions of lowest
     # entropy (of their nucleus-filtered distributions) while those extra entropies sum to at
     # most `entropy_bound` nats; every token is drawn from its distribution (no argmax).
     entropy_bound: float | None = None
+    # The EB-sampler rule (Ben-Hamu et al. 2025), a position rule of its own: each call
+    # commits the k masked positions of lowest entropy, k the largest with
+    # (sum of their entropies) - (the largest of them) <= `eb_gamma` nats (k >= 1), every
+    # token drawn from its nucleus-filtered distribution.
+    eb_gamma: float | None = None
     # Which positions a call commits: "random" (uniform among the masked ones, first-hitting's
     # choice) or "confidence" (the masked positions whose most likely token is most probable,
     # as MaskGIT-style decoders do; not the exact sampler even at one token per step).
     unmask_order: str = "random"
     # KV cache: commit each finished block inside the next block's first denoising call (one
     # forward over 2K tokens) instead of by a pass of its own, when the model allows it
-    # (SamplingModel.can_fuse_commit). Same logits; False is the separate pass (benchmarks).
+    # Same logits; False is the separate pass (benchmarks).
     fuse_commit: bool = True
 
     def __post_init__(self):
@@ -111,12 +112,22 @@ class SamplerConfig:
             )
         if self.entropy_bound is not None and not self.entropy_bound > 0:
             raise ValueError(f"sampling.entropy_bound={self.entropy_bound} must be > 0")
+        if self.eb_gamma is not None:
+            if not self.eb_gamma >= 0:
+                raise ValueError(f"sampling.eb_gamma={self.eb_gamma} must be >= 0")
+            others = self.tokens_per_step > 1 or self.confidence_threshold is not None
+            others |= self.entropy_bound is not None or self.unmask_order != "random"
+            if others:
+                raise ValueError(
+                    "sampling.eb_gamma chooses the positions itself: leave tokens_per_step=1, "
+                    "confidence_threshold, entropy_bound and unmask_order at their defaults"
+                )
         if self.unmask_order not in UNMASK_ORDERS:
             raise ValueError(
                 f"sampling.unmask_order={self.unmask_order!r}: valid are {UNMASK_ORDERS}"
             )
         parallel = self.tokens_per_step > 1 or self.confidence_threshold is not None
-        parallel |= self.entropy_bound is not None
+        parallel |= self.entropy_bound is not None or self.eb_gamma is not None
         if (parallel or self.unmask_order != "random") and not (
             self.first_hitting and self.lazy_draws
         ):
@@ -374,8 +385,8 @@ def _denoise_block_lazy(
     steps = -(-num_masked // k)
     if steps == 0:
         return block, torch.zeros(B, dtype=torch.long, device=device)
-    bound = cfg.entropy_bound
-    sizes = (1, K, k) + (() if bound is None else (K,))
+    bound, gamma = cfg.entropy_bound, cfg.eb_gamma
+    sizes = (1, K, k) + (() if bound is None and gamma is None else (K,))
     draws = _rand((steps, B, sum(sizes)), generator, device)
     n = masked.sum(-1)
     t = torch.ones(B, dtype=torch.float64, device=device)
@@ -389,9 +400,17 @@ def _denoise_block_lazy(
         x = torch.cat([context, block], dim=1)
         fused = commit_previous and step == 0
         log_p = None
-        if by_confidence or log_threshold is not None or bound is not None:  # read every row
+        if by_confidence or log_threshold is not None or bound is not None or gamma is not None:
             log_p = model.logprobs(x, t, K, valid, cache, commit_previous=fused)  # (B, K, V)
             best, guess = log_p.max(dim=-1)  # the nucleus keeps the top-1, so argmax is kept
+        if gamma is not None:
+            block = _eb_commit(block, log_p, extra_u[0], gamma, cfg)
+            nfe += (n > 0) & active
+            masked = block == cfg.mask_id
+            n = masked.sum(-1)
+            if not bool(masked.any()):
+                break
+            continue
         if by_confidence:
             scores = best.double()
         scores = scores.masked_fill(~masked, -math.inf)
@@ -422,16 +441,36 @@ def _denoise_block_lazy(
     return block, nfe
 
 
+def _entropies(log_p: Tensor, block: Tensor, cfg: SamplerConfig) -> tuple[Tensor, Tensor]:
+    """Nucleus-filtered float64 probabilities (B, K, V) and their entropies (B, K), +inf at
+    positions that are not masked."""
+    probs = nucleus(log_p.double().exp(), cfg.nucleus_p)
+    q = probs / probs.sum(-1, keepdim=True)
+    entropy = -torch.special.xlogy(q, q).sum(-1)
+    return probs, entropy.masked_fill(block != cfg.mask_id, math.inf)
+
+
+def _eb_commit(
+    block: Tensor, log_p: Tensor, uniform: Tensor, gamma: float, cfg: SamplerConfig
+) -> Tensor:
+    """The EB-sampler rule: block (B, K), log_p (B, K, V), uniform (B, K). Commits the k
+    lowest-entropy masked positions, k the largest with sum - max of their entropies <= gamma
+    (in ascending order the max is the k-th), each token drawn from its row."""
+    probs, entropy = _entropies(log_p, block, cfg)
+    sorted_entropy, order = entropy.sort(dim=-1)
+    excess = sorted_entropy.cumsum(-1) - sorted_entropy  # +inf - inf = nan past the masked
+    within = torch.zeros_like(block, dtype=torch.bool)
+    within.scatter_(1, order, excess <= gamma)
+    return torch.where(within, sample_inverse_cdf(probs, uniform), block)
+
+
 def _entropy_budget_commit(
     block: Tensor, log_p: Tensor, uniform: Tensor, bound: float, cfg: SamplerConfig
 ) -> Tensor:
     """block (B, K) after this call's commits; log_p (B, K, V); uniform (B, K) in [0, 1).
     Commits the still-masked positions in order of increasing entropy while their entropies
     sum to at most `bound` nats, each token drawn from its nucleus-filtered row."""
-    probs = nucleus(log_p.double().exp(), cfg.nucleus_p)
-    q = probs / probs.sum(-1, keepdim=True)
-    entropy = -torch.special.xlogy(q, q).sum(-1)  # (B, K)
-    entropy = entropy.masked_fill(block != cfg.mask_id, math.inf)
+    probs, entropy = _entropies(log_p, block, cfg)
     sorted_entropy, order = entropy.sort(dim=-1)
     within = torch.zeros_like(block, dtype=torch.bool)
     within.scatter_(1, order, sorted_entropy.cumsum(-1) <= bound)
@@ -452,12 +491,12 @@ def semi_ar_sample(
     """Generate block by block, left to right (SPEC 4.2), optionally after a left-padded
     prompt (B, P) whose padding is False in prompt_valid. With cfg.kv_cache, each finished
     block is committed to the cache: inside the next block's first call when
-    cfg.fuse_commit and model.can_fuse_commit, else by an extra forward pass (counted in
+    cfg.fuse_commit, else by an extra forward pass (counted in
     nfe_total)."""
     x, key_valid, pad = _start(batch_size, prompt, prompt_valid, device)
     gen_start = x.shape[1]
     cache = model.new_cache(batch_size, cfg.block_size) if cfg.kv_cache else None
-    fuse = cache is not None and cfg.fuse_commit and model.can_fuse_commit
+    fuse = cache is not None and cfg.fuse_commit
     nfe_denoise = torch.zeros(batch_size, dtype=torch.long, device=device)
     nfe_total = torch.zeros_like(nfe_denoise)
     if cache is not None and x.shape[1]:

@@ -47,13 +47,15 @@ class SamplingModel:
         self.reuse_conditioning = reuse_conditioning
         self._constant: tuple[tuple, WeightStamp, Conditioning] | None = None  # _conditioning
 
-    @property
-    def can_fuse_commit(self) -> bool:
-        """A clean block's commit can share the next block's call when t does not reach the
-        network (its conditioning would differ: 0 for the clean block)."""
-        return self.is_ar or not self.algorithm.time_conditioning
-
     def new_cache(self, batch_size: int, block_size: int) -> KVCache:
+        """A KV cache for this network. Refused with time conditioning: the cached keys of the
+        clean context would be computed at another t than the recomputation (and training)
+        uses, which conditions the context on the current block's t."""
+        if not self.is_ar and self.algorithm.time_conditioning:
+            raise ValueError(
+                "sampling.kv_cache=true needs algo.time_conditioning=false: a time-conditioned "
+                "model re-encodes its context at every step's t; sample without the cache"
+            )
         window = self.window - self.window % block_size
         device = next(self.backbone.parameters()).device
         return self.backbone.new_kv_cache(batch_size, window, block_size, device)
@@ -90,7 +92,8 @@ class SamplingModel:
         return self._to_logprobs(logits, x[:, -num_last:], rows)
 
     def commit(self, x, key_valid, cache) -> None:
-        clean = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)  # t = 0
+        # t does not reach a cached network (no time conditioning): any t gives the same keys
+        clean = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
         self._run_cached(x, clean, key_valid, cache, True, slice(0, 0), cache.block_size)
         cache.advance(None if key_valid is None else key_valid[:, -cache.block_size :])
 

@@ -29,8 +29,9 @@ Points (all with nucleus_p 0.9 of the demo config): exact (tokens_per_step=1), k
 (tokens_per_step=k; with block size 4, k2 gives NFE = L/2), conf0.9 / conf0.7 / conf0.5 /
 conf0.3 / conf0.2 / conf0.1 / conf0.05 (confidence_threshold p with one uniform token per call),
 k2_conf0.9 (both), order_k1 / order_k2 (sampling.unmask_order=confidence with k = 1, 2),
-eb0.5 / eb1 / eb2 / eb4 (sampling.entropy_bound in nats) and order_eb1 / order_eb2 (entropy
-bound with unmask_order=confidence, the EB-sampler proper).
+eb0.5 / eb1 / eb2 / eb4 (sampling.entropy_bound in nats: our entropy budget) and order_eb1 /
+order_eb2 (the budget with unmask_order=confidence; stricter than the EB-sampler, whose own rule
+is sampling.eb_gamma).
 Logs of every subprocess go to RUN/logs/. `--quick` is a seconds-long smoke version
 (experiment=smoke model, a few judge steps, 4 samples per point, three points).
 """

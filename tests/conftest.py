@@ -22,6 +22,35 @@ import torch  # noqa: E402
 
 from models.dit import DiT, DiTConfig  # noqa: E402
 
+P_VALUE = 1e-6  # statistical tests fail by chance less than once in a million seeds
+
+
+def chi_square_p(counts: torch.Tensor, expected: torch.Tensor) -> float:
+    """The p-value of Pearson's chi-square statistic over bins with expected counts > 0
+    (df = bins - 1); bins of expected count 0 must have count 0."""
+    counts, expected = counts.double().flatten(), expected.double().flatten()
+    assert (counts[expected == 0] == 0).all(), "draws where the law puts no mass"
+    counts, expected = counts[expected > 0], expected[expected > 0]
+    statistic = ((counts - expected) ** 2 / expected).sum()
+    df = counts.numel() - 1
+    return float(
+        torch.special.gammaincc(torch.tensor(df / 2.0, dtype=torch.float64), statistic / 2)
+    )
+
+
+def two_sample_p(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The chi-square homogeneity p-value of two count vectors over the same bins."""
+    a, b = a.double(), b.double()
+    total = a + b
+    keep = total > 0
+    a, b, total = a[keep], b[keep], total[keep]
+    expected_a, expected_b = total * a.sum() / total.sum(), total * b.sum() / total.sum()
+    statistic = ((a - expected_a) ** 2 / expected_a + (b - expected_b) ** 2 / expected_b).sum()
+    df = a.numel() - 1
+    return float(
+        torch.special.gammaincc(torch.tensor(df / 2.0, dtype=torch.float64), statistic / 2)
+    )
+
 
 def randomize_(model: torch.nn.Module, seed: int = 0, scale: float = 0.2) -> torch.nn.Module:
     """Give every parameter random values (zero-initialised layers would hide bugs)."""
@@ -59,8 +88,9 @@ def tiny_dit():
 
 @pytest.fixture(scope="session")
 def data_cache(tmp_path_factory):
-    """One token/tokenizer cache for the session (BD3LMS_CACHE, which data.cache_dir reads)."""
-    path = str(tmp_path_factory.mktemp("data_cache"))
+    """One token/tokenizer cache for the session (BD3LMS_CACHE, which data.cache_dir reads);
+    BD3LMS_TEST_CACHE names a persistent one (the mutation runs share it)."""
+    path = os.environ.get("BD3LMS_TEST_CACHE") or str(tmp_path_factory.mktemp("data_cache"))
     os.environ["BD3LMS_CACHE"] = path
     return path
 

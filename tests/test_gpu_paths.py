@@ -136,7 +136,6 @@ class SameTrajectory:
 
     def __init__(self, model):
         self.model, self.pairs = model, []
-        self.can_fuse_commit = model.can_fuse_commit
 
     def logprobs(self, x, t, num_last, key_valid, cache, commit=False, commit_previous=False,
                  rows=None):  # fmt: skip
