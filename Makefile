@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 # No hub access is needed by the demo or the tests; without these, hub look-ups stall.
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=disabled
 
-.PHONY: demo test lint format install clean mutation
+.PHONY: demo test test-fast lint format install clean mutation
 
 install: $(STAMP)
 
@@ -22,7 +22,12 @@ demo: $(STAMP)
 	$(OFFLINE) $(BIN)/python scripts/demo.py
 
 test: $(STAMP)
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 	$(OFFLINE) $(BIN)/python -m pytest
+
+# The unit tests only (no end-to-end runs, subprocesses or training loops): under a minute.
+test-fast: $(STAMP)
+	$(OFFLINE) $(BIN)/python -m pytest -m "not e2e"
 
 # One-line mutations of the maths against the tests (scripts/mutants.toml; about 15 minutes):
 # writes docs/mutation.md. Not part of `make test`.

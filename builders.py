@@ -43,8 +43,12 @@ class Hardware:
         return self.devices * self.num_nodes
 
 
-PRECISIONS = {
+PRECISIONS = {  # accepted values -> Lightning's names
     "auto": "auto",
+    "bf16-true": "bf16-true",
+    "16-true": "16-true",
+    "64-true": "64-true",
+    "64": "64-true",
     "32-true": "32-true",
     "32": "32-true",
     "bf16-mixed": "bf16-mixed",
@@ -132,17 +136,24 @@ class BatchPlan:
 def plan_batches(loader: DictConfig, world_size: int, accumulate: int | None = None) -> BatchPlan:
     """global_batch_size = batch_size x devices x nodes x accumulation, exactly (SPEC 7.4).
 
-    A null per-device size is ceil(global / world_size); `accumulate` (if given) must agree.
+    A null per-device size is ceil(global / world_size) (the evaluation one must split exactly);
+    `accumulate` (if given) must agree.
     """
     global_bs, eval_global = int(loader.global_batch_size), int(loader.eval_global_batch_size)
     batch_size = loader.batch_size or math.ceil(global_bs / world_size)
-    eval_batch_size = loader.eval_batch_size or math.ceil(eval_global / world_size)
     per_step = batch_size * world_size
     if global_bs % per_step:
         raise UserError(
             f"loader.global_batch_size={global_bs} is not a multiple of loader.batch_size "
             f"x devices x nodes = {batch_size} x {world_size}; choose sizes that divide it"
         )
+    if loader.eval_batch_size is None and eval_global % world_size:
+        raise UserError(
+            f"loader.eval_global_batch_size={eval_global} does not split over {world_size} "
+            "processes (evaluation numbers would depend on the process count); choose a "
+            "multiple of the device count or set loader.eval_batch_size"
+        )
+    eval_batch_size = loader.eval_batch_size or eval_global // world_size
     derived = global_bs // per_step
     if accumulate is not None and accumulate != derived:
         raise UserError(
@@ -211,6 +222,11 @@ def validate_strategy(cfg: DictConfig, hw: Hardware) -> None:
         raise UserError(
             f"strategy=fsdp with training.ema={cfg.training.ema}: the EMA is not shard-aware "
             "(it keeps full parameter copies); set training.ema=0 or use strategy=ddp"
+        )
+    if cfg.training.get("compile", False):
+        raise UserError(
+            "strategy=fsdp with training.compile=true: the compiled blocks would bypass the FSDP "
+            "units; set training.compile=false or use strategy=ddp"
         )
     algorithm = cfg.trainer.get("gradient_clip_algorithm")
     if algorithm not in (None, "norm"):
@@ -517,12 +533,24 @@ def build_strategy(cfg: DictConfig, hw: Hardware):
         return L.pytorch.strategies.FSDPStrategy(
             sharding_strategy=cfg.strategy.get("sharding_strategy", "SHARD_GRAD_OP"),
             auto_wrap_policy=fsdp_wrap_policy(),
+            mixed_precision=fsdp_mixed_precision(hw.precision),
         )
     if hw.world_size == 1 and not cfg.strategy.force:
         return "auto"
     return L.pytorch.strategies.DDPStrategy(
         find_unused_parameters=bool(cfg.strategy.find_unused_parameters)
     )
+
+
+def fsdp_mixed_precision(precision: str):
+    """FSDP's mixed precision for `precision`: parameters in bf16/fp16, but gradients reduced
+    and buffers (the rotary frequencies) kept in float32; None for full precision."""
+    dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
+    if dtype is None:
+        return None
+    from torch.distributed.fsdp import MixedPrecision
+
+    return MixedPrecision(param_dtype=dtype, reduce_dtype=torch.float32, buffer_dtype=torch.float32)
 
 
 def fsdp_wrap_policy():
@@ -561,7 +589,9 @@ def build_trainer(cfg: DictConfig, hw: Hardware, plan: BatchPlan, run_dir: str, 
     callbacks = build_callbacks(cfg) if fit else []
     plugins = [AtomicCheckpointIO()]
     if "SLURM_JOB_ID" in os.environ:  # our Preemption callback requeues, not Lightning's
-        plugins.append(L.pytorch.plugins.environments.SLURMEnvironment(auto_requeue=False))
+        from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+        plugins.append(SLURMEnvironment(auto_requeue=False))
     derived = ("accelerator", "devices", "num_nodes", "precision", "accumulate_grad_batches")
     ours = ("deterministic", "float32_matmul_precision")
     passthrough = {k: v for k, v in cfg.trainer.items() if k not in (*derived, *ours)}

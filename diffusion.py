@@ -230,9 +230,7 @@ class Diffusion(L.LightningModule):
                 if interval != report:
                     nlls = self._eval_loss(batch, batch_idx, interval).nlls
                 means = per_block_means(nlls, self.algorithm.block_size)
-                if "real" in batch:  # padding rows: NaN, dropped after the all-gather
-                    means = means.masked_fill(~batch["real"][:, None], math.nan)
-                self._variance.add(interval, means)
+                self._variance.add(interval, means, batch.get("real"))
 
     def on_validation_epoch_end(self) -> None:
         sums = self.trainer.strategy.reduce(self._eval_sums, reduce_op="sum")

@@ -34,6 +34,7 @@ from checkpoints import (
     read_checkpoint,
     sanity_check_perplexity,
 )
+from training_callbacks import Preemption
 from utils import UserError, atomic_path, get_logger, global_rank
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
@@ -135,6 +136,9 @@ def train(cfg: DictConfig, hw: builders.Hardware, plan: builders.BatchPlan, run_
         )
     finally:
         builders.finish_logger(trainer)
+        for callback in trainer.callbacks:
+            if isinstance(callback, Preemption):
+                callback.restore_handlers()
 
 
 def n_heads(cfg: DictConfig) -> int:

@@ -45,13 +45,16 @@ class Preemption(L.Callback):
     """Save-and-requeue on the warning signals of a cluster: SIGUSR1 (slurm `--signal`, our
     job template), SIGUSR2 (submitit's warning signal) and SIGTERM.
 
-    A signal requests a save; it happens at the end of the current optimizer step, never
-    inside a gradient accumulation (a checkpoint cannot hold partial gradients, so a save there
-    would not resume bit-identically). Every rank saves `last_path` and training stops. Then
-    the job is requeued by whoever owns the signal: if a Python handler was installed for it
-    before training (submitit's, under `hydra/launcher=slurm`), that handler is called once
-    fit has ended, so submitit requeues the job and counts its timeouts (`max_num_timeout`) as
-    usual; otherwise (a plain sbatch job) rank 0 runs `scontrol requeue $SLURM_JOB_ID`.
+    SIGUSR1 / SIGUSR2 request a save at the end of the current optimizer step, never inside a
+    gradient accumulation (a checkpoint cannot hold partial gradients, so a save there would not
+    resume bit-identically); every rank saves `last_path` and training stops. Then the job is
+    requeued by whoever owns the signal: if a Python handler was installed for it before
+    training (submitit's, under `hydra/launcher=slurm`), that handler is called once fit has
+    ended, so submitit requeues the job and counts its timeouts (`max_num_timeout`) as usual;
+    otherwise (a plain sbatch job) rank 0 runs `scontrol requeue $SLURM_JOB_ID`.
+    SIGTERM cannot wait: Lightning ends the fit after the current micro-batch, so last_path is
+    saved at its end (mid-accumulation if need be: the resume repeats that step's first
+    micro-batches) and rank 0 requeues the slurm job at once.
     Rerunning the same command (the requeued job does) resumes from `last_path`.
     """
 
@@ -64,7 +67,7 @@ class Preemption(L.Callback):
         self._previous: dict = {}
 
     def _handler(self, signum, frame) -> None:
-        log.warning("received signal %d: checkpointing at the end of this optimizer step", signum)
+        log.warning("received signal %d: saving a checkpoint and stopping", signum)
         self.requested = signum
 
     def on_fit_start(self, trainer, pl_module) -> None:
@@ -73,37 +76,57 @@ class Preemption(L.Callback):
 
     @staticmethod
     def at_step_boundary(trainer, batch_idx: int) -> bool:
-        """True when the optimizer has just stepped (the last micro-batch of an accumulation,
-        or the last batch of the epoch, where Lightning steps early)."""
-        if (batch_idx + 1) % trainer.accumulate_grad_batches == 0:
-            return True
-        return bool(trainer.fit_loop.epoch_loop.batch_progress.is_last_batch)
+        """True when the optimizer has just stepped (the last micro-batch of an accumulation;
+        the same on every rank, so the collective below is called in step)."""
+        return (batch_idx + 1) % trainer.accumulate_grad_batches == 0
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if not self.at_step_boundary(trainer, batch_idx):
-            return
-        if not trainer.strategy.reduce_boolean_decision(self.requested is not None, all=False):
-            return
+    def _save(self, trainer, signum: int) -> None:
         trainer.save_checkpoint(self.last_path)
         log.warning("saved %s at step %d; stopping", self.last_path, trainer.global_step)
-        self.saved_for = self.requested or signal.SIGUSR1
-        self.requested = None
+        self.saved_for, self.requested = signum, None
         trainer.should_stop = True
 
-    def on_fit_end(self, trainer, pl_module) -> None:
+    @staticmethod
+    def _scontrol_requeue(trainer) -> None:
+        job = os.environ.get("SLURM_JOB_ID")
+        if trainer.is_global_zero and job:
+            subprocess.run(["scontrol", "requeue", job], check=False)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.saved_for is not None:
+            return
+        if trainer.received_sigterm or self.requested == signal.SIGTERM:
+            self._save(trainer, signal.SIGTERM)  # Lightning stops right after this batch
+            self._scontrol_requeue(trainer)
+            return
+        if not self.at_step_boundary(trainer, batch_idx):
+            return
+        if trainer.strategy.reduce_boolean_decision(self.requested is not None, all=False):
+            self._save(trainer, self.requested or signal.SIGUSR1)
+
+    def restore_handlers(self) -> dict:
+        """Put back the handlers found at fit start (also called by main.train after a failed
+        fit: Lightning re-installs ours when it tears down after an exception)."""
         previous, self._previous = self._previous, {}
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        if self.saved_for is None:
-            return
+        return previous
+
+    def teardown(self, trainer, pl_module, stage) -> None:
+        # the last hook, also after a failed fit (Lightning has put its own SIGTERM handler
+        # back by then): nothing of ours stays installed
+        self.restore_handlers()
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        previous = self._previous
         signum, self.saved_for = self.saved_for, None
+        if signum is None or signum == signal.SIGTERM:  # nothing saved / already requeued
+            return
         owner = previous.get(signum)
         if callable(owner):  # e.g. submitit: it requeues and counts the timeout
             owner(signum, None)
             return
-        job = os.environ.get("SLURM_JOB_ID")
-        if trainer.is_global_zero and job:
-            subprocess.run(["scontrol", "requeue", job], check=False)
+        self._scontrol_requeue(trainer)
 
 
 class Throughput(L.Callback):

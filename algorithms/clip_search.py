@@ -40,30 +40,33 @@ def per_block_means(nlls: Tensor, block_size: int) -> Tensor:
 
 
 class VarianceRecorder:
-    """Per-interval lists of (B, nb) per-block loss samples, at most `max_batches` each."""
+    """Per-interval lists of (B, nb) per-block loss samples with their rows' (B,) real flags
+    (False: rows that pad the ranks), at most `max_batches` each."""
 
     def __init__(self, grid: list[Interval], max_batches: int):
         self.grid = grid
         self.max_batches = max_batches
-        self.samples: dict[Interval, list[Tensor]] = {key: [] for key in grid}
+        self.samples: dict[Interval, list[tuple[Tensor, Tensor]]] = {key: [] for key in grid}
 
     def wants(self, key: Interval) -> bool:
         return len(self.samples[key]) < self.max_batches
 
-    def add(self, key: Interval, block_means: Tensor) -> None:
-        self.samples[key].append(block_means)
+    def add(self, key: Interval, block_means: Tensor, real: Tensor | None = None) -> None:
+        if real is None:
+            real = torch.ones(block_means.shape[0], dtype=torch.bool, device=block_means.device)
+        self.samples[key].append((block_means, real))
 
     def scores(self, gather: Callable[[Tensor], Tensor]) -> dict[Interval, float]:
         """Mean over recorded batches of the unbiased variance of the batch's samples gathered
-        from every rank (NaN entries, padding rows, left out); intervals with no samples are
-        left out."""
+        from every rank (padding rows left out); intervals with no samples are left out."""
         scores = {}
         for key, batches in self.samples.items():
             if batches:
                 total = 0.0
-                for b in batches:
-                    gathered = gather(b).flatten().double()
-                    total += gathered[~gathered.isnan()].var().item()
+                for means, real in batches:
+                    values = gather(means).reshape(-1, means.shape[-1])
+                    keep = gather(real.float()).reshape(-1) > 0.5
+                    total += values[keep].flatten().double().var().item()
                 scores[key] = total / len(batches)
         return scores
 

@@ -276,7 +276,9 @@ class Rotary(nn.Module):
         # Cached by identity: callers reuse one positions tensor per shape (no host sync here).
         if cached is not None and cached[0] is positions and cached[1].dtype == dtype:
             return cached[1], cached[2]
-        freqs = torch.outer(positions.to(self.inv_freq.dtype), self.inv_freq)
+        # float32 whatever the buffer's dtype (FSDP mixed precision may cast buffers to bf16,
+        # which would round positions above 256)
+        freqs = torch.outer(positions.float(), self.inv_freq.float())
         emb = torch.cat((freqs, freqs), dim=-1)
         cos = emb.cos()[None, :, None, :].to(dtype)
         sin = emb.sin()[None, :, None, :].to(dtype)

@@ -183,11 +183,14 @@ class DiTBlock(nn.Module):
         cache: tuple | None = None,
         num_queries: int | None = None,
     ) -> Tensor:
-        """h: (B, S, D), mod: this block's Conditioning entry (None without adaLN) ->
+        """h: (B, S, D), mod: this block's Conditioning entry, or the conditioning vector c
+        (B, C) it is computed from here (None without adaLN) ->
         (B, S, D). cache: (kv_cache, layer, commit, block_valid) to attend over cached keys
         instead of applying `mask`. num_queries: only the first n positions are needed
         downstream: keys/values are computed for all S, the rest of the block for those n
         only, and the result is (B, n, D)."""
+        if isinstance(mod, Tensor):
+            mod = self.modulation(mod)
         if mod is not None:
             shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
             a = modulate(self.norm1(h), shift_msa, scale_msa)
@@ -343,8 +346,11 @@ class DiT(nn.Module):
         beforehand (then sigma is not read), e.g. reused across calls with the same sigma.
         """
         h = self.vocab_embed(x)
-        if conditioning is None:
-            conditioning = self.condition(sigma)
+        c = None
+        if conditioning is None and self.sigma_map is not None:
+            # each block turns c into its modulation inside its own forward (so that a block
+            # sharded as an FSDP unit has its weights gathered when it needs them)
+            c = F.silu(self.sigma_map(sigma))
         cos, sin = self.rotary_emb(positions, h.dtype)
         last = len(self.blocks) - 1
         needed = self._needed_prefix(outputs, x.shape[1], mask, kv_cache)
@@ -353,9 +359,12 @@ class DiT(nn.Module):
             blocks = self._compiled_blocks
         for layer, block in enumerate(blocks):
             cache = None if kv_cache is None else (kv_cache, layer, commit, block_valid)
-            mod = None if conditioning is None else conditioning.blocks[layer]
+            mod = c if conditioning is None else conditioning.blocks[layer]
             h = block(h, mod, cos, sin, mask, cache, needed if layer == last else None)
-        return self.output_layer(h, None if conditioning is None else conditioning.final, outputs)
+        final = conditioning.final if conditioning is not None else None
+        if c is not None:
+            final = self.output_layer.modulation(c)
+        return self.output_layer(h, final, outputs)
 
     def condition(self, sigma: Tensor | None) -> Conditioning | None:
         """sigma (B,) -> the adaLN modulation of every block and the output layer; None for a

@@ -129,3 +129,101 @@ def smoke_checkpoint(tmp_path_factory, data_cache):
     run_dir = tmp_path_factory.mktemp("smoke_bd3lm")
     run_inprocess(run_dir, "algo=bd3lm")
     return run_dir / "checkpoints" / "last.ckpt"
+
+
+def compose_cfg(*overrides):
+    """The smoke config with `overrides` (no run: the run directory is never created)."""
+    import main
+
+    return main.compose(["experiment=smoke", *overrides], "/tmp/bd3lms-tests-unused-run-dir")
+
+
+def run_main(run_dir, *overrides, check=True):
+    """`python main.py experiment=smoke OVERRIDES` in a subprocess (the CLI contracts: exit
+    codes, stderr, signals); needs the data_cache fixture."""
+    import subprocess
+
+    env = {**os.environ, **OFFLINE, "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, os.path.join(ROOT, "main.py"), "experiment=smoke"]
+    cmd += [f"hydra.run.dir={run_dir}", *overrides]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{cmd} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+RECORDS = {"config_resolved.yaml"}  # what a refused run may have written (the resolved config)
+
+
+def bad_run(tmp_path, *overrides) -> str:
+    """Run main.run in process expecting a UserError: -> its one-line message, after checking
+    that the run directory holds no output."""
+    from utils import UserError
+
+    run_dir = tmp_path / "bad"
+    with pytest.raises(UserError) as err:
+        run_inprocess(run_dir, *overrides)
+    message = str(err.value)
+    assert "\n" not in message and message, message
+    written = set(os.listdir(run_dir)) - RECORDS if run_dir.exists() else set()
+    assert not written, f"bad input must not write outputs: {written}"
+    return message
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling helpers: a tiny randomised module, a recorder of denoising calls, a sampler config
+# ----------------------------------------------------------------------------------------------
+V_TINY, MASK_TINY, BOS_TINY = 41, 40, 0
+
+
+def tiny_module(algo: str = "bd3lm", window: int = 16, *overrides: str):
+    """The smoke config's module for `algo` with V = 41 (mask 40) and random weights."""
+    import builders
+
+    cfg = compose_cfg(f"algo={algo}", f"model.length={window}", *overrides)
+    torch.manual_seed(0)
+    module = builders.build_module(cfg, vocab_size=V_TINY, mask_id=MASK_TINY)
+    randomize_(module.backbone, seed=3, scale=0.3)
+    return module.eval()
+
+
+class Recorder:
+    """Wraps a denoiser and keeps every denoising call's log-probabilities."""
+
+    def __init__(self, model):
+        self.model, self.calls = model, []
+
+    def logprobs(self, x, t, num_last, key_valid, cache, commit=False, commit_previous=False,
+                 rows=None):  # fmt: skip
+        out = self.model.logprobs(x, t, num_last, key_valid, cache, commit, commit_previous, rows)
+        self.calls.append(out)
+        return out
+
+    def commit(self, x, key_valid, cache):
+        self.model.commit(x, key_valid, cache)
+
+    def new_cache(self, batch_size, block_size):
+        return self.model.new_cache(batch_size, block_size)
+
+
+def sampler_cfg(length, block_size, **kw):
+    import samplers
+
+    args = dict(length=length, block_size=block_size, num_steps=8, context=16, bos_id=BOS_TINY)
+    args.update(mask_id=MASK_TINY, eos_id=BOS_TINY, reject_low_entropy=False)
+    args.update(kw)
+    return samplers.SamplerConfig(**args)
+
+
+def sample_with(module, cfg, cached: bool, prompt=None, valid=None, batch=3, window=16):
+    """Sample with module's denoiser (cache on or off): -> (output, every call's log-probs)."""
+    import dataclasses
+
+    import samplers
+
+    recorder = Recorder(module.sampling_model(window))
+    sampler = samplers.ar_sample if cfg.block_size == 1 else samplers.semi_ar_sample
+    cfg = dataclasses.replace(cfg, kv_cache=cached)
+    gen = torch.Generator().manual_seed(7)
+    out = sampler(recorder, batch, cfg, gen, torch.device("cpu"), prompt, valid)
+    return out, recorder.calls

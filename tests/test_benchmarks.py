@@ -5,13 +5,10 @@ write the JSON fields they promise (the figures themselves are never asserted)."
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-from conftest import OFFLINE, ROOT
+from benchmarks import acceptance
 
 GPU_ONLY = {"ddp_one_gpu", "fsdp_one_gpu", "fp16", "compile"}
 
@@ -22,11 +19,8 @@ def test_acceptance_cpu_dry_run(tmp_path, data_cache):
     bundle.mkdir()
     (bundle / "cache").symlink_to(data_cache)  # the session's tokenizer and token caches
     out = tmp_path / "out"
-    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "acceptance.py"), "--cpu",
-           "--out", str(out), "--bundle", str(bundle)]  # fmt: skip
-    env = {**os.environ, **OFFLINE, "OMP_NUM_THREADS": "2"}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    args = ["--cpu", "--out", str(out), "--bundle", str(bundle), "--work", str(tmp_path / "w")]
+    assert acceptance.main(args)["ok"]  # in process: the sections run here anyway with --cpu
     report = json.loads((out / "acceptance.json").read_text())
     assert report["ok"] and report["mode"] == "cpu dry run"
     for name, record in report["sections"].items():
@@ -53,3 +47,9 @@ def test_acceptance_cpu_dry_run(tmp_path, data_cache):
     # fused commits: no separate commit pass; the baseline commits each block but the last
     assert sample["nfe_denoise_and_total"]["bd3lm4_kv_b1_n64"] == [63, 63]
     assert sample["nfe_denoise_and_total"]["bd3lm4_kv_b1_n64_baseline"] == [63, 63 + 15]
+    # the GPU mode's driver: each section in a child process, its record read back
+    isolated = tmp_path / "isolated"
+    args = ["--cpu", "--isolate", "--only", "environment", "--out", str(isolated), "--bundle",
+            str(bundle), "--work", str(tmp_path / "w2")]  # fmt: skip
+    report = acceptance.main(args)
+    assert report["ok"] and report["sections"]["environment"]["result"]["torch"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 
 import pytest
 import torch
@@ -330,23 +331,15 @@ def test_sanity_check_perplexity_warns_loudly(caplog):
     assert ppl_threshold("/my/run", default=99.0) == 99.0
 
 
-def test_export_script(tmp_path):
-    import subprocess
-    import sys
+def test_export_script(tmp_path, capsys):
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import export_hf as script
 
     module = trained_module()
     torch.save(our_checkpoint(module), tmp_path / "a.ckpt")
-    script = os.path.join(ROOT, "scripts", "export_hf.py")
     out = tmp_path / "exported"
-    proc = subprocess.run(
-        [sys.executable, script, str(tmp_path / "a.ckpt"), str(out)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert script.main([str(tmp_path / "a.ckpt"), str(out)]) == 0
     assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
-    again = subprocess.run(
-        [sys.executable, script, str(tmp_path / "a.ckpt"), str(out)], capture_output=True, text=True
-    )
-    assert again.returncode == 2 and again.stderr.startswith("error: ")
+    capsys.readouterr()
+    assert script.main([str(tmp_path / "a.ckpt"), str(out)]) == 2  # refuses to overwrite
+    assert capsys.readouterr().err.startswith("error: ")

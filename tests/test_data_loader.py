@@ -99,6 +99,7 @@ def fit(tmp_path, max_steps, ckpt=None, every=None):
     return module.seen
 
 
+@pytest.mark.e2e
 def test_lightning_fit_resumes_mid_epoch(tmp_path):
     full = fit(tmp_path / "a", 11)  # 8 batches per epoch: crosses into epoch 1
     first = fit(tmp_path / "b", 3, every=3)

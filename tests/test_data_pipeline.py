@@ -254,6 +254,7 @@ dl.get_dataset(cfg, vocab, "train", 16)
 """
 
 
+@pytest.mark.e2e
 def test_killed_preparation_leaves_no_usable_cache(tmp_path, vocab):
     make_corpus(tmp_path / "src", 50)
     cfg = cfg_for(tmp_path, source=str(tmp_path / "src"))

@@ -12,22 +12,23 @@ import sys
 
 import pytest
 import torch
-from test_main import run_main
 
-from conftest import OFFLINE, ROOT, run_inprocess
+from conftest import OFFLINE, ROOT, run_inprocess, run_main
 
+pytestmark = pytest.mark.e2e
 COMMON = ["trainer.max_steps=4", "trainer.val_check_interval=100", "loader.global_batch_size=8"]
 
 
 def test_two_process_ddp_matches_one_process(tmp_path, data_cache):
-    run_main(tmp_path / "one", *COMMON, "loader.batch_size=8", cache=data_cache)
+    """Through Lightning's own launcher (main.py re-run per rank), as a single-node user runs
+    it; the other two-process checks share one torchrun launch below."""
+    run_inprocess(tmp_path / "one", *COMMON, "loader.batch_size=8")
     run_main(
         tmp_path / "two",
         *COMMON,
         "loader.batch_size=4",
         "trainer.devices=2",
         "trainer.accelerator=cpu",
-        cache=data_cache,
     )
     one = torch.load(tmp_path / "one" / "checkpoints" / "last.ckpt", weights_only=True)
     two = torch.load(tmp_path / "two" / "checkpoints" / "last.ckpt", weights_only=True)
@@ -36,32 +37,6 @@ def test_two_process_ddp_matches_one_process(tmp_path, data_cache):
         torch.testing.assert_close(two["state_dict"][name], tensor, rtol=1e-6, atol=1e-7)
     for name, tensor in one["ema"]["shadow"].items():
         torch.testing.assert_close(two["ema"]["shadow"][name], tensor, rtol=1e-6, atol=1e-7)
-
-
-def test_two_process_sampling_shards_batches_with_distinct_seeds(tmp_path, data_cache):
-    import json
-
-    run_main(tmp_path / "train", "trainer.max_steps=2", cache=data_cache)
-    ckpt = tmp_path / "train" / "checkpoints" / "last.ckpt"
-    out = tmp_path / "samples"
-    run_main(
-        out,
-        "mode=sample_eval",
-        f"eval.checkpoint_path={ckpt}",
-        "loader.eval_batch_size=2",
-        "sampling.num_sample_batches=2",
-        "trainer.devices=2",
-        "trainer.accelerator=cpu",
-        cache=data_cache,
-    )
-    rows = {}
-    for rank in (0, 1):
-        lines = (out / f"samples.rank{rank}.jsonl").read_text().splitlines()
-        rows[rank] = [json.loads(line) for line in lines]
-    assert [r["index"] for r in rows[0]] == [0, 1] and [r["index"] for r in rows[1]] == [2, 3]
-    texts = [r["token_ids"] for rank in rows for r in rows[rank]]
-    assert len({tuple(t) for t in texts}) == 4, "ranks must not repeat each other's samples"
-    assert json.loads((out / "sample_eval.json").read_text())["num_samples"] == 4
 
 
 def free_port() -> int:
@@ -88,10 +63,14 @@ def torchrun(jobs: list[list[str]], data_cache: str) -> None:
 
 
 @pytest.mark.e2e
-def test_two_process_ppl_eval_equals_one_process(tmp_path, data_cache, smoke_checkpoint):
+def test_two_process_ppl_eval_equals_one_process_and_sampling_shards(
+    tmp_path, data_cache, smoke_checkpoint
+):
     """A validation set of an odd number of rows over 2 processes (the distributed sampler pads
     one rank with a repeated row): num_tokens, the AR NLL and the BD3-LM NELBO equal one
-    process's, with the same global batch of 4."""
+    process's, with the same global batch of 4. In the same launch, two sampling processes
+    take alternate batches with rank-dependent seeds, and torch FSDP runs the wrap policy and
+    mixed precision of strategy=fsdp over gloo (Lightning has no FSDP on CPU)."""
     words = [
         "the",
         "king",
@@ -132,6 +111,12 @@ def test_two_process_ppl_eval_equals_one_process(tmp_path, data_cache, smoke_che
         jobs.append([str(tmp_path / f"{algo}2"), "experiment=smoke", *common,
                      "loader.eval_batch_size=2",
                      "trainer.devices=2", "trainer.accelerator=cpu"])  # fmt: skip
+    samples_dir = tmp_path / "samples"
+    jobs.append([str(samples_dir), "experiment=smoke", "mode=sample_eval",
+                 f"eval.checkpoint_path={smoke_checkpoint}", "loader.eval_batch_size=2",
+                 "sampling.num_sample_batches=2", "trainer.devices=2",
+                 "trainer.accelerator=cpu"])  # fmt: skip
+    jobs.append([str(tmp_path / "fsdp.json"), "fsdp"])  # torch FSDP over gloo (torchrun_main)
     rows = single["ar"]["num_tokens"] / 31  # every row: 31 targets (32 tokens, BOS excluded)
     assert rows == int(rows) and int(rows) % 2 == 1, "the row count must not split over 2"
     torchrun(jobs, data_cache)
@@ -139,3 +124,19 @@ def test_two_process_ppl_eval_equals_one_process(tmp_path, data_cache, smoke_che
         double = json.loads((tmp_path / f"{algo}2" / "ppl_eval.json").read_text())
         assert double["num_tokens"] == single[algo]["num_tokens"]
         assert double["nll"] == pytest.approx(single[algo]["nll"], rel=1e-6)
+    ranks = {}
+    for rank in (0, 1):
+        lines = (samples_dir / f"samples.rank{rank}.jsonl").read_text().splitlines()
+        ranks[rank] = [json.loads(line) for line in lines]
+    assert [r["index"] for r in ranks[0]] == [0, 1] and [r["index"] for r in ranks[1]] == [2, 3]
+    texts = [r["token_ids"] for rank in ranks for r in ranks[rank]]
+    assert len({tuple(t) for t in texts}) == 4, "ranks must not repeat each other's samples"
+    assert json.loads((samples_dir / "sample_eval.json").read_text())["num_samples"] == 4
+    # FSDP with each DiT block a unit (the adaLN modulation computed inside the unit): float32
+    # equals the unsharded module; bf16-mixed keeps the rotary buffer in float32
+    fsdp = json.loads((tmp_path / "fsdp.json").read_text())
+    exact, bf16 = fsdp["32-true"], fsdp["bf16-mixed"]
+    assert exact["units"] == 3 and exact["loss"] == pytest.approx(exact["plain_loss"], rel=1e-6)
+    assert exact["max_grad_diff"] < 1e-6
+    assert bf16["inv_freq_dtype"] == "torch.float32" and bf16["max_grad_diff"] < 0.05
+    assert bf16["loss"] == pytest.approx(bf16["plain_loss"], rel=0.01)

@@ -1,34 +1,27 @@
-"""End-to-end runs of every mode through main.py on the tiny `experiment=smoke` config, and
-the bad-input contract (one line, exit code 2, nothing written)."""
+"""End-to-end runs of every mode through main.run (in process) on the tiny `experiment=smoke`
+config, the bad-input contract (one line, nothing written; exit code 2 from the CLI), and the
+reference README's command lines."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
-import subprocess
-import sys
+import shutil
 
 import pytest
 import torch
 
-from conftest import OFFLINE, ROOT
+import main
+from conftest import bad_run, run_inprocess, run_main
+from utils import UserError
 
-
-def run_main(run_dir, *overrides, cache, check=True):
-    env = {**os.environ, **OFFLINE, "BD3LMS_CACHE": cache, "PYTHONWARNINGS": "ignore"}
-    cmd = [sys.executable, os.path.join(ROOT, "main.py"), "experiment=smoke"]
-    cmd += [f"hydra.run.dir={run_dir}", *overrides]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{cmd} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc
+pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="session")
-def trained_bd3lm(tmp_path_factory, data_cache):
-    run_dir = tmp_path_factory.mktemp("bd3lm")
-    run_main(run_dir, "algo=bd3lm", cache=data_cache)
-    return run_dir
+def trained_bd3lm(smoke_checkpoint):
+    return smoke_checkpoint.parent.parent
 
 
 def test_train_writes_step_checkpoints_and_last(trained_bd3lm):
@@ -41,20 +34,19 @@ def test_train_writes_step_checkpoints_and_last(trained_bd3lm):
     assert "sampling_eps_min" in ckpt["state_dict"]
 
 
-def test_rerun_resumes_from_last_checkpoint(trained_bd3lm, data_cache, tmp_path):
-    import shutil
-
+def test_rerun_resumes_from_last_checkpoint(trained_bd3lm, data_cache, tmp_path, caplog):
     run_dir = tmp_path / "resumed"
     shutil.copytree(trained_bd3lm, run_dir)
-    proc = run_main(run_dir, "algo=bd3lm", "trainer.max_steps=6", cache=data_cache)
-    assert "resumed at step 4" in proc.stdout + proc.stderr
+    with caplog.at_level(logging.INFO, logger="bd3lms"):
+        run_inprocess(run_dir, "algo=bd3lm", "trainer.max_steps=6")
+    assert "resumed at step 4" in caplog.text
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 6 and ckpt["ema"]["num_updates"] == 6
 
 
 def test_ppl_eval_writes_json(trained_bd3lm, data_cache, tmp_path):
     ckpt = trained_bd3lm / "checkpoints" / "last.ckpt"
-    run_main(tmp_path, "mode=ppl_eval", f"eval.checkpoint_path={ckpt}", cache=data_cache)
+    run_inprocess(tmp_path, "mode=ppl_eval", f"eval.checkpoint_path={ckpt}")
     result = json.loads((tmp_path / "ppl_eval.json").read_text())
     assert result["num_tokens"] == 2 * 8 * 31  # 2 batches x 8 sequences, BOS excluded
     assert result["ppl"] == pytest.approx(torch.tensor(result["nll"]).exp().item(), rel=1e-6)
@@ -64,7 +56,7 @@ def test_ppl_eval_writes_json(trained_bd3lm, data_cache, tmp_path):
 
 def test_sample_eval_writes_samples(trained_bd3lm, data_cache, tmp_path, judge_dir):
     ckpt = trained_bd3lm / "checkpoints" / "last.ckpt"
-    run_main(
+    run_inprocess(
         tmp_path,
         "mode=sample_eval",
         f"eval.checkpoint_path={ckpt}",
@@ -72,7 +64,6 @@ def test_sample_eval_writes_samples(trained_bd3lm, data_cache, tmp_path, judge_d
         "model.length=64",  # twice the trained window of 32
         "sampling.kv_cache=true",
         f"eval.gen_ppl_eval_model_name_or_path={judge_dir}",
-        cache=data_cache,
     )
     lines = (tmp_path / "samples.jsonl").read_text().splitlines()
     samples = [json.loads(line) for line in lines]
@@ -95,7 +86,7 @@ def test_sample_eval_logdir_accumulates_runs(trained_bd3lm, data_cache, tmp_path
     ckpt = trained_bd3lm / "checkpoints" / "last.ckpt"
     logdir = tmp_path / "logs"
     for seed in (1, 2):
-        run_main(
+        run_inprocess(
             tmp_path / f"run{seed}",
             "mode=sample_eval",
             f"eval.checkpoint_path={ckpt}",
@@ -103,7 +94,6 @@ def test_sample_eval_logdir_accumulates_runs(trained_bd3lm, data_cache, tmp_path
             f"seed={seed}",
             "sampling.prefix=KING HENRY",
             f"sampling.logdir={logdir}",
-            cache=data_cache,
         )
     samples = [json.loads(x) for x in (logdir / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 4 and {s["seed"] for s in samples} == {1, 2}
@@ -117,12 +107,11 @@ def test_sample_eval_rerun_in_a_run_directory_replaces_its_samples(
     ckpt = trained_bd3lm / "checkpoints" / "last.ckpt"
     (tmp_path / "samples.rank3.jsonl").write_text("{}\n")  # left by a 4-process run
     for _ in range(2):
-        run_main(
+        run_inprocess(
             tmp_path,
             "mode=sample_eval",
             f"eval.checkpoint_path={ckpt}",
             "loader.eval_batch_size=2",
-            cache=data_cache,
         )
     assert len((tmp_path / "samples.jsonl").read_text().splitlines()) == 2
     assert not (tmp_path / "samples.rank3.jsonl").exists()
@@ -132,12 +121,12 @@ def test_sample_eval_rerun_in_a_run_directory_replaces_its_samples(
 @pytest.mark.parametrize("algo", ["mdlm", "ar", "sedd"])
 def test_baselines_train_and_sample(algo, data_cache, tmp_path):
     block = {"mdlm": "block_size=32", "ar": "block_size=1", "sedd": "block_size=32"}[algo]
-    run_main(tmp_path, f"algo={algo}", block, "trainer.max_steps=2", cache=data_cache)
+    run_inprocess(tmp_path, f"algo={algo}", block, "trainer.max_steps=2")
     ckpt = tmp_path / "checkpoints" / "last.ckpt"
     out = tmp_path / "samples"
     # MDLM: a 32-token window then a 16-token stride; AR: a sliding window; SEDD: its context
     length = 32 if algo == "sedd" else 48
-    run_main(
+    run_inprocess(
         out,
         "mode=sample_eval",
         f"algo={algo}",
@@ -146,7 +135,6 @@ def test_baselines_train_and_sample(algo, data_cache, tmp_path):
         "loader.eval_batch_size=2",
         "sampling.first_hitting=false",
         f"model.length={length}",
-        cache=data_cache,
     )
     samples = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 2 and all(len(s["token_ids"]) == length for s in samples)
@@ -156,24 +144,11 @@ def test_baselines_train_and_sample(algo, data_cache, tmp_path):
 def test_fine_tune_from_mdlm_style_pretrain(trained_bd3lm, data_cache, tmp_path):
     """Stage 2 of the recipe: a K = L pre-train seeds a K = 4 run (EMA weights, EMA restarted)."""
     pretrain = tmp_path / "pretrain"
-    run_main(pretrain, "block_size=32", "trainer.max_steps=2", cache=data_cache)
+    run_inprocess(pretrain, "block_size=32", "trainer.max_steps=2")
     ckpt = pretrain / "checkpoints" / "last.ckpt"
-    run_main(tmp_path / "ft", "block_size=4", f"training.from_pretrained={ckpt}", cache=data_cache)
+    run_inprocess(tmp_path / "ft", "block_size=4", f"training.from_pretrained={ckpt}")
     last = torch.load(tmp_path / "ft" / "checkpoints" / "last.ckpt", weights_only=True)
     assert last["ema"]["num_updates"] == 4  # restarted, not inherited from the pre-train
-
-
-def bad_run(tmp_path, *overrides, cache):
-    run_dir = tmp_path / "bad"
-    proc = run_main(run_dir, *overrides, cache=cache, check=False)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    error_lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(error_lines) == 1 and error_lines[0].startswith("error: "), proc.stderr
-    assert "Traceback" not in proc.stderr
-    logs = {".hydra", "main.log", "config_resolved.yaml"}  # Hydra's records and the resolved config
-    written = set(os.listdir(run_dir)) - logs if run_dir.exists() else set()
-    assert not written, f"bad input must not write outputs: {written}"
-    return error_lines[0]
 
 
 @pytest.mark.parametrize(
@@ -195,17 +170,28 @@ def bad_run(tmp_path, *overrides, cache):
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, data_cache, overrides, expected):
-    assert expected in bad_run(tmp_path, *overrides, cache=data_cache)
+    assert expected in bad_run(tmp_path, *overrides)
+
+
+def test_the_cli_exits_with_code_2_and_one_line(tmp_path, data_cache):
+    """The one subprocess of the contract: main.py turns a UserError into exit code 2 and one
+    `error: ...` line on stderr, and writes no output."""
+    proc = run_main(tmp_path / "bad", "block_size=5", check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: block_size=5"), proc.stderr
+    written = set(os.listdir(tmp_path / "bad")) - {".hydra", "main.log", "config_resolved.yaml"}
+    assert not written
 
 
 def test_unreadable_checkpoint_is_refused(tmp_path, data_cache):
     bogus = tmp_path / "bogus.ckpt"
     bogus.write_bytes(b"not a checkpoint")
-    line = bad_run(tmp_path, "mode=ppl_eval", f"eval.checkpoint_path={bogus}", cache=data_cache)
+    line = bad_run(tmp_path, "mode=ppl_eval", f"eval.checkpoint_path={bogus}")
     assert "not a readable checkpoint" in line
 
 
-# ../shared/reference/COMMANDS.md at block size 4; training uses sdpa instead of flex (which
+# The reference README's command lines at block size 4; training uses sdpa instead of flex (which
 # cannot train on CPU, tested above) so that the run gets as far as the pre-trained checkpoint.
 REFERENCE_COMMANDS = {
     "sample": "loader.eval_batch_size=1 model=small algo=bd3lm algo.T=5000 algo.backbone=hf_dit "
@@ -226,15 +212,14 @@ REFERENCE_COMMANDS = {
 
 
 @pytest.mark.parametrize("name", sorted(REFERENCE_COMMANDS))
-def test_reference_command_lines_parse_and_fail_in_one_line_offline(name, tmp_path, data_cache):
+def test_reference_command_lines_parse_and_fail_in_one_line_offline(
+    name, tmp_path, data_cache, monkeypatch
+):
     """Without network or checkpoints each README command must get past Hydra and stop with one
     clear line naming what is missing (not a traceback, not a Hydra override error)."""
-    env = {**os.environ, **OFFLINE, "BD3LMS_CACHE": data_cache}
-    env.pop("WANDB_MODE", None)
-    cmd = [sys.executable, os.path.join(ROOT, "main.py"), *REFERENCE_COMMANDS[name].split()]
-    cmd.append(f"hydra.run.dir={tmp_path}")
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and "Traceback" not in proc.stderr
-    assert set(os.listdir(tmp_path)) <= {".hydra", "main.log", "config_resolved.yaml"}
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    with pytest.raises(UserError) as err:
+        main.run(main.compose(REFERENCE_COMMANDS[name].split(), str(tmp_path)), str(tmp_path))
+    message = str(err.value)  # the judge (sample), or the hub checkpoint (ppl, train)
+    assert "\n" not in message and message.startswith(("eval.", "training.")), message
+    assert set(os.listdir(tmp_path)) <= {"config_resolved.yaml"}

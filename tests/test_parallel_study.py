@@ -30,10 +30,10 @@ def judge_module():
 
 
 @pytest.fixture(scope="module")
-def tiny_judge(judge_module, tmp_path_factory):
+def tiny_judge(judge_module, tmp_path_factory, data_cache):
     """A 1-layer width-32 judge trained for 3 steps on 64 rows, validated on 64 rows, once in
     memory and once saved -> (dir, result, in-memory model, vocab, valid rows)."""
-    vocab, train_rows, valid_rows = judge_module.load_data()
+    vocab, train_rows, valid_rows = judge_module.load_data(["model.length=32"])  # smoke's cache
     opts = judge_module.JudgeOptions(
         steps=3,
         layers=1,

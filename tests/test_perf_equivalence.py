@@ -14,7 +14,15 @@ import torch.nn.functional as F
 import samplers
 from algorithms.base import Layout, subs_log_probs, subs_log_probs_reference
 from algorithms.masked_diffusion import MaskedDiffusion
-from conftest import P_VALUE, chi_square_p, randomize_, two_sample_p
+from conftest import (
+    P_VALUE,
+    chi_square_p,
+    randomize_,
+    sample_with,
+    sampler_cfg,
+    tiny_module,
+    two_sample_p,
+)
 from models.attention import BlockDiffusionMask, MaskCache, block_diffusion_attend
 from models.dit import DiT, DiTConfig
 from noise_schedule import LogLinear
@@ -221,13 +229,12 @@ def test_lazy_and_reference_draws_give_the_same_distribution():
     "kw", [dict(tokens_per_step=2), dict(confidence_threshold=0.3), dict(entropy_bound=2.0)]
 )
 def test_parallel_decoding_cache_equals_recomputation(kw):
-    from test_sampling import run, sampler_cfg, tiny_module
 
     module = tiny_module("bd3lm")
     cfg = dataclasses.replace(sampler_cfg(40, 4), **kw)
     with torch.no_grad():
-        cached, calls_c = run(module, cfg, cached=True)
-        fresh, calls_f = run(module, cfg, cached=False)
+        cached, calls_c = sample_with(module, cfg, cached=True)
+        fresh, calls_f = sample_with(module, cfg, cached=False)
     assert len(calls_c) == len(calls_f)
     for a, b in zip(calls_c, calls_f, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
@@ -237,7 +244,6 @@ def test_parallel_decoding_cache_equals_recomputation(kw):
 @pytest.mark.parametrize("cached", [False, True])
 def test_selected_rows_equal_the_full_output(cached):
     """logprobs(rows=...) runs the output layer on the chosen rows only: same values."""
-    from test_sampling import tiny_module
 
     model = tiny_module("bd3lm").sampling_model(16)
     gen = torch.Generator().manual_seed(0)
@@ -286,7 +292,6 @@ def test_constant_conditioning_is_reused_only_while_its_weights_stand():
     """Without time conditioning the sampling model computes the adaLN modulation once; a
     weight change (here the last block's adaLN) must reach the next call. With time
     conditioning the modulation follows t."""
-    from test_sampling import tiny_module
 
     module = tiny_module("bd3lm")
     model = module.sampling_model(16)

@@ -1,8 +1,9 @@
-"""Preemption-safe training: SIGKILL-and-resume is bit-identical, saves are atomic, rolling
+"""Preemption-safe training (e2e): SIGKILL-and-resume is bit-identical, saves are atomic, rolling
 checkpoints, SIGUSR1 saves and stops, a resume checkpoint of another shape is refused."""
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -13,10 +14,11 @@ import types
 import lightning as L
 import pytest
 import torch
-from test_main import bad_run
 
-from conftest import OFFLINE, ROOT, run_inprocess
+from conftest import OFFLINE, ROOT, bad_run, run_inprocess
+from utils import UserError
 
+pytestmark = pytest.mark.e2e
 STEPS = 12
 ARGS = ["model.dropout=0.1", f"trainer.max_steps={STEPS}", "trainer.val_check_interval=100"]
 
@@ -41,9 +43,11 @@ def final_state(run_dir):
     return ckpt["global_step"], ckpt["state_dict"], ckpt["ema"]["shadow"]
 
 
-def test_sigkill_then_resume_is_bit_identical(tmp_path, data_cache):
+def test_sigkill_then_resume_is_bit_identical(tmp_path, data_cache, caplog):
+    """A training process killed with SIGKILL (no handler can run) resumes from its last
+    atomic checkpoint and ends bit-identical to an uninterrupted run."""
     straight = tmp_path / "straight"
-    finish(launch(straight, data_cache))
+    run_inprocess(straight, *ARGS)
     killed = tmp_path / "killed"
     proc = launch(killed, data_cache)
     first = killed / "checkpoints" / "last.ckpt"
@@ -52,7 +56,9 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, data_cache):
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    out = finish(launch(killed, data_cache))
+    with caplog.at_level(logging.INFO, logger="bd3lms"):
+        run_inprocess(killed, *ARGS)  # the requeued job
+    out = caplog.text
     assert "resumed at step" in out
     resumed_at = int(out.split("resumed at step ")[1].split()[0])
     assert 2 <= resumed_at < STEPS, "the kill must land before the end for this test to bite"
@@ -66,21 +72,19 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, data_cache):
 
 
 def test_keep_last_k_and_sigusr1(tmp_path, data_cache):
+    """keep_last_k keeps the k newest step checkpoints; SIGUSR1 (our sbatch template's warning
+    signal) saves last.ckpt at the end of that step and stops."""
     run_dir = tmp_path / "run"
-    finish(launch(run_dir, data_cache, "checkpointing.keep_last_k=2"))
+    run_inprocess(run_dir, *ARGS, "checkpointing.keep_last_k=2")
     steps = sorted(f for f in os.listdir(run_dir / "checkpoints") if f.startswith("step_"))
     assert steps == [f"step_{STEPS - 2:08d}.ckpt", f"step_{STEPS:08d}.ckpt"]
     preempted = tmp_path / "preempted"
-    proc = launch(preempted, data_cache, "trainer.max_steps=100000")
-    first = preempted / "checkpoints" / "last.ckpt"
-    deadline = time.time() + 240
-    while not first.exists() and time.time() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGUSR1)
-    out = finish(proc)
-    assert "received signal" in out
+    callback = [f"+callbacks.preempt._target_={__name__}.SendSignalAt"]
+    callback += ["+callbacks.preempt.batch=3", f"+callbacks.preempt.signum={signal.SIGUSR1}"]
+    callback += ["+callbacks.preempt.once_below_step=10"]
+    run_inprocess(preempted, *ARGS, "trainer.max_steps=100000", *callback)
     step, _, _ = final_state(preempted)
-    assert 2 <= step < 100000
+    assert step == 4  # micro-batch 3 is optimizer step 4 (no accumulation); then it stopped
 
 
 def test_atomic_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
@@ -104,39 +108,27 @@ def test_atomic_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 
 def test_resume_from_another_model_shape_is_refused(tmp_path, data_cache):
     run_dir = tmp_path / "bad"
-    finish(launch(run_dir, data_cache, "trainer.max_steps=2"))
+    run_inprocess(run_dir, "trainer.max_steps=2")
     before = (run_dir / "checkpoints" / "last.ckpt").read_bytes()
-    proc = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(ROOT, "main.py"),
-            "experiment=smoke",
-            f"hydra.run.dir={run_dir}",
-            "model.hidden_size=48",
-        ],
-        cwd=ROOT,
-        env={**os.environ, **OFFLINE, "BD3LMS_CACHE": data_cache},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 2 and "checkpointing.resume_ckpt_path" in proc.stderr
+    with pytest.raises(UserError, match="checkpointing.resume_ckpt_path"):
+        run_inprocess(run_dir, "model.hidden_size=48")
     assert (run_dir / "checkpoints" / "last.ckpt").read_bytes() == before
 
 
 def test_unwritable_save_dir(tmp_path, data_cache):
-    line = bad_run(tmp_path, "checkpointing.save_dir=/dev/null/run", cache=data_cache)
+    line = bad_run(tmp_path, "checkpointing.save_dir=/dev/null/run")
     assert "checkpointing.save_dir" in line
 
 
 class SendSignalAt(L.Callback):
-    """Test callback: sends `signum` to this process at the start of micro-batch `batch`."""
+    """Test callback: sends `signum` to this process at the start of micro-batch `batch` of the
+    first run only (`once_below_step`: not once training has passed that step)."""
 
-    def __init__(self, batch: int, signum: int):
-        self.batch, self.signum = batch, signum
+    def __init__(self, batch: int, signum: int, once_below_step: int = 3):
+        self.batch, self.signum, self.below = batch, signum, once_below_step
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if batch_idx == self.batch and trainer.global_step < 3:
+        if batch_idx == self.batch and trainer.global_step < self.below:
             os.kill(os.getpid(), self.signum)
 
 
@@ -193,3 +185,27 @@ def test_requeue_owner(monkeypatch):
     assert owned == [signal.SIGUSR2] and len(commands) == 1
     callback.on_fit_end(trainer, None)  # nothing saved: nothing to hand over
     assert owned == [signal.SIGUSR2] and len(commands) == 1
+
+
+def test_sigterm_saves_at_once_and_requeues_under_slurm(tmp_path, data_cache, monkeypatch):
+    """SIGTERM (slurm's preemption and end-of-time signal): Lightning ends the fit after the
+    current micro-batch, so the save happens there and rank 0 requeues at once. SLURM_JOB_ID
+    is set, so the trainer also takes Lightning's SLURM environment (without its requeue)."""
+    import training_callbacks
+
+    commands = []
+    monkeypatch.setattr(
+        training_callbacks.subprocess, "run", lambda cmd, check: commands.append(cmd)
+    )
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    previous = signal.getsignal(signal.SIGTERM)
+    callback = [f"+callbacks.preempt._target_={__name__}.SendSignalAt"]
+    callback += ["+callbacks.preempt.batch=2", f"+callbacks.preempt.signum={signal.SIGTERM}"]
+    try:
+        run_inprocess(tmp_path, *ACCUMULATE, *callback)
+    except BaseException as err:  # Lightning raises SIGTERMException after the save
+        assert type(err).__name__ == "SIGTERMException", err
+    assert signal.getsignal(signal.SIGTERM) == previous, "the handlers are restored"
+    saved = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert saved["global_step"] == 1  # after micro-batch 2, the first half of step 2
+    assert commands == [["scontrol", "requeue", "4242"]]

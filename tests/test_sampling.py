@@ -12,64 +12,19 @@ from hydra import compose, initialize_config_dir
 
 import builders
 import samplers
-from conftest import ROOT, randomize_
+from conftest import (
+    BOS_TINY,
+    MASK_TINY,
+    ROOT,
+    V_TINY,
+    sample_with,
+    sampler_cfg,
+    tiny_module,
+)
 from metrics import sliding_windows
 
-V, MASK, BOS = 41, 40, 0
-
-
-def tiny_module(algo: str, window: int = 16, *overrides: str):
-    with initialize_config_dir(os.path.join(ROOT, "configs"), version_base=None):
-        cfg = compose(
-            "config",
-            overrides=[
-                "experiment=smoke",
-                f"algo={algo}",
-                f"model.length={window}",
-                "checkpointing.save_dir=/tmp/x",
-                *overrides,
-            ],
-        )
-    torch.manual_seed(0)
-    module = builders.build_module(cfg, vocab_size=V, mask_id=MASK)
-    randomize_(module.backbone, seed=3, scale=0.3)
-    return module.eval()
-
-
-class Recorder:
-    """Wraps a SamplingModel and keeps every denoising call's log-probabilities."""
-
-    def __init__(self, model):
-        self.model, self.calls = model, []
-
-    def logprobs(
-        self, x, t, num_last, key_valid, cache, commit=False, commit_previous=False, rows=None
-    ):
-        out = self.model.logprobs(x, t, num_last, key_valid, cache, commit, commit_previous, rows)
-        self.calls.append(out)
-        return out
-
-    def commit(self, x, key_valid, cache):
-        self.model.commit(x, key_valid, cache)
-
-    def new_cache(self, batch_size, block_size):
-        return self.model.new_cache(batch_size, block_size)
-
-
-def run(module, cfg, cached: bool, prompt=None, valid=None, batch=3, window=16):
-    recorder = Recorder(module.sampling_model(window))
-    sampler = samplers.ar_sample if cfg.block_size == 1 else samplers.semi_ar_sample
-    cfg = samplers.SamplerConfig(**{**cfg.__dict__, "kv_cache": cached})
-    gen = torch.Generator().manual_seed(7)
-    out = sampler(recorder, batch, cfg, gen, torch.device("cpu"), prompt, valid)
-    return out, recorder.calls
-
-
-def sampler_cfg(length, block_size, **kw):
-    args = dict(length=length, block_size=block_size, num_steps=8, context=16, bos_id=BOS)
-    args.update(mask_id=MASK, eos_id=BOS, reject_low_entropy=False)
-    args.update(kw)
-    return samplers.SamplerConfig(**args)
+V, MASK, BOS = V_TINY, MASK_TINY, BOS_TINY
+run = sample_with
 
 
 @pytest.mark.parametrize("fuse_commit", [True, False])
@@ -98,7 +53,6 @@ def test_time_conditioned_bd3lm_refuses_the_cache_and_samples_without_it():
     context at each step's t: a cache of keys computed once cannot reproduce that, so the cache
     is refused (one line at the config boundary, ValueError below it) and sampling without it
     runs."""
-    import builders
     from utils import UserError
 
     module = tiny_module("bd3lm", 16, "algo.time_conditioning=true")

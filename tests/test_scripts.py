@@ -22,6 +22,8 @@ from hydra import compose, initialize_config_dir
 import builders
 from conftest import ROOT
 
+pytestmark = pytest.mark.e2e  # the launchers run under bash with a stub sbatch
+
 TEMPLATE = "scripts/slurm/job.sbatch"
 LAUNCHER_DIRS = ("train", "eval", "gen_ppl", "var_len", "zero_shot")
 LAUNCHERS = sorted(

@@ -2,7 +2,7 @@
 
 Prints tokenization throughput (tokens/s) of `get_dataset` with 1 and 2 tokenizing processes
 (the corpus is repeated to a few thousand documents so that 2 processes get work), and the
-time to load a prepared cache. Usage: python benchmarks/data.py [--repeat N] [--seq-len L]
+time to load a prepared cache. Usage: python benchmarks/data_speed.py [--repeat N] [--seq-len L]
 """
 
 from __future__ import annotations

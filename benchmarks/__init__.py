@@ -1,0 +1,1 @@
+"""Benchmarks and the GPU acceptance run (scripts; also imported by tests as oracles)."""
