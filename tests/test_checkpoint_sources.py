@@ -11,7 +11,6 @@ import sys
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from test_model import spec_parameter_order
 
@@ -24,7 +23,7 @@ from checkpoints import (
     read_checkpoint,
     sanity_check_perplexity,
 )
-from conftest import ROOT, randomize_
+from conftest import ROOT, compose_cfg, randomize_
 from models.hf import BD3LM, BD3LMConfig
 from utils import UserError
 
@@ -34,13 +33,6 @@ VOCAB, MASK = 41, 40
 def read_json(path):
     with open(path) as f:
         return json.load(f)
-
-
-def compose_cfg(*overrides):
-    with initialize_config_dir(os.path.join(ROOT, "configs"), version_base=None):
-        return compose(
-            "config", overrides=["experiment=smoke", "checkpointing.save_dir=/tmp/x", *overrides]
-        )
 
 
 def build(*overrides, vocab=VOCAB):

@@ -19,6 +19,7 @@ def compiled_counts() -> int:
     return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
 
 
+@pytest.mark.e2e  # a unit test, but it compiles for seconds
 def test_compiled_blocks_match_eager_and_sampling_never_compiles():
     torch._dynamo.reset()
     cfg = main.compose(["experiment=smoke"], "/tmp/bd3lms-unused-run-dir")

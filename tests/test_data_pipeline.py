@@ -333,6 +333,7 @@ def test_streaming_rows_match_the_cached_pipeline(tmp_path, vocab, monkeypatch):
     assert torch.equal(rows, cached.input_ids)
 
 
+@pytest.mark.e2e
 def test_streaming_consumers_read_only_their_shards(tmp_path, vocab, monkeypatch):
     """A local 4-file parquet stream: each of 2 ranks opens only its own 2 files, each of 2
     DataLoader workers of a rank only its own file, and 2 worker processes together give the

@@ -17,7 +17,7 @@ from data import options, pipeline, processing, shakespeare
 from data import vocab as vocab_module
 from utils import UserError
 
-SEQ_LEN = 128
+SEQ_LEN = 32  # the smoke config's: the session's data cache already holds these rows
 HELD_OUT = ["henry_iv_part_1_gut.txt", "merchant_of_venice_gut.txt", "tempest_gut.txt"]
 
 
@@ -36,9 +36,9 @@ def make_cfg(cache_dir, **overrides):
 
 
 @pytest.fixture(scope="session")
-def bpe(tmp_path_factory):
-    """Train the BPE and build both wrapped splits once: (cfg, vocab, train, valid)."""
-    cfg = make_cfg(tmp_path_factory.mktemp("cache"))
+def bpe(data_cache):
+    """The BPE and both wrapped splits, from the session cache: (cfg, vocab, train, valid)."""
+    cfg = make_cfg(data_cache)
     vocab = dl.get_vocab(cfg)
     train = dl.get_dataset(cfg, vocab, "train", SEQ_LEN)
     valid = dl.get_dataset(cfg, vocab, "valid", SEQ_LEN)
@@ -238,12 +238,12 @@ def test_crash_during_cache_write_leaves_no_cache(bpe, monkeypatch):
         raise KeyboardInterrupt("killed mid-write")
 
     monkeypatch.setattr(pipeline, "_write_wrapped", crash)
-    with pytest.raises(KeyboardInterrupt):
-        dl.get_dataset(cfg, vocab, "valid", 64)
-    assert not [f for f in os.listdir(cfg.cache_dir) if "_L64_" in f and not f.endswith(".lock")]
+    with pytest.raises(KeyboardInterrupt):  # a length no other test builds
+        dl.get_dataset(cfg, vocab, "valid", 72)
+    assert not [f for f in os.listdir(cfg.cache_dir) if "_L72_" in f and not f.endswith(".lock")]
     monkeypatch.undo()
-    rebuilt = dl.get_dataset(cfg, vocab, "valid", 64)
-    assert rebuilt.input_ids.shape[1] == 64 and len(rebuilt) > 0
+    rebuilt = dl.get_dataset(cfg, vocab, "valid", 72)
+    assert rebuilt.input_ids.shape[1] == 72 and len(rebuilt) > 0
 
 
 def test_padding_mode(bpe):

@@ -17,16 +17,13 @@ import main
 import samplers
 from algorithms.base import DoubleLengthCrop
 from benchmarks.acceptance import SameTrajectory
+from conftest import compose_cfg as compose
 from conftest import run_inprocess, tiny_module
 from metrics import GenerativePerplexity
 from utils import UserError
 
 GPU_HW = builders.Hardware("gpu", 8, 1, "bf16-mixed")
 V, MASK, BOS = 41, 40, 0
-
-
-def compose(*overrides):
-    return main.compose(["experiment=smoke", *overrides], "/tmp/bd3lms-unused-run-dir")
 
 
 def fake_cuda(monkeypatch, bf16: bool, count: int = 2):
@@ -228,6 +225,7 @@ def test_group_choices_read_sweep_lists():
 # ----------------------------------------------------------------------------------------------
 # Rank zero under srun: only global rank 0 writes the run directory's records
 # ----------------------------------------------------------------------------------------------
+@pytest.mark.e2e
 def test_only_global_rank_zero_writes_the_resolved_config(tmp_path, smoke_checkpoint, monkeypatch):
     """Under srun every task sees SLURM_PROCID (and no RANK): only task 0 writes the record."""
     for name in ("RANK", "LOCAL_RANK"):

@@ -4,25 +4,16 @@ save -> load -> identical logits."""
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 import builders
 from checkpoints import load_weights, read_checkpoint
-from conftest import ROOT, randomize_
+from conftest import compose_cfg, randomize_
 from diffusion import OptimSettings, lr_multiplier
 from utils import UserError
-
-
-def compose_cfg(*overrides):
-    with initialize_config_dir(os.path.join(ROOT, "configs"), version_base=None):
-        return compose(
-            "config", overrides=["experiment=smoke", "checkpointing.save_dir=/tmp/x", *overrides]
-        )
 
 
 def loader(global_bs, batch_size=None, eval_global=None, eval_batch_size=None):
