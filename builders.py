@@ -280,47 +280,24 @@ def trained_length(cfg: DictConfig, loaded) -> int:
     return int(stored) if stored else int(cfg.model.length)
 
 
-def build_sampler_config(cfg: DictConfig, vocab, window: int):
-    """samplers.SamplerConfig from the sampling/algo keys (raises UserError on bad values)."""
-    from samplers import SamplerConfig
-
-    length = int(cfg.model.length)
-    block = effective_block_size(cfg)
-    stride = None
-    if cfg.algo.sampler == "analytic":  # SEDD: no blocks, the whole sequence at once
-        if length > window:
-            raise UserError(
-                f"SEDD cannot sample beyond its context: model.length={length} > {window}"
-            )
-        block = 1
-    elif cfg.algo.name == "mdlm":  # MDLM: one block of its window, then half-window strides
-        block = min(block, window)
-        stride = window // 2 if length > block else None
-    try:
-        return SamplerConfig(
-            length=length,
-            block_size=block,
-            num_steps=int(cfg.algo.T),
-            context=window,
-            bos_id=vocab.bos_id,
-            mask_id=vocab.mask_id,
-            eos_id=vocab.eos_id,
-            first_hitting=bool(cfg.sampling.first_hitting),
-            nucleus_p=float(cfg.sampling.nucleus_p),
-            kv_cache=bool(cfg.sampling.kv_cache),
-            var_length=bool(cfg.sampling.var_length),
-            reject_low_entropy=bool(cfg.sampling.reject_low_entropy),
-            stride=stride,
-            lazy_draws=bool(cfg.sampling.lazy_draws),
-            fuse_commit=bool(cfg.sampling.fuse_commit),
-            tokens_per_step=int(cfg.sampling.tokens_per_step),
-            confidence_threshold=cfg.sampling.confidence_threshold,
-            entropy_bound=cfg.sampling.entropy_bound,
-            eb_gamma=cfg.sampling.eb_gamma,
-            unmask_order=str(cfg.sampling.unmask_order),
-        )
-    except ValueError as err:
-        raise UserError(str(err)) from None
+def sampling_options(cfg: DictConfig) -> dict:
+    """The sampler's options (sampling.SamplerConfig fields) the config sets."""
+    sampling = cfg.sampling
+    return dict(
+        num_steps=int(cfg.algo.T),
+        first_hitting=bool(sampling.first_hitting),
+        nucleus_p=float(sampling.nucleus_p),
+        kv_cache=bool(sampling.kv_cache),
+        var_length=bool(sampling.var_length),
+        reject_low_entropy=bool(sampling.reject_low_entropy),
+        lazy_draws=bool(sampling.lazy_draws),
+        fuse_commit=bool(sampling.fuse_commit),
+        tokens_per_step=int(sampling.tokens_per_step),
+        confidence_threshold=sampling.confidence_threshold,
+        entropy_bound=sampling.entropy_bound,
+        eb_gamma=sampling.eb_gamma,
+        unmask_order=str(sampling.unmask_order),
+    )
 
 
 def read_prompts(cfg: DictConfig) -> list[str] | None:

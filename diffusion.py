@@ -16,7 +16,6 @@ from algorithms import Autoregressive, MaskedDiffusion
 from algorithms.base import (
     DEFAULT_EPS_MAX,
     DEFAULT_EPS_MIN,
-    Layout,
     Loss,
     Shard,
 )
@@ -24,7 +23,7 @@ from algorithms.clip_search import VarianceRecorder, per_block_means, select_int
 from models.dit import DiT
 from models.ema import EMA
 from models.network import BackboneNetwork
-from sampling_model import SamplingModel
+from sampling.denoiser import ModelDenoiser
 
 CHECKPOINT_FORMAT = "bd3lms/1"
 
@@ -121,12 +120,8 @@ class Diffusion(L.LightningModule):
         self.eval_result: dict | None = None
 
     # ------------------------------------------------------------------------------------------
-    # The network as the objectives and samplers see it
+    # The training interval
     # ------------------------------------------------------------------------------------------
-    def network(self, tokens: Tensor, sigma: Tensor | None, layout: Layout) -> Tensor:
-        """tokens (B, S), sigma (B,) or None -> logits (B, S', V); see algorithms.base.Layout."""
-        return self.net(tokens, sigma, layout)
-
     def clip_interval(self) -> tuple[Tensor, Tensor]:
         """The training interval [eps_min, eps_max] as float32 0-d tensors."""
         if self.var_min:
@@ -161,7 +156,7 @@ class Diffusion(L.LightningModule):
             )
         eps_min, eps_max = self.clip_interval()
         out = self.algorithm.loss(
-            self.network, x0, attention_mask, eps_min, eps_max, True, generator, shard
+            self.net, x0, attention_mask, eps_min, eps_max, True, generator, shard
         )
         self.log("trainer/loss", out.loss, on_step=True, prog_bar=True)
         return out.loss
@@ -208,7 +203,7 @@ class Diffusion(L.LightningModule):
         key = self.eval_key(batch_idx) + (0 if shard is not None else self.global_rank)
         generator = torch.Generator(device=self.device).manual_seed(key)
         out = self.algorithm.loss(
-            self.network, x0, attention_mask, eps_min, eps_max, False, generator, shard
+            self.net, x0, attention_mask, eps_min, eps_max, False, generator, shard
         )
         if "real" in batch:
             real = batch["real"].to(out.nlls.dtype)[:, None]
@@ -298,6 +293,6 @@ class Diffusion(L.LightningModule):
     # ------------------------------------------------------------------------------------------
     # Sampling
     # ------------------------------------------------------------------------------------------
-    def sampling_model(self, window: int, reencode: bool = False) -> SamplingModel:
-        """The view of this module the samplers use; `window` is the trained context."""
-        return SamplingModel(self.backbone, self.algorithm, window, reencode, self.net)
+    def denoiser(self, window: int, reencode: bool = False) -> ModelDenoiser:
+        """This module's network as the samplers see it; `window` is the trained context."""
+        return ModelDenoiser(self.backbone, self.algorithm, window, reencode, self.net)

@@ -8,7 +8,6 @@ sweep point). Bad input exits with code 2 and one line on stderr, before anythin
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import re
@@ -22,9 +21,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 import builders
 import dataloader
-import generation
-import samplers
-from analytic_sampler import analytic_sample
+import sampling
 from checkpoints import (
     LoadedCheckpoint,
     check_state,
@@ -34,6 +31,7 @@ from checkpoints import (
     read_checkpoint,
     sanity_check_perplexity,
 )
+from sampling import generate
 from training_callbacks import Preemption
 from utils import UserError, atomic_path, get_logger, global_rank
 
@@ -209,21 +207,20 @@ def sample_eval(
     evaluator = builders.build_evaluator(cfg, fabric.device)
     window = builders.trained_length(cfg, loaded)
     vocab, module = load_for_eval(cfg, loaded, seq_len=window)
-    sampler_cfg = builders.build_sampler_config(cfg, vocab, window)
     prompts = builders.read_prompts(cfg)
     module.apply_ema()
     module.to(fabric.device).eval()
-    if cfg.algo.sampler == "analytic":  # SEDD: all positions at once, T steps
-        score_fn = module.algorithm.score_fn(module.network)
-        noise = module.algorithm.noise
-        sample_fn = functools.partial(analytic_sample, score_fn, noise=noise)
-    else:
-        ar = cfg.algo.parameterization == "ar"
-        sampler = samplers.ar_sample if ar else samplers.semi_ar_sample
-        model = module.sampling_model(window, reencode=bool(cfg.sampling.reencode_context))
-        sample_fn = functools.partial(sampler, model)
+    ids = sampling.TokenIds(bos=vocab.bos_id, mask=vocab.mask_id, eos=vocab.eos_id)
+    try:
+        sampler_cfg, sample_fn = sampling.build_sampler(
+            module.algorithm, module.backbone, window, int(cfg.model.length), ids,
+            builders.sampling_options(cfg), reencode=bool(cfg.sampling.reencode_context),
+            network=module.net,
+        )  # fmt: skip
+    except ValueError as err:
+        raise UserError(str(err)) from None
     out_dir = cfg.sampling.logdir or run_dir
-    job = generation.GenerationJob(
+    job = generate.GenerationJob(
         batch_size=plan.eval_batch_size,
         num_batches=int(cfg.sampling.num_sample_batches),
         seed=int(cfg.seed),
@@ -234,12 +231,12 @@ def sample_eval(
         append=cfg.sampling.logdir is not None,
     )
     # the sampler runs in the run's precision; the judge scores in float32 outside it
-    records = generation.generate(
+    records = generate.generate(
         sample_fn, sampler_cfg, job, vocab, evaluator, fabric.device, autocast=fabric.autocast
     )
     fabric.barrier()
     if fabric.global_rank == 0:
-        summary = generation.write_summary(out_dir, cfg.eval.gen_ppl_eval_model_name_or_path)
+        summary = generate.write_summary(out_dir, cfg.eval.gen_ppl_eval_model_name_or_path)
         for record in records[:4]:
             print(f"--- sample {record['index']} ({record['length']} tokens)\n{record['text']}")
         print(json.dumps(summary))

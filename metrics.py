@@ -102,7 +102,7 @@ class GenerativePerplexity:
 # Summaries of samples.jsonl records
 # ----------------------------------------------------------------------------------------------
 def summarize_samples(records: list[dict], evaluator: str | None) -> dict:
-    """The sample_eval.json fields from per-sample records (see generation.py)."""
+    """The sample_eval.json fields from per-sample records (see sampling/generate.py)."""
     n = len(records)
     lengths = sorted(r["length"] for r in records)
     scored = [r for r in records if r.get("gen_ppl") is not None]

@@ -36,6 +36,13 @@ class Autoregressive:
     crop: DoubleLengthCrop | None = None  # text8-crop: 2L training rows
 
     train_layout = Layout(mask=CausalMask())
+    sampler = "ar"  # next-token sampling
+    supports_kv_cache = True
+    supports_prompts = True
+
+    def sampling_blocks(self, window: int, length: int) -> tuple[int, int | None]:
+        """(K, stride) of the sampler: one token at a time, a sliding window."""
+        return 1, None
 
     def sample_mask(self, window: int, reencode: bool):
         """Causal attention limited to the last `window` tokens (re-encoded: plain causal)."""

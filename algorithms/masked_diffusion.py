@@ -66,6 +66,26 @@ class MaskedDiffusion:
             return Layout(mask=mask, halves=2, outputs=slice(0, self.seq_len))
         return Layout()
 
+    sampler = "semi_ar"  # blocks left to right (sampling/block.py)
+
+    @property
+    def supports_kv_cache(self) -> bool:
+        """BD3-LM without time conditioning: cached keys of a clean block are what any later
+        call would compute (MDLM re-encodes its window; a time-conditioned model its context)."""
+        return self.cross_attn and not self.time_conditioning
+
+    @property
+    def supports_prompts(self) -> bool:
+        return self.cross_attn
+
+    def sampling_blocks(self, window: int, length: int) -> tuple[int, int | None]:
+        """(K, stride) of the sampler. BD3-LM: its blocks. MDLM: one block of its window, then
+        (beyond it) rounds of window / 2 new tokens (the reference's semi-AR MDLM)."""
+        if self.cross_attn:
+            return self.block_size, None
+        block = min(self.block_size, window)
+        return block, (window // 2 if length > block else None)
+
     def sample_mask(self, window: int, reencode: bool):
         """Attention over [clean blocks ; noisy block] when sampling without a cache.
 

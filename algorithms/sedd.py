@@ -96,6 +96,17 @@ class SEDD:
     cross_attn = False  # not a field: the input is x_t alone under full attention
     var_min = False
     train_layout = Layout()
+    sampler = "analytic"  # every position at once, T steps (sampling/analytic.py)
+    supports_kv_cache = False
+    supports_prompts = False
+
+    def sampling_blocks(self, window: int, length: int) -> tuple[int, int | None]:
+        """(K, stride) of the sampler: no blocks; SEDD never goes beyond its context."""
+        if length > window:
+            raise ValueError(
+                f"SEDD cannot sample beyond its context: model.length={length} > {window}"
+            )
+        return 1, None
 
     def __post_init__(self):
         if not self.time_conditioning:

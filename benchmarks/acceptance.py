@@ -157,7 +157,7 @@ def masked_diffusion(seq_len: int, block_size: int, mask_id: int, ignore_bos: bo
 
 
 class SameTrajectory:
-    """Wraps a cached SamplingModel: every denoising call also computes the uncached
+    """Wraps a cached ModelDenoiser: every denoising call also computes the uncached
     log-probabilities of the same input, and those in float32 (autocast off), so the cache is
     compared with recomputation along one trajectory even where rounding would let two
     sampling runs diverge. `pairs`: (cached, recomputed, float32) per call."""
@@ -343,9 +343,9 @@ def section_flex_vs_sdpa(ctx: Context) -> dict:
 def section_kv_cache(ctx: Context) -> dict:
     """Cached sampling against recomputation along one trajectory, within and beyond the
     window (the ring wraps), BD3-LM K=4 and AR, float32 and bf16 autocast."""
-    import samplers
+    import sampling
     from algorithms.ar import Autoregressive
-    from sampling_model import SamplingModel
+    from sampling import ModelDenoiser
 
     window, vocab, device = (16 if ctx.cpu else 64), 257, ctx.device
     result = {}
@@ -355,13 +355,13 @@ def section_kv_cache(ctx: Context) -> dict:
             algorithm = Autoregressive(mask_id=vocab - 1, seq_len=window)
         else:
             algorithm = masked_diffusion(window, block, vocab - 1, ignore_bos=True)
-        cfg = samplers.SamplerConfig(
+        cfg = sampling.SamplerConfig(
             length=int(2.5 * window), block_size=block, num_steps=8, context=window, bos_id=0,
             mask_id=vocab - 1, eos_id=0, kv_cache=True, reject_low_entropy=False,
         )  # fmt: skip
-        sampler = samplers.ar_sample if block == 1 else samplers.semi_ar_sample
+        sampler = sampling.ar_sample if block == 1 else sampling.semi_ar_sample
         for dtype in ("float32", "bfloat16"):
-            recorder = SameTrajectory(SamplingModel(backbone, algorithm, window))
+            recorder = SameTrajectory(ModelDenoiser(backbone, algorithm, window))
             autocast = torch.autocast(device.type, torch.bfloat16, enabled=dtype == "bfloat16")
             with torch.no_grad(), autocast:
                 sampler(recorder, 4, cfg, torch.Generator().manual_seed(0), device)

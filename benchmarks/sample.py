@@ -6,13 +6,13 @@ Reported per variant: tokens/s (generated tokens x batch / wall time), NFE per s
 (denoising calls; separate commit passes in parentheses) and peak memory (CUDA
 max_memory_allocated, or on CPU the growth of the peak RSS (VmHWM) over the RSS before the
 run -- a lower bound once an earlier run of the same process peaked higher). Through the
-shipped sampling_model.SamplingModel (torch only, as on the GPU machine).
+shipped sampling_model.ModelDenoiser (torch only, as on the GPU machine).
 
 --baseline runs each variant again with the issue-7 sampling switches off
 (SamplerConfig.lazy_draws=False: a Gumbel race over every position of the block;
 SamplerConfig.fuse_commit=False: a forward pass of its own per committed block; the
 reference SUBS implementation; DiTConfig.transposed_head=False: the output layer reads its
-(V, D) weight; SamplingModel.reuse_conditioning=False: the adaLN modulation is recomputed at
+(V, D) weight; ModelDenoiser.reuse_conditioning=False: the adaLN modulation is recomputed at
 every call), alternating with the optimised run.
 --parallel adds parallel decoding rows (tokens_per_step 2/4, confidence_threshold 0.9).
 
@@ -33,8 +33,8 @@ import common  # noqa: E402
 import torch  # noqa: E402
 from common import build_algorithm, build_dit  # noqa: E402
 
-import samplers  # noqa: E402
-from sampling_model import SamplingModel  # noqa: E402
+import sampling  # noqa: E402
+from sampling import ModelDenoiser  # noqa: E402
 
 # the benchmark's DiT (random weights) and its window; --toy: a seconds-long CPU check
 MODEL = dict(vocab=30523, width=128, layers=4, heads=4, window=1024)
@@ -42,7 +42,7 @@ TOY = dict(vocab=513, width=32, layers=2, heads=2, window=64)
 BOS = 0
 
 
-def build_sampling_model(variant: dict, device, baseline: bool) -> SamplingModel:
+def build_sampling_model(variant: dict, device, baseline: bool) -> ModelDenoiser:
     algo_name, block, m = variant["algo"], variant["block"], variant["model"]
     ar, fast = algo_name == "ar", not baseline
     backbone = build_dit(
@@ -50,7 +50,7 @@ def build_sampling_model(variant: dict, device, baseline: bool) -> SamplingModel
     )
     algorithm = build_algorithm(algo_name, m["window"], block, m["vocab"] - 1)
     backbone = backbone.to(device).eval()
-    return SamplingModel(
+    return ModelDenoiser(
         backbone, algorithm, m["window"], reference_subs=baseline, reuse_conditioning=fast
     )
 
@@ -59,7 +59,7 @@ def run_once(variant: dict, device, baseline: bool):
     """-> (seconds, output, peak MB)."""
     algo_name, block = variant["algo"], variant["block"]
     model = build_sampling_model(variant, device, baseline)
-    cfg = samplers.SamplerConfig(
+    cfg = sampling.SamplerConfig(
         length=variant["length"],
         block_size=block,
         num_steps=5000,
@@ -75,7 +75,7 @@ def run_once(variant: dict, device, baseline: bool):
         tokens_per_step=variant.get("tokens_per_step", 1),
         confidence_threshold=variant.get("threshold"),
     )
-    sampler = samplers.ar_sample if algo_name == "ar" else samplers.semi_ar_sample
+    sampler = sampling.ar_sample if algo_name == "ar" else sampling.semi_ar_sample
     gen = torch.Generator().manual_seed(0)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

@@ -7,9 +7,10 @@ against mean NFE, one point per directory.
         [--plot genppl_vs_nfe.png] [--nfe denoise|total]
 
 Each argument is a directory holding samples*.jsonl (a sample_eval run directory or a
-`sampling.logdir` that several seeds appended to), or a directory above such directories (every
-one below it is summarised, e.g. outputs/samples). The records are those generation.py writes;
-the per-directory numbers are metrics.summarize_samples (as in sample_eval.json) plus:
+`sampling.logdir` that several seeds appended to), or a directory above such directories
+(every one below it is summarised, e.g. outputs/samples). The records are those
+sampling/generate.py writes; the per-directory numbers are metrics.summarize_samples (as in
+sample_eval.json) plus:
 `num_scored`, `gen_ppl_std` and `gen_ppl_ci95` (1.96 x sample std / sqrt(num_scored), over the
 per-sample Gen PPL values) and `seeds`.
 """

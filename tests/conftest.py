@@ -216,22 +216,22 @@ class Recorder:
 
 
 def sampler_cfg(length, block_size, **kw):
-    import samplers
+    import sampling
 
     args = dict(length=length, block_size=block_size, num_steps=8, context=16, bos_id=BOS_TINY)
     args.update(mask_id=MASK_TINY, eos_id=BOS_TINY, reject_low_entropy=False)
     args.update(kw)
-    return samplers.SamplerConfig(**args)
+    return sampling.SamplerConfig(**args)
 
 
 def sample_with(module, cfg, cached: bool, prompt=None, valid=None, batch=3, window=16):
     """Sample with module's denoiser (cache on or off): -> (output, every call's log-probs)."""
     import dataclasses
 
-    import samplers
+    import sampling
 
-    recorder = Recorder(module.sampling_model(window))
-    sampler = samplers.ar_sample if cfg.block_size == 1 else samplers.semi_ar_sample
+    recorder = Recorder(module.denoiser(window))
+    sampler = sampling.ar_sample if cfg.block_size == 1 else sampling.semi_ar_sample
     cfg = dataclasses.replace(cfg, kv_cache=cached)
     gen = torch.Generator().manual_seed(7)
     out = sampler(recorder, batch, cfg, gen, torch.device("cpu"), prompt, valid)

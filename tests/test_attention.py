@@ -116,23 +116,23 @@ def test_flex_model_cached_sampling_equals_its_uncached_flex_sampling(tiny_dit):
     through SDPA inside the cache: the same log-probabilities at every call, within and beyond
     the window."""
     pytest.importorskip("torch.nn.attention.flex_attention")
-    import samplers
+    import sampling
     from algorithms import MaskedDiffusion
     from noise_schedule import LogLinear
-    from sampling_model import SamplingModel
+    from sampling import ModelDenoiser
 
     model = tiny_dit(vocab_size=37, backend="flex")
     algorithm = MaskedDiffusion(
         LogLinear(), mask_id=36, seq_len=16, block_size=4, cross_attn=True, ignore_bos=True,
         time_conditioning=False, antithetic=True,
     )  # fmt: skip
-    cfg = samplers.SamplerConfig(
+    cfg = sampling.SamplerConfig(
         length=32, block_size=4, num_steps=4, context=16, bos_id=0, mask_id=36, eos_id=0,
         reject_low_entropy=False,
     )  # fmt: skip
     calls = {True: [], False: []}
     for cached in (True, False):
-        sampling_model = SamplingModel(model, algorithm, window=16)
+        sampling_model = ModelDenoiser(model, algorithm, window=16)
         original = sampling_model.logprobs
 
         def logprobs(*args, _orig=original, _out=calls[cached], **kwargs):
@@ -140,10 +140,10 @@ def test_flex_model_cached_sampling_equals_its_uncached_flex_sampling(tiny_dit):
             return _out[-1]
 
         sampling_model.logprobs = logprobs
-        run_cfg = samplers.SamplerConfig(**{**cfg.__dict__, "kv_cache": cached})
+        run_cfg = sampling.SamplerConfig(**{**cfg.__dict__, "kv_cache": cached})
         gen = torch.Generator().manual_seed(3)
         with torch.no_grad():
-            samplers.semi_ar_sample(sampling_model, 2, run_cfg, gen, torch.device("cpu"))
+            sampling.semi_ar_sample(sampling_model, 2, run_cfg, gen, torch.device("cpu"))
     assert len(calls[True]) == len(calls[False]) > 8
     for a, b in zip(calls[True], calls[False], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -15,7 +15,8 @@ from algorithms.clip_search import (
 from algorithms.masked_diffusion import MaskedDiffusion
 from conftest import P_VALUE, chi_square_p
 from noise_schedule import LogLinear
-from samplers import SamplerConfig, nucleus, sample_categorical, semi_ar_sample
+from sampling import SamplerConfig, semi_ar_sample
+from sampling.draws import nucleus, sample_categorical
 
 
 def test_grid_has_36_keys_with_float32_starts():
@@ -77,7 +78,7 @@ def test_categorical_matches_its_distribution():
 
 
 class FakeModel:
-    """A SamplingModel whose denoiser predicts `token` everywhere (or uniform if None)."""
+    """A ModelDenoiser whose denoiser predicts `token` everywhere (or uniform if None)."""
 
     def __init__(self, V, mask_id, token=None):
         self.V, self.mask_id, self.token, self.calls = V, mask_id, token, []

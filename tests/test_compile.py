@@ -9,7 +9,7 @@ import torch
 
 import builders
 import main
-import samplers
+import sampling
 from conftest import randomize_, run_inprocess
 
 
@@ -33,7 +33,7 @@ def test_compiled_blocks_match_eager_and_sampling_never_compiles():
     def loss_and_grads():
         module.zero_grad()
         generator = torch.Generator().manual_seed(5)
-        loss = module.algorithm.loss(module.network, x0, torch.ones(4, 32), *eps, True, generator)
+        loss = module.algorithm.loss(module.net, x0, torch.ones(4, 32), *eps, True, generator)
         loss.loss.backward()
         return loss.loss.detach(), [p.grad.clone() for p in module.backbone.parameters()]
 
@@ -46,13 +46,13 @@ def test_compiled_blocks_match_eager_and_sampling_never_compiles():
     for got, want in zip(grads, eager_grads, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     module.eval()
-    cfg = samplers.SamplerConfig(length=256, block_size=4, num_steps=4, context=32, bos_id=0,
+    cfg = sampling.SamplerConfig(length=256, block_size=4, num_steps=4, context=32, bos_id=0,
                                  mask_id=40, eos_id=0, reject_low_entropy=False)  # fmt: skip
     before = compiled_counts()
     for cached in (True, False):
-        run_cfg = samplers.SamplerConfig(**{**cfg.__dict__, "kv_cache": cached})
-        out = samplers.semi_ar_sample(
-            module.sampling_model(32), 2, run_cfg, torch.Generator().manual_seed(0), "cpu"
+        run_cfg = sampling.SamplerConfig(**{**cfg.__dict__, "kv_cache": cached})
+        out = sampling.semi_ar_sample(
+            module.denoiser(32), 2, run_cfg, torch.Generator().manual_seed(0), "cpu"
         )
         assert out.tokens.shape == (2, 256)
     assert compiled_counts() == before, "sampling must not compile (its shapes grow per block)"

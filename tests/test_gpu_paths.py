@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 import builders
 import main
-import samplers
+import sampling
 from algorithms.base import DoubleLengthCrop
 from benchmarks.acceptance import SameTrajectory
 from conftest import compose_cfg as compose
@@ -85,7 +85,7 @@ def test_judge_scores_in_float32_under_bf16_autocast(judge_dir):
 def test_generation_samples_under_autocast_and_scores_outside(judge_dir, data_cache):
     """generate() runs the sampler inside the given autocast and the judge outside it."""
     import dataloader
-    import generation
+    from sampling import generate as generation
 
     vocab = dataloader.get_vocab(OmegaConf.create({"tokenizer_name_or_path": "gpt2",
                                                    "cache_dir": data_cache}))  # fmt: skip
@@ -96,13 +96,13 @@ def test_generation_samples_under_autocast_and_scores_outside(judge_dir, data_ca
         tokens = torch.randint(0, 50000, (batch_size, 12), generator=generator)
         length = torch.full((batch_size,), 12)
         zeros = torch.zeros(batch_size, dtype=torch.long)
-        return samplers.SampleOutput(tokens, length, length, length, ["length"] * batch_size, zeros)
+        return sampling.SampleOutput(tokens, length, length, length, ["length"] * batch_size, zeros)
 
     judge = GenerativePerplexity(str(judge_dir), torch.device("cpu"))
     scored = []
     original = judge._score
     judge._score = lambda text: (scored.append(torch.is_autocast_enabled("cpu")), original(text))[1]
-    cfg = samplers.SamplerConfig(length=12, block_size=4, num_steps=1, context=16, bos_id=50256,
+    cfg = sampling.SamplerConfig(length=12, block_size=4, num_steps=1, context=16, bos_id=50256,
                                  mask_id=50257, eos_id=50256)  # fmt: skip
     job = generation.GenerationJob(2, 1, 0, str(data_cache) + "/gen", show_progress=False)
     bf16 = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
@@ -126,11 +126,11 @@ def test_bf16_kv_cache_equals_recomputation_and_float32_to_tolerance(algo, block
     orders; measured 0.020), and bf16 agrees with float32 to 0.06 (measured 0.044; bf16 keeps
     8 bits), within and beyond the 16-token window. A cache error would be O(1)."""
     module = tiny_module(algo)
-    recorder = SameTrajectory(module.sampling_model(16))
-    cfg = samplers.SamplerConfig(length=40, block_size=block, num_steps=8, context=16,
+    recorder = SameTrajectory(module.denoiser(16))
+    cfg = sampling.SamplerConfig(length=40, block_size=block, num_steps=8, context=16,
                                  bos_id=BOS, mask_id=MASK, eos_id=BOS, kv_cache=True,
                                  reject_low_entropy=False)  # fmt: skip
-    sampler = samplers.ar_sample if block == 1 else samplers.semi_ar_sample
+    sampler = sampling.ar_sample if block == 1 else sampling.semi_ar_sample
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         out = sampler(recorder, 3, cfg, torch.Generator().manual_seed(7), torch.device("cpu"))
     assert not (out.tokens == MASK).any() and recorder.cache.k.dtype == torch.bfloat16

@@ -10,9 +10,7 @@ from conftest import ROOT
 PURE = [
     "models",
     "algorithms",
-    "samplers.py",
-    "sampling_model.py",
-    "analytic_sampler.py",
+    "sampling",
     "noise_schedule.py",
     "metrics.py",
 ]

@@ -31,7 +31,7 @@ def f32(x):
 
 
 def network_for(model):
-    """The glue's `network` callable for a bare DiT (what Diffusion.network uses)."""
+    """The glue's `network` callable for a bare DiT (what Diffusion.net is)."""
     return BackboneNetwork(model)
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import samplers
+import sampling
 from algorithms.base import Layout, subs_log_probs, subs_log_probs_reference
 from algorithms.masked_diffusion import MaskedDiffusion
 from conftest import (
@@ -26,7 +26,7 @@ from conftest import (
 from models.attention import BlockDiffusionMask, MaskCache, block_diffusion_attend
 from models.dit import DiT, DiTConfig
 from noise_schedule import LogLinear
-from sampling_model import SamplingModel
+from sampling import ModelDenoiser, draws
 
 V, MASK = 37, 36
 SWITCHES = [(False, False), (True, True), (True, False), (False, True)]
@@ -134,14 +134,14 @@ def test_subs_log_probs_matches_the_reference():
 def test_inverse_cdf_matches_its_distribution_and_skips_zeros():
     probs = torch.tensor([0.1, 0.0, 0.6, 0.3, 0.0], dtype=torch.float64).expand(20_000, 5)
     u = torch.rand(20_000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    draws = samplers.sample_inverse_cdf(probs, u)
-    assert chi_square_p(torch.bincount(draws, minlength=5), probs[0] * 20_000) > P_VALUE
-    edge = samplers.sample_inverse_cdf(probs[:2], torch.tensor([0.0, 1.0 - 2**-53]).double())
+    drawn = draws.sample_inverse_cdf(probs, u)
+    assert chi_square_p(torch.bincount(drawn, minlength=5), probs[0] * 20_000) > P_VALUE
+    edge = draws.sample_inverse_cdf(probs[:2], torch.tensor([0.0, 1.0 - 2**-53]).double())
     assert edge.tolist() == [0, 3]
 
 
 class Confident:
-    """A SamplingModel whose denoiser puts `p` on token 3 and the rest uniformly elsewhere."""
+    """A ModelDenoiser whose denoiser puts `p` on token 3 and the rest uniformly elsewhere."""
 
     def __init__(self, p: float):
         self.p, self.calls = p, 0
@@ -163,12 +163,12 @@ class Confident:
 
 
 def _cfg(**kw):
-    return samplers.SamplerConfig(12, 4, 50, 12, 0, 5, 0, reject_low_entropy=False, **kw)
+    return sampling.SamplerConfig(12, 4, 50, 12, 0, 5, 0, reject_low_entropy=False, **kw)
 
 
 def _sample(model, cfg, batch=3):
     gen = torch.Generator().manual_seed(0)
-    return samplers.semi_ar_sample(model, batch, cfg, gen, torch.device("cpu"))
+    return sampling.semi_ar_sample(model, batch, cfg, gen, torch.device("cpu"))
 
 
 def test_a_threshold_that_cannot_fire_changes_nothing():
@@ -191,7 +191,7 @@ def test_parallel_decoding_commits_several_tokens_per_call():
 
 
 class ByPosition:
-    """A SamplingModel whose row j puts 0.2 + 0.2 j on token 3: later rows are surer."""
+    """A ModelDenoiser whose row j puts 0.2 + 0.2 j on token 3: later rows are surer."""
 
     def __init__(self):
         self.blocks = []
@@ -245,7 +245,7 @@ def test_parallel_decoding_cache_equals_recomputation(kw):
 def test_selected_rows_equal_the_full_output(cached):
     """logprobs(rows=...) runs the output layer on the chosen rows only: same values."""
 
-    model = tiny_module("bd3lm").sampling_model(16)
+    model = tiny_module("bd3lm").denoiser(16)
     gen = torch.Generator().manual_seed(0)
     x = torch.randint(0, 40, (3, 8), generator=gen)
     x[:, 5:] = 40  # the mask id of tiny_module's vocabulary
@@ -294,7 +294,7 @@ def test_constant_conditioning_is_reused_only_while_its_weights_stand():
     conditioning the modulation follows t."""
 
     module = tiny_module("bd3lm")
-    model = module.sampling_model(16)
+    model = module.denoiser(16)
     x = torch.randint(0, 40, (2, 8), generator=torch.Generator().manual_seed(0))
     x[:, 5:] = 40
     t = torch.full((2,), 0.7, dtype=torch.float64)
@@ -303,8 +303,8 @@ def test_constant_conditioning_is_reused_only_while_its_weights_stand():
         torch.testing.assert_close(model.logprobs(x, t * 0.5, 4, None, None), before)
         module.backbone.blocks[-1].adaLN_modulation.bias.add_(0.5)
         after = model.logprobs(x, t, 4, None, None)
-        fresh = module.sampling_model(16).logprobs(x, t, 4, None, None)
-        plain = SamplingModel(module.backbone, module.algorithm, 16, reuse_conditioning=False)
+        fresh = module.denoiser(16).logprobs(x, t, 4, None, None)
+        plain = ModelDenoiser(module.backbone, module.algorithm, 16, reuse_conditioning=False)
         recomputed = plain.logprobs(x, t, 4, None, None)
     torch.testing.assert_close(after, fresh, rtol=0, atol=0)
     torch.testing.assert_close(after, recomputed, rtol=0, atol=0)
@@ -312,7 +312,7 @@ def test_constant_conditioning_is_reused_only_while_its_weights_stand():
 
     timed = tiny_module("bd3lm", 16, "algo.time_conditioning=true")
     randomize_(timed.backbone, seed=4, scale=0.3)
-    model = timed.sampling_model(16)
+    model = timed.denoiser(16)
     with torch.no_grad():
         assert not torch.allclose(
             model.logprobs(x, t, 4, None, None), model.logprobs(x, t * 0.5, 4, None, None)
@@ -320,7 +320,7 @@ def test_constant_conditioning_is_reused_only_while_its_weights_stand():
 
 
 class TwoKinds:
-    """A SamplingModel whose block rows 0-1 are a coin between tokens 1 and 2 (entropy ln 2)
+    """A ModelDenoiser whose block rows 0-1 are a coin between tokens 1 and 2 (entropy ln 2)
     and rows 2-3 uniform over tokens 0-4 (entropy ln 5)."""
 
     def logprobs(

@@ -13,14 +13,14 @@ import math
 import pytest
 import torch
 
-import samplers
+import sampling
 from algorithms.base import Shard, sample_t, subs_log_probs
 from algorithms.masked_diffusion import MaskedDiffusion
 from conftest import P_VALUE, chi_square_p, randomize_, two_sample_p
 from models.attention import BlockCausalMask, MaskCache
 from models.network import BackboneNetwork
 from noise_schedule import LogLinear
-from sampling_model import SamplingModel
+from sampling import ModelDenoiser, draws, stops
 
 V, MASK = 37, 36
 
@@ -85,7 +85,7 @@ def test_sampler_conditional_equals_the_training_forward_block_by_block(tiny_dit
         layout = algo.train_layout
         logits = network(torch.cat([xt, x0], dim=1), torch.zeros(2), layout)  # (B, L, V)
         training = subs_log_probs(logits, xt, MASK)
-        sampler = SamplingModel(model, algo, window=L)
+        sampler = ModelDenoiser(model, algo, window=L)
         cache = sampler.new_cache(2, K) if cached else None
         t = torch.ones(2, dtype=torch.float64)
         for b in range(L // K):
@@ -154,10 +154,10 @@ def test_first_hitting_commits_a_uniformly_chosen_masked_position(lazy_draws):
     random (chi-square over 4000 sequences, p > 1e-6), and then one of the remaining ones."""
     K, batch = 4, 4000
     model = DistinctRows(K)
-    cfg = samplers.SamplerConfig(length=2 * K, block_size=K, num_steps=8, context=2 * K,
+    cfg = sampling.SamplerConfig(length=2 * K, block_size=K, num_steps=8, context=2 * K,
                                  bos_id=MASK - 1, mask_id=MASK, eos_id=MASK - 1,
                                  reject_low_entropy=False, lazy_draws=lazy_draws)  # fmt: skip
-    samplers.semi_ar_sample(model, batch, cfg, torch.Generator().manual_seed(0), "cpu")
+    sampling.semi_ar_sample(model, batch, cfg, torch.Generator().manual_seed(0), "cpu")
     second_block = model.blocks[K - 1 :]  # the first block has its BOS: K - 1 calls
     after_first = second_block[1]  # the block as the second call sees it
     committed = after_first != MASK
@@ -282,7 +282,7 @@ def test_ar_sampling_never_proposes_the_mask_token(tiny_dit):
     from algorithms.ar import Autoregressive
 
     model = randomize_(tiny_dit(causal=True), seed=2, scale=0.5)
-    sampler = SamplingModel(model, Autoregressive(mask_id=MASK, seq_len=8), window=8)
+    sampler = ModelDenoiser(model, Autoregressive(mask_id=MASK, seq_len=8), window=8)
     x = torch.randint(0, MASK, (2, 5), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         log_p = sampler.logprobs(x, torch.zeros(2), 1, None, None)
@@ -296,8 +296,8 @@ def test_ar_sampling_never_proposes_the_mask_token(tiny_dit):
 def test_analytic_steps_span_the_schedule_from_one_to_eps(monkeypatch):
     """Step i moves from t_i to t_{i+1} of linspace(1, eps, T + 1): Delta_i = sigma(t_i) -
     sigma(t_{i+1}), and the final denoise uses sigma(eps)."""
-    import analytic_sampler
     from algorithms.base import sigma_from_p
+    from sampling import analytic as analytic_sampler
 
     deltas = []
     original = analytic_sampler._update
@@ -308,7 +308,7 @@ def test_analytic_steps_span_the_schedule_from_one_to_eps(monkeypatch):
 
     monkeypatch.setattr(analytic_sampler, "_update", spy)
     score = lambda x, sigma: torch.zeros(*x.shape, 9)  # noqa: E731
-    cfg = samplers.SamplerConfig(length=6, block_size=1, num_steps=4, context=6, bos_id=0,
+    cfg = sampling.SamplerConfig(length=6, block_size=1, num_steps=4, context=6, bos_id=0,
                                  mask_id=8, eos_id=0, reject_low_entropy=False)  # fmt: skip
     eps = 0.1
     analytic_sampler.analytic_sample(score, 2, cfg, torch.Generator().manual_seed(0), "cpu",
@@ -323,21 +323,21 @@ def test_analytic_steps_span_the_schedule_from_one_to_eps(monkeypatch):
 
 def test_inverse_cdf_never_returns_a_leading_zero_and_nucleus_keeps_p_exactly():
     probs = torch.tensor([[0.0, 0.3, 0.7]], dtype=torch.float64)
-    assert samplers.sample_inverse_cdf(probs, torch.tensor([0.0]).double()).tolist() == [1]
+    assert draws.sample_inverse_cdf(probs, torch.tensor([0.0]).double()).tolist() == [1]
     probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]], dtype=torch.float64)
-    kept = samplers.nucleus(probs, 0.8)  # cumulative 0.8 <= 0.8: the second token stays
+    kept = draws.nucleus(probs, 0.8)  # cumulative 0.8 <= 0.8: the second token stays
     torch.testing.assert_close(kept, torch.tensor([[0.625, 0.375, 0.0, 0.0]]).double())
 
 
 def test_the_low_entropy_stop_is_four_nats():
     """256 tokens uniform over 40 ids (entropy ln 40 = 3.69 < 4) stop; over 60 ids (4.09)
     they do not."""
-    cfg = samplers.SamplerConfig(length=600, block_size=4, num_steps=1, context=16, bos_id=0,
+    cfg = sampling.SamplerConfig(length=600, block_size=4, num_steps=1, context=16, bos_id=0,
                                  mask_id=MASK, eos_id=0, var_length=True)  # fmt: skip
     x = torch.stack([torch.arange(300) % 40 + 1, torch.arange(300) % 60 + 1])
-    state = samplers._State(torch.ones(2, dtype=torch.bool), torch.full((2,), 600),
+    state = stops.SequenceState(torch.ones(2, dtype=torch.bool), torch.full((2,), 600),
                             ["length"] * 2)  # fmt: skip
-    samplers.apply_stop_rules(x, 0, 0, state, cfg)
+    stops.apply_stop_rules(x, 0, 0, state, cfg)
     assert state.reasons == ["low_entropy", "length"]
 
 
@@ -360,10 +360,10 @@ def test_first_hitting_clock_is_the_time_of_the_next_unmasking(lazy_draws):
     the second call's (t_2 / t_1)^3 is uniform again."""
     K, batch = 4, 4000
     model = ClockRecorder(K)
-    cfg = samplers.SamplerConfig(length=2 * K, block_size=K, num_steps=8, context=2 * K,
+    cfg = sampling.SamplerConfig(length=2 * K, block_size=K, num_steps=8, context=2 * K,
                                  bos_id=MASK - 1, mask_id=MASK, eos_id=MASK - 1,
                                  reject_low_entropy=False, lazy_draws=lazy_draws)  # fmt: skip
-    samplers.semi_ar_sample(model, batch, cfg, torch.Generator().manual_seed(1), "cpu")
+    sampling.semi_ar_sample(model, batch, cfg, torch.Generator().manual_seed(1), "cpu")
     t1, t2 = model.ts[K - 1], model.ts[K]  # the second block's first two calls
     for uniform in (t1**4, (t2 / t1) ** 3):
         counts = torch.bincount((uniform * 10).long().clamp(max=9), minlength=10)

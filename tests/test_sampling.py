@@ -11,7 +11,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 import builders
-import samplers
+import sampling
 from conftest import (
     BOS_TINY,
     MASK_TINY,
@@ -22,6 +22,7 @@ from conftest import (
     tiny_module,
 )
 from metrics import sliding_windows
+from sampling import stops
 
 V, MASK, BOS = V_TINY, MASK_TINY, BOS_TINY
 run = sample_with
@@ -57,7 +58,7 @@ def test_time_conditioned_bd3lm_refuses_the_cache_and_samples_without_it():
 
     module = tiny_module("bd3lm", 16, "algo.time_conditioning=true")
     with pytest.raises(ValueError, match="kv_cache=true needs algo.time_conditioning=false"):
-        module.sampling_model(16).new_cache(2, 4)
+        module.denoiser(16).new_cache(2, 4)
     cfg = sampler_cfg(40, 4)
     with torch.no_grad():
         out, calls = run(module, cfg, cached=False)
@@ -87,8 +88,8 @@ def test_reencode_option_equals_the_exact_path_within_the_window():
     cfg = sampler_cfg(16, 4)
     gen = lambda: torch.Generator().manual_seed(1)  # noqa: E731
     with torch.no_grad():
-        exact = samplers.semi_ar_sample(module.sampling_model(16), 2, cfg, gen(), "cpu")
-        reref = samplers.semi_ar_sample(module.sampling_model(16, True), 2, cfg, gen(), "cpu")
+        exact = sampling.semi_ar_sample(module.denoiser(16), 2, cfg, gen(), "cpu")
+        reref = sampling.semi_ar_sample(module.denoiser(16, True), 2, cfg, gen(), "cpu")
     assert torch.equal(exact.tokens, reref.tokens)
 
 
@@ -96,7 +97,7 @@ def test_reencode_option_equals_the_exact_path_within_the_window():
 def test_prompts_of_different_lengths_cache_equals_recomputation(algo, block):
     from types import SimpleNamespace
 
-    from generation import encode_prompts
+    from sampling.generate import encode_prompts
 
     class Tok:  # "words" are single ids
         def encode(self, text, add_special_tokens=False):
@@ -128,14 +129,18 @@ def test_stop_rules_per_sequence():
     x[:, 0] = BOS
     x[0, 120] = eos  # row 0 ends at its first generated EOS (kept)
     x[1, -256:] = 7  # row 1: the last 256 tokens have zero entropy
-    state = samplers._State(torch.ones(3, dtype=torch.bool), torch.full((3,), 600), ["length"] * 3)
-    samplers.apply_stop_rules(x, 0, 0, state, cfg)
+    state = stops.SequenceState(
+        torch.ones(3, dtype=torch.bool), torch.full((3,), 600), ["length"] * 3
+    )
+    stops.apply_stop_rules(x, 0, 0, state, cfg)
     assert state.lengths.tolist() == [121, 300 - 256, 600]
     assert state.reasons == ["eos", "low_entropy", "length"]
     assert state.active.tolist() == [False, False, True]
     fixed = sampler_cfg(600, 4, reject_low_entropy=True)
-    state = samplers._State(torch.ones(3, dtype=torch.bool), torch.full((3,), 600), ["length"] * 3)
-    samplers.apply_stop_rules(x, 0, 0, state, fixed)
+    state = stops.SequenceState(
+        torch.ones(3, dtype=torch.bool), torch.full((3,), 600), ["length"] * 3
+    )
+    stops.apply_stop_rules(x, 0, 0, state, fixed)
     assert state.reasons == ["length", "rejected_low_entropy", "length"]
 
 

@@ -11,11 +11,11 @@ import torch.nn.functional as F
 
 from algorithms.base import Layout, process_sigma
 from algorithms.sedd import SEDD, log_expm1, score_entropy, sedd_log_score
-from analytic_sampler import _draw, _step_probs, analytic_sample
 from conftest import P_VALUE, chi_square_p
 from models.network import BackboneNetwork
 from noise_schedule import LogLinear
-from samplers import SamplerConfig
+from sampling import SamplerConfig
+from sampling.analytic import _draw, _step_probs, analytic_sample
 
 V, MASK, BOS, EOS = 37, 36, 0, 1
 F32 = torch.float32
@@ -26,7 +26,7 @@ def f32(x):
 
 
 def network_for(model):
-    """The glue's `network` callable for a bare DiT (what Diffusion.network uses)."""
+    """The glue's `network` callable for a bare DiT (what Diffusion.net is)."""
     return BackboneNetwork(model)
 
 

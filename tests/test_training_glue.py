@@ -112,7 +112,7 @@ def test_checkpoint_round_trip_gives_identical_logits(tmp_path, algo):
     t = torch.full((2,), 0.5)
 
     def logprobs(m):
-        return m.sampling_model(32).logprobs(x, t, 32, None, None)
+        return m.denoiser(32).logprobs(x, t, 32, None, None)
 
     with torch.no_grad():
         torch.testing.assert_close(logprobs(fresh), logprobs(module), rtol=0, atol=0)

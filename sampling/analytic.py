@@ -10,7 +10,7 @@ An unmasked token's transition is e^-Delta on its own id only, so it never chang
 carries unmasked positions over and draws only at masked ones (the reference draws everywhere
 and, when nucleus filtering zeroes a row's own token, would write id 0 there). A masked row is
 drawn in two stages with the same law as one categorical over V: stay masked with probability
-p_m / sum p (one uniform), and only if not, which token (samplers.sample_categorical). Most rows
+p_m / sum p (one uniform), and only if not, which token (draws.sample_categorical). Most rows
 stay masked at most of the T steps, so this needs about L draws over V in the whole run instead
 of T x L (the reference draws a (B, L, V) Gumbel tensor per step).
 
@@ -18,7 +18,7 @@ The network is reached through `score_fn(x (B, S), sigma (B,)) -> log score (B, 
 (algorithms.sedd.SEDD.score_fn). With nucleus_p < 1 the score is first normalised into a
 distribution (log-softmax) and then nucleus-filtered: the reference's quirk, kept.
 
-Stop rules are those of samplers.apply_stop_rules, applied once to the finished sequence. With
+Stop rules are those of sampling.stops.apply_stop_rules, applied once to the finished sequence. With
 var_length a sample ends at its first generated EOS (kept): the reference instead rejected
 every sample containing one (SPEC 8.16). SEDD sees at most its context: longer requests raise.
 """
@@ -31,14 +31,9 @@ from torch import Tensor
 from algorithms.base import sigma_from_p
 from algorithms.sedd import ScoreFn
 from noise_schedule import LogLinear, NoiseSchedule
-from samplers import (
-    SampleOutput,
-    SamplerConfig,
-    _State,
-    apply_stop_rules,
-    nucleus,
-    sample_categorical,
-)
+from sampling.config import SampleOutput, SamplerConfig
+from sampling.draws import nucleus, sample_categorical
+from sampling.stops import SequenceState, apply_stop_rules
 
 SAMPLER_EPS = 1e-5  # the last time step (reference default)
 
@@ -179,7 +174,7 @@ def analytic_sample(
     sigma = _sigma(noise, timesteps[-1].expand(batch_size), sigma_max)
     x, called = _update(score_fn, x, sigma, sigma, cfg, generator, final=True)
     calls += called
-    state = _State(
+    state = SequenceState(
         torch.ones(batch_size, dtype=torch.bool, device=device),
         torch.full((batch_size,), total, dtype=torch.long, device=device),
         ["length"] * batch_size,

@@ -1,7 +1,17 @@
-"""The network as the samplers see it: `samplers.SamplingModel` over a DiT and an objective.
+"""The denoiser: the network as the samplers see it. `Denoiser` is the protocol the samplers
+call; `ModelDenoiser` implements it over a DiT and an objective.
 
-Torch only (no Lightning), so `diffusion.Diffusion.sampling_model()`, the benchmarks and the GPU
-script all sample through this one class.
+  logprobs(x (B, S), t (B,), num_last, key_valid, cache, commit, commit_previous, rows)
+      -> (B, num_last, V) log-probabilities for the last `num_last` positions of x (SUBS for
+      diffusion, next-token for AR); with a cache, x[:, -num_last:] is the only new input.
+      commit: store that input in the cache (AR). commit_previous: the block of K tokens before
+      it is clean and not cached yet: store it in the same call (a fused commit). rows: (B, k)
+      ascending positions among the last num_last: only those rows, (B, k, V).
+  commit(x, key_valid, cache) -> None: store the clean last block in the cache.
+  new_cache(batch_size, block_size) -> KVCache.
+
+Torch only (no Lightning), so the LightningModule, the benchmarks and the GPU script all sample
+through this one class.
 
 Without a cache the network reads the whole sequence so far under the objective's sampling mask
 (banded to `window` tokens), or, with `reencode` and for MDLM, only the last `window` tokens
@@ -10,6 +20,8 @@ block at its absolute positions (two blocks for a fused commit, see models/kv_ca
 """
 
 from __future__ import annotations
+
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -23,8 +35,26 @@ from models.network import BackboneNetwork
 from models.weight_stamp import WeightStamp
 
 
-class SamplingModel:
-    """Implements samplers.SamplingModel. algorithm: MaskedDiffusion or Autoregressive.
+class Denoiser(Protocol):
+    def logprobs(
+        self,
+        x: Tensor,
+        t: Tensor,
+        num_last: int,
+        key_valid: Tensor | None,
+        cache: KVCache | None,
+        commit: bool = False,
+        commit_previous: bool = False,
+        rows: Tensor | None = None,
+    ) -> Tensor: ...
+
+    def commit(self, x: Tensor, key_valid: Tensor | None, cache: KVCache) -> None: ...
+
+    def new_cache(self, batch_size: int, block_size: int) -> KVCache: ...
+
+
+class ModelDenoiser:
+    """Implements Denoiser. algorithm: MaskedDiffusion or Autoregressive.
     reference_subs: the reference's SUBS implementation; reuse_conditioning=False recomputes
     the adaLN modulation at every call even when it cannot change (both: the sampling
     benchmark's baseline)."""
@@ -63,7 +93,7 @@ class SamplingModel:
     def logprobs(
         self, x, t, num_last, key_valid, cache, commit=False, commit_previous=False, rows=None
     ) -> Tensor:
-        """See samplers.SamplingModel. rows: (B, k) distinct, ascending positions among the
+        """See Denoiser. rows: (B, k) distinct, ascending positions among the
         last num_last: the output layer then runs on those rows only -> (B, k, V)."""
         if cache is not None:
             K = cache.block_size

@@ -20,11 +20,13 @@ import os
 import torch
 from torch import Tensor
 
-import samplers
 from metrics import GenerativePerplexity, plot_lengths, summarize_samples, unigram_entropy
+from sampling.config import SampleOutput, SamplerConfig
 from utils import atomic_path
 
 MAX_RETRIES = 10  # the reference's retries for rejected (low-entropy) samples
+
+
 RANK_SEED_STRIDE = 1_000_003
 
 
@@ -87,7 +89,7 @@ def _rows(job: GenerationJob) -> list[list[str | None]]:
 
 def _sample_rows(
     sample_fn, rows, vocab, cfg, generator, device, progress, autocast
-) -> samplers.SampleOutput:
+) -> SampleOutput:
     prompt = valid = None
     if rows[0] is not None:
         prompt, valid = encode_prompts(rows, vocab, cfg.block_size, cfg.context)
@@ -97,7 +99,7 @@ def _sample_rows(
 
 def generate(
     sample_fn,
-    cfg: samplers.SamplerConfig,
+    cfg: SamplerConfig,
     job: GenerationJob,
     vocab,
     evaluator: GenerativePerplexity | None,
@@ -107,7 +109,7 @@ def generate(
     """Run this rank's batches; every sample goes to the rank's jsonl file at once.
 
     sample_fn(batch_size, cfg, generator, device, prompt, prompt_valid, progress) is
-    samplers.semi_ar_sample or samplers.ar_sample bound to a SamplingModel. Fixed-length
+    a sampler of sampling.build_sampler. Fixed-length
     samples flagged low-entropy are redrawn up to 10 times (the reference's rule); the last
     draw is kept with stop_reason "rejected_low_entropy". autocast: a context manager factory
     for the sampler's precision (e.g. Fabric.autocast); the judge always scores outside it, in
@@ -147,7 +149,7 @@ def generate(
     return records
 
 
-def _split(result: samplers.SampleOutput) -> list[tuple[list[int], int, int, str]]:
+def _split(result: SampleOutput) -> list[tuple[list[int], int, int, str]]:
     out = []
     for b in range(result.tokens.shape[0]):
         start, end = int(result.prompt_pad[b]), int(result.lengths[b])
@@ -186,7 +188,7 @@ def _record(ids, vocab, evaluator, prompt, index, job, reason) -> dict:
     return record
 
 
-def _progress_bar(job: GenerationJob, cfg: samplers.SamplerConfig):
+def _progress_bar(job: GenerationJob, cfg: SamplerConfig):
     if not job.show_progress or job.rank != 0:
         return None
     from tqdm import tqdm

@@ -1,0 +1,86 @@
+"""Sampling: the reverse processes of every objective, behind one `build_sampler`.
+
+  config.py         SamplerConfig (what a sampler reads) and SampleOutput
+  draws.py          uniforms, the categorical (exponential race), inverse-CDF, nucleus
+  denoiser.py       Denoiser (the protocol the samplers call) and ModelDenoiser (a DiT and an
+                    objective behind it: masks, positions, KV cache, SUBS / next-token)
+  context.py        the starting context: left-padded prompts and their commit to the cache
+  block.py          the semi-autoregressive block sampler (BD3-LM, MDLM): DDPM caching update
+  first_hitting.py  first-hitting per block, and the parallel-decoding rules
+  ar.py             next-token sampling (AR)
+  analytic.py       SEDD's analytic (Tweedie tau-leaping) sampler
+  stops.py          the per-sequence stop rules
+  generate.py       the sample_eval loop: batches, prompts, retries, records, summaries
+
+The objective decides the sampler kind (`objective.sampler`) and the block structure
+(`objective.sampling_blocks`); everything below takes plain arguments, no config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any
+
+from sampling.analytic import analytic_sample
+from sampling.ar import ar_sample
+from sampling.block import semi_ar_sample
+from sampling.config import SampleOutput, SamplerConfig
+from sampling.denoiser import Denoiser, ModelDenoiser
+
+# sample_fn(batch_size, cfg, generator, device, prompt, prompt_valid, progress) -> SampleOutput
+SampleFn = Callable[..., SampleOutput]
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenIds:
+    bos: int
+    mask: int
+    eos: int
+
+
+def build_sampler(
+    objective: Any,
+    backbone,
+    window: int,
+    length: int,
+    ids: TokenIds,
+    options: dict,
+    reencode: bool = False,
+    network=None,
+) -> tuple[SamplerConfig, SampleFn]:
+    """The sampler of `objective` for `length` tokens with a model trained on `window`.
+
+    options: the SamplerConfig fields the user chooses (num_steps, nucleus_p, kv_cache, ...).
+    network: the callable network of the objectives (models.network.BackboneNetwork), made
+    here when None. Raises ValueError on settings the sampler cannot honour.
+    """
+    from models.network import BackboneNetwork
+
+    block, stride = objective.sampling_blocks(window, length)
+    cfg = SamplerConfig(
+        length=length, block_size=block, context=window, bos_id=ids.bos, mask_id=ids.mask,
+        eos_id=ids.eos, stride=stride, **options,
+    )  # fmt: skip
+    network = network or BackboneNetwork(backbone)
+    if objective.sampler == "analytic":
+        score_fn = objective.score_fn(network)
+        return cfg, functools.partial(analytic_sample, score_fn, noise=objective.noise)
+    denoiser = ModelDenoiser(backbone, objective, window, reencode, network)
+    sampler = ar_sample if objective.sampler == "ar" else semi_ar_sample
+    return cfg, functools.partial(sampler, denoiser)
+
+
+__all__ = [
+    "Denoiser",
+    "ModelDenoiser",
+    "SampleFn",
+    "SampleOutput",
+    "SamplerConfig",
+    "TokenIds",
+    "analytic_sample",
+    "ar_sample",
+    "build_sampler",
+    "semi_ar_sample",
+]
