@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 import builders
 import dataloader
 import sampling
+import settings
 from checkpoints import (
     LoadedCheckpoint,
     check_state,
@@ -96,7 +97,7 @@ def write_json(path: str, payload: dict) -> None:
 # ----------------------------------------------------------------------------------------------
 # Modes
 # ----------------------------------------------------------------------------------------------
-def train(cfg: DictConfig, hw: builders.Hardware, plan: builders.BatchPlan, run_dir: str, _):
+def train(cfg: DictConfig, hw: settings.Hardware, plan: settings.BatchPlan, run_dir: str, _):
     resume = cfg.checkpointing.resume_ckpt_path
     resume = resume if cfg.checkpointing.resume_from_ckpt and os.path.isfile(resume) else None
     pretrained = None
@@ -168,7 +169,7 @@ def load_for_eval(cfg: DictConfig, loaded: LoadedCheckpoint, seq_len: int | None
 
 
 def ppl_eval(
-    cfg: DictConfig, hw: builders.Hardware, plan: builders.BatchPlan, run_dir: str, loaded
+    cfg: DictConfig, hw: settings.Hardware, plan: settings.BatchPlan, run_dir: str, loaded
 ):
     path = cfg.eval.checkpoint_path
     vocab, module = load_for_eval(cfg, loaded)
@@ -194,7 +195,7 @@ def ppl_eval(
 
 
 def sample_eval(
-    cfg: DictConfig, hw: builders.Hardware, plan: builders.BatchPlan, run_dir: str, loaded
+    cfg: DictConfig, hw: settings.Hardware, plan: settings.BatchPlan, run_dir: str, loaded
 ):
     fabric = L.Fabric(
         accelerator=hw.accelerator,
@@ -214,7 +215,7 @@ def sample_eval(
     try:
         sampler_cfg, sample_fn = sampling.build_sampler(
             module.algorithm, module.backbone, window, int(cfg.model.length), ids,
-            builders.sampling_options(cfg), reencode=bool(cfg.sampling.reencode_context),
+            settings.sampling_options(cfg), reencode=bool(cfg.sampling.reencode_context),
             network=module.net,
         )  # fmt: skip
     except ValueError as err:
@@ -249,18 +250,18 @@ def run(cfg: DictConfig, run_dir: str | None = None) -> None:
     """One run of `cfg` in `run_dir` (default: the Hydra job's output directory). Every check
     that can fail on user input (UserError) runs before anything is written."""
     run_dir = run_dir or HydraConfig.get().runtime.output_dir
-    hw = builders.resolve_hardware(cfg.trainer)
-    builders.validate(cfg, hw)
-    plan = builders.plan_batches(cfg.loader, hw.world_size, cfg.trainer.accumulate_grad_batches)
-    builders.configure_float32_matmul(cfg.trainer)
+    hw, plan = settings.validate(cfg)
+    settings.configure_float32_matmul(cfg.trainer)
     if cfg.mode == "sample_eval":
         builders.build_evaluator(cfg, "cpu")  # a judge that cannot be loaded fails first
     loaded = None
     if cfg.mode in EVAL_MODES:
         path = cfg.eval.checkpoint_path
         loaded = read_any_checkpoint(path, "eval.checkpoint_path", n_heads(cfg))
-    if builders.evaluates_released(cfg, loaded):  # float32 unless a precision is set
-        hw = builders.resolve_hardware(cfg.trainer, released_checkpoint=True)
+    if cfg.mode == "sample_eval":
+        settings.check_sampling(cfg, builders.trained_length(cfg, loaded))
+    if settings.evaluates_released(cfg, loaded):  # float32 unless a precision is set
+        hw = settings.resolve_hardware(cfg.trainer, released_checkpoint=True)
     if hw.precision_choice is not None:
         log.info("trainer.precision=auto -> %s (%s)", hw.precision, hw.precision_choice)
     if global_rank() == 0:

@@ -40,6 +40,20 @@ class TokenIds:
     eos: int
 
 
+def sampler_config(
+    objective: Any, window: int, length: int, ids: TokenIds | None, options: dict
+) -> SamplerConfig:
+    """The SamplerConfig of `objective` for `length` tokens with a model trained on `window`:
+    the objective gives the block structure (K and the stride), `options` the rest
+    (num_steps, nucleus_p, kv_cache, ...). Raises ValueError on settings it cannot honour."""
+    block, stride = objective.sampling_blocks(window, length)
+    ids = ids or TokenIds(0, 0, 0)
+    return SamplerConfig(
+        length=length, block_size=block, context=window, bos_id=ids.bos, mask_id=ids.mask,
+        eos_id=ids.eos, stride=stride, **options,
+    )  # fmt: skip
+
+
 def build_sampler(
     objective: Any,
     backbone,
@@ -50,19 +64,14 @@ def build_sampler(
     reencode: bool = False,
     network=None,
 ) -> tuple[SamplerConfig, SampleFn]:
-    """The sampler of `objective` for `length` tokens with a model trained on `window`.
+    """The sampler of `objective` (its `sampler` kind) and its config (`sampler_config`).
 
-    options: the SamplerConfig fields the user chooses (num_steps, nucleus_p, kv_cache, ...).
     network: the callable network of the objectives (models.network.BackboneNetwork), made
     here when None. Raises ValueError on settings the sampler cannot honour.
     """
     from models.network import BackboneNetwork
 
-    block, stride = objective.sampling_blocks(window, length)
-    cfg = SamplerConfig(
-        length=length, block_size=block, context=window, bos_id=ids.bos, mask_id=ids.mask,
-        eos_id=ids.eos, stride=stride, **options,
-    )  # fmt: skip
+    cfg = sampler_config(objective, window, length, ids, options)
     network = network or BackboneNetwork(backbone)
     if objective.sampler == "analytic":
         score_fn = objective.score_fn(network)
@@ -82,5 +91,6 @@ __all__ = [
     "analytic_sample",
     "ar_sample",
     "build_sampler",
+    "sampler_config",
     "semi_ar_sample",
 ]

@@ -12,7 +12,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-import builders
+import settings
 from conftest import ROOT
 
 CONFIGS = os.path.join(ROOT, "configs")
@@ -22,7 +22,7 @@ EXPERIMENTS = sorted(
 PAPER_RUNS = [n for n in EXPERIMENTS if n not in ("demo", "smoke")]
 LAUNCHER_DIRS = ("train", "eval", "gen_ppl", "var_len", "zero_shot")
 TEMPLATE_GPUS = 8  # scripts/slurm/job.sbatch: --gres=gpu:8
-GPU_HW = builders.Hardware("gpu", 8, 1, "bf16-mixed")
+GPU_HW = settings.Hardware("gpu", 8, 1, "bf16-mixed")
 
 
 def compose_experiment(name: str, *overrides: str):
@@ -65,9 +65,8 @@ def test_experiment_composes_and_validates(name):
     with open(os.path.join(CONFIGS, "experiment", f"{name}.yaml")) as f:
         assert f.readline().strip() == "# @package _global_"
     cfg = compose_experiment(name)
-    builders.validate(cfg, GPU_HW)
     for gpus in launcher_gpus().get(name, {TEMPLATE_GPUS}):
-        builders.plan_batches(cfg.loader, gpus, cfg.trainer.accumulate_grad_batches)
+        settings.validate(cfg, settings.Hardware("gpu", gpus, 1, "bf16-mixed"))
     OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
 
 
@@ -101,7 +100,7 @@ def test_training_runs_follow_the_paper(name):
     assert launcher_gpus(["train"])[name] == {gpus}
     if "keep_last_k" in cfg.checkpointing:  # a key config.yaml gained; absent in older trees
         assert cfg.checkpointing.keep_last_k == 5
-    plan = builders.plan_batches(cfg.loader, gpus, cfg.trainer.accumulate_grad_batches)
+    plan = settings.plan_batches(cfg.loader, gpus, cfg.trainer.accumulate_grad_batches)
     assert (plan.batch_size, plan.accumulate) == (batch, accumulate)
     if name.startswith("owt_"):
         assert not cfg.data.insert_train_special and not cfg.data.insert_valid_special

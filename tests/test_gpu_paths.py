@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 import builders
 import main
 import sampling
+import settings
 from algorithms.base import DoubleLengthCrop
 from benchmarks.acceptance import SameTrajectory
 from conftest import compose_cfg as compose
@@ -22,7 +23,7 @@ from conftest import run_inprocess, tiny_module
 from metrics import GenerativePerplexity
 from utils import UserError
 
-GPU_HW = builders.Hardware("gpu", 8, 1, "bf16-mixed")
+GPU_HW = settings.Hardware("gpu", 8, 1, "bf16-mixed")
 V, MASK, BOS = 41, 40, 0
 
 
@@ -47,29 +48,29 @@ def fake_cuda(monkeypatch, bf16: bool, count: int = 2):
 )
 def test_auto_precision_on_a_simulated_gpu(monkeypatch, bf16, released, expected):
     fake_cuda(monkeypatch, bf16)
-    hw = builders.resolve_hardware(compose().trainer, released_checkpoint=released)
+    hw = settings.resolve_hardware(compose().trainer, released_checkpoint=released)
     assert (hw.accelerator, hw.devices, hw.precision) == ("gpu", 2, expected)
     assert hw.precision_choice and ("float32" in hw.precision_choice) == released
-    explicit = builders.resolve_hardware(compose("trainer.precision=bf16").trainer, True)
+    explicit = settings.resolve_hardware(compose("trainer.precision=bf16").trainer, True)
     assert (explicit.precision, explicit.precision_choice) == ("bf16-mixed", None)
 
 
 def test_precision_refusals():
     with pytest.raises(UserError, match="trainer.precision='fp8': valid are auto"):
-        builders.resolve_hardware(compose("trainer.precision=fp8").trainer)
+        settings.validate(compose("trainer.precision=fp8"))
     with pytest.raises(UserError, match="16-mixed needs a GPU"):
-        builders.resolve_hardware(compose("trainer.precision=16-mixed").trainer)
+        settings.resolve_hardware(compose("trainer.precision=16-mixed").trainer)
     with pytest.raises(UserError, match="float32_matmul_precision='tf32'"):
-        builders.configure_float32_matmul(compose("trainer.float32_matmul_precision=tf32").trainer)
+        settings.validate(compose("trainer.float32_matmul_precision=tf32"))
 
 
 def test_released_checkpoints_are_the_float32_default():
     hf = types.SimpleNamespace(format="hf")
     ours = types.SimpleNamespace(format="ours")
-    assert builders.evaluates_released(compose("mode=ppl_eval"), hf)
-    assert builders.evaluates_released(compose("mode=sample_eval", "algo.backbone=hf_dit"), ours)
-    assert not builders.evaluates_released(compose("mode=ppl_eval"), ours)
-    assert not builders.evaluates_released(compose(), None)
+    assert settings.evaluates_released(compose("mode=ppl_eval"), hf)
+    assert settings.evaluates_released(compose("mode=sample_eval", "algo.backbone=hf_dit"), ours)
+    assert not settings.evaluates_released(compose("mode=ppl_eval"), ours)
+    assert not settings.evaluates_released(compose(), None)
 
 
 def test_judge_scores_in_float32_under_bf16_autocast(judge_dir):
@@ -169,16 +170,16 @@ def test_double_length_crop_draws_on_the_generators_device(monkeypatch):
 # ----------------------------------------------------------------------------------------------
 def test_fsdp_validation_refuses_what_cannot_work():
     with pytest.raises(UserError, match="strategy=fsdp needs CUDA GPUs"):
-        builders.validate(compose("strategy=fsdp", "training.ema=0"), builders.Hardware(
+        settings.validate(compose("strategy=fsdp", "training.ema=0"), settings.Hardware(
             "cpu", 1, 1, "32-true"))  # fmt: skip
     with pytest.raises(UserError, match=r"strategy=fsdp with training.ema=0.9999: .*ema=0"):
-        builders.validate(compose("strategy=fsdp"), GPU_HW)
+        settings.validate(compose("strategy=fsdp"), GPU_HW)
     with pytest.raises(UserError, match="gradient_clip_algorithm=value"):
-        builders.validate(
+        settings.validate(
             compose("strategy=fsdp", "training.ema=0", "+trainer.gradient_clip_algorithm=value"),
             GPU_HW,
         )
-    builders.validate(compose("strategy=fsdp", "training.ema=0"), GPU_HW)  # clip by norm: fine
+    settings.validate(compose("strategy=fsdp", "training.ema=0"), GPU_HW)  # clip by norm: fine
 
 
 def test_fsdp_wraps_each_dit_block_as_its_own_unit():

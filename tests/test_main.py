@@ -151,28 +151,6 @@ def test_fine_tune_from_mdlm_style_pretrain(trained_bd3lm, data_cache, tmp_path)
     assert last["ema"]["num_updates"] == 4  # restarted, not inherited from the pre-train
 
 
-@pytest.mark.parametrize(
-    "overrides,expected",
-    [
-        (["block_size=5"], "block_size=5"),
-        (["algo=nonsense"], "algo=nonsense: unknown; valid are ar, bd3lm, mdlm"),
-        (["model.attn_backend=flex"], "model.attn_backend=flex cannot train on CPU"),
-        (["loader.global_batch_size=10", "loader.batch_size=4"], "loader.global_batch_size=10"),
-        (["mode=ppl_eval", "eval.checkpoint_path=/nonexistent.ckpt"], "eval.checkpoint_path"),
-        (["mode=sample_eval", "algo.T=0"], "algo.T=0"),
-        (
-            ["mode=sample_eval", "eval.gen_ppl_eval_model_name_or_path=/nonexistent/judge"],
-            "eval.gen_ppl_eval_model_name_or_path",
-        ),
-        (["mode=sample_eval", "sampling.nucleus_p=0"], "sampling.nucleus_p"),
-        (["mode=sample_eval", "model.length=30"], "block_size=4 must divide"),
-        (["model.attn_backend=nope"], "model.attn_backend"),
-    ],
-)
-def test_bad_input_is_one_line_and_writes_nothing(tmp_path, data_cache, overrides, expected):
-    assert expected in bad_run(tmp_path, *overrides)
-
-
 def test_the_cli_exits_with_code_2_and_one_line(tmp_path, data_cache):
     """The one subprocess of the contract: main.py turns a UserError into exit code 2 and one
     `error: ...` line on stderr, and writes no output."""

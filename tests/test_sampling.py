@@ -10,8 +10,8 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-import builders
 import sampling
+import settings
 from conftest import (
     BOS_TINY,
     MASK_TINY,
@@ -67,8 +67,8 @@ def test_time_conditioned_bd3lm_refuses_the_cache_and_samples_without_it():
         run_cfg = compose("config", overrides=["experiment=smoke", "mode=sample_eval",
                           "algo.time_conditioning=true", "sampling.kv_cache=true",
                           "checkpointing.save_dir=/tmp/x"])  # fmt: skip
-    with pytest.raises(UserError, match="sampling.kv_cache=true needs algo.time_conditioning"):
-        builders.validate(run_cfg, builders.resolve_hardware(run_cfg.trainer))
+    with pytest.raises(UserError, match="sampling.kv_cache=true: .*time_conditioning=True"):
+        settings.validate(run_cfg, settings.resolve_hardware(run_cfg.trainer))
 
 
 def test_ar_cache_equals_recomputation_beyond_the_window():

@@ -19,7 +19,7 @@ import subprocess
 import pytest
 from hydra import compose, initialize_config_dir
 
-import builders
+import settings
 from conftest import ROOT
 
 pytestmark = pytest.mark.e2e  # the launchers run under bash with a stub sbatch
@@ -153,8 +153,8 @@ def check_submission(argv: list[str], seen: set) -> str:
     seen.add(key)
     with initialize_config_dir(os.path.join(ROOT, "configs"), version_base=None):
         cfg = compose("config", overrides=[*kept, "checkpointing.save_dir=/tmp/x"])
-    builders.validate(cfg, builders.Hardware("gpu", gpus, nodes, "bf16-mixed"))
-    builders.plan_batches(cfg.loader, gpus * nodes, cfg.trainer.accumulate_grad_batches)
+    settings.validate(cfg, settings.Hardware("gpu", gpus, nodes, "bf16-mixed"))
+    settings.plan_batches(cfg.loader, gpus * nodes, cfg.trainer.accumulate_grad_batches)
     return names[0]
 
 

@@ -10,6 +10,7 @@ import torch
 from omegaconf import OmegaConf
 
 import builders
+import settings
 from checkpoints import load_weights, read_checkpoint
 from conftest import compose_cfg, randomize_
 from diffusion import OptimSettings, lr_multiplier
@@ -38,7 +39,7 @@ def loader(global_bs, batch_size=None, eval_global=None, eval_batch_size=None):
     ],
 )
 def test_batch_arithmetic(global_bs, batch, world, expected):
-    plan = builders.plan_batches(loader(global_bs, batch), world)
+    plan = settings.plan_batches(loader(global_bs, batch), world)
     assert (plan.batch_size, plan.eval_batch_size // 1, plan.accumulate)[0::2] == expected[0::2]
     assert plan.batch_size * world * plan.accumulate == global_bs
 
@@ -46,13 +47,13 @@ def test_batch_arithmetic(global_bs, batch, world, expected):
 @pytest.mark.parametrize("global_bs,batch,world", [(10, 4, 1), (512, 16, 3), (100, 30, 2)])
 def test_batch_arithmetic_refuses_inexact_splits(global_bs, batch, world):
     with pytest.raises(UserError, match="loader.global_batch_size"):
-        builders.plan_batches(loader(global_bs, batch), world)
+        settings.plan_batches(loader(global_bs, batch), world)
 
 
 def test_explicit_accumulation_must_agree():
-    assert builders.plan_batches(loader(64, 8), 2, accumulate=4).accumulate == 4
+    assert settings.plan_batches(loader(64, 8), 2, accumulate=4).accumulate == 4
     with pytest.raises(UserError, match="accumulate_grad_batches"):
-        builders.plan_batches(loader(64, 8), 2, accumulate=2)
+        settings.plan_batches(loader(64, 8), 2, accumulate=2)
 
 
 def test_lr_schedules():
@@ -70,7 +71,7 @@ def test_lr_schedules():
 
 
 def test_hardware_defaults_on_cpu():
-    hw = builders.resolve_hardware(compose_cfg().trainer)
+    hw = settings.resolve_hardware(compose_cfg().trainer)
     if not torch.cuda.is_available():
         assert (hw.accelerator, hw.devices, hw.precision) == ("cpu", 1, "32-true")
 
@@ -90,7 +91,7 @@ def test_hardware_defaults_on_cpu():
 def test_validate_rejects(overrides, match):
     cfg = compose_cfg(*overrides)
     with pytest.raises(UserError, match=match):
-        builders.validate(cfg, builders.resolve_hardware(cfg.trainer))
+        settings.validate(cfg, settings.resolve_hardware(cfg.trainer))
 
 
 @pytest.mark.parametrize("algo", ["bd3lm", "mdlm", "ar"])

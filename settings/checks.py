@@ -1,0 +1,221 @@
+"""Rules across keys, checked once before anything is written: what the objective can do
+(its KV cache, prompts, sampler and block structure are properties of the objective built
+from the config), attention backends, the strategy, and paths that runs will write.
+
+Each check raises UserError with one line naming the key and what would be valid.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+from omegaconf import DictConfig
+
+from algorithms import build_algorithm
+from models import dit_config
+from models.attention import flash_available, flex_available
+from noise_schedule import build_noise
+from sampling import SamplerConfig, sampler_config
+from settings.hardware import Hardware
+from utils import UserError
+
+
+def build_objective(cfg: DictConfig, seq_len: int, mask_id: int = 0, crop=None):
+    """The objective of `cfg` for a context of `seq_len` tokens. `block_size` reaches it here
+    and nowhere else: AR ignores it (K = 1), SEDD uses K = L, BD3-LM / MDLM clip it to L."""
+    try:
+        noise = build_noise(cfg.noise.type)
+        block_size = min(int(cfg.block_size), seq_len)
+        return build_algorithm(cfg.algo, cfg.training, noise, mask_id, seq_len, block_size, crop)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+
+
+def check_run(cfg: DictConfig, hw: Hardware) -> None:
+    """Every cross-key rule of `cfg` that does not need a checkpoint."""
+    # sample_eval: model.length is the generation length, checked against the trained window
+    # once the checkpoint is read (check_sampling); the capabilities do not depend on it.
+    seq_len = int(cfg.block_size) if cfg.mode == "sample_eval" else int(cfg.model.length)
+    objective = build_objective(cfg, seq_len)
+    try:
+        dit_config(cfg.model, vocab_size=1, causal=cfg.algo.parameterization == "ar")
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    check_backend(cfg, hw, objective)
+    training = cfg.training
+    if float(training.sampling_eps_min) > float(training.sampling_eps_max):
+        raise UserError(
+            f"training.sampling_eps_min={training.sampling_eps_min} exceeds "
+            f"training.sampling_eps_max={training.sampling_eps_max}"
+        )
+    if cfg.algo.clip_search_widths and not cfg.algo.var_min:
+        raise UserError("algo.clip_search_widths needs algo.var_min=true (algo=bd3lm)")
+    check_strategy(cfg, hw)
+    if cfg.mode == "train":
+        check_writable("checkpointing.save_dir", str(cfg.checkpointing.save_dir))
+        if cfg.wandb is not None:
+            check_wandb_credentials(cfg.wandb)
+    if cfg.mode == "sample_eval":
+        check_sampling_keys(cfg, objective)
+
+
+def check_backend(cfg: DictConfig, hw: Hardware, objective) -> None:
+    backend = cfg.model.attn_backend
+    if backend == "flex":
+        if not flex_available():
+            raise UserError("model.attn_backend=flex needs torch.nn.attention.flex_attention")
+        if cfg.mode == "train" and hw.accelerator == "cpu":
+            raise UserError(
+                "model.attn_backend=flex cannot train on CPU (flex attention has no CPU "
+                "backward); use model.attn_backend=sdpa"
+            )
+    if backend == "flash_attn":
+        if not flash_available():
+            raise UserError(
+                "model.attn_backend=flash_attn needs CUDA and the flash-attn package "
+                "(pip install -r requirements-gpu.txt); use sdpa or flex"
+            )
+        if getattr(objective, "cross_attn", False):
+            raise UserError(
+                f"model.attn_backend=flash_attn cannot express the block-diffusion masks of "
+                f"algo={cfg.algo.name}; use sdpa or flex"
+            )
+
+
+def check_strategy(cfg: DictConfig, hw: Hardware) -> None:
+    """strategy=fsdp needs CUDA, clips by norm only (through FSDP's own clip_grad_norm_, see
+    Diffusion.configure_gradient_clipping) and has no EMA: ours keeps full copies of the
+    parameters by name, which is not shard-aware."""
+    if cfg.strategy.name != "fsdp":
+        return
+    if hw.accelerator != "gpu":
+        raise UserError("strategy=fsdp needs CUDA GPUs (Lightning has no FSDP on CPU); use ddp")
+    if float(cfg.training.ema) > 0:
+        raise UserError(
+            f"strategy=fsdp with training.ema={cfg.training.ema}: the EMA is not shard-aware "
+            "(it keeps full parameter copies); set training.ema=0 or use strategy=ddp"
+        )
+    if cfg.training.compile:
+        raise UserError(
+            "strategy=fsdp with training.compile=true: the compiled blocks would bypass the FSDP "
+            "units; set training.compile=false or use strategy=ddp"
+        )
+    algorithm = cfg.trainer.get("gradient_clip_algorithm")
+    if algorithm not in (None, "norm"):
+        raise UserError(
+            f"strategy=fsdp with trainer.gradient_clip_algorithm={algorithm}: FSDP clips by "
+            "norm only; set trainer.gradient_clip_algorithm=norm"
+        )
+
+
+def sampling_options(cfg: DictConfig) -> dict:
+    """The sampler's options (sampling.SamplerConfig fields) the config sets."""
+    sampling = cfg.sampling
+    return dict(
+        num_steps=int(cfg.algo.T),
+        first_hitting=bool(sampling.first_hitting),
+        nucleus_p=float(sampling.nucleus_p),
+        kv_cache=bool(sampling.kv_cache),
+        var_length=bool(sampling.var_length),
+        reject_low_entropy=bool(sampling.reject_low_entropy),
+        fuse_commit=bool(sampling.fuse_commit),
+        tokens_per_step=int(sampling.tokens_per_step),
+        confidence_threshold=sampling.confidence_threshold,
+        entropy_bound=sampling.entropy_bound,
+        eb_gamma=sampling.eb_gamma,
+        unmask_order=str(sampling.unmask_order),
+    )
+
+
+def check_sampling_keys(cfg: DictConfig, objective) -> None:
+    """sample_eval's keys: the sampler's options (their ranges are SamplerConfig's), what the
+    objective can do, prompts and the output directory."""
+    sampling = cfg.sampling
+    try:
+        SamplerConfig(
+            length=1,
+            block_size=1,
+            context=1,
+            bos_id=0,
+            mask_id=0,
+            eos_id=0,
+            **sampling_options(cfg),
+        )  # fmt: skip  (a trivial geometry: the options alone)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    length = int(cfg.model.length)
+    if (
+        getattr(objective, "cross_attn", False) and length % objective.block_size
+    ):  # known before any checkpoint
+        raise UserError(
+            f"block_size={objective.block_size} must divide the generation length "
+            f"model.length={length}"
+        )
+    if sampling.kv_cache and not objective.supports_kv_cache:
+        raise UserError(
+            f"sampling.kv_cache=true: algo={cfg.algo.name} with algo.time_conditioning="
+            f"{cfg.algo.time_conditioning} recomputes its context at every step (only bd3lm "
+            "without time conditioning and ar keep clean keys); set sampling.kv_cache=false"
+        )
+    if sampling.kv_cache and sampling.reencode_context:
+        raise UserError(
+            "sampling.reencode_context=true is the uncached variant; set kv_cache=false"
+        )
+    if sampling.prefix is not None and sampling.prefix_file is not None:
+        raise UserError("give sampling.prefix or sampling.prefix_file, not both")
+    has_prompt = sampling.prefix is not None or sampling.prefix_file is not None
+    if has_prompt and not objective.supports_prompts:
+        raise UserError(
+            f"sampling.prefix: algo={cfg.algo.name} samples without a prompt; prompts need "
+            "algo=bd3lm or ar"
+        )
+    if sampling.prefix_file is not None and not os.path.isfile(sampling.prefix_file):
+        raise UserError(f"sampling.prefix_file={sampling.prefix_file}: no such file")
+    if sampling.logdir is not None:
+        check_writable("sampling.logdir", str(sampling.logdir))
+    judge = cfg.eval.gen_ppl_eval_model_name_or_path  # a local path; a hub id is probed at load
+    local = judge is not None and str(judge).startswith(("/", ".", "~"))
+    if local and not os.path.isdir(os.path.expanduser(str(judge))):
+        raise UserError(
+            f"eval.gen_ppl_eval_model_name_or_path={judge}: no such directory; give a local "
+            "causal LM directory, a hub id, or null to skip generative perplexity"
+        )
+
+
+def check_sampling(cfg: DictConfig, window: int) -> None:
+    """The sampler of `cfg` for a checkpoint trained on `window` tokens: the generation length
+    against the objective's blocks (SamplerConfig's rules)."""
+    objective = build_objective(cfg, window)
+    try:
+        sampler_config(objective, window, int(cfg.model.length), None, sampling_options(cfg))
+    except ValueError as err:
+        raise UserError(str(err)) from None
+
+
+def check_writable(key: str, path: str) -> None:
+    """`path` is a writable directory or can be created as one (fsspec URLs are not probed);
+    nothing is created here."""
+    if "://" in path:
+        return
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK):
+        raise UserError(f"{key}={path} cannot be written ({existing} is not a writable directory)")
+
+
+def check_wandb_credentials(wandb_cfg: DictConfig) -> None:
+    """Online wandb needs an API key; fail now rather than deep inside the first logging call."""
+    offline = wandb_cfg.get("offline", False) or wandb_cfg.get("mode") in ("offline", "disabled")
+    if offline or os.environ.get("WANDB_MODE") in ("offline", "disabled", "dryrun"):
+        return
+    if os.environ.get("WANDB_API_KEY"):
+        return
+    netrc = pathlib.Path.home() / ".netrc"
+    if netrc.is_file() and "api.wandb.ai" in netrc.read_text():
+        return
+    raise UserError(
+        "wandb: no API key (WANDB_API_KEY or `wandb login`); set wandb=null for CSV logs, "
+        "+wandb.offline=true, or WANDB_MODE=offline"
+    )
