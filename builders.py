@@ -21,17 +21,6 @@ from training_callbacks import AtomicCheckpointIO, Preemption, Throughput
 from utils import UserError
 
 
-def trained_length(cfg: DictConfig, loaded) -> int:
-    """The sampling window: the context the checkpoint was trained with (our checkpoints store
-    their config, HF ones `model_length`), never the `model.length` override (which is the
-    generation length when sampling)."""
-    if loaded.format == "ours":
-        stored = loaded.raw.get("config", {}).get("model", {}).get("length")
-    else:
-        stored = loaded.meta.get("model_length")
-    return int(stored) if stored else int(cfg.model.length)
-
-
 def read_prompts(cfg: DictConfig) -> list[str] | None:
     """sampling.prefix (one prompt for every sample) or sampling.prefix_file (one per line)."""
     if cfg.sampling.prefix is not None:

@@ -20,12 +20,11 @@ from algorithms.base import (
     Shard,
 )
 from algorithms.clip_search import VarianceRecorder, per_block_means, select_interval
+from checkpoints.layout import CHECKPOINT_FORMAT
 from models.dit import DiT
 from models.ema import EMA
 from models.network import BackboneNetwork
 from sampling.denoiser import ModelDenoiser
-
-CHECKPOINT_FORMAT = "bd3lms/1"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -31,6 +31,7 @@ from checkpoints import (
     read_any_checkpoint,
     read_checkpoint,
     sanity_check_perplexity,
+    trained_length,
 )
 from sampling import generate
 from training_callbacks import Preemption
@@ -206,7 +207,7 @@ def sample_eval(
     )
     fabric.launch()
     evaluator = builders.build_evaluator(cfg, fabric.device)
-    window = builders.trained_length(cfg, loaded)
+    window = trained_length(loaded, cfg.model.length)
     vocab, module = load_for_eval(cfg, loaded, seq_len=window)
     prompts = builders.read_prompts(cfg)
     module.apply_ema()
@@ -259,7 +260,7 @@ def run(cfg: DictConfig, run_dir: str | None = None) -> None:
         path = cfg.eval.checkpoint_path
         loaded = read_any_checkpoint(path, "eval.checkpoint_path", n_heads(cfg))
     if cfg.mode == "sample_eval":
-        settings.check_sampling(cfg, builders.trained_length(cfg, loaded))
+        settings.check_sampling(cfg, trained_length(loaded, cfg.model.length))
     if settings.evaluates_released(cfg, loaded):  # float32 unless a precision is set
         hw = settings.resolve_hardware(cfg.trainer, released_checkpoint=True)
     if hw.precision_choice is not None:

@@ -260,14 +260,18 @@ def attend(
 # ----------------------------------------------------------------------------------------------
 # Rotary embeddings (GPT-NeoX style, non-interleaved halves)
 # ----------------------------------------------------------------------------------------------
+def rotary_inv_freq(head_dim: int, base: float = 10_000.0) -> Tensor:
+    """(head_dim / 2,) float32: 1 / base^(2j / head_dim), j < head_dim / 2."""
+    return 1.0 / (base ** (torch.arange(0, head_dim, 2).float() / head_dim))
+
+
 class Rotary(nn.Module):
-    """Holds ``inv_freq`` = 1/10000^(2j/d), j < d/2 (a persistent buffer, as in released weights)
-    and returns cos/sin tables for arbitrary integer positions."""
+    """Holds ``inv_freq`` = `rotary_inv_freq(head_dim)` (a persistent buffer, as in released
+    weights) and returns cos/sin tables for arbitrary integer positions."""
 
     def __init__(self, head_dim: int, base: float = 10_000.0):
         super().__init__()
-        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2).float() / head_dim))
-        self.register_buffer("inv_freq", inv_freq)
+        self.register_buffer("inv_freq", rotary_inv_freq(head_dim, base))
         self._table: tuple[Tensor, Tensor, Tensor] | None = None
 
     def forward(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:

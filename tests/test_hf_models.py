@@ -12,18 +12,11 @@ import torch
 from safetensors.torch import save_file
 from test_model import spec_parameter_order
 
+from checkpoints.layout import CheckpointError, adapt_backbone_state, detect_kind
 from conftest import randomize_
 from models.attention import MaskCache
 from models.dit import DiT, DiTConfig
-from models.hf import (
-    BD3LM,
-    MDLM,
-    BD3LMConfig,
-    CheckpointError,
-    MDLMConfig,
-    adapt_backbone_state,
-    detect_kind,
-)
+from models.hf import BD3LM, MDLM, BD3LMConfig, MDLMConfig
 
 
 def read_json(path):
@@ -246,7 +239,7 @@ def test_sample_mode_and_kv_cache():
 def test_keyed_adapter_for_the_noeos_baselines(kind):
     dit = tiny_dit(causal=kind == "ar")
     state = {f"_orig_mod.{k}": v for k, v in dit.state_dict().items()}
-    from models.hf.loading import strip_prefixes
+    from checkpoints.layout import strip_prefixes
 
     config, weights = adapt_backbone_state(strip_prefixes(state), kind, n_heads=4)
     assert config.causal == (kind == "ar") and config.adaln == (kind != "ar")

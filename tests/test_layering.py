@@ -13,6 +13,7 @@ PURE = [
     "sampling",
     "noise_schedule.py",
     "metrics.py",
+    "checkpoints",
 ]
 FORBIDDEN = {"lightning", "pytorch_lightning", "hydra", "omegaconf"}
 

@@ -126,7 +126,7 @@ def test_loading_a_mismatched_checkpoint_names_the_keys(tmp_path):
     small = builders.build_module(compose_cfg(), vocab_size=41, mask_id=40)
     torch.save({"state_dict": small.state_dict()}, tmp_path / "a.ckpt")
     other = builders.build_module(compose_cfg("model.n_blocks=3"), vocab_size=41, mask_id=40)
-    with pytest.raises(UserError, match=r"missing=\['backbone.blocks.2"):
+    with pytest.raises(UserError, match=r"missing=\[backbone.blocks.2"):
         load_weights(other, read_checkpoint(str(tmp_path / "a.ckpt"), "k"), "k")
     wider = builders.build_module(compose_cfg(), vocab_size=50, mask_id=49)
     with pytest.raises(UserError, match="vocab_embed.embedding has shape"):

@@ -17,17 +17,7 @@ from torch import Tensor
 from transformers import PreTrainedModel
 from transformers.modeling_outputs import MaskedLMOutput
 
-from models.attention import (
-    AttentionMask,
-    BlockCausalMask,
-    BlockDiffusionMask,
-    CausalMask,
-    MaskCache,
-    flash_available,
-)
-from models.dit import DiT, DiTConfig
-from models.hf.configuration import BD3LMConfig, MDLMConfig
-from models.hf.loading import (
+from checkpoints.layout import (
     BACKBONE_PREFIX,
     INV_FREQ,
     CheckpointError,
@@ -38,6 +28,16 @@ from models.hf.loading import (
     strict_state_check,
     strip_prefixes,
 )
+from models.attention import (
+    AttentionMask,
+    BlockCausalMask,
+    BlockDiffusionMask,
+    CausalMask,
+    MaskCache,
+    flash_available,
+)
+from models.dit import DiT, DiTConfig
+from models.hf.configuration import BD3LMConfig, MDLMConfig
 from models.kv_cache import KVCache
 
 # config.json keys written by transformers itself (never compared or overridden by name)

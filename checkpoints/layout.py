@@ -1,4 +1,6 @@
-"""Reading released / exported checkpoints into plain tensors, strictly by name.
+"""Checkpoint layouts: reading released / exported checkpoints into plain tensors, strictly by
+name, and the helpers every format shares (one copy each: prefixes, clip buffers, the strict key
+check, the DiT config inferred from weights, the released-repo table, the rotary check).
 
 No Lightning, no Hydra: callers get `CheckpointError` (a ValueError whose one-line message names
 the keys) and turn it into their own error type.
@@ -24,12 +26,14 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import Tensor
 
+from models.attention import rotary_inv_freq
 from models.dit import DiT, DiTConfig
 
 BACKBONE_PREFIX = "backbone."
 COMPILED_PREFIX = "_orig_mod."
-INV_FREQ = "rotary_emb.inv_freq"  # recomputable from the head dim (SPEC 3.9 loading recipe)
-CLIP_BUFFERS = ("sampling_eps_min", "sampling_eps_max")
+INV_FREQ = "rotary_emb.inv_freq"  # a buffer recomputed from the head dim, never trusted
+CLIP_BUFFERS = ("sampling_eps_min", "sampling_eps_max")  # the learned clip interval (Sec. 4)
+CHECKPOINT_FORMAT = "bd3lms/1"  # the `format` tag of our Lightning checkpoints
 CONFIG_FILE = "config.json"
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
@@ -227,7 +231,8 @@ def backbone_names(config: DiTConfig) -> dict[str, Tensor]:
 
 
 def parameter_order(config: DiTConfig) -> list[str]:
-    """SPEC 3.8 order (== our DiT's registration order) of the trainable parameters."""
+    """Our DiT's registration order of the trainable parameters (the reference's DiT registers
+    the same parameters in the same order, which is how its unnamed EMA list is named)."""
     with torch.device("meta"):
         model = DiT(config)
     return [n for n, p in model.named_parameters() if p.requires_grad]
@@ -303,14 +308,8 @@ def adapt_backbone_state(
     )
     expected = backbone_names(config)
     strict_state_check(expected, state, what, optional=(INV_FREQ,))
-    check_inv_freq(state, rotary_inv_freq(config), INV_FREQ)
+    check_inv_freq(state, rotary_inv_freq(config.head_dim), INV_FREQ)
     return config, {k: v for k, v in state.items() if k != INV_FREQ}
-
-
-def rotary_inv_freq(config: DiTConfig) -> Tensor:
-    """The value of our DiT's `rotary_emb.inv_freq` buffer for `config`."""
-    d = config.head_dim
-    return 1.0 / (10_000.0 ** (torch.arange(0, d, 2).float() / d))
 
 
 def detect_kind(
@@ -334,3 +333,30 @@ def detect_kind(
     if config.get("time_conditioning"):
         return "sedd"
     return "mdlm"
+
+
+# ----------------------------------------------------------------------------------------------
+# A checkpoint in memory, before any module exists
+# ----------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class LoadedCheckpoint:
+    """A checkpoint read into memory, before any module exists.
+
+    format: "ours" (our Lightning .ckpt: `raw` holds it), "hf" (an HF directory or hub id) or
+    "reference" (the reference's pickled Lightning .ckpt). For the last two: `dit` is the
+    backbone config the weights imply, `weights` the backbone-level tensors to use (EMA weights
+    where the file has them; released HF weights are EMA weights), `live` the raw weights of a
+    reference .ckpt that also has an EMA, `clip` the stored sampling_eps buffers and `meta` what
+    the file states about the run (block_size, model_length, cross_attn, time_conditioning).
+    """
+
+    source: str
+    format: str
+    kind: str | None = None
+    raw: dict | None = None
+    dit: DiTConfig | None = None
+    weights: dict[str, Tensor] | None = None
+    live: dict[str, Tensor] | None = None
+    clip: dict[str, Tensor] = dataclasses.field(default_factory=dict)
+    meta: dict = dataclasses.field(default_factory=dict)
+    ema_num_updates: int = 0

@@ -1,0 +1,33 @@
+"""Checkpoints: every format read strictly by name, and nothing in a file executed.
+
+- `layout`: what all formats share (no Lightning): `CheckpointError`, key prefixes, the strict
+  key check, the keyed adapter of the reference's DiT family, HF directories and hub ids, the
+  released-repo table, `LoadedCheckpoint`.
+- `ours`: our Lightning `.ckpt` (read with `weights_only`), strict loading, fine-tuning start.
+- `reference`: the reference's pickled `.ckpt` (through `unpickle`, a restricted unpickler).
+- `load`: the one entry point, `read_any_checkpoint` + `load_checkpoint_into`, and
+  `trained_length` (the window a checkpoint was trained with).
+- `sanity`: the loading sanity check; `export`: our checkpoint -> an HF directory.
+"""
+
+from checkpoints.export import export_hf
+from checkpoints.layout import CheckpointError, LoadedCheckpoint
+from checkpoints.load import load_checkpoint_into, read_any_checkpoint, trained_length
+from checkpoints.ours import check_state, load_pretrained, load_weights, read_checkpoint
+from checkpoints.sanity import PAPER_OWT_PPL, ppl_threshold, sanity_check_perplexity
+
+__all__ = [
+    "PAPER_OWT_PPL",
+    "CheckpointError",
+    "LoadedCheckpoint",
+    "check_state",
+    "export_hf",
+    "load_checkpoint_into",
+    "load_pretrained",
+    "load_weights",
+    "ppl_threshold",
+    "read_any_checkpoint",
+    "read_checkpoint",
+    "sanity_check_perplexity",
+    "trained_length",
+]

@@ -1,0 +1,63 @@
+"""Export: our Lightning checkpoint -> an HF directory (`models.hf` classes; the reference's
+classes load it too)."""
+
+from __future__ import annotations
+
+from checkpoints.layout import CLIP_BUFFERS, CheckpointError, infer_dit_shape, split_backbone
+from utils import UserError, atomic_path
+
+
+def export_hf(checkpoint: dict, out_dir: str, use_ema: bool = True) -> str:
+    """Write our Lightning checkpoint (EMA weights unless use_ema=False, and the learned clip
+    interval buffers) as an HF directory: BD3LM format (model_type bd3lm) for BD3-LM and AR
+    runs, MDLM format (model_type mdlm) for MDLM runs. attn_backend is written as sdpa."""
+    from models.hf import BD3LM, MDLM, BD3LMConfig, MDLMConfig
+
+    config = checkpoint.get("config")
+    if not isinstance(config, dict):
+        raise UserError("export: the checkpoint has no run config (not written by this project)")
+    algo, model_cfg = config["algo"], config["model"]
+    inner, rest = split_backbone(checkpoint["state_dict"])
+    ema = checkpoint.get("ema")
+    if use_ema and ema is not None:
+        inner = {**inner, **ema["shadow"]}
+    shape = infer_dit_shape(inner)
+    common = {
+        "vocab_size": shape["vocab_size"],
+        "model_length": int(model_cfg["length"]),
+        "hidden_dim": shape["hidden_size"],
+        "cond_dim": shape["cond_dim"] or int(model_cfg["cond_dim"]),
+        "n_blocks": shape["n_blocks"],
+        "n_heads": int(model_cfg["n_heads"]),
+        "dropout": float(model_cfg["dropout"]),
+        "time_conditioning": bool(algo.get("time_conditioning", False)),
+        "return_dict": False,
+    }
+    is_ar = algo["parameterization"] == "ar"
+    var_min = all(k in rest for k in CLIP_BUFFERS)
+    if not is_ar and not algo.get("cross_attn") and not var_min:
+        cls, hf_config = MDLM, MDLMConfig(**common)
+    else:
+        cls = BD3LM
+        clip = {k: float(rest[k]) for k in CLIP_BUFFERS if k in rest}
+        hf_config = BD3LMConfig(
+            block_size=1 if is_ar else int(config["block_size"]),
+            cross_attn=bool(algo.get("cross_attn")) and not is_ar,
+            adaln=shape["adaln"],
+            attn_backend="sdpa",
+            causal=is_ar,
+            var_min=var_min,
+            sampling_eps_min=clip.get("sampling_eps_min", 1e-3),
+            sampling_eps_max=clip.get("sampling_eps_max", 0.999),
+            **common,
+        )
+    model = cls(hf_config)
+    state = {f"backbone.{k}": v for k, v in inner.items()}
+    state.update({k: rest[k] for k in CLIP_BUFFERS if k in rest and var_min})
+    try:
+        model.load_strict(state, what="export")
+    except CheckpointError as err:
+        raise UserError(str(err)) from None
+    with atomic_path(out_dir) as tmp:
+        model.save_pretrained(tmp)
+    return out_dir

@@ -1,0 +1,97 @@
+"""The loading sanity check: a silently mis-loaded checkpoint (wrong tokenizer, block size or
+format) gives garbage; its perplexity on a few validation batches says so before any result is
+trusted."""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+
+from utils import UserError, get_logger
+
+if TYPE_CHECKING:
+    from diffusion import Diffusion
+
+log = get_logger("bd3lms")
+
+# Test perplexity on OpenWebText reported in the paper (Table 4; diffusion values are bounds).
+PAPER_OWT_PPL = {
+    "kuleshov-group/bd3lm-owt-block_size4": 20.73,
+    "kuleshov-group/bd3lm-owt-block_size8": 21.68,
+    "kuleshov-group/bd3lm-owt-block_size16": 22.27,
+    "kuleshov-group/bd3lm-owt-block_size1024-pretrain": 23.00,  # MDLM-style stage 1
+    "kuleshov-group/mdlm-owt": 23.00,
+    "kuleshov-group/mdlm-noeos-owt": 23.00,
+    "kuleshov-group/sedd-noeos-owt": 24.10,
+    "kuleshov-group/ar-noeos-owt": 17.54,
+}
+
+
+def ppl_threshold(path: str, default: float | None = None, factor: float = 2.0) -> float | None:
+    """`factor` x the paper's OWT figure for a released checkpoint, else `default`."""
+    name = path.rstrip("/")
+    for repo, ppl in PAPER_OWT_PPL.items():
+        if name == repo or name.endswith("/" + repo.split("/")[1]):
+            return factor * ppl
+    return default
+
+
+@torch.no_grad()
+def sanity_check_perplexity(
+    module: Diffusion, batches, threshold: float | None, what: str, max_batches: int = 4
+) -> float:
+    """Perplexity of `module` (EMA weights when it evaluates with them) on the first
+    `max_batches` of `batches` (dicts with input_ids and attention_mask), computed as
+    validation does; logs a loud warning when it exceeds `threshold`. Returns the perplexity."""
+    was_training = module.training
+    module.eval()
+    swap = module.ema is not None and module.use_ema_for_eval
+    if swap:
+        module.ema.store(module.backbone)
+        module.ema.copy_to(module.backbone)
+    try:
+        eps_min, eps_max = (
+            torch.tensor(e, dtype=torch.float32, device=module.device)
+            for e in module.algorithm.eval_interval()
+        )
+        generator = torch.Generator(device=module.device).manual_seed(0)
+        nll_sum, count = 0.0, 0.0
+        for i, batch in enumerate(batches):
+            if i >= max_batches:
+                break
+            x0 = batch["input_ids"].to(module.device)
+            mask = batch["attention_mask"].to(module.device)
+            out = module.algorithm.loss(
+                module.net, x0, mask, eps_min, eps_max, False, generator=generator
+            )
+            nll_sum += float(out.nlls.sum())
+            count += float(out.token_mask.sum())
+    finally:
+        if swap:
+            module.ema.restore(module.backbone)
+        module.train(was_training)
+    if count == 0:
+        raise UserError(f"{what}: no tokens to measure the loading sanity check on")
+    ppl = math.exp(nll_sum / count)
+    if threshold is not None and ppl > threshold:
+        banner = "!" * 78
+        log.warning(
+            "\n%s\n%s: perplexity %.2f on %d tokens exceeds the sanity threshold %.2f.\n"
+            "The weights may have loaded wrongly (wrong tokenizer, block size or checkpoint "
+            "format), or the data differ from the checkpoint's. Check before trusting results.\n"
+            "%s",
+            banner,
+            what,
+            ppl,
+            int(count),
+            threshold,
+            banner,
+        )
+    else:
+        log.info("%s: loading sanity check perplexity %.2f (threshold %s)", what, ppl, threshold)
+    return ppl
+
+
+# ----------------------------------------------------------------------------------------------
