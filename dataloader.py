@@ -1,18 +1,18 @@
-"""The data pipeline's public API (SPEC §1.1, §6); the code lives in the `data/` package.
+"""The data pipeline's public API; the code lives in the `data/` package.
 
 Public API:
   * `get_vocab(data_cfg) -> Vocab`: the tokenizer plus the ids the model and pipeline use.
   * `get_dataset(data_cfg, vocab, split, seq_len) -> TokenDataset` (or a `StreamingTokenDataset`
     with `data.streaming=true`) with items {"input_ids": LongTensor (n,), "attention_mask":
-    FloatTensor (n,)}; n = seq_len, or 2 * seq_len for the text8-crop train split (SPEC §2.1:
+    FloatTensor (n,)}; n = seq_len, or 2 * seq_len for the text8-crop train split (
     the objective crops L of the 2L tokens).
   * `make_loader(...)`: a DataLoader whose sampler is deterministic from (seed, epoch), shards by
     rank and whose `state_dict()` / `load_state_dict()` resume mid-epoch (Lightning saves them).
   * `wrap_documents(...)`: the pure concatenate-and-chunk step, unit-testable on lists.
   * `decode(vocab, ids) -> str`: special tokens kept, like the reference sampler output.
   * `check_vocab_size(vocab, size, where)`: a checkpoint's vocabulary must match the tokenizer's.
-  * `DETOKENIZERS`: the reference's text clean-ups (SPEC §6.2), by name.
-  * `DATASETS`: the dataset registry (SPEC §6.3), by `data.train` / `data.valid` name.
+  * `DETOKENIZERS`: the reference's text clean-ups, by name.
+  * `DATASETS`: the dataset registry, by `data.train` / `data.valid` name.
 
 The pieces (`data/`, imports point down the list):
   * `config.py`: required `data.*` keys, installed data packages, the HF offline flags.
@@ -35,7 +35,7 @@ holding the hub dataset's files: searched recursively for `{split}.{ext}`, `{spl
 `{split}/*.{ext}` with ext parquet, jsonl or txt (txt: one row per line), split named as on the
 hub (`train`, `validation`, `test`). `data.source` may also name one file, used for every split.
 
-Deliberate deviations from the reference (SPEC §8, bugs 18, 20, 32):
+Deliberate deviations from the reference:
   * chunk boundaries do not depend on the number of tokenizing processes: documents are grouped
     per consecutive batch of MAP_BATCH_SIZE=1000 documents of the split, what the reference
     computes with a single process, whatever `data.num_proc` is;

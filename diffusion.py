@@ -44,7 +44,7 @@ class OptimSettings:
 
 
 def lr_multiplier(settings: OptimSettings):
-    """step -> lr / base lr for the three schedules of SPEC 7.3.
+    """step -> lr / base lr for the three schedules (constant, warm-up, warm-up + cosine decay).
 
     constant_warmup: step / warmup until warmup, then 1 (the first step runs at lr 0).
     cosine_decay_warmup: linear from warmup_lr_init over warmup_t steps (0.1 max_steps by
@@ -245,7 +245,7 @@ class Diffusion(L.LightningModule):
             self._search_clip_interval()
 
     def _search_clip_interval(self) -> None:
-        """Move the clip buffers to the interval of least per-block NELBO variance (SPEC 2.7)."""
+        """Move the clip buffers to the interval of least per-block NELBO variance (Sec. 5.3)."""
         scores = self._variance.scores(lambda t: self.all_gather(t))
         for (low, high), score in scores.items():
             self.log(f"valid_var_{round(low, 2)} - {round(high, 2)}", score)

@@ -27,7 +27,7 @@ def unigram_perplexity(train_ids: Tensor, eval_ids: Tensor, vocab_size: int) -> 
 
 
 # ----------------------------------------------------------------------------------------------
-# Generative perplexity (SPEC 5.2)
+# Generative perplexity
 # ----------------------------------------------------------------------------------------------
 def sliding_windows(length: int, window: int, stride: int) -> list[tuple[int, int, int]]:
     """(start, end, first_scored) per window: window 0 scores targets 1..end-1, window j >= 1

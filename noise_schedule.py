@@ -3,7 +3,7 @@
 Each schedule maps diffusion time t in [0, 1] to
   move_chance(t)  = 1 - alpha_t, the probability that a token is masked at time t;
   loss_weight(t)  = alpha'_t / (1 - alpha_t), the continuous-time NELBO weight (negative);
-and, for the log-linear schedule used by every config, the "sigma" of SPEC 1.2:
+and, for the log-linear schedule used by every config, the "sigma" the network is conditioned on:
   total_noise(t)  = -log(1 - (1 - eps) t),  rate_noise(t) = (1 - eps) / (1 - (1 - eps) t).
 `forward(t)` returns (loss_weight, move_chance), the pair the objectives consume.
 Pure torch and stateless: every tensor follows the device and dtype of `t`.

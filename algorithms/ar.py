@@ -1,4 +1,4 @@
-"""The autoregressive baseline (SPEC 2.5): next-token cross-entropy under causal attention,
+"""The autoregressive baseline: next-token cross-entropy under causal attention,
 with the mask token's logit pushed to -1e6 so it is never predicted."""
 
 from __future__ import annotations

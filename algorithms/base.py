@@ -1,5 +1,5 @@
 """Pieces shared by the objectives: the forward process (per-block antithetic t, masking,
-clipped-interval resampling), the SUBS parameterisation and the loss reduction (SPEC 1-2).
+clipped-interval resampling), the SUBS parameterisation and the loss reduction (paper Secs. 3-4).
 
 Pure torch: no Lightning, no Hydra, no nn.Module state. Random draws use torch's global RNG
 unless a `generator` is given.
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-NEG_INF = -1_000_000.0  # the reference's "minus infinity" for logits (SPEC 2.3)
+NEG_INF = -1_000_000.0  # the reference's "minus infinity" for logits (paper Sec. 4.1)
 DEFAULT_EPS_MIN = 1e-3  # training.sampling_eps: the unbiased NELBO interval is [1e-3, 1]
 DEFAULT_EPS_MAX = 1.0
 MAX_RESAMPLE_ROUNDS = 10_000
@@ -110,7 +110,7 @@ def sample_t(
     generator: torch.Generator | None = None,
     shard: Shard | None = None,
 ) -> Tensor:
-    """Diffusion times, one per (sequence, block) (SPEC 1.3).
+    """Diffusion times, one per (sequence, block) (paper Algorithm 1).
 
     Returns (B, L) with each block's value repeated K times, or (B, 1) when K == L.
     Antithetic strata are assigned batch-major over the (global) batch of N = rows x nb draws:
@@ -157,7 +157,7 @@ def q_xt(
     generator: torch.Generator | None = None,
     shard: Shard | None = None,
 ) -> Tensor:
-    """Mask each token independently with probability `move_chance` (SPEC 1.4).
+    """Mask each token independently with probability `move_chance` (paper Sec. 3.1).
 
     x0: (B, L); move_chance: (B, L) or (B, 1). With `resample` and a clipped interval, blocks
     whose masked fraction falls outside it are redrawn (strict U < p) until all are in range.
@@ -192,7 +192,7 @@ def q_xt(
 
 @dataclasses.dataclass(frozen=True)
 class DoubleLengthCrop:
-    """The text8-crop path (SPEC 2.1): training rows of 2L tokens are cut to a random window of
+    """The text8-crop path: training rows of 2L tokens are cut to a random window of
     L (one start per batch), the target is the window shifted by one, and with special tokens
     the input starts with BOS and the target ends with EOS."""
 
@@ -239,7 +239,7 @@ def _mask_offset(vocab_size: int, mask_id: int, device: torch.device) -> Tensor:
 
 
 def subs_log_probs(logits: Tensor, xt: Tensor, mask_id: int) -> Tensor:
-    """SUBS parameterisation (SPEC 2.3): log-probabilities (B, L, V) in float32.
+    """SUBS parameterisation (paper Sec. 4.1): log-probabilities (B, L, V) in float32.
 
     The mask logit gets -1e6 before normalising; at positions where x_t is not the mask the
     row becomes a one-hot on x_t (0 there, -1e6 elsewhere). Two passes over the vocabulary (a
@@ -277,7 +277,7 @@ def subs_log_prob_of(logits: Tensor, x0: Tensor, mask_id: int) -> Tensor:
 
 
 def reduce_loss(nll: Tensor, attention_mask: Tensor, ignore_bos: bool, train: bool) -> Loss:
-    """SPEC 2.1: NELBO per token = sum(nll * mask) / sum(mask).
+    """Paper Sec. 3.1: NELBO per token = sum(nll * mask) / sum(mask).
 
     The denominator counts every token, masked or not. With `ignore_bos`, position 0 leaves the
     denominator only at evaluation time (during training it stays, as in the reference).

@@ -1,5 +1,5 @@
-"""The variance-minimising clipped schedule (SPEC 2.7): candidate intervals [beta, omega] for t,
-the per-block NELBO samples measured for each during validation, and the selection.
+"""The variance-minimising clipped schedule (paper Secs. 5.2-5.3): candidate intervals [beta,
+omega] for t, the per-block NELBO samples measured for each during validation, and the selection.
 
 The grid and its float32 rounding follow the reference: keys are Python floats converted from
 float32 values (e.g. 0.0010000000474974513), except the literal (1e-3, 1.0) that validation

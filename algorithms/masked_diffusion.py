@@ -1,4 +1,4 @@
-"""BD3-LM and MDLM: the masked-diffusion NELBO over blocks (SPEC 2.2, 2.4).
+"""BD3-LM and MDLM: the masked-diffusion NELBO over blocks (paper Secs. 3.1-3.2).
 
 BD3-LM (cross_attn) feeds [x_t ; x_0] (B, 2L) through the block-diffusion mask so that block b
 of x_t sees itself and the clean blocks before it. MDLM is the same objective with K = L and
@@ -92,7 +92,7 @@ class MaskedDiffusion:
         BD3-LM: block-causal (M_BC). Over a whole sequence longer than the window, banded to
         `window` tokens: exactly what the KV cache computes. reencode: the reference's variant,
         where the caller feeds only the last `window` tokens, re-encoded from position 0.
-        MDLM: full attention over the window (always re-encoded, SPEC 4.2)."""
+        MDLM: full attention over the window (always re-encoded)."""
         if not self.cross_attn:
             return None
         if reencode:
@@ -100,7 +100,7 @@ class MaskedDiffusion:
         return BandedBlockCausalMask(self.block_size, window // self.block_size)
 
     def eval_interval(self) -> tuple[float, float]:
-        """The (eps_min, eps_max) whose loss validation reports (SPEC 2.6): the exact NLL
+        """The (eps_min, eps_max) whose loss validation reports (paper Sec. 5.2): the exact NLL
         (t = 1) for block size 1 with eval_nll, else the unbiased [1e-3, 1] NELBO."""
         if self.block_size == 1 and (self.eval_nll or not self.var_min):
             return 1.0, 1.0
@@ -114,7 +114,7 @@ class MaskedDiffusion:
         generator: torch.Generator | None = None,
         shard: Shard | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """Draw t per block and x_t ~ q(x_t | x_0) (SPEC 2.2 steps 1-6).
+        """Draw t per block and x_t ~ q(x_t | x_0) (paper Algorithm 1).
 
         x0: (B, L); eps_min/eps_max: float32 0-d tensors (the clip interval).
         Returns x_t (B, L), loss_scale (B, L) or (B, 1) (= -1/t) and sigma (B, k).
@@ -165,7 +165,7 @@ class MaskedDiffusion:
         attention_mask: Tensor,
         train: bool,
     ) -> Loss:
-        """The reduced NELBO for given x_t (SPEC 2.2 steps 7-9 and 2.1).
+        """The reduced NELBO for given x_t (paper Algorithm 1, Sec. 3.1).
 
         Only masked positions of x_t go through the output layer: elsewhere SUBS gives
         log p = 0, so their terms are exactly 0 (as in the reference) at no cost

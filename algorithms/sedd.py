@@ -1,4 +1,4 @@
-"""SEDD: score-entropy discrete diffusion with the absorbing (masking) process (SPEC 2.5).
+"""SEDD: score-entropy discrete diffusion with the absorbing (masking) process.
 
 The network's logits become log concrete scores log s(x_t)_v ~ log p_t(v) / p_t(x_t) (the
 log-score parameterisation), trained with the score-entropy loss at masked positions, weighted
@@ -48,7 +48,7 @@ def log_expm1(sigma: Tensor) -> Tensor:
 
 
 def sedd_log_score(logits: Tensor, xt: Tensor, sigma: Tensor) -> Tensor:
-    """The log-score parameterisation (SPEC 2.5): log s = logits - log(e^sigma - 1) - log(V - 1),
+    """The log-score parameterisation: log s = logits - log(e^sigma - 1) - log(V - 1),
     then 0 at the current token x_t.
 
     logits: (..., V) raw network outputs; xt: (...) the tokens the network saw at those
@@ -63,7 +63,7 @@ def sedd_log_score(logits: Tensor, xt: Tensor, sigma: Tensor) -> Tensor:
 
 
 def score_entropy(log_score: Tensor, x0: Tensor, sigma: Tensor, mask_id: int) -> Tensor:
-    """Score entropy at masked positions (SPEC 2.5), rows (N,).
+    """Score entropy at masked positions, rows (N,).
 
     log_score: (N, V) log scores at N positions where x_t is the mask (so the mask column is 0);
     x0: (N,) the clean tokens there; sigma: (N,) the unprocessed sigma of each row's sequence.
@@ -192,7 +192,7 @@ class SEDD:
         attention_mask: Tensor,
         train: bool,
     ) -> Loss:
-        """dsigma * score entropy at masked positions, 0 elsewhere, reduced as SPEC 2.1.
+        """dsigma * score entropy at masked positions, 0 elsewhere, reduced as the NELBO.
 
         Only masked positions go through the output layer (elsewhere the term is exactly 0).
         The log score uses the processed sigma (B,), the entropy's r the unprocessed (B, 1)

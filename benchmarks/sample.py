@@ -1,4 +1,4 @@
-"""Sampling benchmark (issue 7): BD3-LM K=4 / K=16 with and without the KV cache at batch 1
+"""Sampling benchmark: BD3-LM K=4 / K=16 with and without the KV cache at batch 1
 and 16, and AR with its cache, on the width-128 / 4-layer DiT with random weights (vocab
 30523, a 1024-token window, nucleus 1.0, first-hitting).
 

@@ -1,4 +1,4 @@
-"""Training-step benchmark (issue 7): AR, MDLM, BD3-LM K=4 and K=16.
+"""Training-step benchmark: AR, MDLM, BD3-LM K=4 and K=16.
 
 A step is forward + backward + AdamW step on random tokens. Reported per variant: median step
 time, tokens/s (B x L data tokens per step) and peak memory. Memory: on CUDA

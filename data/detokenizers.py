@@ -1,4 +1,4 @@
-"""The reference's text clean-ups (SPEC §6.2), applied to raw text before tokenisation.
+"""The reference's text clean-ups, applied to raw text before tokenisation.
 
 Each detokeniser maps str -> str; `DETOKENIZERS` names them as `DatasetSpec.detokenizer` does.
 """

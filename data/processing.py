@@ -1,4 +1,4 @@
-"""Documents to rows (SPEC §6.4): detokenise and tokenize a batch, wrap it or pad it.
+"""Documents to rows: detokenise and tokenize a batch, wrap it or pad it.
 
 All functions work on one map batch of MAP_BATCH_SIZE documents (or fewer, the last one) and
 return fixed-length rows; the cached pipeline and the streaming dataset share them.
@@ -61,7 +61,7 @@ def wrap_documents(
     insert_eos: bool,
     insert_special: bool,
 ) -> torch.Tensor:
-    """Concatenate documents and cut them into rows, as the reference's wrap (SPEC §6.4).
+    """Concatenate documents and cut them into rows, as the reference's wrap.
 
     Per consecutive batch of MAP_BATCH_SIZE documents (the reference's single-process batched
     map): append `eos_id` after every document when `insert_eos`, concatenate, cut chunks of

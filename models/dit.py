@@ -1,12 +1,12 @@
-"""The DiT backbone of BD3-LM / MDLM / AR (SPEC 3).
+"""The DiT backbone of BD3-LM / MDLM / AR.
 
 A plain ``nn.Module`` with a small typed config. It maps tokens (B, S) and a noise level sigma
 (B,) to logits (B, S, V), given integer rotary positions (S,) and a materialised attention mask.
 It knows nothing of blocks, x_t/x_0 halves or samplers: callers pass the positions (both halves
 of the training input share 0..L-1) and the mask.
 
-Parameter names follow the released checkpoints (SPEC 3.9) and modules are registered in the
-order of SPEC 3.8 (vocab_embed, sigma_map, rotary_emb, blocks, output_layer).
+Parameter names follow the released checkpoints and modules are registered in the
+reference's order (vocab_embed, sigma_map, rotary_emb, blocks, output_layer).
 """
 
 from __future__ import annotations
@@ -139,7 +139,7 @@ class TimestepEmbedder(nn.Module):
 
 
 class DiTBlock(nn.Module):
-    """Pre-LN transformer block with optional adaLN modulation (SPEC 3.2).
+    """Pre-LN transformer block with optional adaLN modulation.
 
     Without adaLN (AR) it is a plain pre-LN block: gates are 1 and modulation is skipped.
     """

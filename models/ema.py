@@ -1,4 +1,4 @@
-"""Exponential moving average of parameters, keyed by parameter name (SPEC 3.8 semantics).
+"""Exponential moving average of parameters, keyed by parameter name (the reference's update rule).
 
 decay_n = min(decay, (1 + n) / (10 + n)) with n the update count after incrementing;
 shadow <- shadow - (1 - decay_n) * (shadow - param). Keys are parameter names, so loading can

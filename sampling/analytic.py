@@ -1,4 +1,4 @@
-"""The analytic (Tweedie tau-leaping) sampler of SEDD (SPEC 4.4).
+"""The analytic (Tweedie tau-leaping) sampler of SEDD.
 
 The whole sequence starts masked (BOS at position 0, or after a prompt) and is denoised jointly
 over T steps on timesteps linspace(1, eps, T + 1), eps = 1e-5, then once more at t = eps with
@@ -20,7 +20,7 @@ distribution (log-softmax) and then nucleus-filtered: the reference's quirk, kep
 
 Stop rules are those of sampling.stops.apply_stop_rules, applied once to the finished sequence. With
 var_length a sample ends at its first generated EOS (kept): the reference instead rejected
-every sample containing one (SPEC 8.16). SEDD sees at most its context: longer requests raise.
+every sample containing one. SEDD sees at most its context: longer requests raise.
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ from sampling.stops import SequenceState, apply_stop_rules
 def update_block(
     block: Tensor, p_x0: Tensor, t: Tensor, dt: float, cfg: SamplerConfig, generator
 ) -> Tensor:
-    """One reverse step for the noisy block (SPEC 4.3). block: (B, K); t: (B,) float64.
+    """One reverse step for the noisy block (paper Algorithm 2). block: (B, K); t: (B,) float64.
 
     First-hitting: sample every position, commit one masked position per sequence (chosen
     uniformly). DDPM: q(x_s) puts p_x0 (1 - s/t) on tokens and s/t on the mask. Already
@@ -110,7 +110,7 @@ def semi_ar_sample(
     prompt_valid: Tensor | None = None,
     progress=None,
 ) -> SampleOutput:
-    """Generate block by block, left to right (SPEC 4.2), optionally after a left-padded
+    """Generate block by block, left to right (paper Algorithm 2), optionally after a left-padded
     prompt (B, P) whose padding is False in prompt_valid. With cfg.kv_cache, each finished
     block is committed to the cache: inside the next block's first call when
     cfg.fuse_commit, else by an extra forward pass (counted in

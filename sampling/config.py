@@ -14,9 +14,9 @@ class SamplerConfig:
     """length: tokens to generate (the BOS counts when there is no prompt); block_size: K;
     num_steps: T (DDPM steps; first-hitting makes one call per token); context: the window the
     network sees, its trained length; stride: MDLM beyond its context appends `stride` new
-    tokens per round after a first block of `block_size` (SPEC 4.2); var_length: stop at EOS
-    or low entropy (SPEC 4.6); reject_low_entropy: flag fixed-length samples whose last 256
-    tokens have entropy < 4 for resampling, as the reference does."""
+    tokens per round after a first block of `block_size` (paper Algorithm 2);
+    var_length: stop at EOS or low entropy; reject_low_entropy: flag fixed-length samples whose
+    last 256 tokens have entropy < 4 for resampling, as the reference does."""
 
     length: int
     block_size: int

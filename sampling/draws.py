@@ -33,7 +33,7 @@ def sample_inverse_cdf(probs: Tensor, uniform: Tensor) -> Tensor:
 
 
 def nucleus(probs: Tensor, p: float) -> Tensor:
-    """Top-p filtering as the reference does it (SPEC 4.5): keep the tokens whose cumulative
+    """Top-p filtering as the reference does it: keep the tokens whose cumulative
     probability is <= p, always the top-1, and renormalise. The token that crosses p is dropped
     (unlike textbook top-p). probs: (..., V) float64."""
     if p >= 1.0:

@@ -179,6 +179,35 @@ def bad_run(tmp_path, *overrides) -> str:
     return message
 
 
+# The reference DiT's parameter order, written out (its EMA list is stored in this order)
+DIT_BLOCK_KEYS = [
+    "norm1.weight",
+    "attn_qkv.weight",
+    "attn_out.weight",
+    "norm2.weight",
+    "mlp.0.weight",
+    "mlp.0.bias",
+    "mlp.2.weight",
+    "mlp.2.bias",
+    "adaLN_modulation.weight",
+    "adaLN_modulation.bias",
+]
+
+
+def reference_parameter_order(n_blocks: int, adaln: bool) -> list[str]:
+    """The order in which the reference's EMA list stores parameters."""
+    names = ["vocab_embed.embedding"]
+    if adaln:
+        names += [f"sigma_map.mlp.{i}.{w}" for i in (0, 2) for w in ("weight", "bias")]
+    for b in range(n_blocks):
+        names += [f"blocks.{b}.{k}" for k in DIT_BLOCK_KEYS if adaln or "adaLN" not in k]
+    names += ["output_layer.norm_final.weight", "output_layer.linear.weight"]
+    names += ["output_layer.linear.bias"]
+    if adaln:
+        names += ["output_layer.adaLN_modulation.weight", "output_layer.adaLN_modulation.bias"]
+    return names
+
+
 # ----------------------------------------------------------------------------------------------
 # Sampling helpers: a tiny randomised module, a recorder of denoising calls, a sampler config
 # ----------------------------------------------------------------------------------------------

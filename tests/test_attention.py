@@ -18,7 +18,7 @@ from models.attention import (
 
 
 def brute_force_bd3_mask(L: int, K: int) -> torch.Tensor:
-    """SPEC 2.4 read literally, one (q, k) pair at a time."""
+    """The block-diffusion mask of paper Sec. 3.2 read literally, one (q, k) pair at a time."""
     out = torch.zeros(2 * L, 2 * L, dtype=torch.bool)
     for q in range(2 * L):
         for k in range(2 * L):

@@ -12,7 +12,6 @@ import sys
 import pytest
 import torch
 from omegaconf import OmegaConf
-from test_model import spec_parameter_order
 
 import builders
 from checkpoints import (
@@ -23,7 +22,7 @@ from checkpoints import (
     read_checkpoint,
     sanity_check_perplexity,
 )
-from conftest import ROOT, compose_cfg, randomize_
+from conftest import ROOT, compose_cfg, randomize_, reference_parameter_order
 from models.hf import BD3LM, BD3LMConfig
 from utils import UserError
 
@@ -206,7 +205,7 @@ def reference_hparams(marker, **algo):
 def distinct_ema_list(module, adaln=True, seed=7):
     gen = torch.Generator().manual_seed(seed)
     params = dict(module.backbone.named_parameters())
-    names = spec_parameter_order(module.backbone.config.n_blocks, adaln=adaln)
+    names = reference_parameter_order(module.backbone.config.n_blocks, adaln=adaln)
     return names, [torch.randn(params[n].shape, generator=gen) + i for i, n in enumerate(names)]
 
 

@@ -1,4 +1,4 @@
-"""The clip-interval grid and selection (SPEC 2.7, 10.3), the mdlm_loss_scale path, and the
+"""The clip-interval grid and selection, the mdlm_loss_scale path, and the
 sampler building blocks (nucleus quirk, categorical draws, per-sequence first-hitting)."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The paper-run configs: every configs/experiment/*.yaml composes, passes validation and splits
-its batch for the GPU count its slurm launchers ask for; the batch arithmetic of SPEC 9.2; the
-FSDP strategy and the submitit launcher configs parse (the plugin itself is not needed)."""
+its batch for the GPU count its slurm launchers ask for; the batch arithmetic of the paper's
+runs; the FSDP strategy and the submitit launcher configs parse (the plugin is not needed)."""
 
 from __future__ import annotations
 
@@ -74,7 +74,7 @@ def test_every_paper_run_has_a_launcher():
     assert set(PAPER_RUNS) <= set(launcher_gpus())
 
 
-# (data, L, per-GPU batch, GPUs, accumulation) of SPEC 9.2 / 7.4
+# (data, L, per-GPU batch, GPUs, accumulation) of the paper's runs (reference launchers)
 TRAINING = {
     "lm1b_ar": ("lm1b", 128, 128, 4, 1),
     "lm1b_mdlm": ("lm1b", 128, 128, 4, 1),

@@ -111,7 +111,7 @@ def test_gpt2_from_offline_package(tmp_path, no_hub, caplog):
     tok = vocab.tokenizer
     assert tok("Hello world", add_special_tokens=False)["input_ids"] == [15496, 995]
     assert (vocab.bos_id, vocab.eos_id, vocab.mask_id, vocab.size) == (50256, 50256, 50257, 50258)
-    assert tok.pad_token_id == 50257  # SPEC 1.1 quirk: [PAD] shares the mask id
+    assert tok.pad_token_id == 50257  # the reference's quirk: [PAD] shares the mask id
     assert dl.decode(vocab, [15496, 995, 50257]) == "Hello world[PAD]"
     assert "offline package copy" in caplog.text
 
@@ -121,7 +121,10 @@ def test_bert_quirk_from_offline_package(tmp_path, no_hub):
     tok = vocab.tokenizer
     assert tok("Hello world", add_special_tokens=False)["input_ids"] == [7592, 2088]
     assert (tok.bos_token_id, tok.eos_token_id) == (101, 102)
-    assert (vocab.bos_id, vocab.eos_id) == (101, 101)  # SPEC 6.1 quirk: both inserted as [CLS]
+    assert (vocab.bos_id, vocab.eos_id) == (
+        101,
+        101,
+    )  # the reference's quirk: both [CLS]
     assert (vocab.mask_id, vocab.size, tok.pad_token_id) == (103, 30522, 0)
 
 

@@ -1,4 +1,4 @@
-"""models.hf: the HF-compatible BD3LM / MDLM wrappers of our DiT (SPEC 3.9): config fields and
+"""models.hf: the HF-compatible BD3LM / MDLM wrappers of our DiT: config fields and
 defaults, state-dict keys, strict loading of HF directories, forward equivalence with
 Diffusion.net, save_pretrained round trips, and the keyed adapter of the no-EOS baselines."""
 
@@ -10,10 +10,9 @@ import os
 import pytest
 import torch
 from safetensors.torch import save_file
-from test_model import spec_parameter_order
 
 from checkpoints.layout import CheckpointError, adapt_backbone_state, detect_kind
-from conftest import randomize_
+from conftest import randomize_, reference_parameter_order
 from models.attention import MaskCache
 from models.dit import DiT, DiTConfig
 from models.hf import BD3LM, MDLM, BD3LMConfig, MDLMConfig
@@ -99,7 +98,7 @@ def test_state_dict_keys_are_the_released_ones():
     with torch.device("meta"):
         model = BD3LM(BD3LMConfig(**TINY, attn_backend="sdpa"))
         mdlm = MDLM(MDLMConfig(**TINY))
-    names = ["backbone." + n for n in spec_parameter_order(2, adaln=True)]
+    names = ["backbone." + n for n in reference_parameter_order(2, adaln=True)]
     extra = {"backbone.rotary_emb.inv_freq", "sampling_eps_min", "sampling_eps_max"}
     assert set(model.state_dict()) == set(names) | extra
     assert [n for n, _ in model.named_parameters()] == names

@@ -4,51 +4,27 @@ from __future__ import annotations
 
 import torch
 
+from conftest import reference_parameter_order
 from models.attention import MaskCache
 from models.dit import DiT, DiTConfig
 from models.ema import EMA
-
-BLOCK_KEYS = [
-    "norm1.weight",
-    "attn_qkv.weight",
-    "attn_out.weight",
-    "norm2.weight",
-    "mlp.0.weight",
-    "mlp.0.bias",
-    "mlp.2.weight",
-    "mlp.2.bias",
-    "adaLN_modulation.weight",
-    "adaLN_modulation.bias",
-]
-
-
-def spec_parameter_order(n_blocks: int, adaln: bool) -> list[str]:
-    """SPEC 3.8: the order in which the reference's EMA list stores parameters."""
-    names = ["vocab_embed.embedding"]
-    if adaln:
-        names += [f"sigma_map.mlp.{i}.{w}" for i in (0, 2) for w in ("weight", "bias")]
-    for b in range(n_blocks):
-        names += [f"blocks.{b}.{k}" for k in BLOCK_KEYS if adaln or "adaLN" not in k]
-    names += ["output_layer.norm_final.weight", "output_layer.linear.weight"]
-    names += ["output_layer.linear.bias"]
-    if adaln:
-        names += ["output_layer.adaLN_modulation.weight", "output_layer.adaLN_modulation.bias"]
-    return names
 
 
 def test_small_model_parameter_count_and_names():
     with torch.device("meta"):
         model = DiT(DiTConfig(vocab_size=50258))  # small: 768 / 128 / 12 blocks / 12 heads
     assert sum(p.numel() for p in model.parameters()) == 169_627_218
-    assert [n for n, _ in model.named_parameters()] == spec_parameter_order(12, adaln=True)
-    assert set(model.state_dict()) == set(spec_parameter_order(12, True)) | {"rotary_emb.inv_freq"}
+    assert [n for n, _ in model.named_parameters()] == reference_parameter_order(12, adaln=True)
+    assert set(model.state_dict()) == set(reference_parameter_order(12, True)) | {
+        "rotary_emb.inv_freq"
+    }
 
 
 def test_ar_model_has_no_adaln():
     with torch.device("meta"):
         model = DiT(DiTConfig(vocab_size=50258, causal=True, adaln=False))
     assert sum(p.numel() for p in model.parameters()) == 162_246_482
-    assert [n for n, _ in model.named_parameters()] == spec_parameter_order(12, adaln=False)
+    assert [n for n, _ in model.named_parameters()] == reference_parameter_order(12, adaln=False)
 
 
 def test_fresh_model_gives_zero_logits(tiny_dit):

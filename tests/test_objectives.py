@@ -1,4 +1,4 @@
-"""The forward process, SUBS and the NELBO reductions (SPEC 1-2, 10)."""
+"""The forward process, SUBS and the NELBO reductions."""
 
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ def masked_diffusion(L, K, cross_attn=True, **kw):
 
 
 def test_antithetic_t_spec_example(monkeypatch):
-    """SPEC 10.4: B = 2, nb = 2, all raw draws 0 -> [[0, .25], [.5, .75]] (batch-major)."""
+    """Antithetic strata: B = 2, nb = 2, all raw draws 0 -> [[0, .25], [.5, .75]] (batch-major)."""
     monkeypatch.setattr(torch, "rand", lambda *shape, **kw: torch.zeros(*shape))
     t = sample_t(2, 4, 2, f32(0.0), f32(1.0), True, torch.device("cpu"))
     assert torch.equal(t, torch.tensor([[0, 0, 0.25, 0.25], [0.5, 0.5, 0.75, 0.75]]))
@@ -200,7 +200,7 @@ def test_every_schedule_weight_is_d_alpha_over_one_minus_alpha(name):
 
 
 def test_double_length_rows_are_cropped_for_text8(tiny_dit):
-    """text8-crop (SPEC 2.1): 2L rows -> a random L window with BOS first; AR targets are the
+    """text8-crop: 2L rows -> a random L window with BOS first; AR targets are the
     window shifted by one, ending in EOS."""
     from algorithms.base import DoubleLengthCrop
 

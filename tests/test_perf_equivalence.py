@@ -1,4 +1,4 @@
-"""Issue 7: every speed switch keeps the numbers (logits, gradients, losses), the fast
+"""Every speed switch keeps the numbers (logits, gradients, losses), the fast
 samplers keep their distribution and cached == uncached, and parallel decoding with one token
 per step is the exact first-hitting sampler."""
 

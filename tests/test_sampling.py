@@ -1,4 +1,4 @@
-"""Sampling (SPEC 4): the KV cache against from-scratch recomputation at every step, within
+"""Sampling: the KV cache against from-scratch recomputation at every step, within
 and beyond the window, with prompts of different lengths; stop rules; Gen-PPL windows."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""SEDD: the log-score parameterisation, the score-entropy loss (SPEC 2.5) and the analytic
-sampler (SPEC 4.4), including the variable-length fix of SPEC 8.16."""
+"""SEDD: the log-score parameterisation, the score-entropy loss and the analytic
+sampler, including the variable-length fix (below)."""
 
 from __future__ import annotations
 
@@ -196,7 +196,7 @@ def target_score_fn(target):
 
 
 def test_step_probs_match_dense_spec_form():
-    """Staggered score x transposed transition on full tensors (SPEC 4.4) at masked rows."""
+    """Staggered score x transposed transition on full tensors at masked rows."""
     gen = torch.Generator().manual_seed(0)
     B, L = 2, 6
     x = torch.randint(0, MASK, (B, L), generator=gen)
@@ -271,7 +271,7 @@ def test_analytic_sampler_recovers_point_mass_exactly():
 
 
 def test_var_length_keeps_samples_with_eos_truncated_after_it():
-    """SPEC 8.16: the reference rejected every SEDD sample containing an EOS; here the sample
+    """The reference rejected every SEDD sample containing an EOS; here the sample
     ends at its first generated EOS (kept). Fixed length keeps the whole sequence."""
     L = 12
     gen = torch.Generator().manual_seed(0)

@@ -1,5 +1,5 @@
 """HF configs with the fields and class defaults of the released checkpoints' own classes
-(SPEC 3.9), so that config.json files written by either side load on the other."""
+, so that config.json files written by either side load on the other."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """HF models that are drop-in replacements for the released checkpoints' own classes
-(SPEC 3.9): same config fields, same state-dict keys (`backbone.` + our DiT's names, plus the
+: same config fields, same state-dict keys (`backbone.` + our DiT's names, plus the
 `sampling_eps_min/max` buffers when `var_min`), a compatible forward. The network is our
 `models.dit.DiT`; these classes only choose positions and masks and load weights strictly.
 
@@ -59,7 +59,7 @@ class _DiTWrapper(PreTrainedModel):
         self._positions: dict[tuple, Tensor] = {}
         self.post_init()
 
-    # The DiT initialises itself (zero-initialised adaLN and output layer, SPEC 3.1-3.3).
+    # The DiT initialises itself (zero-initialised adaLN and output layer).
     def _init_weights(self, module) -> None:
         return None
 
@@ -97,7 +97,7 @@ class _DiTWrapper(PreTrainedModel):
             sigma = sigma.expand(batch)
         elif sigma.ndim == 2:
             sigma = sigma.mean(-1)
-        if not self.config.time_conditioning:  # adaLN stays on with sigma zeroed (SPEC 3.4)
+        if not self.config.time_conditioning:  # adaLN stays on with sigma zeroed
             sigma = torch.zeros_like(sigma)
         return sigma
 

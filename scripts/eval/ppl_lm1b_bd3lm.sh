@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Test perplexity of the LM1B BD3-LMs K = 4, 8, 16 (paper Table 3; SPEC 9.2: eval batch 128, flex)
+# Test perplexity of the LM1B BD3-LMs K = 4, 8, 16 (paper Table 3: eval batch 128, flex)
 # on one GPU each; the checkpoints of train/train_lm1b_bd3lm.sh. BLOCK_SIZES="4" picks a subset.
 # Results: outputs/slurm/ppl_lm1b_bd3lm_bsK/ppl_eval.json.
 # Extra arguments go to main.py (last, so they win). Env: SBATCH_ARGS (more sbatch options, e.g.

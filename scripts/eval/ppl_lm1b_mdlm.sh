@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Test perplexity of the LM1B MDLM baseline (paper Table 3; SPEC 9.2: eval batch 128, L = 128) on
+# Test perplexity of the LM1B MDLM baseline (paper Table 3: eval batch 128, L = 128) on
 # one GPU; the checkpoint of train/train_lm1b_mdlm.sh (CKPT_ROOT=DIR moves the runs' root).
 # Result: outputs/slurm/ppl_lm1b_mdlm/ppl_eval.json.
 # Extra arguments go to main.py (last, so they win). Env: SBATCH_ARGS (more sbatch options, e.g.

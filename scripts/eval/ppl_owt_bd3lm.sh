@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Test perplexity of the OpenWebText BD3-LMs K = 4, 8, 16 (paper Table 4; SPEC 9.2, COMMANDS.md
+# Test perplexity of the OpenWebText BD3-LMs K = 4, 8, 16 (paper Table 4; the reference README's
 # "Likelihood evaluation": eval batch 16, flex, data.insert_valid_special=False) on one GPU each;
 # the checkpoints of train/train_owt_bd3lm.sh. The released weights instead: BLOCK_SIZES=4 ...
 # algo.backbone=hf_dit eval.checkpoint_path=kuleshov-group/bd3lm-owt-block_size4.

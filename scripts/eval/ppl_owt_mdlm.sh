@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Test perplexity of the OpenWebText MDLM baseline (paper Table 4; SPEC 9.2: eval batch 16,
+# Test perplexity of the OpenWebText MDLM baseline (paper Table 4: eval batch 16,
 # L = 1024, algo.ignore_bos=false) on one GPU; the checkpoint of train/train_owt_mdlm.sh.
 # Result: outputs/slurm/ppl_owt_mdlm/ppl_eval.json.
 # The experiment's OWT data flags apply (no EOS between validation documents); the reference's

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Generative perplexity of BD3-LM K = 4, 8, 16 at L = 1024, 2048 (paper Table 7; SPEC 9.2):
+# Generative perplexity of BD3-LM K = 4, 8, 16 at L = 1024, 2048 (paper Table 7):
 # T = 5000, p = 0.9, KV cache, 25 samples per seed, seeds 1-12 (300 samples per setting),
 # collected in outputs/samples/genppl_bd3lm_bsK_lenL (samples.jsonl, sample_eval.json).
 # BLOCK_SIZES, LENGTHS, SEEDS pick subsets. Summary: python scripts/sample_stats.py outputs/samples.

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Generative perplexity of MDLM at L = 1024, 2048 (paper Table 7; SPEC 9.2): T = 5000,
+# Generative perplexity of MDLM at L = 1024, 2048 (paper Table 7): T = 5000,
 # block_size 1024, p = 0.9, 25 samples per seed, seeds 1-12, collected in
 # outputs/samples/genppl_mdlm_lenL. LENGTHS, SEEDS pick subsets.
 # One GPU per job, jobs of one setting share a name and run one after another

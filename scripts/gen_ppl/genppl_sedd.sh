@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Generative perplexity of SEDD at L = 1024 (paper Table 7; SPEC 9.2): T = 1000, p = 0.99,
+# Generative perplexity of SEDD at L = 1024 (paper Table 7): T = 1000, p = 0.99,
 # 25 samples per seed, seeds 1-12, collected in outputs/samples/genppl_sedd_len1024. SEEDS picks
 # a subset.
 # One GPU per job, jobs of one setting share a name and run one after another

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# OpenWebText BD3-LM stage 2 (paper Table 4; COMMANDS.md "Training"): fine-tune the
+# OpenWebText BD3-LM stage 2 (paper Table 4; the reference README's "Training"): fine-tune the
 # block-size-1024 pre-train at K = 4, 8, 16 for 150K steps with the clip search and resampling,
 # 8 GPUs x 16 x 4. Default start: the released kuleshov-group/bd3lm-owt-block_size1024-pretrain;
 # PRETRAIN=outputs/slurm/owt_bd3lm_pretrain/checkpoints/last.ckpt uses our own stage 1.

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Variable-length samples of AR (paper Table 6: median 4008, max 131K tokens; SPEC 9.2): up to
+# Variable-length samples of AR (paper Table 6: median 4008, max 131K tokens): up to
 # 131072 tokens, p = 0.9, KV cache; stop at an EOS or a low-entropy tail;
 # 25 samples per seed, seeds 1-20 (500 documents), collected in outputs/samples/varlen_ar.
 # SEEDS picks a subset. Summary (median and max length): python scripts/sample_stats.py

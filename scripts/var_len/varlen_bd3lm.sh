@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Variable-length samples of BD3-LM K = 16 (paper Table 6: median 798, max 9982 tokens;
-# SPEC 9.2): up to 131072 tokens (model.length must be a multiple of K), T = 5000, p = 0.9,
+# Variable-length samples of BD3-LM K = 16 (paper Table 6: median 798, max 9982 tokens):
+# up to 131072 tokens (model.length must be a multiple of K), T = 5000, p = 0.9,
 # KV cache; stop at an EOS or a low-entropy tail; 25 samples per seed, seeds 1-20 (500
 # documents), collected in outputs/samples/varlen_bd3lm_bs16.
 # SEEDS picks a subset. Summary (median and max length): python scripts/sample_stats.py

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Variable-length samples of SEDD (paper Table 6: median 1021, max 1024 tokens; SPEC 9.2): L = 1024,
+# Variable-length samples of SEDD (paper Table 6: median 1021, max 1024 tokens): L = 1024,
 # T = 1000, p = 0.99; stop at an EOS or a low-entropy tail;
 # 25 samples per seed, seeds 1-20 (500 documents), collected in outputs/samples/varlen_sedd.
 # SEEDS picks a subset. Summary (median and max length): python scripts/sample_stats.py

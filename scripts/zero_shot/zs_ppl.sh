@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Zero-shot likelihood of an OpenWebText-trained model on the paper's suite (SPEC 5.3, Table 5):
+# Zero-shot likelihood of an OpenWebText-trained model on the paper's suite (paper Table 5):
 # experiment=owt_zeroshot (mode=ppl_eval, model.length=1024, loader.eval_batch_size=16,
 # documents concatenated without EOS, each 1024 chunk BOS + 1022 tokens + EOS).
 #
