@@ -61,18 +61,29 @@ def build_module(
     mask_id: int,
     seq_len: int | None = None,
     bos_eos: tuple[int, int] | None = None,
+    network=None,
 ) -> Diffusion:
     """The LightningModule for `cfg`, freshly initialised (seed before calling). seq_len: the
     training context L when `model.length` means something else (the generation length).
-    bos_eos: the inserted BOS/EOS ids, needed by the text8-crop path (2L training rows)."""
+    bos_eos: the inserted BOS/EOS ids, needed by the text8-crop path (2L training rows).
+    network: a loaded SSD-LM network (models.ssdlm.load_ssdlm, a released checkpoint) to use
+    instead of a fresh one; objectives whose `backbone` is "roberta" (SSD-LM) run on a
+    models.ssdlm.SSDLMNetwork sized by the model keys for rows of seq_len, the others on
+    the DiT."""
     seq_len = seq_len or int(cfg.model.length)
     crop = None
     if cfg.data.train == "text8-crop" and bos_eos is not None:
         insert = bool(cfg.data.get("insert_train_special", True))
         crop = DoubleLengthCrop(bos_eos[0], bos_eos[1], insert)
     algorithm = build_objective(cfg, seq_len, mask_id, crop)
-    causal = cfg.algo.parameterization == "ar"
-    backbone = DiT(dit_config(cfg.model, vocab_size, causal))
+    if getattr(algorithm, "backbone", None) == "roberta":
+        from models.ssdlm import build_network
+
+        backbone = network if network is not None else build_network(cfg.model, vocab_size, seq_len)
+        network = backbone  # the objective calls the network itself
+    else:
+        causal = cfg.algo.parameterization == "ar"
+        backbone = DiT(dit_config(cfg.model, vocab_size, causal))
     schedule = cfg.lr_scheduler
     optim = OptimSettings(
         lr=float(cfg.optim.lr),
@@ -105,6 +116,7 @@ def build_module(
         clip_search_batches=int(cfg.algo.clip_search_batches),
         fix_clipping=bool(cfg.algo.fix_clipping),
         seed=int(cfg.seed),
+        network=network,
     )
 
 

@@ -81,6 +81,8 @@ class Diffusion(L.LightningModule):
     clip_grid: candidate intervals for the clip search (algorithms.clip_search); with more
     than one, validation measures each on its first `clip_search_batches` batches and moves
     the buffers to the one of least variance (unless fix_clipping).
+    network: the callable the objective's loss receives when it is not the DiT behind a
+    models.network.BackboneNetwork (SSD-LM: the models.ssdlm.SSDLMNetwork `backbone` itself).
     """
 
     def __init__(
@@ -97,6 +99,7 @@ class Diffusion(L.LightningModule):
         clip_search_batches: int = 100,
         fix_clipping: bool = False,
         seed: int = 0,
+        network=None,
     ):
         super().__init__()
         self.backbone = backbone
@@ -114,7 +117,10 @@ class Diffusion(L.LightningModule):
         self.fix_clipping = fix_clipping
         self.seed = seed
         self._variance: VarianceRecorder | None = None
-        self.net = BackboneNetwork(backbone)
+        # what the objective calls: the DiT behind a BackboneNetwork, or `network` (SSD-LM's
+        # network is the backbone itself, kept out of the module tree so that its weights
+        # are not registered twice)
+        self.__dict__["net"] = network if network is not None else BackboneNetwork(backbone)
         self._eval_sums: Tensor | None = None
         self.eval_result: dict | None = None
 
@@ -210,10 +216,14 @@ class Diffusion(L.LightningModule):
         return out
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        """Reported: the unbiased NELBO (or exact NLL for K = 1). With a clip grid, every
+        """Reported: the unbiased NELBO (or exact NLL for K = 1; for an objective without a
+        bound, SSD-LM, its training cross-entropy of one block). With a clip grid, every
         interval that still wants samples costs one more forward pass on this batch (on the
         same noise: common random numbers make the intervals' variances comparable)."""
-        report = self.algorithm.eval_interval()
+        try:
+            report = self.algorithm.eval_interval()
+        except NotImplementedError:  # no bound (SSD-LM): its training loss on validation data
+            report = tuple(float(e) for e in self.clip_interval())
         out = self._eval_loss(batch, batch_idx, report)
         self._eval_sums += torch.stack([out.nlls.double().sum(), out.token_mask.double().sum()])
         if self._variance is None:

@@ -27,12 +27,14 @@ from checkpoints import (
     LoadedCheckpoint,
     check_state,
     load_checkpoint_into,
+    load_weights,
     ppl_threshold,
     read_any_checkpoint,
     read_checkpoint,
     sanity_check_perplexity,
     trained_length,
 )
+from models import ssdlm
 from sampling import generate
 from training_callbacks import Preemption
 from utils import UserError, atomic_path, get_logger, global_rank
@@ -153,7 +155,43 @@ def checkpoint_vocab_size(loaded: LoadedCheckpoint) -> int | None:
     for name, tensor in state.items():
         if name.endswith("vocab_embed.embedding"):
             return int(tensor.shape[0])
+        if name.endswith("embed_sum_layer.weight"):  # SSD-LM: (hidden, V)
+            return int(tensor.shape[1])
     return None
+
+
+def read_eval_checkpoint(cfg: DictConfig, path: str) -> LoadedCheckpoint:
+    """`eval.checkpoint_path` read before any module exists: a released SSD-LM directory
+    (models.ssdlm layout: a RoBERTa MLM + embed_sum_layer.pt + timestep_layer.pt, read with
+    weights_only; format "ssdlm", its network in raw["network"]) or what read_any_checkpoint
+    reads. SSD-LM runs (algo.backbone=roberta) take that directory or our .ckpt only."""
+    key = "eval.checkpoint_path"
+    roberta = cfg.algo.backbone == "roberta"
+    if ssdlm.is_released_layout(path):
+        if not roberta:
+            raise UserError(
+                f"{key}={path} is an SSD-LM checkpoint ({ssdlm.EMBED_SUM_FILE}, "
+                f"{ssdlm.TIMESTEP_FILE}); sample it with algo=ssdlm"
+            )
+        try:
+            vocab_size, max_tokens = ssdlm.released_shape(path)
+            network = ssdlm.load_ssdlm(path)
+        except (OSError, ValueError) as err:
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise UserError(f"{key}={path}: {reason[:200]}") from None
+        meta = {"model_length": max_tokens, "vocab_size": vocab_size}
+        return LoadedCheckpoint(source=path, format="ssdlm", raw={"network": network}, meta=meta)
+    loaded = read_any_checkpoint(path, key, n_heads(cfg))
+    stored = ((loaded.raw or {}).get("config") or {}).get("algo") or {}
+    dit = loaded.format != "ours" or stored.get("backbone", "roberta") != "roberta"
+    if roberta and dit:
+        what = f"algo={stored['name']}" if stored.get("name") else loaded.format
+        raise UserError(
+            f"{key}={path} is a DiT checkpoint ({what}); algo=ssdlm reads an SSD-LM "
+            f"run's .ckpt or a released SSD-LM directory (RoBERTa MLM + {ssdlm.EMBED_SUM_FILE} "
+            f"+ {ssdlm.TIMESTEP_FILE})"
+        )
+    return loaded
 
 
 def load_for_eval(cfg: DictConfig, loaded: LoadedCheckpoint, seq_len: int | None = None):
@@ -161,11 +199,20 @@ def load_for_eval(cfg: DictConfig, loaded: LoadedCheckpoint, seq_len: int | None
     strictly by name; EMA weights are swapped in by the caller's mode."""
     key = "eval.checkpoint_path"
     vocab = dataloader.get_vocab(cfg.data)
+    if loaded.format == "ssdlm":  # a released SSD-LM directory: the network is loaded
+        dataloader.check_vocab_size(vocab, loaded.meta["vocab_size"], key)
+        network = loaded.raw["network"]
+        return vocab, builders.build_module(
+            cfg, vocab.size, vocab.mask_id, seq_len, network=network
+        )
     size = checkpoint_vocab_size(loaded)
     if size is not None:
         dataloader.check_vocab_size(vocab, size, key)
     module = builders.build_module(cfg, vocab.size, vocab.mask_id, seq_len)
-    load_checkpoint_into(module, loaded, key, for_training=False)
+    if cfg.algo.backbone == "roberta":  # an SSD-LM run's .ckpt: no DiT to compare configs of
+        load_weights(module, loaded.raw, key)
+    else:
+        load_checkpoint_into(module, loaded, key, for_training=False)
     return vocab, module
 
 
@@ -258,7 +305,7 @@ def run(cfg: DictConfig, run_dir: str | None = None) -> None:
     loaded = None
     if cfg.mode in EVAL_MODES:
         path = cfg.eval.checkpoint_path
-        loaded = read_any_checkpoint(path, "eval.checkpoint_path", n_heads(cfg))
+        loaded = read_eval_checkpoint(cfg, path)
     if cfg.mode == "sample_eval":
         settings.check_sampling(cfg, trained_length(loaded, cfg.model.length))
     if settings.evaluates_released(cfg, loaded):  # float32 unless a precision is set

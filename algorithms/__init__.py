@@ -13,11 +13,12 @@ from algorithms.ar import Autoregressive
 from algorithms.base import DoubleLengthCrop
 from algorithms.masked_diffusion import MaskedDiffusion
 from algorithms.sedd import SEDD
+from algorithms.ssdlm import SSDLM
 from noise_schedule import NoiseSchedule
 
 # parameterization -> objective; bd3lm and mdlm share the SUBS objective.
-PARAMETERIZATIONS = ("subs", "ar", "sedd")
-ALGORITHMS = ("bd3lm", "mdlm", "ar", "sedd")
+PARAMETERIZATIONS = ("subs", "ar", "sedd", "ssdlm")
+ALGORITHMS = ("bd3lm", "mdlm", "ar", "sedd", "ssdlm")
 
 
 def build_algorithm(
@@ -28,9 +29,19 @@ def build_algorithm(
     seq_len: int,
     block_size: int,
     crop: DoubleLengthCrop | None = None,
-) -> MaskedDiffusion | Autoregressive | SEDD:
+) -> MaskedDiffusion | Autoregressive | SEDD | SSDLM:
     if algo["name"] not in ALGORITHMS:
         raise ValueError(f"algo.name={algo['name']!r}: valid are {ALGORITHMS}")
+    if algo["parameterization"] == "ssdlm":  # SSD-LM (docs/ssdlm.md): K = block_size
+        defaults = SSDLM()
+        return SSDLM(
+            block_size=block_size,
+            num_steps=int(algo.get("diffusion_steps") or defaults.num_steps),
+            simplex_value=float(algo.get("simplex_value") or defaults.simplex_value),
+            max_context=algo.get("max_context"),
+            top_p=float(algo.get("top_p") or defaults.top_p),
+            sample_context=str(algo.get("context") or defaults.sample_context),
+        )
     if algo["parameterization"] == "ar":
         return Autoregressive(mask_id=mask_id, seq_len=seq_len, crop=crop)
     if algo["parameterization"] == "sedd":
@@ -66,4 +77,4 @@ def build_algorithm(
     )
 
 
-__all__ = ["SEDD", "Autoregressive", "MaskedDiffusion", "build_algorithm"]
+__all__ = ["SEDD", "SSDLM", "Autoregressive", "MaskedDiffusion", "build_algorithm"]

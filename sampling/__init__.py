@@ -9,6 +9,7 @@
   first_hitting.py  first-hitting per block, and the parallel-decoding rules
   ar.py             next-token sampling (AR)
   analytic.py       SEDD's analytic (Tweedie tau-leaping) sampler
+  ssdlm.py          SSD-LM's semi-autoregressive simplex sampler (its own network)
   stops.py          the per-sequence stop rules
   generate.py       the sample_eval loop: batches, prompts, retries, records, summaries
 
@@ -28,6 +29,7 @@ from sampling.ar import ar_sample
 from sampling.block import semi_ar_sample
 from sampling.config import SampleOutput, SamplerConfig
 from sampling.denoiser import Denoiser, ModelDenoiser
+from sampling.ssdlm import SSDLMSamplerOptions, ssdlm_sample
 
 # sample_fn(batch_size, cfg, generator, device, prompt, prompt_valid, progress) -> SampleOutput
 SampleFn = Callable[..., SampleOutput]
@@ -67,11 +69,22 @@ def build_sampler(
     """The sampler of `objective` (its `sampler` kind) and its config (`sampler_config`).
 
     network: the callable network of the objectives (models.network.BackboneNetwork), made
-    here when None. Raises ValueError on settings the sampler cannot honour.
+    here when None; for SSD-LM (sampler "ssdlm") the models.ssdlm.SSDLMNetwork (`backbone`
+    when None), sampled with the objective's top_p, simplex value and context (its
+    sampling_blocks give stride K, so the trained window does not constrain the tiling).
+    Raises ValueError on settings the sampler cannot honour.
     """
     from models.network import BackboneNetwork
 
     cfg = sampler_config(objective, window, length, ids, options)
+    if objective.sampler == "ssdlm":  # the network is SSD-LM's own (models.ssdlm)
+        ssdlm_options = SSDLMSamplerOptions(
+            simplex_value=objective.simplex_value,
+            top_p=objective.top_p,
+            context=objective.sample_context,
+            max_context=objective.max_context,
+        )
+        return cfg, functools.partial(ssdlm_sample, network or backbone, options=ssdlm_options)
     network = network or BackboneNetwork(backbone)
     if objective.sampler == "analytic":
         score_fn = objective.score_fn(network)
@@ -93,4 +106,5 @@ __all__ = [
     "build_sampler",
     "sampler_config",
     "semi_ar_sample",
+    "ssdlm_sample",
 ]

@@ -42,6 +42,7 @@ def check_run(cfg: DictConfig, hw: Hardware) -> None:
         dit_config(cfg.model, vocab_size=1, causal=cfg.algo.parameterization == "ar")
     except ValueError as err:
         raise UserError(str(err)) from None
+    check_network(cfg, objective)
     check_backend(cfg, hw, objective)
     training = cfg.training
     if float(training.sampling_eps_min) > float(training.sampling_eps_max):
@@ -58,6 +59,44 @@ def check_run(cfg: DictConfig, hw: Hardware) -> None:
             check_wandb_credentials(cfg.wandb)
     if cfg.mode == "sample_eval":
         check_sampling_keys(cfg, objective)
+
+
+def check_network(cfg: DictConfig, objective) -> None:
+    """The network the objective runs on (`objective.backbone`, the DiT when it names none),
+    what its training rows need (`objective.check_rows`) and whether it has a likelihood
+    bound for ppl_eval (`objective.eval_interval`)."""
+    name, backbone = cfg.algo.name, cfg.algo.backbone
+    wanted = getattr(objective, "backbone", None)
+    if wanted is not None and backbone != wanted:
+        raise UserError(f"algo.backbone={backbone}: algo={name} runs on algo.backbone={wanted}")
+    if wanted is None and backbone == "roberta":
+        raise UserError(
+            f"algo.backbone=roberta is SSD-LM's network; algo={name} takes dit or hf_dit"
+        )
+    if cfg.mode == "ppl_eval":
+        try:
+            objective.eval_interval()
+        except NotImplementedError:
+            raise UserError(
+                f"mode=ppl_eval: algo={name} has no likelihood bound to evaluate; use "
+                "mode=sample_eval (generative perplexity)"
+            ) from None
+    if cfg.mode == "train" and hasattr(objective, "check_rows"):
+        try:
+            objective.check_rows(int(cfg.model.length))
+        except ValueError as err:
+            raise UserError(str(err)) from None
+    if wanted == "roberta":
+        if cfg.model.attn_backend != "sdpa":
+            raise UserError(
+                f"model.attn_backend={cfg.model.attn_backend}: the RoBERTa network of "
+                f"algo={name} uses transformers' attention; set model.attn_backend=sdpa"
+            )
+        if cfg.training.compile:
+            raise UserError(
+                f"training.compile=true compiles DiT blocks; algo={name} has none, set "
+                "training.compile=false"
+            )
 
 
 def check_backend(cfg: DictConfig, hw: Hardware, objective) -> None:
@@ -132,6 +171,7 @@ def check_sampling_keys(cfg: DictConfig, objective) -> None:
     """sample_eval's keys: the sampler's options (their ranges are SamplerConfig's), what the
     objective can do, prompts and the output directory."""
     sampling = cfg.sampling
+    check_inapplicable_sampling_keys(cfg, objective)
     try:
         SamplerConfig(
             length=1,
@@ -181,6 +221,49 @@ def check_sampling_keys(cfg: DictConfig, objective) -> None:
             f"eval.gen_ppl_eval_model_name_or_path={judge}: no such directory; give a local "
             "causal LM directory, a hub id, or null to skip generative perplexity"
         )
+
+
+# sampling keys -> their defaults: the first-hitting sampler and its parallel decoding
+FIRST_HITTING_KEYS = {
+    "first_hitting": False,  # the objective's own default (configs/algo/ssdlm.yaml)
+    "tokens_per_step": 1,
+    "confidence_threshold": None,
+    "entropy_bound": None,
+    "eb_gamma": None,
+    "unmask_order": "random",
+    "reencode_context": False,
+}
+
+
+def check_inapplicable_sampling_keys(cfg: DictConfig, objective) -> None:
+    """Sampler keys the objective's sampler has no use for, refused when set away from their
+    defaults: first-hitting and parallel decoding (`objective.supports_first_hitting`),
+    nucleus_p (`supports_nucleus`), var_length (`supports_var_length`)."""
+    sampling, name = cfg.sampling, cfg.algo.name
+    if not getattr(objective, "supports_first_hitting", True):
+        for key, default in FIRST_HITTING_KEYS.items():
+            if sampling[key] != default:
+                raise UserError(
+                    f"sampling.{key}={_yaml(sampling[key])}: algo={name} has no first-hitting "
+                    f"or parallel-decoding sampler; leave sampling.{key}={_yaml(default)}"
+                )
+    if not getattr(objective, "supports_nucleus", True) and float(sampling.nucleus_p) != 1.0:
+        raise UserError(
+            f"sampling.nucleus_p={sampling.nucleus_p}: algo={name} samples through its own "
+            "projection's top-p; set algo.top_p instead and leave sampling.nucleus_p=1.0"
+        )
+    if not getattr(objective, "supports_var_length", True) and sampling.var_length:
+        raise UserError(
+            f"sampling.var_length=true: algo={name} generates fixed lengths only; set "
+            "sampling.var_length=false"
+        )
+
+
+def _yaml(value) -> str:
+    """A value as it is written on the command line (true, null, 0.5)."""
+    if value is None:
+        return "null"
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def check_sampling(cfg: DictConfig, window: int) -> None:

@@ -196,7 +196,7 @@ GROUPS: dict[str, dict[str, Spec]] = {
     },
     "algo": {
         "name": Choice(*ALGORITHMS),
-        "backbone": Choice("dit", "hf_dit"),
+        "backbone": Choice("dit", "hf_dit", "roberta"),
         "parameterization": Choice(*PARAMETERIZATIONS),
         "time_conditioning": BOOL,
         "T": Int(0),
@@ -208,6 +208,12 @@ GROUPS: dict[str, dict[str, Spec]] = {
         "clip_search_batches": POSITIVE,
         "fix_clipping": BOOL,
         "mdlm_loss_scale": BOOL,
+        # SSD-LM only (configs/algo/ssdlm.yaml, docs/ssdlm.md)
+        "diffusion_steps": POSITIVE_OR_NULL,  # T of the training forward process (5000)
+        "simplex_value": Real(0, lo_open=True, null=True),  # k of the +-k simplex (5)
+        "top_p": Real(0, 1, lo_open=True, null=True),  # the sampling projection's top-p (0.95)
+        "context": Choice("previous_block", "all", null=True),  # the sampler's context
+        "max_context": POSITIVE_OR_NULL,  # at most this many context tokens (train and sample)
     },
     "model": {
         "name": TEXT,
