@@ -97,6 +97,11 @@ def check_network(cfg: DictConfig, objective) -> None:
                 f"training.compile=true compiles DiT blocks; algo={name} has none, set "
                 "training.compile=false"
             )
+        if cfg.mode == "train" and cfg.training.from_pretrained:
+            raise UserError(
+                f"training.from_pretrained={cfg.training.from_pretrained}: algo={name} trains "
+                "from scratch or resumes its own run (checkpointing.resume_ckpt_path); set null"
+            )
 
 
 def check_backend(cfg: DictConfig, hw: Hardware, objective) -> None:

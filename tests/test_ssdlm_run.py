@@ -159,6 +159,7 @@ REFUSALS = [
     (["block_size=32"], "block_size=32 leaves no context in rows of model.length=32"),
     (["model.attn_backend=flex"], "model.attn_backend=flex: the RoBERTa network"),
     (["training.compile=true"], "training.compile=true"),
+    (["training.from_pretrained=/nonexistent.ckpt"], "algo=ssdlm trains from scratch"),
     (["algo.top_p=0"], "algo.top_p=0"),
     (["algo.context=everything"], "algo.context='everything': valid are previous_block, all"),
 ]
