@@ -7,10 +7,22 @@ from checkpoints.layout import CLIP_BUFFERS, CheckpointError, infer_dit_shape, s
 from utils import UserError, atomic_path
 
 
-def export_hf(checkpoint: dict, out_dir: str, use_ema: bool = True) -> str:
+def export_hf(
+    checkpoint: dict,
+    out_dir: str,
+    use_ema: bool = True,
+    token_ids: dict[str, int] | None = None,
+    extra_files=None,
+) -> str:
     """Write our Lightning checkpoint (EMA weights unless use_ema=False, and the learned clip
     interval buffers) as an HF directory: BD3LM format (model_type bd3lm) for BD3-LM and AR
-    runs, MDLM format (model_type mdlm) for MDLM runs. attn_backend is written as sdpa."""
+    runs, MDLM format (model_type mdlm) for MDLM runs. attn_backend is written as sdpa.
+
+    token_ids: {"bos_token_id", "eos_token_id", "mask_token_id", "pad_token_id"} to record in
+    config.json (models.hf generate reads them). No `auto_map` is written: the directory ships
+    no modeling code, so it loads with `models.hf` (or AutoModelForMaskedLM after importing
+    it), never as remote code. extra_files(tmp_dir): called before the directory is moved
+    into place, to add files (the tokenizer, a model card)."""
     from models.hf import BD3LM, MDLM, BD3LMConfig, MDLMConfig
 
     config = checkpoint.get("config")
@@ -51,6 +63,10 @@ def export_hf(checkpoint: dict, out_dir: str, use_ema: bool = True) -> str:
             sampling_eps_max=clip.get("sampling_eps_max", 0.999),
             **common,
         )
+    for name, value in (token_ids or {}).items():
+        setattr(hf_config, name, int(value))
+    if hasattr(hf_config, "auto_map"):
+        del hf_config.auto_map  # it would point at configuration_*.py files not shipped here
     model = cls(hf_config)
     state = {f"backbone.{k}": v for k, v in inner.items()}
     state.update({k: rest[k] for k in CLIP_BUFFERS if k in rest and var_min})
@@ -60,4 +76,6 @@ def export_hf(checkpoint: dict, out_dir: str, use_ema: bool = True) -> str:
         raise UserError(str(err)) from None
     with atomic_path(out_dir) as tmp:
         model.save_pretrained(tmp)
+        if extra_files is not None:
+            extra_files(tmp)
     return out_dir

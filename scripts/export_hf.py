@@ -1,6 +1,9 @@
 """Export one of our Lightning checkpoints as an HF directory (config.json + model.safetensors)
 that `models.hf` and the reference's own classes load: EMA weights (unless --live) and the
-learned clip-interval buffers.
+learned clip-interval buffers, the run's tokenizer (its BOS / EOS / mask ids recorded in
+config.json) and a model card (README.md). No auto_map: the directory ships no modeling
+code; load it with `models.hf.BD3LM` / `MDLM` or, after `import models.hf`,
+`AutoModelForMaskedLM`.
 
     python scripts/export_hf.py outputs/.../checkpoints/best.ckpt exported/bd3lm-k4
 """
@@ -16,6 +19,56 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from checkpoints import export_hf, read_checkpoint  # noqa: E402
 from utils import UserError  # noqa: E402
 
+CARD = """---
+library_name: transformers
+tags: [block-diffusion, bd3lm, masked-diffusion]
+---
+# {name}
+
+A {kind} language model exported from a BD3-LM framework run (block diffusion: "Block
+Diffusion: Interpolating Between Autoregressive and Diffusion Language Models", ICLR 2025).
+
+- model_type `{model_type}`, block size {block_size}, trained context {model_length} tokens,
+  vocabulary {vocab_size} (tokenizer `{tokenizer}` included here)
+- weights: {weights}
+
+This directory has no modeling code (no `auto_map`): load it with the framework's classes.
+
+```python
+import models.hf  # registers {model_type} with AutoConfig / AutoModelForMaskedLM
+from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+model = AutoModelForMaskedLM.from_pretrained(PATH)
+tokenizer = AutoTokenizer.from_pretrained(PATH)
+ids = tokenizer(["To be"], return_tensors="pt").input_ids
+print(tokenizer.decode(model.generate(ids, max_new_tokens=32, seed=0)[0]))
+```
+"""
+
+
+def write_tokenizer_and_card(
+    directory: str, checkpoint: dict, vocab, use_ema: bool, name: str
+) -> None:
+    """The tokenizer files and README.md model card into `directory`."""
+    import json
+
+    vocab.tokenizer.save_pretrained(directory)
+    with open(os.path.join(directory, "config.json")) as f:
+        config = json.load(f)
+    data = checkpoint["config"]["data"]
+    card = CARD.format(
+        name=name,
+        kind="autoregressive" if config.get("causal") else "block diffusion",
+        model_type=config["model_type"],
+        block_size=config.get("block_size", config["model_length"]),
+        model_length=config["model_length"],
+        vocab_size=config["vocab_size"],
+        tokenizer=data.get("tokenizer_name_or_path"),
+        weights="EMA" if use_ema and checkpoint.get("ema") is not None else "live",
+    )
+    with open(os.path.join(directory, "README.md"), "w") as f:
+        f.write(card)
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -27,7 +80,28 @@ def main(argv: list[str] | None = None) -> int:
         if os.path.exists(args.out_dir):
             raise UserError(f"{args.out_dir} exists; give a new directory")
         checkpoint = read_checkpoint(args.ckpt, "CKPT")
-        export_hf(checkpoint, args.out_dir, use_ema=not args.live)
+        from omegaconf import OmegaConf
+
+        import dataloader
+
+        data_cfg = (checkpoint.get("config") or {}).get("data")
+        if not isinstance(data_cfg, dict):
+            raise UserError(f"{args.ckpt}: the checkpoint has no run config (data.*)")
+        vocab = dataloader.get_vocab(OmegaConf.create(data_cfg))
+        ids = {
+            "bos_token_id": vocab.bos_id,
+            "eos_token_id": vocab.eos_id,
+            "mask_token_id": vocab.mask_id,
+        }
+        if vocab.tokenizer.pad_token_id is not None:
+            ids["pad_token_id"] = vocab.tokenizer.pad_token_id
+        use_ema = not args.live
+        export_hf(
+            checkpoint, args.out_dir, use_ema=use_ema, token_ids=ids,
+            extra_files=lambda tmp: write_tokenizer_and_card(
+                tmp, checkpoint, vocab, use_ema, os.path.basename(os.path.normpath(args.out_dir))
+            ),
+        )  # fmt: skip
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

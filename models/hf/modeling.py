@@ -179,6 +179,9 @@ class _DiTWrapper(PreTrainedModel):
         cache_dir: str | None = None,
         revision: str | None = None,
         trust_remote_code: bool | None = None,  # accepted for drop-in use; never needed
+        dtype: Any = None,
+        device_map: Any = None,
+        torch_dtype: Any = None,
         **overrides,
     ):
         """Load a local HF directory or a hub id strictly by name.
@@ -187,15 +190,69 @@ class _DiTWrapper(PreTrainedModel):
         attn_backend='sdpa'). Missing or unexpected keys, or a shape that disagrees with the
         config (e.g. vocab_size), raise CheckpointError naming them; only
         `backbone.rotary_emb.inv_freq` may be absent (it is recomputed and, if stored, checked).
+        dtype (or the older torch_dtype): a torch dtype, its name ("bfloat16"), or "auto" (the
+        stored weights' dtype); device_map: a device ("cpu", "cuda:0", torch.device) or "auto"
+        (the one available device: cuda:0 when CUDA is available, else cpu); no sharding.
+        Loading keywords that AutoModelForMaskedLM passes through (`_from_auto`, `token`, ...)
+        are ignored when it also passes the config.
         """
         if model_args:
             raise TypeError(f"{cls.__name__}.from_pretrained takes no positional model args")
+        target_dtype = _resolve_dtype(dtype if dtype is not None else torch_dtype)
+        device = _resolve_device(device_map)
         directory = resolve_pretrained(str(pretrained_model_name_or_path), cache_dir, revision)
         if config is None:
             config = cls.config_from_pretrained(directory, **overrides)
         model = cls(config)
-        model.load_strict(read_weights(directory), what=str(pretrained_model_name_or_path))
+        weights = read_weights(directory)
+        model.load_strict(weights, what=str(pretrained_model_name_or_path))
+        if target_dtype == "auto":
+            stored = [v.dtype for k, v in weights.items() if v.is_floating_point()]
+            target_dtype = stored[0] if stored else None
+        if target_dtype is not None:
+            model.to(target_dtype)
+        if device is not None:
+            model.to(device)
         return model.eval()
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        max_new_tokens: int | None = None,
+        **kwargs,
+    ):
+        """Sample with the project's sampler (models.hf.generation), as `mode=sample_eval` does.
+
+        input_ids (B, P): prompts without BOS (generate prepends it), right or left padded when
+        `attention_mask` (B, P) marks the real tokens (1) and padding (0); each row is
+        re-laid out as sample_eval lays out prompts ([BOS] + ids, left-padded to a multiple of
+        the block size), so any prompt length works and padding never reaches the output.
+        Returns (B, P + max_new_tokens): input_ids as given followed by the new tokens
+        (`pad_token_id`, default EOS, after a row that stopped early under var_length). With
+        input_ids None, `num_samples=N` unconditional samples of max_new_tokens tokens whose
+        first token is the BOS (sample_eval's unconditional samples).
+
+        Keywords (sample_eval's `sampling.*` keys): seed (0; the same seed, batch and prompts
+        give sample_eval's samples), nucleus_p, kv_cache, first_hitting, var_length,
+        reject_low_entropy (fixed length: rows whose last 256 tokens have entropy < 4 are
+        redrawn up to 10 times, sample_eval's rule), num_steps (algo.T, DDPM only),
+        reencode_context, tokens_per_step, confidence_threshold, entropy_bound, eb_gamma,
+        unmask_order, fuse_commit; streamer: an object with put(ids) / end()
+        (transformers.TextStreamer, TextDiffusionStreamer) that receives the prompt, then the
+        tokens of each committed block; return_dict_in_generate=True returns a
+        DiffusionGenerateOutput (sequences, lengths, nfe_denoise, nfe_total, stop_reason).
+        A max_new_tokens that is not a whole number of blocks is sampled to the next block
+        boundary and cut. ValueError on options the sampler cannot honour.
+        """
+        from models.hf.generation import diffusion_generate
+
+        return diffusion_generate(self, input_ids, attention_mask, max_new_tokens, **kwargs)
+
+    @classmethod
+    def can_generate(cls) -> bool:
+        return True
 
     def load_strict(self, state: dict[str, Tensor], what: str = "checkpoint") -> None:
         state = strip_prefixes(state)
@@ -243,6 +300,35 @@ class _DiTWrapper(PreTrainedModel):
         if return_dict if return_dict is not None else self.config.return_dict:
             return MaskedLMOutput(logits=logits, hidden_states=None)
         return logits
+
+
+def _resolve_dtype(dtype: Any):
+    """None, "auto", a torch.dtype or its name -> None, "auto" or a torch.dtype."""
+    if dtype is None or dtype == "auto" or isinstance(dtype, torch.dtype):
+        return dtype
+    resolved = getattr(torch, str(dtype).removeprefix("torch."), None)
+    if not isinstance(resolved, torch.dtype):
+        raise ValueError(
+            f"dtype={dtype!r}: give a torch dtype, its name (float32, bfloat16, float16) or 'auto'"
+        )
+    return resolved
+
+
+def _resolve_device(device_map: Any) -> torch.device | None:
+    """None, "auto" or one device (string, index or torch.device) -> a torch.device."""
+    if device_map is None:
+        return None
+    if device_map == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    if isinstance(device_map, (str, int, torch.device)):
+        try:
+            return torch.device(device_map)
+        except (RuntimeError, TypeError):
+            pass
+    raise ValueError(
+        f"device_map={device_map!r}: give 'auto' or one device ('cpu', 'cuda:0'); "
+        "these models are not sharded across devices"
+    )
 
 
 class BD3LM(_DiTWrapper):

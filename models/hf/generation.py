@@ -1,0 +1,242 @@
+"""`generate()` for the HF classes (`models.hf.BD3LM`, `models.hf.MDLM`), on the project's own
+sampler (`sampling.build_sampler`): the same objective, block structure, random draws and
+low-entropy retry rule as `mode=sample_eval` (sampling/generate.py), so the same seed, batch
+and prompts give the same samples.
+
+The objective of a checkpoint is read from its HF config (`objective_from_config`): a causal
+BD3LM config is the AR baseline (K = 1), a cross-attention one BD3-LM with its block size, an
+MDLM config (or a BD3LM config without cross-attention) MDLM with one block of its window.
+Token ids come from the config's `bos_token_id` / `eos_token_id` / `mask_token_id` (which
+`scripts/export_hf.py` writes); a config without them (the released GPT-2 checkpoints) gets
+the GPT-2 layout: mask = vocab_size - 1, BOS = EOS = vocab_size - 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+@dataclasses.dataclass
+class DiffusionGenerateOutput:
+    """sequences (B, P + N): the prompt as given followed by the new tokens (`pad_token_id`
+    after a sequence that stopped early); lengths (B,) valid tokens per row of `sequences`;
+    nfe_denoise / nfe_total (B,) model calls (see sampling.SampleOutput), summed over redraws;
+    stop_reason: per row, "length" | "eos" | "low_entropy" | "rejected_low_entropy"."""
+
+    sequences: Tensor
+    lengths: Tensor
+    nfe_denoise: Tensor
+    nfe_total: Tensor
+    stop_reason: list[str]
+
+
+def token_ids(config) -> tuple[int, int, int]:
+    """(bos, mask, eos) of an HF config (see the module docstring for the fallback)."""
+    vocab = int(config.vocab_size)
+    mask = getattr(config, "mask_token_id", None)
+    bos = getattr(config, "bos_token_id", None)
+    eos = getattr(config, "eos_token_id", None)
+    mask = vocab - 1 if mask is None else int(mask)
+    bos = vocab - 2 if bos is None else int(bos)
+    eos = bos if eos is None else int(eos)
+    return bos, mask, eos
+
+
+def objective_from_config(config, mask_id: int):
+    """The objective (algorithms.MaskedDiffusion or Autoregressive) an HF config describes, for
+    its trained window `model_length`, under the log-linear schedule."""
+    from algorithms import Autoregressive, MaskedDiffusion
+    from noise_schedule import build_noise
+
+    window = int(config.model_length)
+    if getattr(config, "causal", False):
+        return Autoregressive(mask_id=mask_id, seq_len=window)
+    cross_attn = bool(getattr(config, "cross_attn", False))
+    block = int(config.block_size) if cross_attn else window
+    return MaskedDiffusion(
+        noise=build_noise("loglinear"),
+        mask_id=mask_id,
+        seq_len=window,
+        block_size=block,
+        cross_attn=cross_attn,
+        ignore_bos=True,
+        time_conditioning=bool(config.time_conditioning),
+        antithetic=True,
+        var_min=bool(getattr(config, "var_min", False)),
+    )
+
+
+def left_pad_prompts(
+    rows: list[list[int]], bos_id: int, block_size: int, window: int
+) -> tuple[Tensor, Tensor]:
+    """[BOS] + each row's ids, left-padded (with BOS, marked invalid) to a common multiple of
+    the block size, as sampling.generate.encode_prompts lays out sample_eval's prompts.
+    -> tokens (B, P) int64 and validity (B, P) bool. ValueError when a prompt plus one block
+    exceeds the window."""
+    ids = [[bos_id, *row] for row in rows]
+    longest = max(len(i) for i in ids)
+    if longest + block_size > window:
+        raise ValueError(
+            f"input_ids: a prompt of {longest} tokens (BOS included) plus one block of "
+            f"{block_size} exceeds the model's window of {window} tokens"
+        )
+    width = -(-longest // block_size) * block_size
+    tokens = torch.full((len(ids), width), bos_id, dtype=torch.long)
+    valid = torch.zeros(len(ids), width, dtype=torch.bool)
+    for row, seq in enumerate(ids):
+        tokens[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
+        valid[row, width - len(seq) :] = True
+    return tokens, valid
+
+
+class BlockStream:
+    """The sampler's `progress` hook turned into streamer calls: after each committed block of
+    n tokens, `streamer.put(ids)` with those ids (CPU, (B, n), or (n,) for one row), cut at
+    `limit` new tokens in all. The committed tokens are the last n columns of the calling
+    sampler's sequence `x` (semi_ar_sample / ar_sample call `progress(n)` right after
+    appending them)."""
+
+    def __init__(self, streamer, limit: int):
+        self.streamer, self.remaining = streamer, limit
+
+    def __call__(self, n: int) -> None:
+        x = sys._getframe(1).f_locals.get("x")
+        if not isinstance(x, Tensor) or self.remaining <= 0:
+            return
+        new = x[:, x.shape[1] - n :][:, : self.remaining].cpu()
+        self.remaining -= new.shape[1]
+        self.streamer.put(new[0] if new.shape[0] == 1 else new)
+
+
+def _prompt_rows(input_ids: Tensor, attention_mask: Tensor | None) -> list[list[int]]:
+    if input_ids.ndim != 2:
+        raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
+    if attention_mask is None:
+        return input_ids.tolist()
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"attention_mask shape {tuple(attention_mask.shape)} must equal input_ids shape "
+            f"{tuple(input_ids.shape)}"
+        )
+    keep = attention_mask.bool().cpu()
+    return [row[m].tolist() for row, m in zip(input_ids.cpu(), keep, strict=True)]
+
+
+def diffusion_generate(
+    model,
+    input_ids: Tensor | None = None,
+    attention_mask: Tensor | None = None,
+    max_new_tokens: int | None = None,
+    *,
+    num_samples: int | None = None,
+    seed: int = 0,
+    nucleus_p: float = 1.0,
+    kv_cache: bool = False,
+    first_hitting: bool = True,
+    var_length: bool = False,
+    reject_low_entropy: bool = True,
+    num_steps: int = 1000,
+    reencode_context: bool = False,
+    streamer=None,
+    pad_token_id: int | None = None,
+    return_dict_in_generate: bool = False,
+    **sampler_options: Any,
+):
+    """Sample continuations of `input_ids` (B, P) (or, with input_ids None, `num_samples`
+    unconditional samples) with the project's sampler. See `_DiTWrapper.generate`."""
+    from sampling import TokenIds, build_sampler
+    from sampling.generate import MAX_RETRIES
+
+    if max_new_tokens is None or int(max_new_tokens) < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens}: give a number of tokens >= 1")
+    max_new = int(max_new_tokens)
+    config = model.config
+    bos, mask, eos = token_ids(config)
+    objective = objective_from_config(config, mask)
+    window = int(config.model_length)
+    if input_ids is not None:
+        if not objective.supports_prompts:
+            raise ValueError(
+                f"input_ids: {type(model).__name__} with cross_attn=False (MDLM) samples without "
+                "a prompt; call generate(num_samples=N, max_new_tokens=...)"
+            )
+        rows: list[list[int] | None] = _prompt_rows(input_ids, attention_mask)
+    else:
+        if num_samples is None or int(num_samples) < 1:
+            raise ValueError(f"num_samples={num_samples}: without input_ids give num_samples >= 1")
+        rows = [None] * int(num_samples)
+    block, stride = objective.sampling_blocks(window, max_new)
+    step = stride or block
+    length = max_new if max_new < block else block + -(-(max_new - block) // step) * step
+    options = dict(
+        num_steps=int(num_steps), first_hitting=bool(first_hitting), nucleus_p=float(nucleus_p),
+        kv_cache=bool(kv_cache), var_length=bool(var_length),
+        reject_low_entropy=bool(reject_low_entropy), **sampler_options,
+    )  # fmt: skip
+    length = max(length, block)
+    cfg, sample_fn = build_sampler(
+        objective, model.backbone, window, length, TokenIds(bos, mask, eos), options,
+        reencode=bool(reencode_context),
+    )  # fmt: skip
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(int(seed))  # sample_eval's rank-0 generator
+
+    def draw(subset: list[int]):
+        prompt = valid = None
+        if rows[0] is not None:
+            prompt, valid = left_pad_prompts([rows[i] for i in subset], bos, cfg.block_size, window)
+        progress = None
+        if streamer is not None:
+            given = input_ids[subset].cpu() if input_ids is not None else None
+            streamer.put(given if given is not None else torch.zeros(len(subset), 0).long())
+            progress = BlockStream(streamer, max_new)
+        result = sample_fn(len(subset), cfg, generator, device, prompt, valid, progress)
+        if streamer is not None:
+            streamer.end()
+        return result
+
+    B = len(rows)
+    samples: list[tuple[list[int], int, int, str]] = [None] * B  # type: ignore[list-item]
+    was_training = model.training
+    model.eval()
+    try:
+        todo = list(range(B))
+        for attempt in range(MAX_RETRIES + 1):
+            result = draw(todo)
+            for j, i in enumerate(todo):
+                start = result.tokens.shape[1] - cfg.length if rows[0] is not None else 0
+                end = int(result.lengths[j])
+                prev = samples[i]
+                nfe_d = int(result.nfe_denoise[j]) + (prev[1] if prev else 0)
+                nfe_t = int(result.nfe_total[j]) + (prev[2] if prev else 0)
+                ids = result.tokens[j, start:end][:max_new].tolist()
+                samples[i] = (ids, nfe_d, nfe_t, result.stop_reason[j])
+            todo = [i for i in todo if samples[i][3] == "rejected_low_entropy"]
+            if not todo or attempt == MAX_RETRIES:
+                break
+    finally:
+        model.train(was_training)
+    pad = eos if pad_token_id is None else int(pad_token_id)
+    prefix = input_ids.shape[1] if input_ids is not None else 0
+    out = torch.full((B, prefix + max_new), pad, dtype=torch.long)
+    if input_ids is not None:
+        out[:, :prefix] = input_ids.cpu()
+    lengths = torch.zeros(B, dtype=torch.long)
+    for i, (ids, *_rest) in enumerate(samples):
+        out[i, prefix : prefix + len(ids)] = torch.tensor(ids, dtype=torch.long)
+        lengths[i] = prefix + len(ids)
+    out = out.to(input_ids.device if input_ids is not None else device)
+    if not return_dict_in_generate:
+        return out
+    return DiffusionGenerateOutput(
+        sequences=out,
+        lengths=lengths,
+        nfe_denoise=torch.tensor([s[1] for s in samples]),
+        nfe_total=torch.tensor([s[2] for s in samples]),
+        stop_reason=[s[3] for s in samples],
+    )

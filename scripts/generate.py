@@ -1,0 +1,178 @@
+"""Stream samples from a checkpoint, block by block as the sampler commits them.
+
+    python scripts/generate.py CHECKPOINT --prompt "To be, or not to be"
+    python scripts/generate.py CHECKPOINT --prompt-file prompts.txt --max-new-tokens 64
+    echo "O Romeo" | python scripts/generate.py CHECKPOINT --kv-cache
+    python scripts/generate.py CHECKPOINT --num-samples 2        # unconditional (MDLM too)
+
+CHECKPOINT: an HF directory written by scripts/export_hf.py (or a hub id in the released
+format, with a tokenizer), or one of our Lightning .ckpt files (exported to a temporary
+directory first). Prompts come from --prompt (repeatable), else --prompt-file (one per line),
+else stdin (one per line); with none of them, or --num-samples, unconditional samples.
+Each prompt is continued with `model.generate` (models/hf, the sample_eval sampler) at batch
+size 1 with generator seed --seed, so a prompt gives the sample that `mode=sample_eval` gives
+for it with that seed and loader.eval_batch_size=1. Text goes to stdout as each block is
+committed; the tokens, seconds, tokens/s and NFE of every sample go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from utils import UserError  # noqa: E402
+
+
+class BlockPrinter:
+    """A streamer (put / end) that prints each committed block's text at once. The first put
+    (the prompt) is printed as given; decoding the whole sample so far and printing the new
+    suffix keeps multi-token characters intact."""
+
+    def __init__(self, tokenizer, out=sys.stdout):
+        self.tokenizer, self.out = tokenizer, out
+        self.ids: list[int] = []
+        self.printed = ""
+
+    def put(self, value) -> None:
+        row = value[0] if value.ndim > 1 else value
+        self.ids += row.tolist()
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        new = text[len(self.printed) :] if text.startswith(self.printed) else text
+        self.printed = text
+        self.out.write(new)
+        self.out.flush()
+
+    def end(self) -> None:
+        self.out.write("\n")
+        self.out.flush()
+        self.ids, self.printed = [], ""
+
+
+def read_prompts(args, stdin) -> list[str] | None:
+    if args.prompt:
+        return list(args.prompt)
+    if args.prompt_file:
+        with open(args.prompt_file) as f:
+            prompts = [line.rstrip("\n") for line in f if line.strip()]
+        if not prompts:
+            raise UserError(f"--prompt-file={args.prompt_file} has no prompts")
+        return prompts
+    if args.num_samples is None and stdin is not None and not stdin.isatty():
+        prompts = [line.rstrip("\n") for line in stdin if line.strip()]
+        return prompts or None
+    return None
+
+
+@contextlib.contextmanager
+def hf_directory(path: str):
+    """An HF directory for CHECKPOINT: itself, or our .ckpt exported to a temporary one."""
+    if not path.endswith(".ckpt"):
+        yield path
+        return
+    from checkpoints import read_checkpoint
+    from scripts.export_hf import main as export_main
+
+    read_checkpoint(path, "CHECKPOINT")  # one-line error for an unreadable file
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "hf")
+        if export_main([path, out]) != 0:
+            raise UserError(f"CHECKPOINT={path} cannot be exported to an HF directory")
+        yield out
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint", help="HF directory, hub id, or our .ckpt")
+    parser.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    parser.add_argument("--prompt-file", help="a file of prompts, one per line")
+    parser.add_argument("--num-samples", type=int, help="unconditional samples (no prompt)")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--nucleus-p", type=float, default=1.0)
+    parser.add_argument("--num-steps", type=int, default=1000, help="DDPM steps (algo.T)")
+    parser.add_argument("--kv-cache", action="store_true")
+    parser.add_argument("--no-first-hitting", action="store_true", help="DDPM update instead")
+    parser.add_argument("--var-length", action="store_true", help="stop at EOS / low entropy")
+    parser.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda:0', ...")
+    parser.add_argument("--dtype", default=None, help="float32, bfloat16, float16")
+    return parser.parse_args(argv)
+
+
+def run(args, stdin) -> None:
+    from transformers import AutoTokenizer
+
+    from models.hf import BD3LM, MDLM
+    from models.hf.modeling import CheckpointError
+
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens={args.max_new_tokens} must be >= 1")
+    prompts = read_prompts(args, stdin)
+    with hf_directory(args.checkpoint) as directory:
+        try:
+            import json
+
+            from checkpoints.layout import read_config_json, resolve_pretrained
+
+            local = resolve_pretrained(directory)
+            model_type = read_config_json(local).get("model_type")
+            cls = {"bd3lm": BD3LM, "mdlm": MDLM}.get(model_type)
+            if cls is None:
+                raise UserError(f"CHECKPOINT={args.checkpoint}: model_type={model_type!r}; "
+                                "valid are bd3lm, mdlm")  # fmt: skip
+            model = cls.from_pretrained(local, dtype=args.dtype, device_map=args.device)
+            tokenizer = AutoTokenizer.from_pretrained(local)
+        except (CheckpointError, OSError, ValueError, json.JSONDecodeError) as err:
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise UserError(f"CHECKPOINT={args.checkpoint}: {reason[:200]}") from None
+    options = dict(
+        max_new_tokens=args.max_new_tokens, seed=args.seed, nucleus_p=args.nucleus_p,
+        num_steps=args.num_steps, kv_cache=args.kv_cache, first_hitting=not args.no_first_hitting,
+        var_length=args.var_length, return_dict_in_generate=True,
+    )  # fmt: skip
+    jobs = prompts if prompts is not None else [None] * (args.num_samples or 1)
+    total_tokens = total_seconds = 0.0
+    for prompt in jobs:
+        printer = BlockPrinter(tokenizer)
+        start = time.perf_counter()
+        try:
+            if prompt is None:
+                result = model.generate(num_samples=1, streamer=printer, **options)
+                new = int(result.lengths[0])
+            else:
+                ids = tokenizer([prompt], return_tensors="pt", add_special_tokens=False)
+                ids = ids.input_ids.to(model.device)
+                result = model.generate(ids, streamer=printer, **options)
+                new = int(result.lengths[0]) - ids.shape[1]
+        except ValueError as err:
+            raise UserError(str(err).splitlines()[0]) from None
+        seconds = time.perf_counter() - start
+        total_tokens, total_seconds = total_tokens + new, total_seconds + seconds
+        print(
+            f"[{new} tokens in {seconds:.2f} s, {new / max(seconds, 1e-9):.1f} tokens/s, "
+            f"NFE {int(result.nfe_denoise[0])} (total {int(result.nfe_total[0])}), "
+            f"stop: {result.stop_reason[0]}]",
+            file=sys.stderr,
+        )
+    if len(jobs) > 1:
+        rate = total_tokens / max(total_seconds, 1e-9)
+        print(f"[all: {int(total_tokens)} tokens, {rate:.1f} tokens/s]", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None, stdin=None) -> int:
+    args = parse_args(argv)
+    try:
+        run(args, sys.stdin if stdin is None else stdin)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
