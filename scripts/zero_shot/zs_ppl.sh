@@ -11,7 +11,7 @@
 #   TABLE_ONLY=1 scripts/zero_shot/zs_ppl.sh ...   # only print the table of finished runs
 #   Offline: add data.source=/path/to/<dataset copy> per dataset (see scripts/zero_shot/README.md).
 # Results: outputs/zero_shot/<algo>_bs<block>/<dataset>/ppl_eval.json (ZS_ROOT=... moves them)
-# and a table.
+# and the paper's Table 5 layout of them (scripts/paper_tables.py; ZS_TABLE=0 skips it).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 USAGE="usage: zs_ppl.sh ALGO CHECKPOINT [BLOCK_SIZE] [overrides...]"
@@ -44,12 +44,5 @@ if [ -n "${SLURM:-}" ]; then
   echo "submitted; when the jobs are done: TABLE_ONLY=1 $0 $ALGO $CKPT $BLOCK_SIZE"
   exit 0
 fi
-"$PYTHON" - "$OUT" $DATASETS <<'PY'
-import json, os, sys
-out, names = sys.argv[1], sys.argv[2:]
-print("dataset".ljust(28), "ppl")
-for name in names:
-    path = os.path.join(out, name, "ppl_eval.json")
-    ppl = json.load(open(path))["ppl"] if os.path.isfile(path) else float("nan")
-    print(name.ljust(28), f"{ppl:.2f}")
-PY
+# the table: scripts/paper_tables.py (Table 5 layout, the one code path of every paper table)
+if [ "${ZS_TABLE:-1}" != 0 ]; then "$PYTHON" scripts/paper_tables.py --table 5 "$OUT"; fi
