@@ -1,0 +1,1 @@
+"""Evaluation front-ends (lm-evaluation-harness: `evaluation.lm_harness`)."""
