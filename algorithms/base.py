@@ -243,7 +243,8 @@ def subs_log_probs(logits: Tensor, xt: Tensor, mask_id: int) -> Tensor:
 
     The mask logit gets -1e6 before normalising; at positions where x_t is not the mask the
     row becomes a one-hot on x_t (0 there, -1e6 elsewhere). Two passes over the vocabulary (a
-    fused log-softmax) plus in-place edits; equals subs_log_probs_reference to float rounding.
+    fused log-softmax) plus in-place edits; equals the reference's version
+    (benchmarks/baselines.subs_log_probs_reference) to float rounding.
     """
     shifted = logits.float() + _mask_offset(logits.shape[-1], mask_id, logits.device)
     log_probs = torch.log_softmax(shifted, dim=-1)
@@ -252,17 +253,6 @@ def subs_log_probs(logits: Tensor, xt: Tensor, mask_id: int) -> Tensor:
     kept = log_probs.gather(-1, index)  # masked rows: the mask column, written back unchanged
     log_probs.masked_fill_(unmasked, NEG_INF)
     return log_probs.scatter_(-1, index, kept.masked_fill(unmasked, 0.0))
-
-
-def subs_log_probs_reference(logits: Tensor, xt: Tensor, mask_id: int) -> Tensor:
-    """subs_log_probs as first written (logits - logsumexp, a full one-hot tensor, where), as
-    the reference computes it: the dense NELBO path (MaskedDiffusion.masked_outputs=False) and
-    the sampling benchmark's --baseline use it."""
-    logits = logits.float() + _mask_offset(logits.shape[-1], mask_id, logits.device)
-    log_probs = logits - torch.logsumexp(logits, dim=-1, keepdim=True)
-    unmasked = (xt != mask_id)[..., None]
-    one_hot = torch.full_like(log_probs, NEG_INF).scatter_(-1, xt[..., None], 0.0)
-    return torch.where(unmasked, one_hot, log_probs)
 
 
 def subs_log_prob_of(logits: Tensor, x0: Tensor, mask_id: int) -> Tensor:

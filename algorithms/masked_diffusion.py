@@ -25,7 +25,6 @@ from algorithms.base import (
     sample_t,
     sigma_from_p,
     subs_log_prob_of,
-    subs_log_probs_reference,
 )
 from models.attention import BandedBlockCausalMask, BlockCausalMask, BlockDiffusionMask
 from noise_schedule import LogLinear, NoiseSchedule
@@ -46,10 +45,6 @@ class MaskedDiffusion:
     eval_nll: bool = True
     var_min: bool = False  # BD3-LM: learned clip interval, validation over interval keys
     crop: DoubleLengthCrop | None = None  # text8-crop: 2L training rows
-    # Logits only at the masked x_t positions (default). False: the reference's dense path
-    # (logits for all S = L or 2L input positions, SUBS over (B, L, V)); same loss, for the
-    # training benchmark's baseline and the equality tests.
-    masked_outputs: bool = True
 
     def __post_init__(self):
         if self.seq_len % self.block_size:
@@ -168,18 +163,12 @@ class MaskedDiffusion:
         """The reduced NELBO for given x_t (paper Algorithm 1, Sec. 3.1).
 
         Only masked positions of x_t go through the output layer: elsewhere SUBS gives
-        log p = 0, so their terms are exactly 0 (as in the reference) at no cost
-        (masked_outputs=False computes them anyway, as the reference does).
+        log p = 0, so their terms are exactly 0 (as in the reference) at no cost (the
+        reference's dense version: benchmarks/baselines.DenseNELBO).
         """
         masked = xt == self.mask_id  # (B, L)
         tokens = torch.cat([xt, x0], dim=1) if self.cross_attn else xt
         sigma = process_sigma(sigma, self.time_conditioning)
-        if not self.masked_outputs:
-            layout = dataclasses.replace(self.train_layout, outputs=None)  # all S positions
-            logits = network(tokens, sigma, layout)[:, : self.seq_len]  # (B, L, V)
-            log_p = subs_log_probs_reference(logits, xt, self.mask_id)
-            nll = loss_scale * log_p.gather(-1, x0[..., None])[..., 0]
-            return reduce_loss(nll, attention_mask, self.ignore_bos, train)
         # a (B, L) selection over (B, 2L) tokens: logits only for x_t positions, which also
         # tells the network that its last block can skip the x_0 queries
         layout = dataclasses.replace(self.train_layout, outputs=masked)

@@ -20,6 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+import baselines  # noqa: E402
 import torch  # noqa: E402
 
 from algorithms.ar import Autoregressive  # noqa: E402
@@ -43,8 +44,8 @@ def build_dit(
     seed: int = 0,
     init_std: float | None = None,
 ) -> DiT:
-    """A DiT with the issue-7 switches on (optimised) or off (baseline: dense SDPA mask, full
-    last layer, the output layer on its (V, D) weight). init_std: random weights everywhere
+    """A DiT; optimised=False: the last block unpruned (baselines.unpruned; pair it with
+    baselines.DenseAttentionNetwork for the dense SDPA mask). init_std: random weights everywhere
     (zero-initialised layers would make every logit 0)."""
     torch.manual_seed(seed)
     config = DiTConfig(
@@ -57,11 +58,8 @@ def build_dit(
         causal=causal,
         adaln=not causal,
         attn_backend=backend,
-        structured_attention=optimised,
-        prune_last_layer=optimised,
-        transposed_head=optimised,
     )
-    model = DiT(config)
+    model = DiT(config) if optimised else baselines.unpruned(DiT(config))
     if init_std is not None:
         gen = torch.Generator().manual_seed(seed)
         with torch.no_grad():
@@ -77,7 +75,7 @@ def build_algorithm(
     (the reference's dense path) instead of at the masked x_t positions only."""
     if name == "ar":
         return Autoregressive(mask_id=mask_id, seq_len=seq_len)
-    return MaskedDiffusion(
+    return (MaskedDiffusion if optimised else baselines.DenseNELBO)(
         noise=LogLinear(),
         mask_id=mask_id,
         seq_len=seq_len,
@@ -86,7 +84,6 @@ def build_algorithm(
         ignore_bos=False,
         time_conditioning=False,
         antithetic=True,
-        masked_outputs=optimised,
     )
 
 

@@ -8,12 +8,11 @@ max_memory_allocated, or on CPU the growth of the peak RSS (VmHWM) over the RSS 
 run -- a lower bound once an earlier run of the same process peaked higher). Through the
 shipped sampling_model.ModelDenoiser (torch only, as on the GPU machine).
 
---baseline runs each variant again with the issue-7 sampling switches off
-(SamplerConfig.lazy_draws=False: a Gumbel race over every position of the block;
-SamplerConfig.fuse_commit=False: a forward pass of its own per committed block; the
-reference SUBS implementation; DiTConfig.transposed_head=False: the output layer reads its
-(V, D) weight; ModelDenoiser.reuse_conditioning=False: the adaLN modulation is recomputed at
-every call), alternating with the optimised run.
+--baseline runs each variant again as first written (benchmarks/baselines.py), alternating with
+the optimised run: baselines.reference_draws() (a Gumbel race over every position of the
+block, Gumbel-max AR tokens); SamplerConfig.fuse_commit=False (a forward pass of its own per
+committed block); baselines.BaselineDenoiser (the reference SUBS, the output layer on its
+(V, D) weight, the adaLN modulation recomputed at every call).
 --parallel adds parallel decoding rows (tokens_per_step 2/4, confidence_threshold 0.9).
 
 Usage: python benchmarks/sample.py [--quick] [--baseline] [--parallel] [--json PATH]
@@ -23,12 +22,14 @@ Usage: python benchmarks/sample.py [--quick] [--baseline] [--parallel] [--json P
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import baselines  # noqa: E402
 import common  # noqa: E402
 import torch  # noqa: E402
 from common import build_algorithm, build_dit  # noqa: E402
@@ -50,9 +51,8 @@ def build_sampling_model(variant: dict, device, baseline: bool) -> ModelDenoiser
     )
     algorithm = build_algorithm(algo_name, m["window"], block, m["vocab"] - 1)
     backbone = backbone.to(device).eval()
-    return ModelDenoiser(
-        backbone, algorithm, m["window"], reference_subs=baseline, reuse_conditioning=fast
-    )
+    denoiser = baselines.BaselineDenoiser if baseline else ModelDenoiser
+    return denoiser(backbone, algorithm, m["window"])
 
 
 def run_once(variant: dict, device, baseline: bool):
@@ -70,7 +70,6 @@ def run_once(variant: dict, device, baseline: bool):
         nucleus_p=1.0,
         kv_cache=variant["kv"],
         reject_low_entropy=False,
-        lazy_draws=not baseline,
         fuse_commit=not baseline,
         tokens_per_step=variant.get("tokens_per_step", 1),
         confidence_threshold=variant.get("threshold"),
@@ -82,7 +81,8 @@ def run_once(variant: dict, device, baseline: bool):
     rss0 = common.current_rss_mb()
     common.sync(device)
     start = common.now()
-    with torch.no_grad():
+    draws = baselines.reference_draws() if baseline else contextlib.nullcontext()
+    with torch.no_grad(), draws:
         out = sampler(model, variant["batch"], cfg, gen, device)
     common.sync(device)
     seconds = common.now() - start

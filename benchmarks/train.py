@@ -6,11 +6,11 @@ torch.cuda.max_memory_allocated; on CPU the growth of the process's peak RSS
 (VmHWM, /proc/self/status) over its RSS before building the model, measured in a fresh
 spawned process per variant (weights, AdamW state and activations of 2 steps).
 
---baseline also runs every variant with the issue-7 switches off, interleaved with the optimised
-runs in the same process, so the two columns are measured side by side: logits and SUBS at every
-position of the network input (MaskedDiffusion.masked_outputs=False, as the reference), the full
-last layer (DiTConfig.prune_last_layer=False) and SDPA over the dense (2L)^2 mask
-(DiTConfig.structured_attention=False).
+--baseline also runs every variant as first written (benchmarks/baselines.py), interleaved with
+the optimised runs in the same process, so the two columns are measured side by side: logits
+and SUBS at every position of the network input (baselines.DenseNELBO, as the reference), the
+full last layer (baselines.unpruned) and SDPA over the dense (2L)^2 mask
+(baselines.DenseAttentionNetwork).
 
 Usage: python benchmarks/train.py [--quick] [--baseline] [--json PATH] [--device cpu|cuda]
        [--shapes w128_L128,w256_L512] [--backends sdpa,flex,flash_attn] [--bf16] [--compile]
@@ -25,6 +25,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import baselines  # noqa: E402
 import common  # noqa: E402
 import torch  # noqa: E402
 from common import TRAIN_VARIANTS, build_algorithm, build_dit  # noqa: E402
@@ -53,7 +54,8 @@ class Runner:
         if compile_:
             for i, block_module in enumerate(self.backbone.blocks):
                 self.backbone.blocks[i] = torch.compile(block_module)
-        self.network = BackboneNetwork(self.backbone)
+        network = BackboneNetwork if optimised else baselines.DenseAttentionNetwork
+        self.network = network(self.backbone)
         self.algo = build_algorithm(name, L, block, vocab - 1, optimised)
         self.opt = torch.optim.AdamW(self.backbone.parameters(), lr=1e-4)
         gen = torch.Generator().manual_seed(0)

@@ -224,16 +224,16 @@ def attend(
     v: Tensor,
     mask: AttentionMask,
     backend: str,
-    structured: bool = True,
 ) -> Tensor:
     """Scaled dot-product attention, scale 1/sqrt(d), no dropout.
 
     q: (B, H, S_q, d); k, v: (B, H, S_kv, d) -> (B, H, S_q, d). S_q may be smaller than S_kv:
-    the queries are then the first S_q positions (rows of the mask). structured: use the
-    block-diffusion fast path when the mask allows it (sdpa; same function).
+    the queries are then the first S_q positions (rows of the mask). A mask that carries its
+    block-diffusion structure (sdpa) takes the chunked path, block_diffusion_attend (same
+    function).
     """
     S_q, S_kv = q.shape[2], k.shape[2]
-    if structured and backend == "sdpa" and mask.structure is not None:
+    if backend == "sdpa" and mask.structure is not None:
         return block_diffusion_attend(q, k, v, mask)
     if S_q != S_kv:
         if mask.causal:

@@ -21,7 +21,6 @@ from torch import Tensor, nn
 
 from models.attention import BACKENDS, AttentionMask, Rotary, apply_rotary, attend
 from models.kv_cache import KVCache
-from models.weight_stamp import WeightStamp
 
 FREQ_EMBED_DIM = 256  # sinusoidal features fed to sigma_map
 
@@ -32,16 +31,13 @@ class DiTConfig:
 
     adaln: adaLN modulation layers exist (always for diffusion; absent for AR unless asked).
     causal: token-causal attention (AR).
-    structured_attention: under the block-diffusion training mask (sdpa backend), attend per
-        query chunk to the keys the chunk can see (models.attention.block_diffusion_attend):
-        the same function as SDPA over the dense (2L)^2 mask with about a third of the score
-        entries. On GPU, attn_backend=flex skips masked-out tiles with a compiled block mask.
-    prune_last_layer: when only the first S' positions need logits (a slice from 0 or a
-        boolean (B, S') selection), the last block computes queries, attention output and MLP
-        for those positions only (keys/values still for all). Same logits, less work.
-    transposed_head: on CPU without autograd, the vocabulary projection reads a cached (D, V)
-        copy of its weight (DiTFinalLayer._project): the same logits up to float rounding, a
-        one-row GEMV several times faster.
+
+    Work the network skips without changing its function (the "before" versions are oracles in
+    benchmarks/baselines.py): under the block-diffusion training mask (sdpa backend) each query
+    chunk attends to the keys it can see (models.attention.block_diffusion_attend; about a
+    third of the dense (2L)^2 score entries; on GPU attn_backend=flex skips masked-out tiles);
+    when only the first S' positions need logits, the last block computes queries, attention
+    output and MLP for those positions only (keys/values still for all).
     """
 
     vocab_size: int
@@ -53,9 +49,6 @@ class DiTConfig:
     causal: bool = False
     adaln: bool = True
     attn_backend: str = "sdpa"
-    structured_attention: bool = True
-    prune_last_layer: bool = True
-    transposed_head: bool = True
 
     def __post_init__(self):
         if self.hidden_size % self.n_heads:
@@ -149,7 +142,6 @@ class DiTBlock(nn.Module):
         dim = config.hidden_size
         self.n_heads = config.n_heads
         self.backend = config.attn_backend
-        self.structured = config.structured_attention
         self.norm1 = LayerNorm(dim)
         self.attn_qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.attn_out = nn.Linear(dim, dim, bias=False)
@@ -216,7 +208,7 @@ class DiTBlock(nn.Module):
             k = apply_rotary(k, cos.to(k.dtype), sin.to(k.dtype))
         q, k, v = (rearrange(x, "b s h d -> b h s d") for x in (q, k, v))
         if cache is None:
-            att = attend(q, k, v, mask, self.backend, self.structured)
+            att = attend(q, k, v, mask, self.backend)
         else:
             kv_cache, layer, commit, block_valid = cache
             att = kv_cache.attend(layer, q, k, v, commit, block_valid)
@@ -244,8 +236,6 @@ class DiTFinalLayer(nn.Module):
             nn.init.zeros_(self.adaLN_modulation.bias)
         else:
             self.adaLN_modulation = None
-        self.transposed = config.transposed_head
-        self._weight_t: tuple[WeightStamp, Tensor] | None = None  # see _project
 
     def modulation(self, c: Tensor) -> tuple[Tensor, Tensor]:
         """c: (B, C) -> (shift, 1 + scale), each (B, 1, D)."""
@@ -253,11 +243,16 @@ class DiTFinalLayer(nn.Module):
         return shift, 1 + scale
 
     def forward(
-        self, h: Tensor, mod: tuple[Tensor, Tensor] | None, outputs: Tensor | slice | None
+        self,
+        h: Tensor,
+        mod: tuple[Tensor, Tensor] | None,
+        outputs: Tensor | slice | None,
+        head_t: Tensor | None = None,
     ) -> Tensor:
         """h: (B, S, D), mod: (shift, 1 + scale) or None without adaLN -> logits (B, S', V) for a
         slice of positions, (N, V) for the N positions of a boolean (B, S) selection, or
-        (B * k, V) for a long (B, k) tensor of positions (see DiT.forward)."""
+        (B * k, V) for a long (B, k) tensor of positions (see DiT.forward). head_t: see
+        DiT.transposed_head."""
         h = self.norm_final(h)
         if mod is not None:
             h = modulate(h, *mod)
@@ -267,30 +262,27 @@ class DiTFinalLayer(nn.Module):
             h = h[:, : outputs.shape[1]][outputs]
         elif outputs is not None:  # (B, k) positions: a gather, no host sync
             h = h.gather(1, outputs[..., None].expand(-1, -1, h.shape[-1])).flatten(0, 1)
-        return self._project(h)
+        return self._project(h, head_t)
 
-    def _project(self, h: Tensor) -> Tensor:
+    def _project(self, h: Tensor, head_t: Tensor | None) -> Tensor:
         """The vocabulary projection h (..., D) -> (..., V).
 
-        With config.transposed_head, on CPU without autograd or autocast (sampling,
-        evaluation) it multiplies by a cached (D, V) copy of the (V, D) weight: the same
-        products, and at 4 or more rows the same GEMM result bit for bit, while a one-row GEMV
-        reads the transposed layout 3-7x faster on our 2-core CPU (the output layer was the
-        largest op of a cached sampling call). The copy is rebuilt whenever the weight
-        changes (optimizer step, EMA swap, load; see WeightStamp)."""
+        With head_t (a (D, V) copy of the (V, D) weight, DiT.transposed_head), on CPU without
+        autograd or autocast, it multiplies by that copy: the same products, and at 4 or more
+        rows the same GEMM result bit for bit, while a one-row GEMV reads the transposed
+        layout several times faster on CPU (see BENCHMARKS.md)."""
         weight, bias = self.linear.weight, self.linear.bias
         if (
-            not self.transposed
+            head_t is None
+            or h.device != head_t.device
             or h.device.type != "cpu"
             or torch.is_grad_enabled()
             or torch.is_autocast_enabled("cpu")
-            or h.dtype != weight.dtype
+            or h.dtype != head_t.dtype
         ):
             return self.linear(h)
-        if self._weight_t is None or not self._weight_t[0].matches([weight]):
-            self._weight_t = (WeightStamp([weight]), weight.detach().t().contiguous())
         flat = h.reshape(-1, h.shape[-1])
-        return torch.addmm(bias, flat, self._weight_t[1]).view(*h.shape[:-1], weight.shape[0])
+        return torch.addmm(bias, flat, head_t).view(*h.shape[:-1], weight.shape[0])
 
 
 class DiT(nn.Module):
@@ -329,6 +321,7 @@ class DiT(nn.Module):
         commit: bool = False,
         block_valid: Tensor | None = None,
         conditioning: Conditioning | None = None,
+        head_t: Tensor | None = None,
     ) -> Tensor:
         """x: (B, S) token ids; sigma: (B,) processed noise level (zeros when time conditioning
         is off; ignored without adaLN); positions: (S,) rotary positions; mask: materialised
@@ -336,7 +329,7 @@ class DiT(nn.Module):
         None (all, (B, S, V)), a slice ((B, S', V)), a boolean (B, S) mask ((N, V), rows in
         row-major order; a boolean (B, S') with S' < S selects among the first S' positions)
         or a long (B, k) tensor of positions per sequence ((B * k, V), row-major).
-        The output projection runs only there (and, with prune_last_layer, the last block too).
+        The output projection runs only there (and, for a prefix of positions, the last block).
         kv_cache: x is the current block (B, K) at absolute `positions`; it attends over the
         cache's committed tokens and itself (`mask` is ignored). commit: store this block's
         keys/values in the cache (the caller then calls kv_cache.advance()); with x of 2K
@@ -344,6 +337,7 @@ class DiT(nn.Module):
         block being denoised (see models/kv_cache.py). block_valid: (B, K) bool, False at
         prompt padding (see KVCache.attend). conditioning: self.condition(sigma) computed
         beforehand (then sigma is not read), e.g. reused across calls with the same sigma.
+        head_t: self.transposed_head() taken beforehand (CPU inference only).
         """
         h = self.vocab_embed(x)
         c = None
@@ -364,7 +358,16 @@ class DiT(nn.Module):
         final = conditioning.final if conditioning is not None else None
         if c is not None:
             final = self.output_layer.modulation(c)
-        return self.output_layer(h, final, outputs)
+        return self.output_layer(h, final, outputs, head_t)
+
+    def transposed_head(self) -> Tensor | None:
+        """A (D, V) contiguous copy of the vocabulary projection's weight for CPU inference
+        (`head_t` of forward), or None off CPU. A snapshot of the current weight: whoever
+        keeps it (sampling.denoiser.ModelDenoiser) takes a new one after the weights change."""
+        weight = self.output_layer.linear.weight
+        if weight.device.type != "cpu":
+            return None
+        return weight.detach().t().contiguous()
 
     def condition(self, sigma: Tensor | None) -> Conditioning | None:
         """sigma (B,) -> the adaLN modulation of every block and the output layer; None for a
@@ -378,7 +381,7 @@ class DiT(nn.Module):
     def _needed_prefix(self, outputs, S: int, mask: AttentionMask, kv_cache) -> int | None:
         """The number of leading positions whose logits are asked for, when the last block may
         stop there (decided on the host from shapes alone: no device sync)."""
-        if not self.config.prune_last_layer or kv_cache is not None or mask.block_mask is not None:
+        if kv_cache is not None or mask.block_mask is not None:
             return None
         if isinstance(outputs, slice):
             start, stop, step = outputs.indices(S)

@@ -8,8 +8,14 @@ from torch import Tensor
 from sampling.config import SampleOutput, SamplerConfig
 from sampling.context import extend_valid, prefill, start_context
 from sampling.denoiser import Denoiser
-from sampling.draws import GUMBEL_EPS, nucleus, sample_inverse_cdf, uniforms
+from sampling.draws import nucleus, sample_inverse_cdf, uniforms
 from sampling.stops import SequenceState, apply_stop_rules
+
+
+def draw_token(probs: Tensor, generator: torch.Generator) -> Tensor:
+    """(B, V) probabilities -> (B,) tokens by inverse CDF, one uniform per sequence (the
+    reference's Gumbel-max over V: benchmarks/baselines.py)."""
+    return sample_inverse_cdf(probs, uniforms((probs.shape[0],), generator, probs.device))
 
 
 @torch.no_grad()
@@ -44,12 +50,7 @@ def ar_sample(
     while x.shape[1] < total:
         log_p = model.logprobs(x, zero_t, 1, key_valid, cache, commit=cache is not None)
         probs = nucleus(log_p[:, -1].double().exp(), cfg.nucleus_p)
-        if cfg.lazy_draws:  # one uniform per sequence (inverse CDF) instead of V Gumbels
-            token = sample_inverse_cdf(probs, uniforms((batch_size,), generator, device))
-        else:
-            u = uniforms(tuple(probs.shape), generator, device)
-            gumbel = -torch.log(-torch.log(u + GUMBEL_EPS) + GUMBEL_EPS)
-            token = (probs.log() + gumbel).argmax(-1)
+        token = draw_token(probs, generator)
         nfe += state.active
         x = torch.cat([x, token[:, None]], dim=1)
         key_valid = extend_valid(key_valid, 1)

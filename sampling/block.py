@@ -17,7 +17,7 @@ from models.kv_cache import KVCache
 from sampling.config import SampleOutput, SamplerConfig
 from sampling.context import extend_valid, prefill, start_context
 from sampling.denoiser import Denoiser
-from sampling.draws import nucleus, sample_categorical, uniforms
+from sampling.draws import nucleus, sample_categorical
 from sampling.first_hitting import denoise_first_hitting
 from sampling.stops import SequenceState, apply_stop_rules
 
@@ -25,17 +25,10 @@ from sampling.stops import SequenceState, apply_stop_rules
 def update_block(
     block: Tensor, p_x0: Tensor, t: Tensor, dt: float, cfg: SamplerConfig, generator
 ) -> Tensor:
-    """One reverse step for the noisy block (paper Algorithm 2). block: (B, K); t: (B,) float64.
-
-    First-hitting: sample every position, commit one masked position per sequence (chosen
-    uniformly). DDPM: q(x_s) puts p_x0 (1 - s/t) on tokens and s/t on the mask. Already
-    unmasked positions are carried over either way."""
+    """One DDPM reverse step for the noisy block (paper Algorithm 2). block: (B, K); t: (B,)
+    float64. q(x_s) puts p_x0 (1 - s/t) on tokens and s/t on the mask; already unmasked
+    positions are carried over."""
     masked = block == cfg.mask_id
-    if cfg.first_hitting:
-        proposal = sample_categorical(p_x0, generator)
-        scores = uniforms(tuple(block.shape), generator, block.device).masked_fill(~masked, -1.0)
-        chosen = torch.zeros_like(masked).scatter_(-1, scores.argmax(-1, keepdim=True), True)
-        return torch.where(chosen & masked, proposal, block)
     mask_prob = ((t - dt) / t).clamp(min=0.0)[:, None, None]  # s / t, (B, 1, 1)
     q_xs = p_x0 * (1 - mask_prob)
     q_xs[..., cfg.mask_id] = mask_prob[..., 0]
@@ -60,11 +53,10 @@ def denoise_block(
     first model call does it (a fused commit). The block must then start with a masked token
     (every block after the first does), so that there is a first call.
 
-    First-hitting: each sequence draws its next unmask time t <- t u^(1/n) (n = its masked
-    count) and unmasks one token per call. DDPM: T steps t_i = 1 - i/T, s = t_i - 1/T, so the
-    last step unmasks everything left. p_x0 is reused while no sequence changed: exact because
-    the network ignores t (no time conditioning)."""
-    if cfg.first_hitting and cfg.lazy_draws:
+    First-hitting: sampling/first_hitting.py. DDPM: T steps t_i = 1 - i/T, s = t_i - 1/T, so
+    the last step unmasks everything left. p_x0 is reused while no sequence changed: exact
+    because the network ignores t (no time conditioning)."""
+    if cfg.first_hitting:
         return denoise_first_hitting(
             model, context, key_valid, block, cache, cfg, generator, active, num_masked,
             commit_previous,
@@ -75,16 +67,10 @@ def denoise_block(
     nfe = torch.zeros(B, dtype=torch.long, device=block.device)
     valid = extend_valid(key_valid, K)
     p_x0 = None
-    for step in range(K if cfg.first_hitting else T):
-        masked = block == cfg.mask_id
-        if not masked.any():
+    for step in range(T):
+        if not (block == cfg.mask_id).any():
             break
-        if cfg.first_hitting:
-            n = masked.sum(-1)
-            u = uniforms((B,), generator, block.device)
-            t = torch.where(n > 0, t * u ** (1.0 / n.clamp(min=1)), t)
-        else:
-            t = torch.full_like(t, 1.0 - step / T)
+        t = torch.full_like(t, 1.0 - step / T)
         if p_x0 is None:
             x = torch.cat([context, block], dim=1)
             log_p = model.logprobs(x, t, K, valid, cache, commit_previous=commit_previous)

@@ -31,12 +31,11 @@ class SamplerConfig:
     var_length: bool = False
     reject_low_entropy: bool = True
     stride: int | None = None
-    # Fast first-hitting (default): draw each step's token only at the position(s) it commits,
-    # by inverse CDF in float64 over those rows only, with the block's random numbers drawn
-    # up front (no host sync per step). Same distribution as the reference draw (a Gumbel race
-    # over every position of the block, kept with lazy_draws=False), other random numbers.
-    lazy_draws: bool = True
-    # Parallel decoding (first-hitting with lazy_draws): commit `tokens_per_step` masked
+    # First-hitting draws each step's token only at the position(s) it commits, by inverse CDF
+    # in float64 over those rows only, with the block's random numbers drawn up front (no host
+    # sync per step): the distribution of the reference's draw (a Gumbel race over every
+    # position of the block, benchmarks/baselines.py), other random numbers.
+    # Parallel decoding (first-hitting): commit `tokens_per_step` masked
     # positions per model call (chosen uniformly), and/or also every masked position whose
     # most likely token has probability >= `confidence_threshold` (that token is committed).
     # tokens_per_step=1 and no threshold is exact first-hitting.
@@ -86,12 +85,9 @@ class SamplerConfig:
             )
         parallel = self.tokens_per_step > 1 or self.confidence_threshold is not None
         parallel |= self.entropy_bound is not None or self.eb_gamma is not None
-        if (parallel or self.unmask_order != "random") and not (
-            self.first_hitting and self.lazy_draws
-        ):
+        if (parallel or self.unmask_order != "random") and not self.first_hitting:
             raise ValueError(
-                "parallel decoding and sampling.unmask_order need sampling.first_hitting and "
-                "sampling.lazy_draws"
+                "parallel decoding and sampling.unmask_order need sampling.first_hitting"
             )
         if self.num_steps < 1:
             raise ValueError(f"algo.T={self.num_steps}: sampling needs at least one step")

@@ -27,12 +27,11 @@ import torch
 from torch import Tensor
 
 from algorithms.ar import Autoregressive, ar_log_probs
-from algorithms.base import process_sigma, sigma_from_p, subs_log_probs, subs_log_probs_reference
+from algorithms.base import process_sigma, sigma_from_p, subs_log_probs
 from models.attention import AttentionMask, dense_mask
 from models.dit import Conditioning, DiT
 from models.kv_cache import KVCache
 from models.network import BackboneNetwork
-from models.weight_stamp import WeightStamp
 
 
 class Denoiser(Protocol):
@@ -55,9 +54,12 @@ class Denoiser(Protocol):
 
 class ModelDenoiser:
     """Implements Denoiser. algorithm: MaskedDiffusion or Autoregressive.
-    reference_subs: the reference's SUBS implementation; reuse_conditioning=False recomputes
-    the adaLN modulation at every call even when it cannot change (both: the sampling
-    benchmark's baseline)."""
+
+    A denoiser is a snapshot of the network for inference: its caches (the transposed output
+    projection on CPU, the constant adaLN modulation of a model without time conditioning)
+    are made from the weights as they are at construction or at the last `prepare_inference()`.
+    Call prepare_inference() (or build a new denoiser) after changing the weights; with
+    autograd on the caches are never used."""
 
     def __init__(
         self,
@@ -66,16 +68,18 @@ class ModelDenoiser:
         window: int,
         reencode: bool = False,
         network: BackboneNetwork | None = None,
-        reference_subs: bool = False,
-        reuse_conditioning: bool = True,
     ):
         self.backbone, self.algorithm, self.window = backbone, algorithm, window
         self.network = network or BackboneNetwork(backbone)
         self.is_ar = isinstance(algorithm, Autoregressive)
         self.reencode = reencode or (not self.is_ar and not algorithm.cross_attn)
-        self.subs = subs_log_probs_reference if reference_subs else subs_log_probs
-        self.reuse_conditioning = reuse_conditioning
-        self._constant: tuple[tuple, WeightStamp, Conditioning] | None = None  # _conditioning
+        self.subs = subs_log_probs
+        self.prepare_inference()
+
+    def prepare_inference(self) -> None:
+        """(Re)build the inference caches from the current weights (see the class docstring)."""
+        self._head_t = self.backbone.transposed_head()
+        self._constant: dict[tuple, Conditioning] = {}  # by (batch, device, autocast)
 
     def new_cache(self, batch_size: int, block_size: int) -> KVCache:
         """A KV cache for this network. Refused with time conditioning: the cached keys of the
@@ -117,8 +121,9 @@ class ModelDenoiser:
         positions = self.network.positions(S, 1, x.device)
         outputs = self._outputs(S, num_last, rows)
         logits = self.backbone(
-            x, None, positions, mask, outputs, conditioning=self._conditioning(t, x)
-        )
+            x, None, positions, mask, outputs, conditioning=self._conditioning(t, x),
+            head_t=self._head_t,
+        )  # fmt: skip
         return self._to_logprobs(logits, x[:, -num_last:], rows)
 
     def commit(self, x, key_valid, cache) -> None:
@@ -137,31 +142,20 @@ class ModelDenoiser:
     def _conditioning(self, t: Tensor, x: Tensor) -> Conditioning | None:
         """The backbone's adaLN modulation at t (B,). Without time conditioning sigma is 0 at
         every call, so the modulation is a constant: without autograd it is computed once per
-        batch size and autocast mode and reused until the weights it derives from change
-        (WeightStamp)."""
+        batch size, device and autocast mode (prepare_inference() drops it)."""
         if self.backbone.sigma_map is None:
             return None
         device = x.device
         if not self.is_ar and self.algorithm.time_conditioning:
             sigma = sigma_from_p(t[:, None].float(), self.algorithm.noise_sigma_max)
             return self.backbone.condition(process_sigma(sigma, True).to(device))
-        if not self.reuse_conditioning or torch.is_grad_enabled():  # no graph kept across calls
+        if torch.is_grad_enabled():  # no graph kept across calls
             return self.backbone.condition(torch.zeros(x.shape[0], device=device))
-        mode = (x.shape[0], device, torch.is_autocast_enabled(device.type))
-        weights = self._conditioning_weights()
-        if (
-            self._constant is None
-            or self._constant[0] != mode
-            or not self._constant[1].matches(weights)
-        ):
+        mode = (x.shape[0], str(device), torch.is_autocast_enabled(device.type))
+        if mode not in self._constant:
             zeros = torch.zeros(x.shape[0], dtype=torch.float32, device=device)
-            self._constant = (mode, WeightStamp(weights), self.backbone.condition(zeros))
-        return self._constant[2]
-
-    def _conditioning_weights(self) -> list[Tensor]:
-        modules = [self.backbone.sigma_map, self.backbone.output_layer.adaLN_modulation]
-        modules += [block.adaLN_modulation for block in self.backbone.blocks]
-        return [p for m in modules for p in m.parameters()]
+            self._constant[mode] = self.backbone.condition(zeros)
+        return self._constant[mode]
 
     def _to_logprobs(self, logits: Tensor, x_last: Tensor, rows: Tensor | None) -> Tensor:
         if rows is not None:  # (B * k, V) in row-major order -> (B, k, V)
@@ -180,7 +174,7 @@ class ModelDenoiser:
         positions = torch.arange(S - span, S, device=x.device)
         return self.backbone(
             x[:, -span:], None, positions, AttentionMask(), outputs, cache, commit, block_valid,
-            self._conditioning(t, x),
+            self._conditioning(t, x), self._head_t,
         )  # fmt: skip
 
 

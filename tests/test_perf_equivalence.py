@@ -1,9 +1,10 @@
-"""Every speed switch keeps the numbers (logits, gradients, losses), the fast
-samplers keep their distribution and cached == uncached, and parallel decoding with one token
-per step is the exact first-hitting sampler."""
+"""Every fast path keeps the numbers of the implementation it replaced (benchmarks/baselines.py:
+logits, gradients, losses), the fast samplers keep their distribution and cached == uncached,
+and parallel decoding with one token per step is the exact first-hitting sampler."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 
@@ -12,8 +13,9 @@ import torch
 import torch.nn.functional as F
 
 import sampling
-from algorithms.base import Layout, subs_log_probs, subs_log_probs_reference
+from algorithms.base import Layout, subs_log_probs
 from algorithms.masked_diffusion import MaskedDiffusion
+from benchmarks import baselines
 from conftest import (
     P_VALUE,
     chi_square_p,
@@ -26,27 +28,34 @@ from conftest import (
 from models.attention import BlockDiffusionMask, MaskCache, block_diffusion_attend
 from models.dit import DiT, DiTConfig
 from noise_schedule import LogLinear
-from sampling import ModelDenoiser, draws
+from sampling import draws
 
 V, MASK = 37, 36
 SWITCHES = [(False, False), (True, True), (True, False), (False, True)]
 
 
-def dit(structured: bool, prune: bool) -> DiT:
+def dit(prune: bool) -> DiT:
+    """The tiny DiT (seeded weights); prune=False: its baseline without last-layer pruning."""
     config = DiTConfig(
-        vocab_size=V, hidden_size=32, cond_dim=16, n_blocks=2, n_heads=4, dropout=0.0,
-        structured_attention=structured, prune_last_layer=prune,
-    )  # fmt: skip
-    return randomize_(DiT(config), seed=0)
+        vocab_size=V, hidden_size=32, cond_dim=16, n_blocks=2, n_heads=4, dropout=0.0
+    )
+    model = randomize_(DiT(config), seed=0)
+    return model if prune else baselines.unpruned(model)
 
 
-def network_for(model):
+def served(mask, structured: bool):
+    """The mask as the fast path serves it, or (structured=False) as dense SDPA."""
+    return mask if structured else baselines.without_structure(mask)
+
+
+def network_for(model, structured: bool = True):
     cache = MaskCache("sdpa")
 
     def network(tokens, sigma, layout: Layout):
         S = tokens.shape[1]
         positions = torch.arange(S // layout.halves).repeat(layout.halves)
-        return model(tokens, sigma, positions, cache.get(layout.mask, S, S, "cpu"), layout.outputs)
+        mask = served(cache.get(layout.mask, S, S, "cpu"), structured)
+        return model(tokens, sigma, positions, mask, layout.outputs)
 
     return network
 
@@ -59,9 +68,9 @@ def test_dit_switches_keep_logits_and_gradients(L, K):
     mask = MaskCache("sdpa").get(BlockDiffusionMask(L, K), 2 * L, 2 * L, "cpu")
     results = []
     for structured, prune in SWITCHES:
-        model = dit(structured, prune)
+        model = dit(prune)
         for outputs in (select, slice(0, L)):
-            logits = model(x, sigma, positions, mask, outputs)
+            logits = model(x, sigma, positions, served(mask, structured), outputs)
             logits.square().mean().backward()
             grads = [p.grad.clone() for p in model.parameters()]
             model.zero_grad()
@@ -81,9 +90,10 @@ def test_nelbo_is_the_same_with_and_without_the_switches(K, cross_attn):
     x0 = torch.randint(0, V - 1, (3, L), generator=torch.Generator().manual_seed(0))
     eps = torch.tensor(1e-3), torch.tensor(1.0)
     losses = []
+    fields = {f.name: getattr(algo, f.name) for f in dataclasses.fields(algo)}
     for (structured, prune), masked_outputs in itertools.product(SWITCHES, (True, False)):
-        net = network_for(dit(structured, prune))
-        algo = dataclasses.replace(algo, masked_outputs=masked_outputs)
+        net = network_for(dit(prune), structured)
+        algo = MaskedDiffusion(**fields) if masked_outputs else baselines.DenseNELBO(**fields)
         out = algo.loss(net, x0, torch.ones(3, L), *eps, True, torch.Generator().manual_seed(5))
         losses.append(out.loss)
         out.loss.backward()
@@ -116,8 +126,8 @@ def test_pruned_last_layer_matches_full_outputs_sliced():
     mask = MaskCache("sdpa").get(BlockDiffusionMask(L, K), 2 * L, 2 * L, "cpu")
     args = (x, torch.zeros(2), torch.arange(L).repeat(2), mask)
     with torch.no_grad():
-        full = dit(False, False)(*args, None)[:, :L]
-        pruned = dit(False, True)(*args, slice(0, L))
+        full = dit(False)(*args, None)[:, :L]
+        pruned = dit(True)(*args, slice(0, L))
     torch.testing.assert_close(pruned, full, rtol=1e-5, atol=1e-5)
 
 
@@ -127,7 +137,7 @@ def test_subs_log_probs_matches_the_reference():
     xt = torch.randint(0, V, (3, 5), generator=gen)
     xt[0] = MASK
     torch.testing.assert_close(
-        subs_log_probs(logits, xt, MASK), subs_log_probs_reference(logits, xt, MASK)
+        subs_log_probs(logits, xt, MASK), baselines.subs_log_probs_reference(logits, xt, MASK)
     )
 
 
@@ -219,8 +229,9 @@ def test_confidence_order_unmasks_the_surest_positions_first(k):
 def test_lazy_and_reference_draws_give_the_same_distribution():
     """Token frequencies of the two first-hitting draws agree (they use other random numbers)."""
     counts = []
-    for lazy in (True, False):
-        out = _sample(Confident(0.5), _cfg(lazy_draws=lazy), batch=400)
+    for reference in (False, True):
+        with baselines.reference_draws() if reference else contextlib.nullcontext():
+            out = _sample(Confident(0.5), _cfg(), batch=400)
         counts.append(torch.bincount(out.tokens[:, 1:].flatten(), minlength=6).double())
     assert two_sample_p(*counts) > P_VALUE
 
@@ -264,35 +275,33 @@ def test_selected_rows_equal_the_full_output(cached):
     torch.testing.assert_close(some, full.gather(1, rows[..., None].expand(-1, -1, 41)))
 
 
-def test_inference_projection_equals_linear_and_follows_every_weight_change():
-    """The CPU inference projection (a cached transposed weight) gives F.linear's logits and
-    is rebuilt after an in-place update, a load_state_dict and a replaced tensor."""
-    layer = dit(True, True).output_layer
-    h = torch.randn(2, 3, 32, generator=torch.Generator().manual_seed(0))
-
-    def check():
-        with torch.no_grad():
-            for rows in (h[:1, :1], h[:, :2], h):  # a GEMV and GEMMs
-                expected = F.linear(rows, layer.linear.weight, layer.linear.bias)
-                torch.testing.assert_close(layer._project(rows), expected, rtol=1e-6, atol=1e-6)
-
-    check()
+def test_inference_projection_equals_linear_and_is_used_only_for_cpu_inference():
+    """The CPU inference projection (DiT.transposed_head, a (D, V) copy) gives F.linear's
+    logits for a GEMV and GEMMs; with autograd on, the plain F.linear runs."""
+    model = dit(True)
+    layer = model.output_layer
     with torch.no_grad():
-        layer.linear.weight.mul_(-2.0)  # an optimizer step or an EMA copy
-    check()
-    state = {k: torch.randn_like(v) for k, v in layer.state_dict().items()}
-    layer.load_state_dict(state)
-    check()
-    layer.linear.weight.data = torch.randn_like(layer.linear.weight)
-    check()
-    assert layer._project(h).requires_grad  # with autograd on: the plain F.linear
+        layer.linear.weight.mul_(-2.0)  # not a zero-initialised layer
+        layer.linear.bias.add_(0.3)
+    head_t = model.transposed_head()
+    assert head_t.shape == (32, V) and head_t.is_contiguous()
+    h = torch.randn(2, 3, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for rows in (h[:1, :1], h[:, :2], h):  # a GEMV and GEMMs
+            expected = F.linear(rows, layer.linear.weight, layer.linear.bias)
+            got = layer._project(rows, head_t)
+            torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+        stale = head_t * 0  # a copy that no longer matches the weight is what gets used
+        assert layer._project(h, stale).abs().sub(layer.linear.bias.abs()).abs().max() < 1e-6
+    assert layer._project(h, head_t).requires_grad  # with autograd on: the plain F.linear
 
 
-def test_constant_conditioning_is_reused_only_while_its_weights_stand():
-    """Without time conditioning the sampling model computes the adaLN modulation once; a
-    weight change (here the last block's adaLN) must reach the next call. With time
-    conditioning the modulation follows t."""
-
+def test_a_denoiser_snapshots_its_weights_until_prepare_inference():
+    """Without time conditioning the denoiser computes the adaLN modulation once and keeps the
+    transposed head: a weight change (here the last block's adaLN and the output layer)
+    reaches its calls after prepare_inference(), and then equals a fresh denoiser and the
+    baseline that recomputes everything at every call. With time conditioning the
+    modulation follows t."""
     module = tiny_module("bd3lm")
     model = module.denoiser(16)
     x = torch.randint(0, 40, (2, 8), generator=torch.Generator().manual_seed(0))
@@ -302,12 +311,15 @@ def test_constant_conditioning_is_reused_only_while_its_weights_stand():
         before = model.logprobs(x, t, 4, None, None)
         torch.testing.assert_close(model.logprobs(x, t * 0.5, 4, None, None), before)
         module.backbone.blocks[-1].adaLN_modulation.bias.add_(0.5)
+        module.backbone.output_layer.linear.weight.mul_(1.5)
+        torch.testing.assert_close(model.logprobs(x, t, 4, None, None), before)  # a snapshot
+        model.prepare_inference()
         after = model.logprobs(x, t, 4, None, None)
         fresh = module.denoiser(16).logprobs(x, t, 4, None, None)
-        plain = ModelDenoiser(module.backbone, module.algorithm, 16, reuse_conditioning=False)
+        plain = baselines.BaselineDenoiser(module.backbone, module.algorithm, 16)
         recomputed = plain.logprobs(x, t, 4, None, None)
     torch.testing.assert_close(after, fresh, rtol=0, atol=0)
-    torch.testing.assert_close(after, recomputed, rtol=0, atol=0)
+    torch.testing.assert_close(after, recomputed, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(after, before)
 
     timed = tiny_module("bd3lm", 16, "algo.time_conditioning=true")

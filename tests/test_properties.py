@@ -8,6 +8,7 @@ implementation fails by chance less than once in a million seeds)."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -16,6 +17,7 @@ import torch
 import sampling
 from algorithms.base import Shard, sample_t, subs_log_probs
 from algorithms.masked_diffusion import MaskedDiffusion
+from benchmarks import baselines
 from conftest import P_VALUE, chi_square_p, randomize_, two_sample_p
 from models.attention import BlockCausalMask, MaskCache
 from models.network import BackboneNetwork
@@ -148,16 +150,17 @@ class DistinctRows:
         return None
 
 
-@pytest.mark.parametrize("lazy_draws", [True, False])
-def test_first_hitting_commits_a_uniformly_chosen_masked_position(lazy_draws):
+@pytest.mark.parametrize("reference", [False, True])
+def test_first_hitting_commits_a_uniformly_chosen_masked_position(reference):
     """The first call of a fully masked block commits one of its K positions uniformly at
     random (chi-square over 4000 sequences, p > 1e-6), and then one of the remaining ones."""
     K, batch = 4, 4000
     model = DistinctRows(K)
     cfg = sampling.SamplerConfig(length=2 * K, block_size=K, num_steps=8, context=2 * K,
                                  bos_id=MASK - 1, mask_id=MASK, eos_id=MASK - 1,
-                                 reject_low_entropy=False, lazy_draws=lazy_draws)  # fmt: skip
-    sampling.semi_ar_sample(model, batch, cfg, torch.Generator().manual_seed(0), "cpu")
+                                 reject_low_entropy=False)  # fmt: skip
+    with baselines.reference_draws() if reference else contextlib.nullcontext():
+        sampling.semi_ar_sample(model, batch, cfg, torch.Generator().manual_seed(0), "cpu")
     second_block = model.blocks[K - 1 :]  # the first block has its BOS: K - 1 calls
     after_first = second_block[1]  # the block as the second call sees it
     committed = after_first != MASK
@@ -353,8 +356,8 @@ class ClockRecorder(DistinctRows):
         return super().logprobs(x, t, *args, **kwargs)
 
 
-@pytest.mark.parametrize("lazy_draws", [True, False])
-def test_first_hitting_clock_is_the_time_of_the_next_unmasking(lazy_draws):
+@pytest.mark.parametrize("reference", [False, True])
+def test_first_hitting_clock_is_the_time_of_the_next_unmasking(reference):
     """With n masked tokens the next unmask time is t u^(1/n): from t = 1 and n = 4 the first
     call's t has P(t <= x) = x^4, so t^4 is uniform (chi-square over 10 bins, p > 1e-6), and
     the second call's (t_2 / t_1)^3 is uniform again."""
@@ -362,8 +365,9 @@ def test_first_hitting_clock_is_the_time_of_the_next_unmasking(lazy_draws):
     model = ClockRecorder(K)
     cfg = sampling.SamplerConfig(length=2 * K, block_size=K, num_steps=8, context=2 * K,
                                  bos_id=MASK - 1, mask_id=MASK, eos_id=MASK - 1,
-                                 reject_low_entropy=False, lazy_draws=lazy_draws)  # fmt: skip
-    sampling.semi_ar_sample(model, batch, cfg, torch.Generator().manual_seed(1), "cpu")
+                                 reject_low_entropy=False)  # fmt: skip
+    with baselines.reference_draws() if reference else contextlib.nullcontext():
+        sampling.semi_ar_sample(model, batch, cfg, torch.Generator().manual_seed(1), "cpu")
     t1, t2 = model.ts[K - 1], model.ts[K]  # the second block's first two calls
     for uniform in (t1**4, (t2 / t1) ** 3):
         counts = torch.bincount((uniform * 10).long().clamp(max=9), minlength=10)
