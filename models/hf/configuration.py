@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import torch
 from transformers import PretrainedConfig
 
 BD3LM_AUTO_MAP = {
@@ -118,3 +121,33 @@ class MDLMConfig(PretrainedConfig):
         self.time_conditioning = time_conditioning
         kwargs.setdefault("auto_map", dict(MDLM_AUTO_MAP))
         super().__init__(**kwargs)
+
+
+# from_pretrained's dtype / device_map arguments
+def resolve_dtype(dtype: Any):
+    """None, "auto", a torch.dtype or its name -> None, "auto" or a torch.dtype."""
+    if dtype is None or dtype == "auto" or isinstance(dtype, torch.dtype):
+        return dtype
+    resolved = getattr(torch, str(dtype).removeprefix("torch."), None)
+    if not isinstance(resolved, torch.dtype):
+        raise ValueError(
+            f"dtype={dtype!r}: give a torch dtype, its name (float32, bfloat16, float16) or 'auto'"
+        )
+    return resolved
+
+
+def resolve_device(device_map: Any) -> torch.device | None:
+    """None, "auto" or one device (string, index or torch.device) -> a torch.device."""
+    if device_map is None:
+        return None
+    if device_map == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    if isinstance(device_map, (str, int, torch.device)):
+        try:
+            return torch.device(device_map)
+        except (RuntimeError, TypeError):
+            pass
+    raise ValueError(
+        f"device_map={device_map!r}: give 'auto' or one device ('cpu', 'cuda:0'); "
+        "these models are not sharded across devices"
+    )

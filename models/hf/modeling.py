@@ -37,7 +37,7 @@ from models.attention import (
     flash_available,
 )
 from models.dit import DiT, DiTConfig
-from models.hf.configuration import BD3LMConfig, MDLMConfig
+from models.hf.configuration import BD3LMConfig, MDLMConfig, resolve_device, resolve_dtype
 from models.kv_cache import KVCache
 
 # config.json keys written by transformers itself (never compared or overridden by name)
@@ -198,8 +198,8 @@ class _DiTWrapper(PreTrainedModel):
         """
         if model_args:
             raise TypeError(f"{cls.__name__}.from_pretrained takes no positional model args")
-        target_dtype = _resolve_dtype(dtype if dtype is not None else torch_dtype)
-        device = _resolve_device(device_map)
+        target_dtype = resolve_dtype(dtype if dtype is not None else torch_dtype)
+        device = resolve_device(device_map)
         directory = resolve_pretrained(str(pretrained_model_name_or_path), cache_dir, revision)
         if config is None:
             config = cls.config_from_pretrained(directory, **overrides)
@@ -300,35 +300,6 @@ class _DiTWrapper(PreTrainedModel):
         if return_dict if return_dict is not None else self.config.return_dict:
             return MaskedLMOutput(logits=logits, hidden_states=None)
         return logits
-
-
-def _resolve_dtype(dtype: Any):
-    """None, "auto", a torch.dtype or its name -> None, "auto" or a torch.dtype."""
-    if dtype is None or dtype == "auto" or isinstance(dtype, torch.dtype):
-        return dtype
-    resolved = getattr(torch, str(dtype).removeprefix("torch."), None)
-    if not isinstance(resolved, torch.dtype):
-        raise ValueError(
-            f"dtype={dtype!r}: give a torch dtype, its name (float32, bfloat16, float16) or 'auto'"
-        )
-    return resolved
-
-
-def _resolve_device(device_map: Any) -> torch.device | None:
-    """None, "auto" or one device (string, index or torch.device) -> a torch.device."""
-    if device_map is None:
-        return None
-    if device_map == "auto":
-        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
-    if isinstance(device_map, (str, int, torch.device)):
-        try:
-            return torch.device(device_map)
-        except (RuntimeError, TypeError):
-            pass
-    raise ValueError(
-        f"device_map={device_map!r}: give 'auto' or one device ('cpu', 'cuda:0'); "
-        "these models are not sharded across devices"
-    )
 
 
 class BD3LM(_DiTWrapper):
