@@ -5,6 +5,7 @@ data loaders, logger, strategy, callbacks and trainer. Only main.py calls these.
 from __future__ import annotations
 
 import os
+import sys
 
 import hydra
 import lightning as L
@@ -17,7 +18,7 @@ from dataloader import make_loader
 from diffusion import Diffusion, OptimSettings
 from models import DiT, dit_config
 from settings import BatchPlan, Hardware, build_objective, plan_batches
-from training_callbacks import AtomicCheckpointIO, Preemption, Throughput
+from training_callbacks import AtomicCheckpointIO, Preemption, ProgressLog, Throughput
 from utils import UserError
 
 
@@ -247,7 +248,8 @@ def build_callbacks(cfg: DictConfig) -> list:
 
 def build_trainer(cfg: DictConfig, hw: Hardware, plan: BatchPlan, run_dir: str, fit: bool):
     """fit=True adds the checkpoint and run callbacks and the logger; evaluation runs get
-    neither. Checkpoint files are written atomically."""
+    neither. Checkpoint files are written atomically. Progress: Lightning's bar when stdout is a
+    terminal, else training_callbacks.ProgressLog lines every trainer.log_every_n_steps."""
     strategy = build_strategy(cfg, hw)
     callbacks = build_callbacks(cfg) if fit else []
     plugins = [AtomicCheckpointIO()]
@@ -258,6 +260,12 @@ def build_trainer(cfg: DictConfig, hw: Hardware, plan: BatchPlan, run_dir: str, 
     derived = ("accelerator", "devices", "num_nodes", "precision", "accumulate_grad_batches")
     ours = ("deterministic", "float32_matmul_precision")
     passthrough = {k: v for k, v in cfg.trainer.items() if k not in (*derived, *ours)}
+    # Lightning's progress bar on a terminal, else log lines (slurm logs); the model summary
+    # table with verbose=true. trainer.enable_progress_bar / enable_model_summary still win.
+    passthrough.setdefault("enable_progress_bar", sys.stdout.isatty())
+    passthrough.setdefault("enable_model_summary", bool(cfg.get("verbose", False)))
+    if fit and not passthrough["enable_progress_bar"]:
+        callbacks.append(ProgressLog(int(cfg.trainer.log_every_n_steps)))
     deterministic = cfg.trainer.get("deterministic")
     if deterministic is None:  # multi-threaded CPU kernels are otherwise not bit-reproducible
         deterministic = hw.accelerator == "cpu"

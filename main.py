@@ -12,6 +12,7 @@ import json
 import os
 import re
 import sys
+import time
 from collections.abc import Sequence
 
 import hydra
@@ -37,7 +38,7 @@ from checkpoints import (
 from models import ssdlm
 from sampling import generate
 from training_callbacks import Preemption
-from utils import UserError, atomic_path, get_logger, global_rank
+from utils import UserError, atomic_path, get_logger, global_rank, quiet_console
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 GROUPS = ("algo", "model", "data", "noise", "lr_scheduler", "strategy", "experiment")
@@ -278,16 +279,25 @@ def sample_eval(
         world_size=fabric.world_size,
         prompts=prompts,
         append=cfg.sampling.logdir is not None,
+        show_progress=sys.stderr.isatty(),  # no carriage-return bars in slurm logs
     )
     # the sampler runs in the run's precision; the judge scores in float32 outside it
+    start = time.perf_counter()
     records = generate.generate(
         sample_fn, sampler_cfg, job, vocab, evaluator, fabric.device, autocast=fabric.autocast
     )
     fabric.barrier()
     if fabric.global_rank == 0:
         summary = generate.write_summary(out_dir, cfg.eval.gen_ppl_eval_model_name_or_path)
-        for record in records[:4]:
-            print(f"--- sample {record['index']} ({record['length']} tokens)\n{record['text']}")
+        seconds, tokens = time.perf_counter() - start, sum(r["length"] for r in records)
+        log.info(
+            "sampled %d sequences, %d tokens in %.1f s: %.0f tokens/s (rank 0)",
+            len(records), tokens, seconds, tokens / max(seconds, 1e-9),
+        )  # fmt: skip
+        for record in records[:2]:  # shown without the BOS every sample starts with
+            ids = record["token_ids"]
+            text = dataloader.decode(vocab, ids[1:] if ids[:1] == [vocab.bos_id] else ids)
+            print(f"--- sample {record['index']} ({record['length']} tokens)\n{text}")
         print(json.dumps(summary))
 
 
@@ -314,9 +324,15 @@ def run(cfg: DictConfig, run_dir: str | None = None) -> None:
         log.info("trainer.precision=auto -> %s (%s)", hw.precision, hw.precision_choice)
     if global_rank() == 0:
         resolved = OmegaConf.to_yaml(cfg, resolve=True)
-        log.info("resolved config:\n%s", resolved)
-        with atomic_path(os.path.join(run_dir, "config_resolved.yaml")) as tmp, open(tmp, "w") as f:
-            f.write(resolved)
+        if cfg.verbose:
+            log.info("resolved config:\n%s", resolved)
+        # a sampling.logdir gets it too: scripts/paper_tables.py matches its samples by it
+        logdir = cfg.sampling.logdir if cfg.mode == "sample_eval" else None
+        for directory in dict.fromkeys(d for d in (run_dir, logdir) if d):
+            os.makedirs(directory, exist_ok=True)
+            path = os.path.join(directory, "config_resolved.yaml")
+            with atomic_path(path) as tmp, open(tmp, "w") as f:
+                f.write(resolved)
     L.seed_everything(int(cfg.seed), verbose=False)
     MODES[cfg.mode](cfg, hw, plan, run_dir, loaded)
 
@@ -331,6 +347,7 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    quiet_console()  # Lightning's tips and known deprecation warnings
     try:
         check_group_choices(sys.argv[1:])
     except UserError as err:

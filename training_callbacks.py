@@ -1,5 +1,5 @@
 """Lightning plumbing for long, preemptible runs: atomic checkpoint files, save-and-requeue on
-SIGUSR1/SIGUSR2/SIGTERM, and throughput/memory logging."""
+SIGUSR1/SIGUSR2/SIGTERM, throughput/memory logging, and progress as log lines."""
 
 from __future__ import annotations
 
@@ -154,3 +154,52 @@ class Throughput(L.Callback):
         pl_module.log("trainer/tokens_per_s", self._tokens / max(elapsed, 1e-9))
         pl_module.log("trainer/peak_memory_gb", peak)
         self._start, self._tokens = time.perf_counter(), 0
+
+
+class ProgressLog(L.Callback):
+    """Training progress as log lines, in place of Lightning's progress bar when stdout is not
+    a terminal (slurm logs): the parameter count at the start, then one line every `every`
+    optimizer steps and at the last one, e.g.
+    "step 400/800  loss 5.1234  lr 2.00e-03  1:02 elapsed, 1:02 left". Global rank 0 only."""
+
+    def __init__(self, every: int):
+        self.every = max(1, every)
+        self._start: float | None = None
+        self._first_step = 0
+        self._last_logged = -1
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero:
+            count = sum(p.numel() for p in pl_module.parameters())
+            log.info("model: %.2f M parameters", count / 1e6)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._start is None:
+            self._start, self._first_step = time.perf_counter(), trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step, total = trainer.global_step, trainer.max_steps
+        last = total > 0 and step >= total
+        if step == self._last_logged or not trainer.is_global_zero:
+            return
+        if step % self.every and not last:
+            return
+        self._last_logged = step
+        elapsed = time.perf_counter() - (self._start or time.perf_counter())
+        parts = [f"step {step}/{total}" if total > 0 else f"step {step}"]
+        loss = trainer.callback_metrics.get("trainer/loss")
+        if loss is not None:
+            parts.append(f"loss {float(loss):.4f}")
+        if trainer.optimizers:
+            parts.append(f"lr {trainer.optimizers[0].param_groups[0]['lr']:.2e}")
+        timing = f"{_clock(elapsed)} elapsed"
+        done = step - self._first_step
+        if total > 0 and done > 0 and not last:
+            timing += f", {_clock(elapsed / done * (total - step))} left"
+        log.info("  ".join([*parts, timing]))
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"

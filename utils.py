@@ -55,3 +55,26 @@ def atomic_path(path: str) -> Iterator[str]:
         import shutil
 
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+# Lightning's console lines that say nothing about the run: product tips, the echo of a
+# limit_*_batches we set ourselves. "GPU available" / "LOCAL_RANK" lines are kept.
+LIGHTNING_NOISE = ("💡 Tip", "was configured so ")
+KNOWN_WARNINGS = (r"`isinstance\(treespec, LeafSpec\)` is deprecated",)  # torch 2.13 + Lightning
+
+
+class _DropNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(noise in message for noise in LIGHTNING_NOISE)
+
+
+def quiet_console() -> None:
+    """Silence Lightning's tips and the known third-party deprecation warnings (entry points
+    call this once; library code never does)."""
+    import warnings
+
+    for pattern in KNOWN_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(_DropNoise())

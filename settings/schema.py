@@ -115,7 +115,12 @@ TEXT_OR_NULL, BOOL_OR_NULL = Spec("text", null=True), Spec("bool", null=True)
 POSITIVE, POSITIVE_OR_NULL = Int(1), Int(1, null=True)
 PROBABILITY_OPEN = Real(0, 1, lo_open=True)  # (0, 1]
 
-TOP = {"mode": Choice("train", "ppl_eval", "sample_eval"), "seed": Int(0), "block_size": POSITIVE}
+TOP = {
+    "mode": Choice("train", "ppl_eval", "sample_eval"),
+    "seed": Int(0),
+    "block_size": POSITIVE,
+    "verbose": BOOL,  # console: the resolved config and the model summary
+}
 
 GROUPS: dict[str, dict[str, Spec]] = {
     "loader": {
@@ -286,7 +291,7 @@ WANDB_KEYS = (
     "resume_from", "config_exclude_keys", "config_include_keys", "force", "magic",
     "add_file_policy",
 )  # fmt: skip
-PLAIN = ("mode", "seed", "block_size", "callbacks", "wandb", "strategy", "lr_scheduler", *GROUPS)
+PLAIN = (*TOP, "callbacks", "wandb", "strategy", "lr_scheduler", *GROUPS)
 
 
 def check_schema(cfg: Mapping[str, Any]) -> None:
