@@ -21,6 +21,7 @@ from algorithms.base import (
 )
 from algorithms.clip_search import VarianceRecorder, per_block_means, select_interval
 from checkpoints.layout import CHECKPOINT_FORMAT
+from metrics import ROW_STATISTICS, nll_stderr, ppl_interval, row_statistics
 from models.dit import DiT
 from models.ema import EMA
 from models.network import BackboneNetwork
@@ -123,6 +124,10 @@ class Diffusion(L.LightningModule):
         self.__dict__["net"] = network if network is not None else BackboneNetwork(backbone)
         self._eval_sums: Tensor | None = None
         self.eval_result: dict | None = None
+        # independent NELBO draws per validation row (eval.mc_samples; main.ppl_eval sets it)
+        self.mc_samples = 1
+        # the run's provenance record (provenance.record), stored in every checkpoint
+        self.provenance: dict | None = None
 
     # ------------------------------------------------------------------------------------------
     # The training interval
@@ -186,26 +191,35 @@ class Diffusion(L.LightningModule):
         if self.ema is not None and self.use_ema_for_eval:
             self.ema.store(self.backbone)
             self.ema.copy_to(self.backbone)
-        self._eval_sums = torch.zeros(2, dtype=torch.float64, device=self.device)
+        # [nll sum, token sum, metrics.row_statistics...]
+        self._eval_sums = torch.zeros(2 + ROW_STATISTICS, dtype=torch.float64, device=self.device)
         if self.clip_grid:
             self._variance = VarianceRecorder(self.clip_grid, self.clip_search_batches)
 
-    def eval_key(self, batch_idx: int) -> int:
+    def eval_key(self, batch_idx: int, draw: int = 0) -> int:
         """The seed of validation batch `batch_idx`'s noise: (run seed, batch index), the same
-        on every rank and at every validation run (checkpoints are compared on equal noise)."""
-        return ((self.seed * 1_000_003 + 2**31 + batch_idx) * 4099) % (2**63 - 1)
+        on every rank and at every validation run (checkpoints are compared on equal noise).
+        Draw d > 0 of `eval.mc_samples` gets its own key; draw 0 is the one-draw estimate."""
+        key = ((self.seed * 1_000_003 + 2**31 + batch_idx) * 4099) % (2**63 - 1)
+        return key if draw == 0 else (key * 1_000_033 + draw) % (2**63 - 1)
 
-    def _eval_loss(self, batch: dict, batch_idx: int, interval: tuple[float, float]):
-        """One NELBO estimate of `batch` at `interval`. Evaluation loaders (data EvalRows) say
-        where each row sits in the global batch: the noise is drawn per global row from a
-        generator seeded by `eval_key`, so it does not depend on the number of processes, and
-        padding rows get weight 0. Other loaders: the rank's own draws, every row counted."""
+    def exact_eval(self, interval: tuple[float, float]) -> bool:
+        """Whether the reported loss is deterministic: block size 1 at t = 1 (AR, and BD3-LM
+        K = 1 in NLL mode, where every token is masked), so extra draws would repeat it."""
+        return getattr(self.algorithm, "block_size", None) == 1 and tuple(interval) == (1.0, 1.0)
+
+    def _eval_loss(self, batch: dict, batch_idx: int, interval: tuple[float, float], draw: int = 0):
+        """One NELBO estimate of `batch` at `interval` (draw `draw`). Evaluation loaders (data
+        EvalRows) say where each row sits in the global batch: the noise is drawn per global
+        row from a generator seeded by `eval_key`, so it does not depend on the number of
+        processes, and padding rows get weight 0. Other loaders: the rank's own draws, every
+        row counted."""
         eps_min, eps_max = (
             torch.tensor(e, dtype=torch.float32, device=self.device) for e in interval
         )
         x0, attention_mask = batch["input_ids"], batch["attention_mask"]
         shard = Shard.from_batch(batch)
-        key = self.eval_key(batch_idx) + (0 if shard is not None else self.global_rank)
+        key = self.eval_key(batch_idx, draw) + (0 if shard is not None else self.global_rank)
         generator = torch.Generator(device=self.device).manual_seed(key)
         out = self.algorithm.loss(
             self.net, x0, attention_mask, eps_min, eps_max, False, generator, shard
@@ -219,13 +233,20 @@ class Diffusion(L.LightningModule):
         """Reported: the unbiased NELBO (or exact NLL for K = 1; for an objective without a
         bound, SSD-LM, its training cross-entropy of one block). With a clip grid, every
         interval that still wants samples costs one more forward pass on this batch (on the
-        same noise: common random numbers make the intervals' variances comparable)."""
+        same noise: common random numbers make the intervals' variances comparable).
+        With mc_samples = N > 1 (and an estimate that is not exact) each row's NELBO is the mean
+        of N independent draws, and their spread gives the error (metrics.nll_stderr)."""
         try:
             report = self.algorithm.eval_interval()
         except NotImplementedError:  # no bound (SSD-LM): its training loss on validation data
             report = tuple(float(e) for e in self.clip_interval())
-        out = self._eval_loss(batch, batch_idx, report)
-        self._eval_sums += torch.stack([out.nlls.double().sum(), out.token_mask.double().sum()])
+        draws = 1 if self.exact_eval(report) else self.mc_samples
+        outs = [self._eval_loss(batch, batch_idx, report, d) for d in range(draws)]
+        out = outs[0]
+        nll_sum = torch.stack([o.nlls.double().sum() for o in outs]).sum() / draws
+        rows = torch.stack([o.nlls.double().sum(-1) for o in outs])  # (draws, B)
+        stats = row_statistics(rows, out.token_mask.double().sum(-1))
+        self._eval_sums += torch.cat([torch.stack([nll_sum, out.token_mask.double().sum()]), stats])
         if self._variance is None:
             return
         for interval in self.clip_grid:
@@ -239,11 +260,22 @@ class Diffusion(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         sums = self.trainer.strategy.reduce(self._eval_sums, reduce_op="sum")
         nll = (sums[0] / sums[1]).item()
+        try:
+            report = self.algorithm.eval_interval()
+        except NotImplementedError:
+            report = (0.0, 0.0)
+        exact = self.exact_eval(report)
+        draws = 1 if exact else self.mc_samples
+        stderr, method = nll_stderr(nll, sums[1].item(), sums[2:], draws, exact)
         self.eval_result = {
             "nll": nll,
             "ppl": math.exp(nll),
             "bpd": nll / math.log(2),
             "num_tokens": int(sums[1].item()),
+            "nll_stderr": stderr,
+            "nll_stderr_method": method,
+            "ppl_ci95": ppl_interval(nll, stderr),
+            "mc_samples": self.mc_samples,
         }
         if not self.trainer.sanity_checking:
             for key in ("nll", "ppl", "bpd"):
@@ -287,6 +319,8 @@ class Diffusion(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["format"] = CHECKPOINT_FORMAT
         checkpoint["config"] = self.run_config
+        if self.provenance is not None:
+            checkpoint["provenance"] = self.provenance
         if self.ema is not None:
             checkpoint["ema"] = self.ema.state_dict()
 

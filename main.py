@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 import builders
 import dataloader
+import provenance
 import sampling
 import settings
 from checkpoints import (
@@ -98,6 +99,21 @@ def write_json(path: str, payload: dict) -> None:
         f.write("\n")
 
 
+def run_provenance(cfg: DictConfig, hw, run_dir: str, datasets: dict, checkpoint=None) -> dict:
+    """provenance.record of this run (the token caches of `datasets`, {split: dataset}, and
+    `checkpoint`), also written to RUN_DIR/provenance.json by global rank 0."""
+    caches = {split: provenance.cache_name_of(ds) for split, ds in datasets.items()}
+    prov = provenance.record(cfg, hw, run_dir=run_dir, data_cache=caches, checkpoint=checkpoint)
+    if global_rank() == 0:
+        provenance.write(run_dir, prov)
+    return prov
+
+
+def without_provenance(result: dict) -> dict:
+    """What the console shows of an output JSON (the record is in the file)."""
+    return {k: v for k, v in result.items() if k != "provenance"}
+
+
 # ----------------------------------------------------------------------------------------------
 # Modes
 # ----------------------------------------------------------------------------------------------
@@ -128,6 +144,9 @@ def train(cfg: DictConfig, hw: settings.Hardware, plan: settings.BatchPlan, run_
         last = read_checkpoint(resume, "checkpointing.resume_ckpt_path")
         check_state(module, last, "checkpointing.resume_ckpt_path")  # same model shape?
         log.info("resumed at step %d from %s", last.get("global_step", 0), resume)
+    source = cfg.training.from_pretrained if pretrained is not None else None
+    datasets = {"train": train_set, "valid": valid_set}
+    module.provenance = run_provenance(cfg, hw, run_dir, datasets, source)  # -> checkpoints
     builders.compile_for_training(module, cfg)
     try:
         trainer.fit(
@@ -227,9 +246,11 @@ def ppl_eval(
         valid_set, plan.eval_batch_size, True, cfg.seed, cfg, hw, evaluation=True
     )
     trainer = builders.build_trainer(cfg, hw, plan, run_dir, fit=False)
+    module.mc_samples = int(cfg.eval.mc_samples)
     trainer.validate(module, loader, verbose=False)
     if trainer.is_global_zero:
         result = {**module.eval_result, "checkpoint": path, "precision": hw.precision}
+        result["provenance"] = run_provenance(cfg, hw, run_dir, {"valid": valid_set}, path)
         threshold = ppl_threshold(path, cfg.eval.sanity_ppl_max)
         if threshold is not None and result["ppl"] > threshold:
             log.warning(
@@ -240,7 +261,7 @@ def ppl_eval(
                 path,
             )
         write_json(os.path.join(run_dir, "ppl_eval.json"), result)
-        print(json.dumps(result))
+        print(json.dumps(without_provenance(result)))
 
 
 def sample_eval(
@@ -288,7 +309,9 @@ def sample_eval(
     )
     fabric.barrier()
     if fabric.global_rank == 0:
-        summary = generate.write_summary(out_dir, cfg.eval.gen_ppl_eval_model_name_or_path)
+        prov = run_provenance(cfg, hw, run_dir, {}, cfg.eval.checkpoint_path)
+        judge = cfg.eval.gen_ppl_eval_model_name_or_path
+        summary = generate.write_summary(out_dir, judge, extra={"provenance": prov})
         seconds, tokens = time.perf_counter() - start, sum(r["length"] for r in records)
         log.info(
             "sampled %d sequences, %d tokens in %.1f s: %.0f tokens/s (rank 0)",
@@ -298,7 +321,7 @@ def sample_eval(
             ids = record["token_ids"]
             text = dataloader.decode(vocab, ids[1:] if ids[:1] == [vocab.bos_id] else ids)
             print(f"--- sample {record['index']} ({record['length']} tokens)\n{text}")
-        print(json.dumps(summary))
+        print(json.dumps(without_provenance(summary)))
 
 
 MODES = {"train": train, "ppl_eval": ppl_eval, "sample_eval": sample_eval}

@@ -27,6 +27,71 @@ def unigram_perplexity(train_ids: Tensor, eval_ids: Tensor, vocab_size: int) -> 
 
 
 # ----------------------------------------------------------------------------------------------
+# Error bars of a Monte-Carlo NELBO (docs/error_bars.md)
+# ----------------------------------------------------------------------------------------------
+Z_95 = 1.959963984540054  # the two-sided 95% normal quantile
+ROW_STATISTICS = 5  # length of `row_statistics`
+
+
+def row_statistics(draws: Tensor, tokens: Tensor) -> Tensor:
+    """Sums over rows that `nll_stderr` needs, float64 (5,), additive over batches and ranks.
+
+    draws: (D, B) per-row NELBO sums (nats, already token-weighted) of D independent draws;
+    tokens: (B,) per-row token weights (0 for padding rows, which then count nowhere).
+    Returns [sum m^2, sum m n, sum n^2, rows with n > 0, sum var_d / D], m the mean of a row's
+    draws and var_d their unbiased variance (0 when D = 1).
+    """
+    draws, tokens = draws.double(), tokens.double()
+    mean = draws.mean(0)
+    within = draws.var(0, unbiased=True) / draws.shape[0] if draws.shape[0] > 1 else 0 * mean
+    return torch.stack(
+        [
+            (mean * mean).sum(),
+            (mean * tokens).sum(),
+            (tokens * tokens).sum(),
+            (tokens > 0).sum().double(),
+            within.sum(),
+        ]
+    )
+
+
+def nll_stderr(nll: float, num_tokens: float, stats: Tensor, draws: int, exact: bool):
+    """(standard error of the per-token NELBO estimate `nll`, how it was obtained); the error
+    is None ("none") when it cannot be estimated (no tokens, or one draw of a single row).
+
+    The estimate is sum_i m_i / N over rows i (N tokens). Its Monte-Carlo error, given the
+    data, is sqrt(sum_i Var(m_i)) / N:
+      "exact": the objective is deterministic (AR, K = 1 at t = 1): 0;
+      "between_draws" (draws >= 2): Var(m_i) estimated from row i's own draws; shrinks as
+        1/sqrt(draws);
+      "between_rows" (one draw): the delta-method error of the ratio estimator from the spread
+        of the rows' residuals m_i - nll n_i, R/(R-1) corrected. It also counts the spread of
+        the data (and of the rows' antithetic strata), so it bounds the Monte-Carlo error from
+        above.
+    stats: `row_statistics` summed over every batch and rank.
+    """
+    if exact:
+        return 0.0, "exact"
+    if num_tokens <= 0:
+        return None, "none"
+    sq, cross, tok_sq, rows, within = (float(v) for v in stats)
+    if draws > 1:
+        return math.sqrt(max(within, 0.0)) / num_tokens, "between_draws"
+    if rows < 2:
+        return None, "none"
+    residual = max(sq - 2 * nll * cross + nll * nll * tok_sq, 0.0)
+    return math.sqrt(rows / (rows - 1) * residual) / num_tokens, "between_rows"
+
+
+def ppl_interval(nll: float, stderr: float | None, z: float = Z_95) -> list[float] | None:
+    """[low, high] perplexity interval exp(nll -+ z stderr) (95% for the default z); None
+    when there is no error estimate."""
+    if stderr is None:
+        return None
+    return [math.exp(nll - z * stderr), math.exp(nll + z * stderr)]
+
+
+# ----------------------------------------------------------------------------------------------
 # Generative perplexity
 # ----------------------------------------------------------------------------------------------
 def sliding_windows(length: int, window: int, stride: int) -> list[tuple[int, int, int]]:

@@ -52,6 +52,12 @@ class TokenDataset(torch.utils.data.Dataset):
         return cls(ids, mask, path)
 
     @property
+    def path(self) -> str | None:
+        """The cache directory the rows were memory-mapped from (its name is the cache name),
+        None for in-memory rows."""
+        return self._path
+
+    @property
     def input_ids(self) -> torch.Tensor:
         if isinstance(self._ids, torch.Tensor):
             return self._ids

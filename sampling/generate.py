@@ -197,13 +197,14 @@ def _progress_bar(job: GenerationJob, cfg: SamplerConfig):
     return tqdm(total=batches * cfg.length, unit="tok", desc="sampling", leave=False)
 
 
-def write_summary(out_dir: str, evaluator: str | None) -> dict:
-    """Recompute sample_eval.json and lengths.png from every samples*.jsonl line in out_dir."""
+def write_summary(out_dir: str, evaluator: str | None, extra: dict | None = None) -> dict:
+    """Recompute sample_eval.json and lengths.png from every samples*.jsonl line in out_dir;
+    `extra` keys (main.py: this run's "provenance") are added to the summary."""
     records = []
     for path in sorted(glob.glob(os.path.join(out_dir, "samples*.jsonl"))):
         with open(path) as f:
             records += [json.loads(line) for line in f if line.strip()]
-    summary = summarize_samples(records, evaluator)
+    summary = {**summarize_samples(records, evaluator), **(extra or {})}
     with atomic_path(os.path.join(out_dir, "sample_eval.json")) as tmp, open(tmp, "w") as f:
         json.dump(summary, f, indent=2)
         f.write("\n")

@@ -164,6 +164,7 @@ GROUPS: dict[str, dict[str, Spec]] = {
         "disable_ema": BOOL,
         "gen_ppl_eval_model_name_or_path": TEXT_OR_NULL,
         "sanity_ppl_max": Real(1, null=True),
+        "mc_samples": POSITIVE,  # ppl_eval: NELBO draws averaged per row (docs/error_bars.md)
     },
     "optim": {
         "weight_decay": Real(0),

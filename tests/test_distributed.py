@@ -124,6 +124,9 @@ def test_two_process_ppl_eval_equals_one_process_and_sampling_shards(
         double = json.loads((tmp_path / f"{algo}2" / "ppl_eval.json").read_text())
         assert double["num_tokens"] == single[algo]["num_tokens"]
         assert double["nll"] == pytest.approx(single[algo]["nll"], rel=1e-6)
+        # padding rows count nowhere in the error bars either (metrics.row_statistics)
+        assert double["nll_stderr"] == pytest.approx(single[algo]["nll_stderr"], rel=1e-6)
+    assert (single["ar"]["nll_stderr"], single["ar"]["nll_stderr_method"]) == (0.0, "exact")
     ranks = {}
     for rank in (0, 1):
         lines = (samples_dir / f"samples.rank{rank}.jsonl").read_text().splitlines()
