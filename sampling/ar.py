@@ -56,7 +56,7 @@ def ar_sample(
         key_valid = extend_valid(key_valid, 1)
         apply_stop_rules(x, gen_start, x.shape[1] - 1, state, cfg)
         if progress is not None:
-            progress(1)
+            progress(1, x[:, -1:])
         if not state.active.any():
             break
     return SampleOutput(x, state.lengths, nfe, nfe.clone(), state.reasons, pad)

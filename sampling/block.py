@@ -100,7 +100,9 @@ def semi_ar_sample(
     prompt (B, P) whose padding is False in prompt_valid. With cfg.kv_cache, each finished
     block is committed to the cache: inside the next block's first call when
     cfg.fuse_commit, else by an extra forward pass (counted in
-    nfe_total)."""
+    nfe_total). progress(n, committed): called after each block with its n tokens (B, n)
+    (every sampler of sampling/ calls it so: units of progress, and the tokens just committed
+    when there are any)."""
     x, key_valid, pad = start_context(batch_size, prompt, prompt_valid, device)
     gen_start = x.shape[1]
     cache = model.new_cache(batch_size, cfg.block_size) if cfg.kv_cache else None
@@ -140,7 +142,7 @@ def semi_ar_sample(
             nfe_total += state.active
         apply_stop_rules(x, gen_start, new_start, state, cfg)
         if progress is not None:
-            progress(K)
+            progress(K, x[:, -K:])
         if not state.active.any():
             break
     return SampleOutput(x, state.lengths, nfe_denoise, nfe_total, state.reasons, pad)

@@ -122,7 +122,7 @@ def generate(
     bar = _progress_bar(job, cfg)
     with open(os.path.join(job.out_dir, job.file_name), "a" if job.append else "w") as out:
         for batch_index, rows in enumerate(_rows(job)):
-            progress = None if bar is None else bar.update
+            progress = None if bar is None else (lambda n, committed=None: bar.update(n))
             result = _sample_rows(
                 sample_fn, rows, vocab, cfg, generator, device, progress, autocast
             )

@@ -203,7 +203,7 @@ def ssdlm_sample(
                 keep = min(block, length - x.shape[1])
                 x = torch.cat([x, tokens[:, :keep]], dim=1)
                 if progress is not None:
-                    progress(keep)
+                    progress(keep, x[:, x.shape[1] - keep :])
     finally:
         if was_training:
             network.train()

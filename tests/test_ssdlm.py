@@ -153,7 +153,14 @@ def test_table7_lengths(length, blocks):
     cfg = SamplerConfig(length=length, block_size=25, num_steps=1, context=50, bos_id=0,
                         mask_id=10, eos_id=2)  # fmt: skip
     seen = []
-    out = ssdlm_sample(net, 1, cfg, torch.Generator().manual_seed(1), "cpu", progress=seen.append)
+    out = ssdlm_sample(
+        net,
+        1,
+        cfg,
+        torch.Generator().manual_seed(1),
+        "cpu",
+        progress=lambda n, committed: seen.append(n),
+    )
     assert out.tokens.shape == (1, length) and out.tokens.dtype == torch.int64
     assert out.tokens[0, 0] == 0 and out.nfe_denoise.tolist() == [blocks]
     assert seen == [25] * (blocks - 1) + [24]

@@ -14,7 +14,6 @@ the GPT-2 layout: mask = vocab_size - 1, BOS = EOS = vocab_size - 2.
 from __future__ import annotations
 
 import dataclasses
-import sys
 from typing import Any
 
 import torch
@@ -97,18 +96,16 @@ def left_pad_prompts(
 class BlockStream:
     """The sampler's `progress` hook turned into streamer calls: after each committed block of
     n tokens, `streamer.put(ids)` with those ids (CPU, (B, n), or (n,) for one row), cut at
-    `limit` new tokens in all. The committed tokens are the last n columns of the calling
-    sampler's sequence `x` (semi_ar_sample / ar_sample call `progress(n)` right after
-    appending them)."""
+    `limit` new tokens in all (the samplers call `progress(n, committed)` with the (B, n)
+    tokens they just committed)."""
 
     def __init__(self, streamer, limit: int):
         self.streamer, self.remaining = streamer, limit
 
-    def __call__(self, n: int) -> None:
-        x = sys._getframe(1).f_locals.get("x")
-        if not isinstance(x, Tensor) or self.remaining <= 0:
+    def __call__(self, n: int, committed: Tensor | None = None) -> None:
+        if committed is None or self.remaining <= 0:
             return
-        new = x[:, x.shape[1] - n :][:, : self.remaining].cpu()
+        new = committed[:, : self.remaining].cpu()
         self.remaining -= new.shape[1]
         self.streamer.put(new[0] if new.shape[0] == 1 else new)
 
