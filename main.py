@@ -33,10 +33,10 @@ from checkpoints import (
     ppl_threshold,
     read_any_checkpoint,
     read_checkpoint,
+    read_eval_checkpoint,
     sanity_check_perplexity,
     trained_length,
 )
-from models import ssdlm
 from sampling import generate
 from training_callbacks import Preemption
 from utils import UserError, atomic_path, get_logger, global_rank, quiet_console
@@ -180,40 +180,6 @@ def checkpoint_vocab_size(loaded: LoadedCheckpoint) -> int | None:
     return None
 
 
-def read_eval_checkpoint(cfg: DictConfig, path: str) -> LoadedCheckpoint:
-    """`eval.checkpoint_path` read before any module exists: a released SSD-LM directory
-    (models.ssdlm layout: a RoBERTa MLM + embed_sum_layer.pt + timestep_layer.pt, read with
-    weights_only; format "ssdlm", its network in raw["network"]) or what read_any_checkpoint
-    reads. SSD-LM runs (algo.backbone=roberta) take that directory or our .ckpt only."""
-    key = "eval.checkpoint_path"
-    roberta = cfg.algo.backbone == "roberta"
-    if ssdlm.is_released_layout(path):
-        if not roberta:
-            raise UserError(
-                f"{key}={path} is an SSD-LM checkpoint ({ssdlm.EMBED_SUM_FILE}, "
-                f"{ssdlm.TIMESTEP_FILE}); sample it with algo=ssdlm"
-            )
-        try:
-            vocab_size, max_tokens = ssdlm.released_shape(path)
-            network = ssdlm.load_ssdlm(path)
-        except (OSError, ValueError) as err:
-            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-            raise UserError(f"{key}={path}: {reason[:200]}") from None
-        meta = {"model_length": max_tokens, "vocab_size": vocab_size}
-        return LoadedCheckpoint(source=path, format="ssdlm", raw={"network": network}, meta=meta)
-    loaded = read_any_checkpoint(path, key, n_heads(cfg))
-    stored = ((loaded.raw or {}).get("config") or {}).get("algo") or {}
-    dit = loaded.format != "ours" or stored.get("backbone", "roberta") != "roberta"
-    if roberta and dit:
-        what = f"algo={stored['name']}" if stored.get("name") else loaded.format
-        raise UserError(
-            f"{key}={path} is a DiT checkpoint ({what}); algo=ssdlm reads an SSD-LM "
-            f"run's .ckpt or a released SSD-LM directory (RoBERTa MLM + {ssdlm.EMBED_SUM_FILE} "
-            f"+ {ssdlm.TIMESTEP_FILE})"
-        )
-    return loaded
-
-
 def load_for_eval(cfg: DictConfig, loaded: LoadedCheckpoint, seq_len: int | None = None):
     """Tokenizer and module for `eval.checkpoint_path` (any supported format), weights loaded
     strictly by name; EMA weights are swapped in by the caller's mode."""
@@ -338,7 +304,7 @@ def run(cfg: DictConfig, run_dir: str | None = None) -> None:
     loaded = None
     if cfg.mode in EVAL_MODES:
         path = cfg.eval.checkpoint_path
-        loaded = read_eval_checkpoint(cfg, path)
+        loaded = read_eval_checkpoint(path, "eval.checkpoint_path", n_heads(cfg), cfg.algo.backbone)
     if cfg.mode == "sample_eval":
         settings.check_sampling(cfg, trained_length(loaded, cfg.model.length))
     if settings.evaluates_released(cfg, loaded):  # float32 unless a precision is set

@@ -5,14 +5,20 @@
   released-repo table, `LoadedCheckpoint`.
 - `ours`: our Lightning `.ckpt` (read with `weights_only`), strict loading, fine-tuning start.
 - `reference`: the reference's pickled `.ckpt` (through `unpickle`, a restricted unpickler).
-- `load`: the one entry point, `read_any_checkpoint` + `load_checkpoint_into`, and
-  `trained_length` (the window a checkpoint was trained with).
+- `load`: the one entry point, `read_any_checkpoint` + `load_checkpoint_into`,
+  `read_eval_checkpoint` (also released SSD-LM directories, models.ssdlm) and `trained_length`
+  (the window a checkpoint was trained with).
 - `sanity`: the loading sanity check; `export`: our checkpoint -> an HF directory.
 """
 
 from checkpoints.export import export_hf
 from checkpoints.layout import CheckpointError, LoadedCheckpoint
-from checkpoints.load import load_checkpoint_into, read_any_checkpoint, trained_length
+from checkpoints.load import (
+    load_checkpoint_into,
+    read_any_checkpoint,
+    read_eval_checkpoint,
+    trained_length,
+)
 from checkpoints.ours import check_state, load_pretrained, load_weights, read_checkpoint
 from checkpoints.sanity import PAPER_OWT_PPL, ppl_threshold, sanity_check_perplexity
 
@@ -28,6 +34,7 @@ __all__ = [
     "ppl_threshold",
     "read_any_checkpoint",
     "read_checkpoint",
+    "read_eval_checkpoint",
     "sanity_check_perplexity",
     "trained_length",
 ]

@@ -28,6 +28,7 @@ from checkpoints.layout import (
 from checkpoints.ours import load_pretrained, load_weights, read_checkpoint
 from checkpoints.reference import is_reference_format, read_reference
 from checkpoints.unpickle import restricted_load
+from models import ssdlm
 from models.dit import DiTConfig
 from utils import UserError, get_logger
 
@@ -272,3 +273,39 @@ def trained_length(loaded: LoadedCheckpoint, default: int) -> int:
     else:
         stored = loaded.meta.get("model_length")
     return int(stored) if stored else int(default)
+
+
+def read_eval_checkpoint(
+    path: str, key: str, n_heads: int | None, backbone: str
+) -> LoadedCheckpoint:
+    """`eval.checkpoint_path` read before any module exists: a released SSD-LM directory
+    (models.ssdlm layout: a RoBERTa MLM + embed_sum_layer.pt + timestep_layer.pt, read with
+    weights_only; format "ssdlm", its network in raw["network"]) or what read_any_checkpoint
+    reads. SSD-LM runs (backbone "roberta", the run's algo.backbone) take that directory or
+    our .ckpt of an SSD-LM run only; the DiT runs refuse an SSD-LM directory."""
+    roberta = backbone == "roberta"
+    if ssdlm.is_released_layout(path):
+        if not roberta:
+            raise UserError(
+                f"{key}={path} is an SSD-LM checkpoint ({ssdlm.EMBED_SUM_FILE}, "
+                f"{ssdlm.TIMESTEP_FILE}); sample it with algo=ssdlm"
+            )
+        try:
+            vocab_size, max_tokens = ssdlm.released_shape(path)
+            network = ssdlm.load_ssdlm(path)
+        except (OSError, ValueError) as err:
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise UserError(f"{key}={path}: {reason[:200]}") from None
+        meta = {"model_length": max_tokens, "vocab_size": vocab_size}
+        return LoadedCheckpoint(source=path, format="ssdlm", raw={"network": network}, meta=meta)
+    loaded = read_any_checkpoint(path, key, n_heads)
+    stored = ((loaded.raw or {}).get("config") or {}).get("algo") or {}
+    dit = loaded.format != "ours" or stored.get("backbone", "roberta") != "roberta"
+    if roberta and dit:
+        what = f"algo={stored['name']}" if stored.get("name") else loaded.format
+        raise UserError(
+            f"{key}={path} is a DiT checkpoint ({what}); algo=ssdlm reads an SSD-LM "
+            f"run's .ckpt or a released SSD-LM directory (RoBERTa MLM + {ssdlm.EMBED_SUM_FILE} "
+            f"+ {ssdlm.TIMESTEP_FILE})"
+        )
+    return loaded
