@@ -121,7 +121,7 @@ class Diffusion(L.LightningModule):
         # what the objective calls: the DiT behind a BackboneNetwork, or `network` (SSD-LM's
         # network is the backbone itself, kept out of the module tree so that its weights
         # are not registered twice)
-        self.__dict__["net"] = network if network is not None else BackboneNetwork(backbone)
+        self.__dict__["network"] = network if network is not None else BackboneNetwork(backbone)
         self._eval_sums: Tensor | None = None
         self.eval_result: dict | None = None
         # independent NELBO draws per validation row (eval.mc_samples; main.ppl_eval sets it)
@@ -166,7 +166,7 @@ class Diffusion(L.LightningModule):
             )
         eps_min, eps_max = self.clip_interval()
         out = self.algorithm.loss(
-            self.net, x0, attention_mask, eps_min, eps_max, True, generator, shard
+            self.network, x0, attention_mask, eps_min, eps_max, True, generator, shard
         )
         self.log("trainer/loss", out.loss, on_step=True, prog_bar=True)
         return out.loss
@@ -222,7 +222,7 @@ class Diffusion(L.LightningModule):
         key = self.eval_key(batch_idx, draw) + (0 if shard is not None else self.global_rank)
         generator = torch.Generator(device=self.device).manual_seed(key)
         out = self.algorithm.loss(
-            self.net, x0, attention_mask, eps_min, eps_max, False, generator, shard
+            self.network, x0, attention_mask, eps_min, eps_max, False, generator, shard
         )
         if "real" in batch:
             real = batch["real"].to(out.nlls.dtype)[:, None]
@@ -338,4 +338,4 @@ class Diffusion(L.LightningModule):
     # ------------------------------------------------------------------------------------------
     def denoiser(self, window: int, reencode: bool = False) -> ModelDenoiser:
         """This module's network as the samplers see it; `window` is the trained context."""
-        return ModelDenoiser(self.backbone, self.algorithm, window, reencode, self.net)
+        return ModelDenoiser(self.backbone, self.algorithm, window, reencode, self.network)

@@ -252,7 +252,7 @@ def sample_eval(
         sampler_cfg, sample_fn = sampling.build_sampler(
             module.algorithm, module.backbone, window, int(cfg.model.length), ids,
             settings.sampling_options(cfg), reencode=bool(cfg.sampling.reencode_context),
-            network=module.net,
+            network=module.network,
         )  # fmt: skip
     except ValueError as err:
         raise UserError(str(err)) from None

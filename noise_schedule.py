@@ -2,10 +2,10 @@
 
 Each schedule maps diffusion time t in [0, 1] to
   move_chance(t)  = 1 - alpha_t, the probability that a token is masked at time t;
-  loss_weight(t)  = alpha'_t / (1 - alpha_t), the continuous-time NELBO weight (negative);
+  loss_scale(t)  = alpha'_t / (1 - alpha_t), the continuous-time NELBO weight (negative);
 and, for the log-linear schedule used by every config, the "sigma" the network is conditioned on:
   total_noise(t)  = -log(1 - (1 - eps) t),  rate_noise(t) = (1 - eps) / (1 - (1 - eps) t).
-`forward(t)` returns (loss_weight, move_chance), the pair the objectives consume.
+`forward(t)` returns (loss_scale, move_chance), the pair the objectives consume.
 Pure torch and stateless: every tensor follows the device and dtype of `t`.
 """
 
@@ -23,11 +23,11 @@ class NoiseSchedule:
     def move_chance(self, t: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def loss_weight(self, t: Tensor) -> Tensor:
+    def loss_scale(self, t: Tensor) -> Tensor:
         raise NotImplementedError
 
     def forward(self, t: Tensor) -> tuple[Tensor, Tensor]:
-        return self.loss_weight(t), self.move_chance(t)
+        return self.loss_scale(t), self.move_chance(t)
 
     __call__ = forward
 
@@ -44,7 +44,7 @@ class LogLinear(NoiseSchedule):
     def move_chance(self, t: Tensor) -> Tensor:
         return t
 
-    def loss_weight(self, t: Tensor) -> Tensor:
+    def loss_scale(self, t: Tensor) -> Tensor:
         return -1 / t
 
     def total_noise(self, t: Tensor) -> Tensor:
@@ -63,7 +63,7 @@ class Power(NoiseSchedule):
     def move_chance(self, t: Tensor) -> Tensor:
         return torch.clamp(t**self.exponent, min=self.eps)
 
-    def loss_weight(self, t: Tensor) -> Tensor:
+    def loss_scale(self, t: Tensor) -> Tensor:
         return -self.exponent * t ** (self.exponent - 1) / self.move_chance(t)
 
 
@@ -75,7 +75,7 @@ class Logarithmic(NoiseSchedule):
     def move_chance(self, t: Tensor) -> Tensor:
         return torch.log1p(t) / math.log(2)
 
-    def loss_weight(self, t: Tensor) -> Tensor:
+    def loss_scale(self, t: Tensor) -> Tensor:
         return -1 / (self.move_chance(t) * math.log(2) * (1 + t))
 
 
@@ -90,7 +90,7 @@ class Cosine(NoiseSchedule):
     def move_chance(self, t: Tensor) -> Tensor:
         return 1 - (1 - self.eps) * torch.cos(math.pi * t / 2)
 
-    def loss_weight(self, t: Tensor) -> Tensor:
+    def loss_scale(self, t: Tensor) -> Tensor:
         move = self.move_chance(t)
         return -(1 - self.eps) * torch.sin(math.pi * t / 2) / (move + self.eps) * math.pi / 2
 

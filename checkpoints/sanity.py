@@ -64,7 +64,7 @@ def sanity_check_perplexity(
             x0 = batch["input_ids"].to(module.device)
             mask = batch["attention_mask"].to(module.device)
             out = module.algorithm.loss(
-                module.net, x0, mask, eps_min, eps_max, False, generator=generator
+                module.network, x0, mask, eps_min, eps_max, False, generator=generator
             )
             nll_sum += float(out.nlls.sum())
             count += float(out.token_mask.sum())

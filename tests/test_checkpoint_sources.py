@@ -68,7 +68,7 @@ def train_logits(module, seed=0):
     sigma = torch.zeros(2) if module.backbone.sigma_map is not None else None
     module.eval()
     with torch.no_grad():
-        return module.net(tokens, sigma, layout)
+        return module.network(tokens, sigma, layout)
 
 
 def backbone_weights(module) -> dict:
@@ -97,7 +97,7 @@ def test_hf_forward_on_2L_input_equals_diffusion_network():
     tokens = torch.randint(0, VOCAB, (2, 64), generator=gen)
     module.eval()
     with torch.no_grad():
-        want = module.net(tokens, torch.zeros(2), module.algorithm.train_layout)
+        want = module.network(tokens, torch.zeros(2), module.algorithm.train_layout)
         got = hf(tokens, torch.rand(2))  # time conditioning off: sigma is zeroed
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 

@@ -1,6 +1,6 @@
 """models.hf: the HF-compatible BD3LM / MDLM wrappers of our DiT: config fields and
 defaults, state-dict keys, strict loading of HF directories, forward equivalence with
-Diffusion.net, save_pretrained round trips, and the keyed adapter of the no-EOS baselines."""
+Diffusion.network, save_pretrained round trips, and the keyed adapter of the no-EOS baselines."""
 
 from __future__ import annotations
 

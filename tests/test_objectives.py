@@ -31,7 +31,7 @@ def f32(x):
 
 
 def network_for(model):
-    """The glue's `network` callable for a bare DiT (what Diffusion.net is)."""
+    """The glue's `network` callable for a bare DiT (what Diffusion.network is)."""
     return BackboneNetwork(model)
 
 
@@ -188,7 +188,7 @@ def test_loglinear_schedule_values():
 
 @pytest.mark.parametrize("name", sorted(SCHEDULES))
 def test_every_schedule_weight_is_d_alpha_over_one_minus_alpha(name):
-    """loss_weight = alpha'/(1 - alpha) = -move'/move away from the clamps."""
+    """loss_scale = alpha'/(1 - alpha) = -move'/move away from the clamps."""
     noise = build_noise(name)
     t = torch.tensor([0.3, 0.6, 0.9], requires_grad=True)
     move = noise.move_chance(t)
@@ -196,7 +196,7 @@ def test_every_schedule_weight_is_d_alpha_over_one_minus_alpha(name):
     expected = -grad / move
     if name == "cosine":  # the reference's cosine adds eps to the denominator
         expected = -grad / (move + noise.eps)
-    torch.testing.assert_close(noise.loss_weight(t.detach()), expected.detach(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(noise.loss_scale(t.detach()), expected.detach(), rtol=1e-5, atol=0)
 
 
 def test_double_length_rows_are_cropped_for_text8(tiny_dit):

@@ -26,7 +26,7 @@ def f32(x):
 
 
 def network_for(model):
-    """The glue's `network` callable for a bare DiT (what Diffusion.net is)."""
+    """The glue's `network` callable for a bare DiT (what Diffusion.network is)."""
     return BackboneNetwork(model)
 
 

@@ -60,7 +60,7 @@ def fsdp_check(out_path: str) -> None:
         generator = torch.Generator().manual_seed(5)
         return module.algorithm.loss(network, x0, torch.ones(4, 32), *eps, True, generator).loss
 
-    plain = loss_of(module.net)
+    plain = loss_of(module.network)
     plain.backward()
     plain_grads = {n: p.grad.clone() for n, p in module.backbone.named_parameters()}
     result = {}
