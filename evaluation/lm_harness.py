@@ -105,13 +105,13 @@ class BD3LMHarness(LM):
         self._stack = contextlib.ExitStack()
         self.model, self.tokenizer = _load(checkpoint, self._stack)
         if dtype is not None or device is not None:
-            from models.hf.modeling import _resolve_device, _resolve_dtype
+            from models.hf.configuration import resolve_device, resolve_dtype
 
-            target = _resolve_dtype(dtype)
+            target = resolve_dtype(dtype)
             if target not in (None, "auto"):
                 self.model.to(target)
             if device is not None:
-                self.model.to(_resolve_device("auto" if device == "auto" else device))
+                self.model.to(resolve_device("auto" if device == "auto" else device))
         self.model.eval()
         self.config = self.model.config
         self.bos, self.mask, self.eos = token_ids(self.config)

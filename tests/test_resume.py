@@ -193,10 +193,12 @@ def test_sigterm_saves_at_once_and_requeues_under_slurm(tmp_path, data_cache, mo
     is set, so the trainer also takes Lightning's SLURM environment (without its requeue)."""
     import training_callbacks
 
-    commands = []
-    monkeypatch.setattr(
-        training_callbacks.subprocess, "run", lambda cmd, check: commands.append(cmd)
-    )
+    commands, real_run = [], subprocess.run
+
+    def run(cmd, **kwargs):  # scontrol is recorded; other commands (git for provenance) run
+        return commands.append(cmd) if cmd[0] == "scontrol" else real_run(cmd, **kwargs)
+
+    monkeypatch.setattr(training_callbacks.subprocess, "run", run)
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
     previous = signal.getsignal(signal.SIGTERM)
     callback = [f"+callbacks.preempt._target_={__name__}.SendSignalAt"]
