@@ -10,6 +10,9 @@ PIP := $(BIN)/python -m pip --disable-pip-version-check
 DATA_PACKAGES := $(VENV)/offline-data
 # No hub access is needed by the demo or the tests; without these, hub look-ups stall.
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=disabled
+# The suite in 2 worker processes of one thread each (on 2 cores: 2.7 instead of 3.7 minutes).
+PARALLEL := OMP_NUM_THREADS=1
+PYTEST_WORKERS := -n 2 --dist load
 
 .PHONY: demo test test-fast lint format install clean mutation
 
@@ -31,11 +34,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PIP) check
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
-	$(OFFLINE) $(BIN)/python -m pytest
+	$(OFFLINE) $(PARALLEL) $(BIN)/python -m pytest $(PYTEST_WORKERS)
 
 # The unit tests only (no end-to-end runs, subprocesses or training loops): under a minute.
 test-fast: $(STAMP)
-	$(OFFLINE) $(BIN)/python -m pytest -m "not e2e"
+	$(OFFLINE) $(PARALLEL) $(BIN)/python -m pytest $(PYTEST_WORKERS) -m "not e2e"
 
 # One-line mutations of the maths against the tests (scripts/mutants.toml; about 15 minutes):
 # writes docs/mutation.md. Not part of `make test`.

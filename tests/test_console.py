@@ -10,7 +10,7 @@ import warnings
 
 import pytest
 
-from conftest import run_main
+from conftest import run_inprocess, run_main
 from training_callbacks import ProgressLog
 from utils import quiet_console
 
@@ -63,8 +63,11 @@ def test_quiet_console_drops_tips_and_the_leafspec_warning():
 
 
 @pytest.mark.e2e
-def test_cli_console_is_quiet_and_verbose_prints_the_config(tmp_path, data_cache):
-    """A smoke train and sample_eval through the CLI, stdout a pipe (about 25 s)."""
+def test_cli_console_is_quiet_and_verbose_prints_the_config(tmp_path, data_cache, capsys, caplog):
+    """A smoke train through the CLI with stdout a pipe (the entry point's silencing), then
+    sample_eval with verbose=true in process (its prints and log lines)."""
+    import logging
+
     run = tmp_path / "run"
     train = run_main(run, "mode=train")
     console = train.stdout + train.stderr
@@ -72,9 +75,12 @@ def test_cli_console_is_quiet_and_verbose_prints_the_config(tmp_path, data_cache
     assert "💡" not in console and "LeafSpec" not in console and "Params" not in console
     assert "step 4/4  loss" in console and "model: " in console
     logdir = tmp_path / "logdir"
-    sample = run_main(run, "mode=sample_eval", "verbose=true", f"sampling.logdir={logdir}")
-    console = sample.stdout + sample.stderr
+    capsys.readouterr()
+    with caplog.at_level(logging.INFO):
+        run_inprocess(run, "mode=sample_eval", "verbose=true", f"sampling.logdir={logdir}")
+    printed = capsys.readouterr().out
+    console = printed + caplog.text
     assert "resolved config:\nmode: sample_eval" in console
     assert (logdir / "config_resolved.yaml").is_file() and (logdir / "samples.jsonl").is_file()
-    assert "tokens/s" in console and console.count("--- sample ") == 2
-    assert "<|endoftext|>" not in sample.stdout.split("--- sample ", 1)[1]
+    assert "tokens/s" in console and printed.count("--- sample ") == 2
+    assert "<|endoftext|>" not in printed.split("--- sample ", 1)[1]
