@@ -87,6 +87,16 @@ def tiny_dit():
     return make
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a module of tiny tensors (threads gain nothing there and stall
+    on a busy 2-core machine); restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def data_cache(tmp_path_factory):
     """One token/tokenizer cache for the session (BD3LMS_CACHE, which data.cache_dir reads);

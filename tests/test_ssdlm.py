@@ -19,13 +19,7 @@ from sampling.ssdlm import SSDLMSamplerOptions, denoise_block, num_blocks, ssdlm
 ABAR_1_OF_2 = 0.49992148036978081679692649349
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from threads, and 2 threads on a busy 2-core machine stall."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_config(vocab: int = 50, positions: int = 40) -> RobertaConfig:
