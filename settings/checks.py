@@ -198,9 +198,11 @@ def check_sampling_keys(cfg: DictConfig, objective) -> None:
             f"model.length={length}"
         )
     if sampling.kv_cache and not objective.supports_kv_cache:
+        which = f"algo={cfg.algo.name}"
+        if hasattr(objective, "time_conditioning"):
+            which += f" with algo.time_conditioning={cfg.algo.time_conditioning}"
         raise UserError(
-            f"sampling.kv_cache=true: algo={cfg.algo.name} with algo.time_conditioning="
-            f"{cfg.algo.time_conditioning} recomputes its context at every step (only bd3lm "
+            f"sampling.kv_cache=true: {which} recomputes its context at every step (only bd3lm "
             "without time conditioning and ar keep clean keys); set sampling.kv_cache=false"
         )
     if sampling.kv_cache and sampling.reencode_context:
