@@ -283,10 +283,11 @@ def sample_eval(
             "sampled %d sequences, %d tokens in %.1f s: %.0f tokens/s (rank 0)",
             len(records), tokens, seconds, tokens / max(seconds, 1e-9),
         )  # fmt: skip
-        for record in records[:2]:  # shown without the BOS every sample starts with
+        for record in records[:2]:  # without the BOS every sample starts with, one line each
             ids = record["token_ids"]
             text = dataloader.decode(vocab, ids[1:] if ids[:1] == [vocab.bos_id] else ids)
-            print(f"--- sample {record['index']} ({record['length']} tokens)\n{text}")
+            text = text.strip().replace("\n", " ⏎ ")  # samples.jsonl keeps the text as is
+            print(f"--- sample {record['index']} ({record['length']} tokens): {text}")
         print(json.dumps(without_provenance(summary)))
 
 

@@ -59,7 +59,11 @@ def atomic_path(path: str) -> Iterator[str]:
 
 # Lightning's console lines that say nothing about the run: product tips, the echo of a
 # limit_*_batches we set ourselves. "GPU available" / "LOCAL_RANK" lines are kept.
-LIGHTNING_NOISE = ("💡 Tip", "was configured so ")
+# Lightning's tips, its echo of our own settings, the TPU / HPU lines (the GPU line stays) and
+# the end-of-fit line (our progress log has the last step)
+LIGHTNING_NOISE = (
+    "💡 Tip", "was configured so ", "TPU available:", "HPU available:", "`Trainer.fit` stopped:"
+)  # fmt: skip
 KNOWN_WARNINGS = (r"`isinstance\(treespec, LeafSpec\)` is deprecated",)  # torch 2.13 + Lightning
 
 

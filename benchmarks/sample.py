@@ -29,10 +29,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import baselines  # noqa: E402
 import common  # noqa: E402
 import torch  # noqa: E402
-from common import build_algorithm, build_dit  # noqa: E402
+from common import baselines, build_algorithm, build_dit  # noqa: E402
 
 import sampling  # noqa: E402
 from sampling import ModelDenoiser  # noqa: E402

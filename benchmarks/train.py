@@ -25,10 +25,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import baselines  # noqa: E402
 import common  # noqa: E402
 import torch  # noqa: E402
-from common import TRAIN_VARIANTS, build_algorithm, build_dit  # noqa: E402
+from common import TRAIN_VARIANTS, baselines, build_algorithm, build_dit  # noqa: E402
 
 from models.network import BackboneNetwork  # noqa: E402
 

@@ -68,7 +68,8 @@ def main() -> int:
     args = sys.argv[1:]
     run_dir = os.path.abspath(args.pop(0) if args and "=" not in args[0] else "outputs/demo")
     start = time.time()
-    run_mode(run_dir, "train", ["trainer.log_every_n_steps=200", *args])
+    quiet = ["trainer.log_every_n_steps=200", "callbacks.checkpoint_monitor.verbose=false"]
+    run_mode(run_dir, "train", [*quiet, *args])
     run_mode(run_dir, "ppl_eval", ["trainer.limit_val_batches=1.0", *args])  # every token
     run_mode(run_dir, "sample_eval", [*cache_overrides(args), *args])
     with open(os.path.join(run_dir, "ppl_eval.json")) as f:
