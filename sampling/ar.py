@@ -29,7 +29,7 @@ def ar_sample(
     prompt_valid: Tensor | None = None,
     progress=None,
 ) -> SampleOutput:
-    """Ancestral next-token sampling with nucleus and Gumbel-max. With a cache,
+    """Ancestral next-token sampling (nucleus, then draw_token). With a cache,
     each step feeds only the newest token (and commits it); without, the network re-reads the
     sequence under the same sliding-window causal mask. NFE = tokens generated."""
     x, key_valid, pad = start_context(batch_size, prompt, prompt_valid, device)
