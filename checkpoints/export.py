@@ -16,7 +16,8 @@ def export_hf(
 ) -> str:
     """Write our Lightning checkpoint (EMA weights unless use_ema=False, and the learned clip
     interval buffers) as an HF directory: BD3LM format (model_type bd3lm) for BD3-LM and AR
-    runs, MDLM format (model_type mdlm) for MDLM runs. attn_backend is written as sdpa.
+    runs, MDLM format (model_type mdlm) for MDLM and SEDD runs, with the objective named in
+    config.json's `parameterization` (ar, subs or sedd). attn_backend is written as sdpa.
 
     token_ids: {"bos_token_id", "eos_token_id", "mask_token_id", "pad_token_id"} to record in
     config.json (models.hf generate reads them). No `auto_map` is written: the directory ships
@@ -63,6 +64,8 @@ def export_hf(
             sampling_eps_max=clip.get("sampling_eps_max", 0.999),
             **common,
         )
+    # the objective by name: a time-conditioned MDLM and SEDD share this layout
+    hf_config.parameterization = str(algo["parameterization"])
     for name, value in (token_ids or {}).items():
         setattr(hf_config, name, int(value))
     if hasattr(hf_config, "auto_map"):
@@ -79,3 +82,30 @@ def export_hf(
         if extra_files is not None:
             extra_files(tmp)
     return out_dir
+
+
+def as_export_input(loaded) -> dict:
+    """A checkpoint read by checkpoints.load.read_any_checkpoint in the reference's pickled
+    format (a LoadedCheckpoint with kind, dit, weights (EMA where the file has them), clip and
+    meta) as the dict export_hf takes: the run config it implies and the backbone weights."""
+    kind, dit, meta = loaded.kind, loaded.dit, loaded.meta
+    window = meta.get("model_length")
+    if window is None:
+        raise UserError(f"{loaded.source}: the run config records no model.length")
+    config = {
+        "algo": {
+            "parameterization": {"ar": "ar", "sedd": "sedd"}.get(kind, "subs"),
+            "cross_attn": kind == "bd3lm",
+            "time_conditioning": bool(meta.get("time_conditioning", kind == "sedd")),
+        },
+        "model": {
+            "length": int(window),
+            "n_heads": dit.n_heads,
+            "cond_dim": dit.cond_dim,
+            "dropout": 0.0,
+        },
+        "block_size": int(meta.get("block_size", window)),
+    }
+    state = {f"backbone.{k}": v for k, v in loaded.weights.items()}
+    state.update(loaded.clip)
+    return {"config": config, "state_dict": state}

@@ -315,11 +315,18 @@ def adapt_backbone_state(
 def detect_kind(
     config: Mapping | None, state: Mapping[str, Tensor], hint: str | None = None
 ) -> str:
-    """The backbone family of a checkpoint: a released repo name wins, then config.json's
-    model_type and flags, then the keys (no adaLN -> AR)."""
+    """The backbone family of a checkpoint: a released repo name wins, then the objective the
+    config names (`parameterization`: ar, sedd, or subs with or without cross-attention; our
+    exports and the reference's run configs say it), then config.json's model_type and flags,
+    then the keys (no adaLN -> AR)."""
     if hint is not None and hint in RELEASED:
         return RELEASED[hint]
     config = config or {}
+    parameterization = config.get("parameterization")
+    if parameterization in ("ar", "sedd"):
+        return parameterization
+    if parameterization == "subs":
+        return "bd3lm" if config.get("cross_attn") else "mdlm"
     adaln = any(k.startswith(("sigma_map.", "backbone.sigma_map.")) for k in state)
     model_type = config.get("model_type")
     if model_type == "bd3lm":

@@ -62,13 +62,7 @@ def read_reference(raw: dict, source: str, n_heads: int | None) -> LoadedCheckpo
     if rest:
         raise CheckpointError(f"unexpected keys {sorted(rest)[:8]} outside backbone.")
     meta = _reference_meta(raw)
-    parameterization = meta.get("parameterization")
-    if parameterization in ("ar", "sedd"):
-        kind = parameterization
-    elif parameterization == "subs":
-        kind = "bd3lm" if meta.get("cross_attn") else "mdlm"
-    else:
-        kind = detect_kind({}, inner)
+    kind = detect_kind({k: meta[k] for k in ("parameterization", "cross_attn") if k in meta}, inner)
     heads = meta.get("n_heads", n_heads)
     if heads is None:
         raise CheckpointError("the number of attention heads is not recorded; pass n_heads")

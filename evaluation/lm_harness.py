@@ -1,36 +1,47 @@
 """The lm-evaluation-harness model `bd3lm`: likelihoods and generations of our checkpoints.
 
-    BD3LMHarness(checkpoint=PATH, mc_samples=8, seed=0, device="cpu", batch_size=1)
+    BD3LMHarness(checkpoint=PATH, mc_samples=8, seed=0, device="cpu", tokenizer=None)
 
-PATH: an HF directory (scripts/export_hf.py; the released format) with its tokenizer, or one
-of our Lightning .ckpt files (exported to a temporary directory). The objective comes from the
-config (models.hf.generation.objective_from_config): AR (causal), BD3-LM (cross_attn, block
-size K) or MDLM (one block of the window).
+PATH: anything the project loads: an HF directory (scripts/export_hf.py; the released format)
+or hub id, one of our Lightning .ckpt files, or the reference's pickled .ckpt (both exported
+to a temporary HF directory first). The tokenizer is `tokenizer` (a directory or a name the
+data configs accept, such as gpt2) when given, else the one saved with the checkpoint (HF
+directories from export_hf; our .ckpt's run config), else gpt2 for the released repositories.
+The objective is the checkpoint's family (models.hf.generation.checkpoint_kind): AR, BD3-LM
+(block size K), MDLM (one block of the window) or SEDD, and every estimate below calls that
+objective's own loss on an x_t built here, so the weights and the score are training's.
 
 loglikelihood(context, continuation): the two are encoded together and split at the context's
 end (as lm-eval's HF model does), BOS at position 0 as in training; the sequence is cut from
 the left to the trained window (BOS kept), and the block grid is counted from position 0.
-- AR: the exact log-likelihood of the continuation.
-- BD3-LM / MDLM: minus a conditional NELBO (paper Sec. 3, Eq. 8 with the context clean):
-  every continuation token is masked with probability t of its block and weighted 1/t
-  (log-linear schedule), context tokens are never masked (also in the block that straddles
-  the boundary), later blocks condition on the clean x_0 of earlier ones. t is drawn per
-  block in the objective's evaluation interval (eval_interval: t = 1 for K = 1, where the
-  bound is the exact NLL) with antithetic strata over the `mc_samples` draws, which are
-  averaged. A lower bound on log p(continuation | context).
-  is_greedy: for each block, every continuation token of it is the argmax given the clean
-  context and the block's continuation tokens all masked (one call per block).
+- AR: the exact log-likelihood of the continuation (the AR loss at its positions).
+- BD3-LM / MDLM / SEDD: minus a conditional NELBO (paper Sec. 3, Eq. 8 with the context
+  clean): every continuation token is masked with probability t of its block (one t for the
+  window when K = L) and weighted as in training (1/t under the log-linear schedule; dsigma
+  times the score entropy for SEDD); context tokens are never masked, also in the block that
+  straddles the boundary, and later blocks condition on the clean x_0 of earlier ones.
+  Positions after the continuation are unknown: masked and never scored (the input is the
+  trained window; BD3-LM's blocks after the continuation cannot influence it anyway). t is
+  drawn per block in the objective's evaluation interval (t = 1 for K = 1, where the bound is
+  the exact NLL and does not depend on the draw) with antithetic strata over the
+  `mc_samples` draws, which are averaged. A lower bound on log p(continuation | context).
+  is_greedy: every continuation token is the argmax (mask token excluded) given the clean
+  context and all continuation tokens masked: per block for BD3-LM, whose blocks see the
+  clean continuation before them; at once for MDLM and SEDD. An approximation of greedy
+  decoding for diffusion models, exact for AR.
 loglikelihood_rolling(text): the same bound over windows of the trained context (each window
   [BOS] + up to window - 1 tokens, every token noised), summed.
 generate_until(context, gen_kwargs): `model.generate` (the sample_eval sampler, KV cache when
   the model allows it) with `max_gen_toks` (default 256), cut at the first `until` string;
-  MDLM checkpoints (their sampler takes no prompt) are refused.
+  MDLM and SEDD checkpoints (their samplers take no prompt) are refused.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
+import sys
 import tempfile
 
 import torch
@@ -45,40 +56,91 @@ except ImportError as err:  # pragma: no cover - requirements-eval.txt
         "evaluation.lm_harness needs lm-eval: pip install -r requirements-eval.txt"
     ) from err
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-def _load(checkpoint: str, stack: contextlib.ExitStack):
-    """(model, tokenizer) for an HF directory / hub id, or our .ckpt via a temporary export."""
+
+def _tokenizer(name: str):
+    """A tokenizer directory, or a tokenizer name as data.tokenizer_name_or_path takes it (the
+    offline copies of gpt2 and bert-base-uncased included)."""
     from transformers import AutoTokenizer
 
-    from checkpoints.layout import read_config_json, resolve_pretrained
+    if os.path.isdir(name):
+        return AutoTokenizer.from_pretrained(name)
+    from omegaconf import OmegaConf
+
+    from data.vocab import get_vocab
+
+    home = os.environ.get("HOME", "/tmp")
+    cache = os.environ.get("BD3LMS_CACHE", os.path.join(home, ".cache", "bd3lms"))
+    cfg = OmegaConf.create({"tokenizer_name_or_path": name, "cache_dir": cache})
+    return get_vocab(cfg).tokenizer
+
+
+def _export(checkpoint: dict, out: str) -> None:
+    """export_hf with the tokenizer and model card of scripts/export_hf.py when the run config
+    names a tokenizer (our .ckpt), the weights alone otherwise (the reference's .ckpt)."""
+    from checkpoints.export import export_hf
+
+    if ROOT not in sys.path:
+        sys.path.insert(0, ROOT)
+    from scripts.export_hf import token_ids_and_files
+
+    ids, files = token_ids_and_files(checkpoint, out)
+    export_hf(checkpoint, out, token_ids=ids, extra_files=files)
+
+
+def load(checkpoint: str, tokenizer: str | None, stack: contextlib.ExitStack):
+    """(HF model, tokenizer) for any checkpoint the project loads (see the module docstring);
+    temporary exports live until `stack` closes. UserError naming `checkpoint=` otherwise."""
+    from checkpoints.export import as_export_input
+    from checkpoints.layout import RELEASED, read_config_json, resolve_pretrained
+    from checkpoints.load import read_any_checkpoint
     from models.hf import BD3LM, MDLM
 
     path = str(checkpoint)
-    if path.endswith(".ckpt"):
-        import sys
-
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        sys.path.insert(0, root)
-        from scripts.export_hf import main as export_main
-
+    if os.path.isfile(path):
+        loaded = read_any_checkpoint(path, "checkpoint")
+        raw = loaded.raw if loaded.format == "ours" else as_export_input(loaded)
         out = os.path.join(stack.enter_context(tempfile.TemporaryDirectory()), "hf")
-        if export_main([path, out]) != 0:
-            raise UserError(f"checkpoint={path} cannot be exported to an HF directory")
-        path = out
-    try:
-        local = resolve_pretrained(path)
-        model_type = read_config_json(local).get("model_type")
-        cls = {"bd3lm": BD3LM, "mdlm": MDLM}.get(model_type)
-        if cls is None:
+        _export(raw, out)
+        local = out
+    else:
+        try:
+            local = resolve_pretrained(path)
+        except (OSError, ValueError) as err:
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise UserError(f"checkpoint={checkpoint}: {reason[:200]}") from None
+    model_type = read_config_json(local).get("model_type")
+    cls = {"bd3lm": BD3LM, "mdlm": MDLM}.get(model_type)
+    if cls is None:
+        raise UserError(f"checkpoint={checkpoint}: model_type={model_type!r}; valid: bd3lm, mdlm")
+    has_tokenizer = any(
+        os.path.exists(os.path.join(local, f)) for f in ("tokenizer.json", "tokenizer_config.json")
+    )
+    if tokenizer is None and not has_tokenizer:
+        if path not in RELEASED:
             raise UserError(
-                f"checkpoint={checkpoint}: model_type={model_type!r}; valid: bd3lm, mdlm"
+                f"checkpoint={checkpoint} has no tokenizer files; pass tokenizer=DIR or a "
+                "tokenizer name (gpt2, bert-base-uncased) in --model_args"
             )
-        return cls.from_pretrained(local), AutoTokenizer.from_pretrained(local)
+        tokenizer = "gpt2"  # the released OpenWebText checkpoints
+    try:
+        model = cls.from_pretrained(local)
+        return model, _tokenizer(tokenizer or local)
     except (OSError, ValueError) as err:
-        if isinstance(err, UserError):
-            raise
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise UserError(f"checkpoint={checkpoint}: {reason[:200]}") from None
+
+
+def _harness_device(device: str) -> str:
+    """lm-eval's CLI passes device cuda:0 unless --device is given: on a machine without CUDA
+    that default means the CPU (as for lm-eval's own HF model), with a warning line."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        from utils import get_logger
+
+        get_logger("bd3lms").warning(f"device={device}: CUDA is not available; using the CPU")
+        return "cpu"
+    return device
 
 
 class BD3LMHarness(LM):
@@ -95,15 +157,17 @@ class BD3LMHarness(LM):
         dtype: str | None = None,
         kv_cache: bool | None = None,
         nucleus_p: float = 1.0,
+        tokenizer: str | None = None,
         **_ignored,
     ):
         super().__init__()
-        from models.hf.generation import objective_from_config, token_ids
+        from models.hf.generation import checkpoint_kind, objective_from_config, token_ids
+        from models.network import BackboneNetwork
 
         if int(mc_samples) < 1:
             raise UserError(f"mc_samples={mc_samples} must be >= 1")
         self._stack = contextlib.ExitStack()
-        self.model, self.tokenizer = _load(checkpoint, self._stack)
+        self.model, self.tokenizer = load(checkpoint, tokenizer, self._stack)
         if dtype is not None or device is not None:
             from models.hf.configuration import resolve_device, resolve_dtype
 
@@ -111,20 +175,21 @@ class BD3LMHarness(LM):
             if target not in (None, "auto"):
                 self.model.to(target)
             if device is not None:
-                self.model.to(resolve_device("auto" if device == "auto" else device))
+                self.model.to(resolve_device(_harness_device(str(device))))
         self.model.eval()
         self.config = self.model.config
         self.bos, self.mask, self.eos = token_ids(self.config)
-        self.objective = objective_from_config(self.config, self.mask)
+        self.kind = checkpoint_kind(self.model)
+        self.objective = objective_from_config(self.config, self.mask, self.kind)
+        self.network = BackboneNetwork(self.model.backbone)
         self.window = int(self.config.model_length)
-        self.is_ar = bool(getattr(self.config, "causal", False))
-        self.cross_attn = bool(getattr(self.config, "cross_attn", False)) and not self.is_ar
+        self.is_ar = self.kind == "ar"
         self.block = 1 if self.is_ar else int(self.objective.block_size)
         self.mc_samples = int(mc_samples)
         self.seed = int(seed)
         self.kv_cache = self.objective.supports_kv_cache if kv_cache is None else bool(kv_cache)
         self.nucleus_p = float(nucleus_p)
-        self.interval = (1.0, 1.0) if self.is_ar else self.objective.eval_interval()
+        self.interval = self.objective.eval_interval()
 
     @property
     def device(self) -> torch.device:
@@ -151,9 +216,7 @@ class BD3LMHarness(LM):
         if len(cont) + 1 > self.window:
             cont = cont[-(self.window - 1) :]  # the harness's own rule: keep the tail
         keep = self.window - 1 - len(cont)
-        ctx = ctx[len(ctx) - keep :] if keep < len(ctx) else ctx
-        if keep <= 0:
-            ctx = []
+        ctx = ctx[len(ctx) - keep :] if 0 < keep < len(ctx) else ctx if keep > 0 else []
         return [self.bos, *ctx, *cont], 1 + len(ctx)
 
     # ------------------------------------------------------------------------------------------
@@ -162,52 +225,73 @@ class BD3LMHarness(LM):
         self, ids: list[int], start: int, generator: torch.Generator
     ) -> tuple[float, bool, Tensor]:
         """Log-likelihood estimate of ids[start:] given ids[:start] (the module docstring):
-        -> (mean over draws, is_greedy, per-draw values (mc_samples,))."""
-        N = len(ids)
-        x0 = torch.tensor(ids, dtype=torch.long, device=self.device)
+        -> (mean over draws, is_greedy, per-draw values (mc_samples,) float64 on the CPU)."""
         if self.is_ar:
-            logits = self.model(x0[None], return_dict=False)
-            from algorithms.ar import ar_log_probs
-
-            logp = ar_log_probs(logits, self.mask)[0, :-1]
-            target = x0[1:]
-            token_lp = logp.gather(-1, target[:, None])[:, 0][start - 1 :]
-            greedy = bool((logp.argmax(-1)[start - 1 :] == target[start - 1 :]).all())
-            value = float(token_lp.sum())
-            return value, greedy, torch.tensor([value])
-        L = self.window
-        K = self.block
-        M = self.mc_samples
-        pad = torch.full((L - N,), self.eos, dtype=torch.long, device=self.device)
-        clean = torch.cat([x0, pad])  # (L,) padding after the continuation: never noised
-        cont = torch.zeros(L, dtype=torch.bool, device=self.device)
+            return self._score_ar(ids, start)
+        N, K, M = len(ids), self.block, self.mc_samples
+        S = self.window
+        device = self.device
+        x0 = torch.full((S,), self.eos, dtype=torch.long)
+        x0[:N] = torch.tensor(ids, dtype=torch.long)
+        x0 = x0.to(device).expand(M, S)
+        cont = torch.zeros(S, dtype=torch.bool, device=device)
         cont[start:N] = True
-        blocks = L // K
+        unknown = torch.zeros(S, dtype=torch.bool, device=device)
+        unknown[N:] = True
         lo, hi = self.interval
-        u = torch.rand(blocks, generator=generator).to(self.device)
-        strata = (u[None, :] + torch.arange(M, device=self.device)[:, None] / M) % 1  # (M, nb)
-        t = (lo + (hi - lo) * strata).double() if (lo, hi) != (1.0, 1.0) else strata * 0 + 1
-        t_tok = t.repeat_interleave(K, dim=1)  # (M, L)
-        draw = torch.rand(M, L, generator=generator, dtype=torch.float64).to(self.device)
-        masked = (draw < t_tok) & cont
-        xt = torch.where(masked, torch.full_like(clean, self.mask), clean.expand(M, L))
-        logp = self._subs_logprobs(xt, clean.expand(M, L))  # (M, L, V)
-        token_lp = logp.gather(-1, clean.expand(M, L)[..., None])[..., 0]
-        per_draw = (token_lp * masked / t_tok).sum(-1)  # (M,) minus the NELBO of each draw
-        all_masked = cont[None].expand(1, L)
-        xt_g = torch.where(all_masked, torch.full_like(clean, self.mask), clean[None])
-        argmax = self._subs_logprobs(xt_g, clean[None]).argmax(-1)[0]
-        greedy = bool((argmax[cont] == clean[cont]).all())
-        return float(per_draw.float().mean()), greedy, per_draw.float().cpu()
+        u = torch.rand(S // K, generator=generator, dtype=torch.float64)
+        strata = (u[None, :] + torch.arange(M, dtype=torch.float64)[:, None] / M) % 1  # (M, nb)
+        t = (lo + (hi - lo) * strata).to(device)
+        t_tok = t.repeat_interleave(K, dim=1)  # (M, S)
+        draw = torch.rand(M, S, generator=generator, dtype=torch.float64).to(device)
+        masked = ((draw <= t_tok) & cont) | unknown
+        xt = torch.where(masked, self.mask, x0)
+        nlls = self._nelbo_terms(x0, xt, t_tok)  # (M, S)
+        per_draw = -(nlls.double() * cont).sum(-1)
+        greedy = self._greedy(x0[:1], cont | unknown, cont)
+        return float(per_draw.mean()), greedy, per_draw.cpu()
 
-    def _subs_logprobs(self, xt: Tensor, x0: Tensor) -> Tensor:
-        from algorithms.base import subs_log_probs
+    def _score_ar(self, ids: list[int], start: int) -> tuple[float, bool, Tensor]:
+        from algorithms.ar import ar_log_probs
 
-        if self.cross_attn:
-            logits = self.model(torch.cat([xt, x0], dim=1), return_dict=False)
+        x0 = torch.tensor([ids], dtype=torch.long, device=self.device)
+        ones = torch.ones_like(x0)
+        one = torch.ones((), device=self.device)
+        nlls = self.objective.loss(self.network, x0, ones, one, one, False).nlls[0]
+        value = -float(nlls[start - 1 :].double().sum())
+        logits = self.network(x0[:, :-1], None, self.objective.train_layout)
+        argmax = ar_log_probs(logits, self.mask)[0].argmax(-1)
+        greedy = bool((argmax[start - 1 :] == x0[0, start:]).all())
+        return value, greedy, torch.tensor([value], dtype=torch.float64)
+
+    def _nelbo_terms(self, x0: Tensor, xt: Tensor, t: Tensor) -> Tensor:
+        """(M, S) per-token NELBO terms of x_t (only masked positions are non-zero), from the
+        objective's own loss with the per-token times t (M, S)."""
+        from algorithms.base import sigma_from_p
+
+        objective = self.objective
+        ones = torch.ones_like(x0)
+        loss_scale, move_chance = objective.noise(t.float())
+        sigma = sigma_from_p(move_chance[:, 0:1], objective.noise_sigma_max)
+        if self.kind == "sedd":
+            dsigma = -loss_scale[:, 0:1] * torch.expm1(sigma)
+            loss = objective.score_entropy_loss(self.network, x0, xt, dsigma, sigma, ones, False)
         else:
-            logits = self.model(xt, return_dict=False)
-        return subs_log_probs(logits, xt, self.mask)
+            loss = objective.nelbo(self.network, x0, xt, loss_scale, sigma, ones, False)
+        return loss.nlls
+
+    def _greedy(self, x0: Tensor, hidden: Tensor, cont: Tensor) -> bool:
+        """Whether every continuation token is the argmax with all of `hidden` masked."""
+        from algorithms.base import NEG_INF
+
+        xt = torch.where(hidden, self.mask, x0)
+        tokens = torch.cat([xt, x0], dim=1) if self.objective.cross_attn else xt
+        layout = dataclasses.replace(self.objective.train_layout, outputs=cont[None])
+        level = self.objective.noise_sigma_max if self.objective.time_conditioning else 0.0
+        sigma = torch.full((1,), level, device=x0.device)  # t = 1: all of `hidden` masked
+        logits = self.network(tokens, sigma, layout).float()  # (n_cont, V)
+        logits[:, self.mask] = NEG_INF
+        return bool((logits.argmax(-1) == x0[0, cont]).all())
 
     # ------------------------------------------------------------------------------------------
     def loglikelihood(self, requests, disable_tqdm: bool = False):
@@ -238,8 +322,8 @@ class BD3LMHarness(LM):
     def generate_until(self, requests, disable_tqdm: bool = False):
         if not self.objective.supports_prompts:
             raise UserError(
-                "generate_until: this checkpoint (MDLM) samples without a prompt; use an AR or "
-                "BD3-LM checkpoint for generation tasks"
+                f"generate_until: this checkpoint ({self.kind.upper()}) samples without a "
+                "prompt; use an AR or BD3-LM checkpoint for generation tasks"
             )
         out = []
         for request in requests:

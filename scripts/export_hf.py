@@ -70,6 +70,29 @@ def write_tokenizer_and_card(
         f.write(card)
 
 
+def token_ids_and_files(checkpoint: dict, out_dir: str, use_ema: bool = True):
+    """(token_ids, extra_files) for export_hf: the BOS / EOS / mask (and pad) ids of the run's
+    tokenizer and a writer of the tokenizer and model card; (None, None) for a checkpoint whose
+    run config has no data.* (the reference's .ckpt: weights only)."""
+    from omegaconf import OmegaConf
+
+    import dataloader
+
+    data_cfg = (checkpoint.get("config") or {}).get("data")
+    if not isinstance(data_cfg, dict):
+        return None, None
+    vocab = dataloader.get_vocab(OmegaConf.create(data_cfg))
+    ids = {
+        "bos_token_id": vocab.bos_id,
+        "eos_token_id": vocab.eos_id,
+        "mask_token_id": vocab.mask_id,
+    }
+    if vocab.tokenizer.pad_token_id is not None:
+        ids["pad_token_id"] = vocab.tokenizer.pad_token_id
+    name = os.path.basename(os.path.normpath(out_dir))
+    return ids, lambda tmp: write_tokenizer_and_card(tmp, checkpoint, vocab, use_ema, name)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("ckpt", help="our Lightning .ckpt")
@@ -80,28 +103,11 @@ def main(argv: list[str] | None = None) -> int:
         if os.path.exists(args.out_dir):
             raise UserError(f"{args.out_dir} exists; give a new directory")
         checkpoint = read_checkpoint(args.ckpt, "CKPT")
-        from omegaconf import OmegaConf
-
-        import dataloader
-
-        data_cfg = (checkpoint.get("config") or {}).get("data")
-        if not isinstance(data_cfg, dict):
-            raise UserError(f"{args.ckpt}: the checkpoint has no run config (data.*)")
-        vocab = dataloader.get_vocab(OmegaConf.create(data_cfg))
-        ids = {
-            "bos_token_id": vocab.bos_id,
-            "eos_token_id": vocab.eos_id,
-            "mask_token_id": vocab.mask_id,
-        }
-        if vocab.tokenizer.pad_token_id is not None:
-            ids["pad_token_id"] = vocab.tokenizer.pad_token_id
         use_ema = not args.live
-        export_hf(
-            checkpoint, args.out_dir, use_ema=use_ema, token_ids=ids,
-            extra_files=lambda tmp: write_tokenizer_and_card(
-                tmp, checkpoint, vocab, use_ema, os.path.basename(os.path.normpath(args.out_dir))
-            ),
-        )  # fmt: skip
+        ids, files = token_ids_and_files(checkpoint, args.out_dir, use_ema)
+        if ids is None:
+            raise UserError(f"{args.ckpt}: the checkpoint has no run config (data.*)")
+        export_hf(checkpoint, args.out_dir, use_ema=use_ema, token_ids=ids, extra_files=files)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -142,6 +142,36 @@ def smoke_checkpoint(tmp_path_factory, data_cache):
     return run_dir / "checkpoints" / "last.ckpt"
 
 
+def random_run_checkpoint(path, *overrides):
+    """A freshly built module of the smoke config with `overrides` (the data tokenizer's
+    vocabulary), its weights randomised and copied to the EMA, saved as our Lightning .ckpt at
+    `path` -> the module in eval mode with the EMA weights in. Needs the data_cache fixture."""
+    import builders
+    from data.vocab import get_vocab
+
+    cfg = compose_cfg(*overrides)
+    vocab = get_vocab(cfg.data)
+    torch.manual_seed(0)
+    module = builders.build_module(cfg, vocab_size=vocab.size, mask_id=vocab.mask_id)
+    randomize_(module.backbone, seed=1)
+    if module.ema is not None:
+        module.ema.reset(module.backbone)
+    checkpoint = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(checkpoint)
+    torch.save(checkpoint, path)
+    return module.eval()
+
+
+def readme_code(section: str, lang: str) -> list[str]:
+    """The ```lang fenced blocks of README.md's `## section` (in order)."""
+    import re
+
+    with open(os.path.join(ROOT, "README.md")) as f:
+        text = f.read()
+    body = text.split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(rf"```{lang}\n(.*?)```", body, flags=re.S)
+
+
 def compose_cfg(*overrides):
     """The smoke config with `overrides` (no run: the run directory is never created); a fresh
     copy of a composition made once per override list (Hydra's compose costs ~0.1 s)."""

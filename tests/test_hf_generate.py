@@ -172,3 +172,17 @@ def test_generate_cli_streams_blocks_and_reports_nfe(exported, sample_eval_recor
     assert len(out.out.splitlines()) == 2 and "[all: 8 tokens" in out.err
     assert generate_main([exported, "--max-new-tokens", "0"]) == 2
     assert capsys.readouterr().err.startswith("error: --max-new-tokens")
+
+
+@pytest.mark.e2e
+def test_readme_generating_from_python_runs(exported, capsys):
+    """README "Generating from Python": its example, as written, on the exported smoke model."""
+    from conftest import readme_code
+
+    (code,) = readme_code("Generating from Python", "python")
+    namespace = {"OUT_DIR": exported}
+    exec(compile(code, "README.md", "exec"), namespace)
+    out, batch = namespace["out"], namespace["batch"]
+    assert out.shape == (2, batch.input_ids.shape[1] + 64)
+    assert torch.equal(out[:, : batch.input_ids.shape[1]], batch.input_ids)
+    assert capsys.readouterr().out.startswith("To be")  # TextStreamer printed the stream

@@ -81,3 +81,206 @@ def test_interval_at_one_is_deterministic(harness):
         assert torch.allclose(a[2], a[2][0])
     finally:
         harness.interval = saved
+
+
+# ----------------------------------------------------------------------------------------------
+# One row of text: the harness's rolling bound against ppl_eval's NELBO of the same row
+# ----------------------------------------------------------------------------------------------
+RUNS = {  # name: overrides of the smoke config
+    "ar": ("algo=ar",),
+    "bd3lm_k1": ("algo=bd3lm", "block_size=1"),
+    "bd3lm_k4": ("algo=bd3lm", "block_size=4"),
+    "mdlm": ("algo=mdlm",),
+    "sedd": ("algo=sedd",),
+}
+TEXT = (
+    "First Citizen: Before we proceed any further, hear me speak. All: Speak, speak. First "
+    "Citizen: You are all resolved rather to die than to famish?"
+)
+
+
+@pytest.fixture(scope="module")
+def random_runs(tmp_path_factory, data_cache):
+    """name -> (module with random weights, its .ckpt path), built once per module."""
+    from conftest import random_run_checkpoint
+
+    out = tmp_path_factory.mktemp("random_runs")
+    runs = {}
+    for name, overrides in RUNS.items():
+        path = out / f"{name}.ckpt"
+        runs[name] = (random_run_checkpoint(path, *overrides), str(path))
+    return runs
+
+
+def one_row_text(harness) -> tuple[str, list[int]]:
+    """A text that encodes to exactly window - 1 tokens ([BOS] + it fills one row)."""
+    tokens = harness._encode(TEXT)[: harness.window - 1]
+    text = harness.tokenizer.decode(tokens)
+    assert harness._encode(text) == tokens and len(tokens) == harness.window - 1
+    return text, tokens
+
+
+def ppl_eval_row(module, tokens, bos, draws):
+    """ppl_eval's NELBO estimates of the one row [BOS] + tokens (Diffusion._eval_loss, draw d
+    of eval.mc_samples each) -> (draws,) summed NLL of the row, and its token count."""
+    row = torch.tensor([[bos, *tokens]])
+    batch = {"input_ids": row, "attention_mask": torch.ones_like(row)}
+    interval = module.algorithm.eval_interval()
+    with torch.no_grad():
+        outs = [module._eval_loss(batch, 0, interval, d) for d in range(draws)]
+    sums = torch.stack([o.nlls.double().sum() for o in outs])
+    return sums, int(outs[0].token_mask.sum())
+
+
+class Request:
+    def __init__(self, *args):
+        self.args = args
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("name", ["ar", "bd3lm_k1"])
+def test_rolling_equals_ppl_eval_exactly_for_ar_and_k1(random_runs, name):
+    """AR and K = 1 (t = 1: every token masked, weight 1): the bound is the exact NLL, so
+    -rolling / tokens is ppl_eval's NLL of the row, and no draw changes it."""
+    from evaluation.lm_harness import BD3LMHarness
+
+    module, path = random_runs[name]
+    harness = BD3LMHarness(checkpoint=path, mc_samples=3)
+    text, tokens = one_row_text(harness)
+    (rolling,) = harness.loglikelihood_rolling([Request(text)])
+    sums, count = ppl_eval_row(module, tokens, harness.bos, draws=1)
+    assert count == len(tokens)
+    assert -rolling / count == pytest.approx(float(sums[0]) / count, rel=1e-5)
+    _, _, per_draw = harness.score([harness.bos, *tokens], 1, torch.Generator().manual_seed(5))
+    assert torch.allclose(per_draw, per_draw[0])
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("name", ["bd3lm_k4", "mdlm", "sedd"])
+def test_rolling_matches_ppl_eval_within_mc_error(random_runs, name):
+    """BD3-LM K = 4, MDLM, SEDD: the harness's bound and ppl_eval's NELBO of the same row
+    agree within their Monte-Carlo errors (4 standard errors)."""
+    from evaluation.lm_harness import BD3LMHarness
+
+    module, path = random_runs[name]
+    harness = BD3LMHarness(checkpoint=path, mc_samples=32)
+    _, tokens = one_row_text(harness)
+    _, _, ours = harness.score([harness.bos, *tokens], 1, torch.Generator().manual_seed(0))
+    ref, _ = ppl_eval_row(module, tokens, harness.bos, draws=32)
+    ours = -ours
+    error = (ours.var() / len(ours) + ref.var() / len(ref)).sqrt()
+    assert abs(ours.mean() - ref.mean()) < 4 * error, (ours.mean(), ref.mean(), error)
+    assert ours.std() > 0  # a Monte-Carlo estimate, not the t = 1 bound
+
+
+@pytest.mark.e2e
+def test_conditional_bound_never_masks_the_context(random_runs):
+    """The context (also in the block that straddles the boundary) stays clean: changing the
+    continuation's last token changes the estimate, and the estimate on equal draws does not
+    depend on what follows the continuation (masked, never scored)."""
+    from evaluation.lm_harness import BD3LMHarness
+
+    _, path = random_runs["bd3lm_k4"]
+    harness = BD3LMHarness(checkpoint=path, mc_samples=4)
+    ids = [harness.bos, *harness._encode(TEXT)[:9]]  # continuation starts mid-block (at 6)
+    a = harness.score(ids, 6, torch.Generator().manual_seed(0))[2]
+    b = harness.score(ids[:-1] + [ids[1]], 6, torch.Generator().manual_seed(0))[2]
+    assert not torch.allclose(a, b)
+    seen = []
+    original = harness._nelbo_terms
+
+    def spy(x0, xt, t):
+        seen.append(xt.clone())
+        return original(x0, xt, t)
+
+    harness._nelbo_terms = spy
+    harness.score(ids, 6, torch.Generator().manual_seed(0))
+    xt = seen[0]
+    assert (xt[:, :6] == torch.tensor(ids[:6])).all()  # BOS + context: clean in every draw
+    assert (xt[:, len(ids) :] == harness.mask).all()  # after the continuation: unknown
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("name", ["mdlm", "sedd"])
+def test_prompt_free_checkpoints_score_and_refuse_generation(random_runs, name):
+    from evaluation.lm_harness import BD3LMHarness
+    from utils import UserError
+
+    _, path = random_runs[name]
+    harness = BD3LMHarness(checkpoint=path, mc_samples=2)
+    assert harness.kind == name
+    ((value, greedy),) = harness.loglikelihood([Request("The king said", " to the queen")])
+    assert value < 0 and isinstance(greedy, bool)
+    with pytest.raises(UserError, match=f"{name.upper()}.*samples without a prompt"):
+        harness.generate_until([Request("The king", {"until": ["\n"], "max_gen_toks": 4})])
+
+
+@pytest.mark.parametrize("name", ["bd3lm_k4", "mdlm", "sedd"])
+def test_terms_equal_the_objectives_loss_on_equal_noise(random_runs, name):
+    """Given the same x_t and times, the harness's per-token terms are the training loss's
+    (the 1/t weight; for SEDD dsigma = expm1(sigma) / t and sigma = -log(1 - t))."""
+    from evaluation.lm_harness import BD3LMHarness
+
+    module, path = random_runs[name]
+    harness = BD3LMHarness(checkpoint=path, mc_samples=1)
+    _, tokens = one_row_text(harness)
+    x0 = torch.tensor([[harness.bos, *tokens]] * 3)
+    objective = module.algorithm
+    lo, hi = (torch.tensor(e) for e in objective.eval_interval())
+    xt, scale, sigma = objective.corrupt(x0, lo, hi, torch.Generator().manual_seed(3))
+    ones = torch.ones_like(x0)
+    with torch.no_grad():
+        if name == "sedd":
+            t = -torch.expm1(-sigma.double())  # sigma = -log(1 - t) below sigma_max
+            ref = objective.score_entropy_loss(module.network, x0, xt, scale, sigma, ones, False)
+        else:
+            t = -1 / scale.double()
+            ref = objective.nelbo(module.network, x0, xt, scale, sigma, ones, False)
+        ours = harness._nelbo_terms(x0, xt, t.expand(x0.shape))
+    assert (xt == harness.mask).any()
+    torch.testing.assert_close(ours, ref.nlls, rtol=1e-4, atol=1e-4)
+
+
+def test_times_are_antithetic_strata_of_the_interval(random_runs):
+    """Per block, the mc_samples times are one uniform shifted by multiples of 1/M (mod 1),
+    mapped onto the evaluation interval."""
+    from evaluation.lm_harness import BD3LMHarness
+
+    _, path = random_runs["bd3lm_k4"]
+    harness = BD3LMHarness(checkpoint=path, mc_samples=8)
+    seen = []
+    original = harness._nelbo_terms
+    harness._nelbo_terms = lambda x0, xt, t: seen.append(t) or original(x0, xt, t)
+    harness.score([harness.bos, *harness._encode(TEXT)[:20]], 3, torch.Generator().manual_seed(1))
+    lo, hi = harness.interval
+    t = seen[0][:, :: harness.block]  # (M, blocks)
+    assert ((t >= lo) & (t <= hi)).all()
+    gaps = t.sort(0).values.diff(dim=0)
+    torch.testing.assert_close(gaps, torch.full_like(gaps, (hi - lo) / 8), rtol=0, atol=1e-9)
+    assert len(set(t[0].tolist())) == t.shape[1]  # a uniform of its own per block
+
+
+@pytest.mark.e2e
+def test_readme_lm_eval_command_runs(smoke_checkpoint, task_dir, tmp_path):
+    """README "Zero-shot evaluation with lm-eval": the command as written (lm-eval's own CLI,
+    a subprocess), with the local multiple-choice task for the downloaded ones."""
+    import json
+    import shlex
+    import subprocess
+    import sys
+
+    from conftest import readme_code
+
+    (command,) = readme_code("Zero-shot evaluation with lm-eval", "bash")
+    argv = shlex.split(command.replace("\\\n", " "))
+    assert argv[:2] == ["python", "scripts/run_lm_eval.py"]
+    argv = [a.replace("PATH", str(smoke_checkpoint)) for a in argv]
+    argv[argv.index("--output_path") + 1] = str(tmp_path / "out")
+    argv[argv.index("--tasks") + 1] = "bd3lm_toy_mc"
+    argv[0] = sys.executable
+    argv += ["--include_path", task_dir]
+    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (result,) = list((tmp_path / "out").rglob("results_*.json"))
+    acc = json.loads(result.read_text())["results"]["bd3lm_toy_mc"]["acc,none"]
+    assert 0.0 <= acc <= 1.0

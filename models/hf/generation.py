@@ -3,9 +3,11 @@ sampler (`sampling.build_sampler`): the same objective, block structure, random 
 low-entropy retry rule as `mode=sample_eval` (sampling/generate.py), so the same seed, batch
 and prompts give the same samples.
 
-The objective of a checkpoint is read from its HF config (`objective_from_config`): a causal
-BD3LM config is the AR baseline (K = 1), a cross-attention one BD3-LM with its block size, an
-MDLM config (or a BD3LM config without cross-attention) MDLM with one block of its window.
+The objective of a checkpoint is read from its HF config (`objective_from_config`, with the
+family `checkpoint_kind` finds by the checkpoint loader's rule): a causal BD3LM config is the
+AR baseline (K = 1), a cross-attention one BD3-LM with its block size, a time-conditioned
+model without cross-attention SEDD (sampled by the analytic sampler), any other MDLM with one
+block of its window.
 Token ids come from the config's `bos_token_id` / `eos_token_id` / `mask_token_id` (which
 `scripts/export_hf.py` writes); a config without them (the released GPT-2 checkpoints) gets
 the GPT-2 layout: mask = vocab_size - 1, BOS = EOS = vocab_size - 2.
@@ -46,23 +48,47 @@ def token_ids(config) -> tuple[int, int, int]:
     return bos, mask, eos
 
 
-def objective_from_config(config, mask_id: int):
-    """The objective (algorithms.MaskedDiffusion or Autoregressive) an HF config describes, for
-    its trained window `model_length`, under the log-linear schedule."""
-    from algorithms import Autoregressive, MaskedDiffusion
+def checkpoint_kind(model) -> str:
+    """The backbone family ("ar", "bd3lm", "mdlm" or "sedd") of an HF model, by the rule the
+    checkpoint loader applies (checkpoints.layout.detect_kind): a released repository's name,
+    then config.json's model_type and flags (a time-conditioned model without cross-attention
+    is SEDD), then the weights' keys."""
+    from checkpoints.layout import detect_kind
+
+    config = model.config
+    fields = config.to_dict()
+    keys = dict.fromkeys(name for name, _ in model.named_parameters())
+    return detect_kind(fields, keys, hint=getattr(config, "_name_or_path", None) or None)
+
+
+def objective_from_config(config, mask_id: int, kind: str | None = None):
+    """The objective (algorithms.MaskedDiffusion, SEDD or Autoregressive) an HF config
+    describes, for its trained window `model_length`, under the log-linear schedule. kind:
+    checkpoint_kind's answer; None reads it from the config alone (AR when causal, BD3-LM with
+    cross-attention, else SEDD when time-conditioned and MDLM otherwise)."""
+    from algorithms import SEDD, Autoregressive, MaskedDiffusion
     from noise_schedule import build_noise
 
     window = int(config.model_length)
-    if getattr(config, "causal", False):
-        return Autoregressive(mask_id=mask_id, seq_len=window)
     cross_attn = bool(getattr(config, "cross_attn", False))
-    block = int(config.block_size) if cross_attn else window
+    if kind is None:
+        if getattr(config, "causal", False):
+            kind = "ar"
+        elif cross_attn:
+            kind = "bd3lm"
+        else:
+            kind = "sedd" if getattr(config, "time_conditioning", False) else "mdlm"
+    if kind == "ar":
+        return Autoregressive(mask_id=mask_id, seq_len=window)
+    if kind == "sedd":
+        return SEDD(noise=build_noise("loglinear"), mask_id=mask_id, seq_len=window)
+    bd3lm = kind == "bd3lm"
     return MaskedDiffusion(
         noise=build_noise("loglinear"),
         mask_id=mask_id,
         seq_len=window,
-        block_size=block,
-        cross_attn=cross_attn,
+        block_size=int(config.block_size) if bd3lm else window,
+        cross_attn=bd3lm,
         ignore_bos=True,
         time_conditioning=bool(config.time_conditioning),
         antithetic=True,
@@ -154,7 +180,7 @@ def diffusion_generate(
     max_new = int(max_new_tokens)
     config = model.config
     bos, mask, eos = token_ids(config)
-    objective = objective_from_config(config, mask)
+    objective = objective_from_config(config, mask, checkpoint_kind(model))
     window = int(config.model_length)
     if input_ids is not None:
         if not objective.supports_prompts:
