@@ -110,7 +110,7 @@ class BaselineDenoiser(ModelDenoiser):
 
 def first_hitting_gumbel_race(
     model, context, key_valid, block, cache, cfg, generator, active, num_masked=None,
-    commit_previous=False,
+    commit_previous=False, draft=None,
 ):  # fmt: skip
     """One block by the reference's first-hitting draw (signature of
     sampling.first_hitting.denoise_first_hitting): per call, each sequence moves its clock
@@ -141,6 +141,8 @@ def first_hitting_gumbel_race(
         nfe += changed & active
         if changed.any():
             p_x0 = None
+            if draft is not None:
+                draft(new_block)
         block = new_block
     return block, nfe
 

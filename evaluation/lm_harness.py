@@ -59,26 +59,21 @@ except ImportError as err:  # pragma: no cover - requirements-eval.txt
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _tokenizer(name: str):
-    """A tokenizer directory, or a tokenizer name as data.tokenizer_name_or_path takes it (the
-    offline copies of gpt2 and bert-base-uncased included)."""
-    from transformers import AutoTokenizer
-
-    if os.path.isdir(name):
-        return AutoTokenizer.from_pretrained(name)
+def _vocab(name: str):
+    """data.vocab.Vocab of a tokenizer directory or of a name as data.tokenizer_name_or_path
+    takes it (the offline copies of gpt2 and bert-base-uncased included): the tokenizer and
+    the BOS / EOS / mask ids training used with it."""
     from omegaconf import OmegaConf
 
     from data.vocab import get_vocab
 
     home = os.environ.get("HOME", "/tmp")
     cache = os.environ.get("BD3LMS_CACHE", os.path.join(home, ".cache", "bd3lms"))
-    cfg = OmegaConf.create({"tokenizer_name_or_path": name, "cache_dir": cache})
-    return get_vocab(cfg).tokenizer
+    return get_vocab(OmegaConf.create({"tokenizer_name_or_path": name, "cache_dir": cache}))
 
 
-def _export(checkpoint: dict, out: str) -> None:
-    """export_hf with the tokenizer and model card of scripts/export_hf.py when the run config
-    names a tokenizer (our .ckpt), the weights alone otherwise (the reference's .ckpt)."""
+def _export_ours(checkpoint: dict, out: str) -> None:
+    """export_hf with the tokenizer, token ids and model card of scripts/export_hf.py."""
     from checkpoints.export import export_hf
 
     if ROOT not in sys.path:
@@ -92,7 +87,9 @@ def _export(checkpoint: dict, out: str) -> None:
 def load(checkpoint: str, tokenizer: str | None, stack: contextlib.ExitStack):
     """(HF model, tokenizer) for any checkpoint the project loads (see the module docstring);
     temporary exports live until `stack` closes. UserError naming `checkpoint=` otherwise."""
-    from checkpoints.export import as_export_input
+    from transformers import AutoTokenizer
+
+    from checkpoints.export import as_export_input, export_hf
     from checkpoints.layout import RELEASED, read_config_json, resolve_pretrained
     from checkpoints.load import read_any_checkpoint
     from models.hf import BD3LM, MDLM
@@ -100,10 +97,21 @@ def load(checkpoint: str, tokenizer: str | None, stack: contextlib.ExitStack):
     path = str(checkpoint)
     if os.path.isfile(path):
         loaded = read_any_checkpoint(path, "checkpoint")
-        raw = loaded.raw if loaded.format == "ours" else as_export_input(loaded)
-        out = os.path.join(stack.enter_context(tempfile.TemporaryDirectory()), "hf")
-        _export(raw, out)
-        local = out
+        local = os.path.join(stack.enter_context(tempfile.TemporaryDirectory()), "hf")
+        if loaded.format == "ours":
+            _export_ours(loaded.raw, local)
+        else:  # the reference's .ckpt: its pickled tokenizer is not read
+            if tokenizer is None:
+                raise UserError(
+                    f"checkpoint={checkpoint} is the reference's .ckpt, which names no usable "
+                    "tokenizer; pass tokenizer=gpt2 (OpenWebText runs), bert-base-uncased "
+                    "(LM1B runs) or a tokenizer directory in --model_args"
+                )
+            vocab = _vocab(tokenizer)
+            ids = {"bos_token_id": vocab.bos_id, "eos_token_id": vocab.eos_id}
+            export_hf(
+                as_export_input(loaded), local, token_ids=ids | {"mask_token_id": vocab.mask_id}
+            )
     else:
         try:
             local = resolve_pretrained(path)
@@ -126,10 +134,24 @@ def load(checkpoint: str, tokenizer: str | None, stack: contextlib.ExitStack):
         tokenizer = "gpt2"  # the released OpenWebText checkpoints
     try:
         model = cls.from_pretrained(local)
-        return model, _tokenizer(tokenizer or local)
+        name = tokenizer or local
+        if os.path.isdir(name):
+            return model, AutoTokenizer.from_pretrained(name)
+        return model, _vocab(name).tokenizer
     except (OSError, ValueError) as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise UserError(f"checkpoint={checkpoint}: {reason[:200]}") from None
+
+
+def _batch_size(batch_size, max_batch_size) -> int:
+    """Requests per forward pass: lm-eval's batch_size, where "auto" (or "auto:N") means
+    max_batch_size, default 16 (each request is mc_samples rows of the window)."""
+    text = str(1 if batch_size is None else batch_size)
+    if text.startswith("auto"):
+        return int(max_batch_size or 16)
+    if not text.isdigit() or int(text) < 1:
+        raise UserError(f"batch_size={batch_size}: give a number >= 1 or auto")
+    return int(text)
 
 
 def _harness_device(device: str) -> str:
@@ -186,6 +208,7 @@ class BD3LMHarness(LM):
         self.is_ar = self.kind == "ar"
         self.block = 1 if self.is_ar else int(self.objective.block_size)
         self.mc_samples = int(mc_samples)
+        self.batch_size = _batch_size(batch_size, max_batch_size)
         self.seed = int(seed)
         self.kv_cache = self.objective.supports_kv_cache if kv_cache is None else bool(kv_cache)
         self.nucleus_p = float(nucleus_p)
@@ -226,43 +249,68 @@ class BD3LMHarness(LM):
     ) -> tuple[float, bool, Tensor]:
         """Log-likelihood estimate of ids[start:] given ids[:start] (the module docstring):
         -> (mean over draws, is_greedy, per-draw values (mc_samples,) float64 on the CPU)."""
-        if self.is_ar:
-            return self._score_ar(ids, start)
-        N, K, M = len(ids), self.block, self.mc_samples
-        S = self.window
-        device = self.device
-        x0 = torch.full((S,), self.eos, dtype=torch.long)
-        x0[:N] = torch.tensor(ids, dtype=torch.long)
-        x0 = x0.to(device).expand(M, S)
-        cont = torch.zeros(S, dtype=torch.bool, device=device)
-        cont[start:N] = True
-        unknown = torch.zeros(S, dtype=torch.bool, device=device)
-        unknown[N:] = True
-        lo, hi = self.interval
-        u = torch.rand(S // K, generator=generator, dtype=torch.float64)
-        strata = (u[None, :] + torch.arange(M, dtype=torch.float64)[:, None] / M) % 1  # (M, nb)
-        t = (lo + (hi - lo) * strata).to(device)
-        t_tok = t.repeat_interleave(K, dim=1)  # (M, S)
-        draw = torch.rand(M, S, generator=generator, dtype=torch.float64).to(device)
-        masked = ((draw <= t_tok) & cont) | unknown
-        xt = torch.where(masked, self.mask, x0)
-        nlls = self._nelbo_terms(x0, xt, t_tok)  # (M, S)
-        per_draw = -(nlls.double() * cont).sum(-1)
-        greedy = self._greedy(x0[:1], cont | unknown, cont)
-        return float(per_draw.mean()), greedy, per_draw.cpu()
+        return self.score_batch([(ids, start)], generator)[0]
 
-    def _score_ar(self, ids: list[int], start: int) -> tuple[float, bool, Tensor]:
+    @torch.no_grad()
+    def score_batch(
+        self, items: list[tuple[list[int], int]], generator: torch.Generator
+    ) -> list[tuple[float, bool, Tensor]]:
+        """`score` for several (ids, start) in one forward (mc_samples rows each, plus one
+        forward for is_greedy). The noise of each item is drawn from `generator` in order, so
+        the estimates do not depend on how requests are batched."""
+        if self.is_ar:
+            return self._score_ar(items)
+        K, M, S, device = self.block, self.mc_samples, self.window, self.device
+        lo, hi = self.interval
+        x0s, xts, times, conts, hidden = [], [], [], [], []
+        for ids, start in items:
+            N = len(ids)
+            x0 = torch.full((S,), self.eos, dtype=torch.long)
+            x0[:N] = torch.tensor(ids, dtype=torch.long)
+            x0 = x0.to(device)
+            cont = torch.zeros(S, dtype=torch.bool, device=device)
+            cont[start:N] = True
+            unknown = torch.zeros(S, dtype=torch.bool, device=device)
+            unknown[N:] = True
+            u = torch.rand(S // K, generator=generator, dtype=torch.float64)
+            strata = (u[None, :] + torch.arange(M, dtype=torch.float64)[:, None] / M) % 1
+            t = (lo + (hi - lo) * strata).to(device).repeat_interleave(K, dim=1)  # (M, S)
+            draw = torch.rand(M, S, generator=generator, dtype=torch.float64).to(device)
+            masked = ((draw <= t) & cont) | unknown
+            x0s.append(x0.expand(M, S))
+            xts.append(torch.where(masked, self.mask, x0))
+            times.append(t)
+            conts.append(cont)
+            hidden.append(cont | unknown)
+        x0 = torch.cat(x0s)
+        nlls = self._nelbo_terms(x0, torch.cat(xts), torch.cat(times)).view(len(items), M, S)
+        cont = torch.stack(conts)  # (n, S)
+        per_draw = -(nlls.double() * cont[:, None]).sum(-1)  # (n, M)
+        greedy = self._greedy(x0[::M], torch.stack(hidden), cont)
+        return [(float(row.mean()), g, row.cpu()) for row, g in zip(per_draw, greedy, strict=True)]
+
+    def _score_ar(self, items: list[tuple[list[int], int]]) -> list[tuple[float, bool, Tensor]]:
+        """Exact: the AR log-probabilities (mask token excluded) of the continuation tokens,
+        rows padded after their end (causal attention: padding is never seen)."""
         from algorithms.ar import ar_log_probs
 
-        x0 = torch.tensor([ids], dtype=torch.long, device=self.device)
-        ones = torch.ones_like(x0)
-        one = torch.ones((), device=self.device)
-        nlls = self.objective.loss(self.network, x0, ones, one, one, False).nlls[0]
-        value = -float(nlls[start - 1 :].double().sum())
+        width = max(len(ids) for ids, _ in items)
+        x0 = torch.full((len(items), width), self.eos, dtype=torch.long)
+        for row, (ids, _) in enumerate(items):
+            x0[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        x0 = x0.to(self.device)
         logits = self.network(x0[:, :-1], None, self.objective.train_layout)
-        argmax = ar_log_probs(logits, self.mask)[0].argmax(-1)
-        greedy = bool((argmax[start - 1 :] == x0[0, start:]).all())
-        return value, greedy, torch.tensor([value], dtype=torch.float64)
+        log_p = ar_log_probs(logits, self.mask)  # (n, width - 1, V)
+        target = x0[:, 1:]
+        token_lp = log_p.gather(-1, target[..., None])[..., 0].double()
+        argmax = log_p.argmax(-1)
+        out = []
+        for row, (ids, start) in enumerate(items):
+            span = slice(start - 1, len(ids) - 1)
+            value = float(token_lp[row, span].sum())
+            greedy = bool((argmax[row, span] == target[row, span]).all())
+            out.append((value, greedy, torch.tensor([value], dtype=torch.float64)))
+        return out
 
     def _nelbo_terms(self, x0: Tensor, xt: Tensor, t: Tensor) -> Tensor:
         """(M, S) per-token NELBO terms of x_t (only masked positions are non-zero), from the
@@ -280,72 +328,105 @@ class BD3LMHarness(LM):
             loss = objective.nelbo(self.network, x0, xt, loss_scale, sigma, ones, False)
         return loss.nlls
 
-    def _greedy(self, x0: Tensor, hidden: Tensor, cont: Tensor) -> bool:
-        """Whether every continuation token is the argmax with all of `hidden` masked."""
+    def _greedy(self, x0: Tensor, hidden: Tensor, cont: Tensor) -> list[bool]:
+        """Per row of x0 (n, S): whether every continuation token (cont, (n, S)) is the argmax
+        (mask token excluded) with all of `hidden` (n, S) masked."""
         from algorithms.base import NEG_INF
 
         xt = torch.where(hidden, self.mask, x0)
         tokens = torch.cat([xt, x0], dim=1) if self.objective.cross_attn else xt
-        layout = dataclasses.replace(self.objective.train_layout, outputs=cont[None])
+        layout = dataclasses.replace(self.objective.train_layout, outputs=cont)
         level = self.objective.noise_sigma_max if self.objective.time_conditioning else 0.0
-        sigma = torch.full((1,), level, device=x0.device)  # t = 1: all of `hidden` masked
-        logits = self.network(tokens, sigma, layout).float()  # (n_cont, V)
+        sigma = torch.full((x0.shape[0],), level, device=x0.device)  # t = 1: hidden masked
+        logits = self.network(tokens, sigma, layout).float()  # (cont.sum(), V), row-major
         logits[:, self.mask] = NEG_INF
-        return bool((logits.argmax(-1) == x0[0, cont]).all())
+        hits = (logits.argmax(-1) == x0[cont]).cpu()
+        counts = cont.sum(-1).tolist()
+        return [bool(h.all()) for h in torch.split(hits, counts)]
 
     # ------------------------------------------------------------------------------------------
+    def _chunks(self, items: list) -> list[list]:
+        return [items[i : i + self.batch_size] for i in range(0, len(items), self.batch_size)]
+
     def loglikelihood(self, requests, disable_tqdm: bool = False):
         generator = torch.Generator().manual_seed(self.seed)
-        out = []
+        items = []
         for request in requests:
             context, continuation = request.args
-            ctx, cont = self._split(context, continuation)
-            ids, start = self._sequence(ctx, cont)
-            value, greedy, _ = self.score(ids, start, generator)
-            out.append((value, greedy))
+            items.append(self._sequence(*self._split(context, continuation)))
+        out = []
+        for chunk in self._chunks(items):
+            out += [(value, greedy) for value, greedy, _ in self.score_batch(chunk, generator)]
         return out
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
         generator = torch.Generator().manual_seed(self.seed)
-        out = []
         step = self.window - 1
-        for request in requests:
+        windows, owner = [], []
+        for index, request in enumerate(requests):
             (text,) = request.args
             tokens = self._encode(text)
-            total = 0.0
             for begin in range(0, max(len(tokens), 1), step):
-                chunk = tokens[begin : begin + step]
-                total += self.score([self.bos, *chunk], 1, generator)[0]
-            out.append(total)
-        return out
+                windows.append(([self.bos, *tokens[begin : begin + step]], 1))
+                owner.append(index)
+        totals = [0.0] * len(requests)
+        scores = [s for chunk in self._chunks(windows) for s in self.score_batch(chunk, generator)]
+        for index, (value, _, _) in zip(owner, scores, strict=True):
+            totals[index] += value
+        return totals
 
     def generate_until(self, requests, disable_tqdm: bool = False):
+        """Batches of `batch_size` consecutive requests with equal generation arguments."""
         if not self.objective.supports_prompts:
             raise UserError(
                 f"generate_until: this checkpoint ({self.kind.upper()}) samples without a "
                 "prompt; use an AR or BD3-LM checkpoint for generation tasks"
             )
-        out = []
+        jobs = []
         for request in requests:
             context, gen_kwargs = request.args
             gen_kwargs = dict(gen_kwargs or {})
             until = gen_kwargs.get("until") or []
-            until = [until] if isinstance(until, str) else list(until)
+            until = (until,) if isinstance(until, str) else tuple(until)
             max_new = int(gen_kwargs.get("max_gen_toks", 256))
             ids = self._encode(context)
             keep = self.window - 1 - self.block
-            ids = ids[len(ids) - keep :] if len(ids) > keep else ids
-            input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
-            result = self.model.generate(
-                input_ids, max_new_tokens=max_new, seed=self.seed, kv_cache=self.kv_cache,
-                nucleus_p=self.nucleus_p, var_length=False, reject_low_entropy=False,
-            )  # fmt: skip
-            text = self.tokenizer.decode(result[0, len(ids) :], skip_special_tokens=True)
+            jobs.append((ids[len(ids) - keep :] if len(ids) > keep else ids, until, max_new))
+        out: list[str] = []
+        start = 0
+        while start < len(jobs):
+            end = start + 1
+            while (
+                end < len(jobs)
+                and end - start < self.batch_size
+                and jobs[end][1:] == jobs[start][1:]
+            ):
+                end += 1
+            out += self._generate(jobs[start:end])
+            start = end
+        return out
+
+    def _generate(self, jobs: list[tuple[list[int], tuple[str, ...], int]]) -> list[str]:
+        _, until, max_new = jobs[0]
+        width = max(len(ids) for ids, _, _ in jobs)
+        input_ids = torch.zeros(len(jobs), width, dtype=torch.long)
+        attention = torch.zeros_like(input_ids)
+        for row, (ids, _, _) in enumerate(jobs):
+            input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+            attention[row, width - len(ids) :] = 1
+        result = self.model.generate(
+            input_ids.to(self.device), attention_mask=attention.to(self.device),
+            max_new_tokens=max_new, seed=self.seed, kv_cache=self.kv_cache,
+            nucleus_p=self.nucleus_p, var_length=False, reject_low_entropy=False,
+        )  # fmt: skip
+        texts = []
+        for row in result[:, width:]:
+            text = self.tokenizer.decode(row, skip_special_tokens=True)
             for stop in until:
                 if stop and stop in text:
                     text = text[: text.index(stop)]
-            out.append(text)
-        return out
+            texts.append(text)
+        return texts
 
 
 def register() -> None:

@@ -46,12 +46,15 @@ def denoise_block(
     active: Tensor,
     num_masked: int | None = None,
     commit_previous: bool = False,
+    draft=None,
 ) -> tuple[Tensor, Tensor]:
     """Fill one block. Returns the clean block (B, K) and per-sequence NFE (B,).
     num_masked: the most masked positions any sequence starts with (host-side, if known).
     commit_previous: the last block of `context` is still to be committed to the cache; the
     first model call does it (a fused commit). The block must then start with a masked token
     (every block after the first does), so that there is a first call.
+    draft(block): called after each step that changed the block, with its state (B, K)
+    (positions still masked hold the mask id).
 
     First-hitting: sampling/first_hitting.py. DDPM: T steps t_i = 1 - i/T, s = t_i - 1/T, so
     the last step unmasks everything left. p_x0 is reused while no sequence changed: exact
@@ -59,7 +62,7 @@ def denoise_block(
     if cfg.first_hitting:
         return denoise_first_hitting(
             model, context, key_valid, block, cache, cfg, generator, active, num_masked,
-            commit_previous,
+            commit_previous, draft,
         )  # fmt: skip
     B, K = block.shape
     T = cfg.num_steps
@@ -81,6 +84,8 @@ def denoise_block(
         nfe += changed & active
         if changed.any():
             p_x0 = None
+            if draft is not None:
+                draft(new_block)
         block = new_block
     return block, nfe
 
@@ -102,7 +107,9 @@ def semi_ar_sample(
     cfg.fuse_commit, else by an extra forward pass (counted in
     nfe_total). progress(n, committed): called after each block with its n tokens (B, n)
     (every sampler of sampling/ calls it so: units of progress, and the tokens just committed
-    when there are any)."""
+    when there are any). A `progress.draft(block)` method, when there is one, is called after
+    each denoising step that changed the block, with its state (B, K) (masked positions hold
+    the mask id; for streamers' put_draft)."""
     x, key_valid, pad = start_context(batch_size, prompt, prompt_valid, device)
     gen_start = x.shape[1]
     cache = model.new_cache(batch_size, cfg.block_size) if cfg.kv_cache else None
@@ -118,6 +125,7 @@ def semi_ar_sample(
         ["length"] * batch_size,
     )
     pending = False  # the last block of x is clean but not yet in the cache (fused commit)
+    draft = getattr(progress, "draft", None)
     for K in cfg.blocks():
         block = torch.full((batch_size, K), cfg.mask_id, dtype=torch.long, device=device)
         num_masked = K
@@ -129,7 +137,7 @@ def semi_ar_sample(
         valid = None if key_valid is None else key_valid[:, key_valid.shape[1] - context.shape[1] :]
         block, nfe = denoise_block(
             model, context, valid, block, cache, cfg, generator, state.active, num_masked,
-            pending,
+            pending, draft,
         )  # fmt: skip
         nfe_denoise += nfe
         nfe_total += nfe

@@ -28,8 +28,10 @@ def denoise_first_hitting(
     active: Tensor,
     num_masked: int | None,
     commit_previous: bool = False,
+    draft=None,
 ) -> tuple[Tensor, Tensor]:
-    """First-hitting (and parallel decoding) with work only where tokens change.
+    """First-hitting (and parallel decoding) with work only where tokens change. draft(block):
+    called after each step with the block's state (B, K) (see sampling.block.denoise_block).
 
     Per call: t <- t u^(1/n) per sequence; the position(s) to commit are the largest of uniform
     scores over the masked positions (a uniform choice); the token there is drawn by inverse
@@ -68,6 +70,8 @@ def denoise_first_hitting(
             best, guess = log_p.max(dim=-1)  # the nucleus keeps the top-1, so argmax is kept
         if gamma is not None:
             block = eb_commit(block, log_p, extra_u[0], gamma, cfg)
+            if draft is not None:
+                draft(block)
             nfe += (n > 0) & active
             masked = block == cfg.mask_id
             n = masked.sum(-1)
@@ -97,6 +101,8 @@ def denoise_first_hitting(
             new_block = entropy_budget_commit(new_block, log_p, extra_u[0], bound, cfg)
         nfe += (n > 0) & active
         block = new_block
+        if draft is not None:
+            draft(block)
         masked = block == cfg.mask_id
         n = masked.sum(-1)
         if (log_threshold is not None or bound is not None) and not bool(masked.any()):

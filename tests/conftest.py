@@ -172,6 +172,28 @@ def readme_code(section: str, lang: str) -> list[str]:
     return re.findall(rf"```{lang}\n(.*?)```", body, flags=re.S)
 
 
+def write_reference_ckpt(path, module, ema_list, hparams, compiled=True):
+    """`module` saved in the reference's Lightning layout: backbone weights under
+    backbone._orig_mod. (compiled) or backbone., hyper_parameters, and the EMA as an unnamed
+    list `ema_list` in the reference's parameter order."""
+    prefix = "backbone._orig_mod." if compiled else "backbone."
+    state = {}
+    for name, tensor in module.state_dict().items():
+        key = prefix + name[len("backbone.") :] if name.startswith("backbone.") else name
+        state[key] = tensor.clone()
+    checkpoint = {
+        "epoch": 3,
+        "global_step": 1000,
+        "pytorch-lightning_version": "2.5.0.post0",
+        "state_dict": state,
+        "hyper_parameters": hparams,
+        "ema": {"decay": 0.9999, "num_updates": 1000, "shadow_params": ema_list},
+        "sampler": {"random_state": torch.zeros(4, dtype=torch.uint8)},
+        "loops": {"fit_loop": {"state_dict": {}}},
+    }
+    torch.save(checkpoint, path)
+
+
 def compose_cfg(*overrides):
     """The smoke config with `overrides` (no run: the run directory is never created); a fresh
     copy of a composition made once per override list (Hydra's compose costs ~0.1 s)."""

@@ -22,7 +22,13 @@ from checkpoints import (
     read_checkpoint,
     sanity_check_perplexity,
 )
-from conftest import ROOT, compose_cfg, randomize_, reference_parameter_order
+from conftest import (
+    ROOT,
+    compose_cfg,
+    randomize_,
+    reference_parameter_order,
+    write_reference_ckpt,
+)
 from models.hf import BD3LM, BD3LMConfig
 from utils import UserError
 
@@ -169,25 +175,6 @@ class Evil:
 
     def __reduce__(self):
         return (os.system, (f"touch {self.marker}",))
-
-
-def write_reference_ckpt(path, module, ema_list, hparams, compiled=True):
-    prefix = "backbone._orig_mod." if compiled else "backbone."
-    state = {}
-    for name, tensor in module.state_dict().items():
-        key = prefix + name[len("backbone.") :] if name.startswith("backbone.") else name
-        state[key] = tensor.clone()
-    checkpoint = {
-        "epoch": 3,
-        "global_step": 1000,
-        "pytorch-lightning_version": "2.5.0.post0",
-        "state_dict": state,
-        "hyper_parameters": hparams,
-        "ema": {"decay": 0.9999, "num_updates": 1000, "shadow_params": ema_list},
-        "sampler": {"random_state": torch.zeros(4, dtype=torch.uint8)},
-        "loops": {"fit_loop": {"state_dict": {}}},
-    }
-    torch.save(checkpoint, path)
 
 
 def reference_hparams(marker, **algo):

@@ -48,6 +48,7 @@ def test_export_writes_tokenizer_card_and_no_auto_map(exported):
         config = json.load(f)
     assert "auto_map" not in config
     assert {"bos_token_id", "eos_token_id", "mask_token_id"} <= set(config)
+    assert config["parameterization"] == "subs"  # the objective by name (SEDD shares MDLM's)
     assert os.path.exists(os.path.join(exported, "README.md"))
     from transformers import AutoTokenizer
 
@@ -108,6 +109,49 @@ def test_generate_streams_each_block_and_text_streamer_works(exported, capsys):
     assert [len(b) for b in blocks] == [K, K, 10 - 2 * K]  # cut at max_new_tokens
     assert sum(blocks, []) == out[0, ids.shape[1] :].tolist()
     model.generate(ids, max_new_tokens=8, seed=3, streamer=TextStreamer(tokenizer))
+    assert tokenizer.decode(ids[0]) in capsys.readouterr().out
+
+
+@pytest.mark.e2e
+def test_generate_puts_drafts_for_diffusion_streamers(exported, capsys):
+    """A streamer with put_draft gets the block's state after each denoising step: one fewer
+    masked position each time (first-hitting), the last draft being the committed block; the
+    samples do not change; TextDiffusionStreamer works unchanged."""
+    from transformers import AutoTokenizer, TextDiffusionStreamer
+
+    from models.hf import BD3LM
+
+    model = BD3LM.from_pretrained(exported)
+    tokenizer = AutoTokenizer.from_pretrained(exported)
+    ids = tokenizer(["The king"], return_tensors="pt").input_ids
+    mask = model.config.mask_token_id
+
+    class DraftRecorder:
+        def __init__(self):
+            self.calls = []
+
+        def put(self, value):
+            self.calls.append(("put", value.tolist()))
+
+        def put_draft(self, value):
+            self.calls.append(("draft", value.tolist()))
+
+        def end(self):
+            self.calls.append(("end", None))
+
+    rec = DraftRecorder()
+    out = model.generate(ids, max_new_tokens=8, seed=3, kv_cache=True, streamer=rec)
+    assert torch.equal(out, model.generate(ids, max_new_tokens=8, seed=3, kv_cache=True))
+    K = model.config.block_size
+    drafts = []
+    for kind, value in rec.calls[1:-1]:
+        if kind == "draft":
+            drafts.append(value)
+            continue
+        assert len(drafts) == K and drafts[-1] == value  # one token per step, then committed
+        assert [sum(t == mask for t in d) for d in drafts] == list(range(K - 1, -1, -1))
+        drafts = []
+    model.generate(ids, max_new_tokens=8, seed=3, streamer=TextDiffusionStreamer(tokenizer))
     assert tokenizer.decode(ids[0]) in capsys.readouterr().out
 
 
@@ -186,3 +230,28 @@ def test_readme_generating_from_python_runs(exported, capsys):
     assert out.shape == (2, batch.input_ids.shape[1] + 64)
     assert torch.equal(out[:, : batch.input_ids.shape[1]], batch.input_ids)
     assert capsys.readouterr().out.startswith("To be")  # TextStreamer printed the stream
+
+
+@pytest.mark.e2e
+def test_sedd_export_generates_sample_eval_samples(tmp_path, data_cache):
+    """A SEDD run exported to HF (model_type mdlm, parameterization sedd) is sampled by SEDD's
+    analytic sampler, not as MDLM: generate(num_samples=2) gives sample_eval's samples."""
+    from conftest import random_run_checkpoint
+    from models.hf import MDLM
+    from models.hf.generation import checkpoint_kind
+    from scripts.export_hf import main as export_main
+
+    ckpt = tmp_path / "sedd.ckpt"
+    random_run_checkpoint(ckpt, "algo=sedd")
+    out = str(tmp_path / "hf")
+    assert export_main([str(ckpt), out]) == 0
+    run_inprocess(
+        tmp_path / "run", "algo=sedd", "mode=sample_eval", f"eval.checkpoint_path={ckpt}",
+        "seed=7", "loader.eval_batch_size=2", "model.length=32",
+    )  # fmt: skip
+    with open(tmp_path / "run" / "samples.jsonl") as f:
+        records = [json.loads(line) for line in f]
+    model = MDLM.from_pretrained(out)
+    assert checkpoint_kind(model) == "sedd"
+    samples = model.generate(num_samples=2, max_new_tokens=32, seed=7, num_steps=8)
+    assert [r["token_ids"] for r in records] == samples.tolist()

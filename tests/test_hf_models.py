@@ -261,3 +261,8 @@ def test_keyed_adapter_for_the_noeos_baselines(kind):
     assert detect_kind({}, weights) == ("ar" if kind == "ar" else "mdlm")
     assert detect_kind({"time_conditioning": True}, weights) == ("ar" if kind == "ar" else "sedd")
     assert detect_kind({}, weights, hint="kuleshov-group/sedd-noeos-owt") == "sedd"
+    # the parameterization our exports write wins over the flags (a time-conditioned MDLM)
+    named = {"time_conditioning": True, "model_type": "mdlm"}
+    assert detect_kind({**named, "parameterization": "subs"}, weights) == "mdlm"
+    assert detect_kind({**named, "parameterization": "sedd"}, weights) == "sedd"
+    assert detect_kind({"parameterization": "subs", "cross_attn": True}, weights) == "bd3lm"

@@ -194,10 +194,17 @@ def test_conditional_bound_never_masks_the_context(random_runs):
         return original(x0, xt, t)
 
     harness._nelbo_terms = spy
+    inputs = []
+    network = harness.network
+    harness.network = lambda tokens, sigma, layout: (
+        inputs.append(tokens) or network(tokens, sigma, layout)
+    )
     harness.score(ids, 6, torch.Generator().manual_seed(0))
     xt = seen[0]
     assert (xt[:, :6] == torch.tensor(ids[:6])).all()  # BOS + context: clean in every draw
     assert (xt[:, len(ids) :] == harness.mask).all()  # after the continuation: unknown
+    greedy_xt = inputs[-1][0, : harness.window]  # is_greedy's input: [x_t ; x_0], one row
+    assert greedy_xt[:6].tolist() == ids[:6] and (greedy_xt[6:] == harness.mask).all()
 
 
 @pytest.mark.e2e
@@ -284,3 +291,95 @@ def test_readme_lm_eval_command_runs(smoke_checkpoint, task_dir, tmp_path):
     (result,) = list((tmp_path / "out").rglob("results_*.json"))
     acc = json.loads(result.read_text())["results"]["bd3lm_toy_mc"]["acc,none"]
     assert 0.0 <= acc <= 1.0
+
+
+@pytest.mark.e2e
+def test_reference_ckpt_scores_as_our_ckpt(random_runs, tmp_path):
+    """The reference's pickled .ckpt of the same weights (EMA as an unnamed list, OmegaConf
+    hparams) gives the harness the same estimates as our .ckpt; it needs tokenizer=."""
+    from omegaconf import OmegaConf
+
+    from conftest import reference_parameter_order, write_reference_ckpt
+    from evaluation.lm_harness import BD3LMHarness
+    from utils import UserError
+
+    module, ours = random_runs["bd3lm_k4"]
+    params = dict(module.backbone.named_parameters())
+    ema = [params[n].detach().clone() for n in reference_parameter_order(2, adaln=True)]
+    config = module.run_config
+    hparams = {
+        "config": OmegaConf.create(
+            {
+                "block_size": 4,
+                "algo": {
+                    "parameterization": "subs",
+                    "cross_attn": True,
+                    "time_conditioning": False,
+                },
+                "model": {"length": 32, "n_heads": 2},
+            }
+        )
+    }
+    path = tmp_path / "reference.ckpt"
+    write_reference_ckpt(path, module, ema, hparams)
+    with pytest.raises(UserError, match="pass tokenizer="):
+        BD3LMHarness(checkpoint=str(path))
+    tokenizer = config["data"]["tokenizer_name_or_path"]
+    a = BD3LMHarness(checkpoint=ours, mc_samples=4)
+    b = BD3LMHarness(checkpoint=str(path), mc_samples=4, tokenizer=tokenizer)
+    assert (a.bos, a.mask, a.eos, a.kind, a.block) == (b.bos, b.mask, b.eos, b.kind, b.block)
+    requests = [Request("The king said", " to the queen"), Request("O Romeo", ", wherefore")]
+    assert a.loglikelihood(requests) == b.loglikelihood(requests)
+
+
+def test_is_greedy_against_the_models_own_forward(random_runs):
+    """is_greedy (batched, one request greedy and one whose last token is not) against the HF
+    model's forward: AR by greedy decoding; BD3-LM through its sampling layout ([clean blocks ;
+    current block] with the rest of the block masked); MDLM with everything after the context
+    masked. The mask token, made the largest logit, never counts."""
+    from evaluation.lm_harness import BD3LMHarness
+
+    def argmax(logits, mask):
+        logits = logits.clone()
+        logits[mask] = float("-inf")
+        return int(logits.argmax())
+
+    for name in ("ar", "bd3lm_k4", "mdlm"):
+        harness = BD3LMHarness(checkpoint=random_runs[name][1], mc_samples=2)
+        model, mask = harness.model, harness.mask
+        with torch.no_grad():  # the mask token's logit is the largest: it must be excluded
+            model.backbone.output_layer.linear.bias[mask] += 100.0
+        ctx = [harness.bos, *harness._encode(TEXT)[:5]]  # 6 tokens: block 1 holds 4, 5, 6, 7
+        with torch.no_grad():
+            if name == "ar":
+                cont = []
+                for _ in range(3):
+                    logits = model(torch.tensor([ctx + cont]), return_dict=False)[0, -1]
+                    cont.append(argmax(logits, mask))
+            elif name == "bd3lm_k4":
+                x = torch.tensor([ctx + [mask, mask]])
+                logits = model(x, sample_mode=True, return_dict=False)[0]
+                cont = [argmax(logits[6], mask), argmax(logits[7], mask)]
+            else:
+                x = torch.tensor([ctx + [mask] * (harness.window - len(ctx))])
+                logits = model(x, return_dict=False)[0]
+                cont = [argmax(logits[6], mask), argmax(logits[7], mask)]
+        other = (cont[-1] + 1) % mask  # the last token off its argmax: not greedy, however
+        items = [(ctx + cont, len(ctx)), (ctx + cont[:-1] + [other], len(ctx))]
+        flags = [g for _, g, _ in harness.score_batch(items, torch.Generator().manual_seed(0))]
+        assert flags == [True, False], name
+
+
+def test_estimates_do_not_depend_on_the_batch_size(random_runs):
+    from evaluation.lm_harness import BD3LMHarness
+
+    requests = [
+        Request("The king said", " to the queen"),
+        Request("O Romeo", ", wherefore art thou"),
+        Request("To be, or not", " to be"),
+    ]
+    path = random_runs["bd3lm_k4"][1]
+    one = BD3LMHarness(checkpoint=path, mc_samples=4, batch_size=1).loglikelihood(requests)
+    three = BD3LMHarness(checkpoint=path, mc_samples=4, batch_size="auto:3", max_batch_size=3)
+    for (a, ga), (b, gb) in zip(one, three.loglikelihood(requests), strict=True):
+        assert a == pytest.approx(b, rel=1e-5) and ga == gb

@@ -123,10 +123,21 @@ class BlockStream:
     """The sampler's `progress` hook turned into streamer calls: after each committed block of
     n tokens, `streamer.put(ids)` with those ids (CPU, (B, n), or (n,) for one row), cut at
     `limit` new tokens in all (the samplers call `progress(n, committed)` with the (B, n)
-    tokens they just committed)."""
+    tokens they just committed). A streamer with `put_draft` (transformers'
+    TextDiffusionStreamer) also gets `put_draft(ids)` after each denoising step of a block
+    with the block's current state, still-masked positions as the mask id (the block sampler
+    calls `draft`)."""
 
     def __init__(self, streamer, limit: int):
         self.streamer, self.remaining = streamer, limit
+        if hasattr(streamer, "put_draft"):
+            self.draft = self._draft
+
+    def _draft(self, block: Tensor) -> None:
+        if self.remaining <= 0:
+            return
+        state = block[:, : self.remaining].cpu()
+        self.streamer.put_draft(state[0] if state.shape[0] == 1 else state)
 
     def __call__(self, n: int, committed: Tensor | None = None) -> None:
         if committed is None or self.remaining <= 0:
