@@ -39,17 +39,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--seeds", type=int, default=20)
     parser.add_argument("--mc-samples", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--batch-size", type=int, default=1, help="requests per forward")
     args = parser.parse_args(argv)
     from evaluation.lm_harness import BD3LMHarness
 
     with open(args.task) as f:
         docs = [json.loads(line) for line in f if line.strip()]
     requests = [_Request(d["question"], c) for d in docs for c in d["choices"]]
-    harness = BD3LMHarness(checkpoint=args.checkpoint, mc_samples=1)
+    harness = BD3LMHarness(checkpoint=args.checkpoint, mc_samples=1, batch_size=args.batch_size)
     print(
         f"{args.checkpoint}: {harness.kind}, window {harness.window}, K {harness.block}, "
         f"interval {harness.interval}; {len(docs)} questions, {len(requests)} requests, "
-        f"{args.seeds} seeds"
+        f"{args.seeds} seeds, batch size {args.batch_size}"
     )
     for m in args.mc_samples:
         harness.mc_samples = m
