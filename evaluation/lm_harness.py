@@ -1,12 +1,17 @@
 """The lm-evaluation-harness model `bd3lm`: likelihoods and generations of our checkpoints.
 
-    BD3LMHarness(checkpoint=PATH, mc_samples=8, seed=0, device="cpu", tokenizer=None)
+    BD3LMHarness(checkpoint=PATH, mc_samples=8, seed=0, device="cpu", batch_size=1,
+                 tokenizer=None, dtype=None, kv_cache=None, nucleus_p=1.0)
 
 PATH: anything the project loads: an HF directory (scripts/export_hf.py; the released format)
 or hub id, one of our Lightning .ckpt files, or the reference's pickled .ckpt (both exported
-to a temporary HF directory first). The tokenizer is `tokenizer` (a directory or a name the
-data configs accept, such as gpt2) when given, else the one saved with the checkpoint (HF
-directories from export_hf; our .ckpt's run config), else gpt2 for the released repositories.
+to a temporary HF directory first); SSD-LM checkpoints (no likelihood bound) are refused. The
+tokenizer is `tokenizer` (a directory or a name the data configs accept, such as gpt2) when
+given, else the one saved with the checkpoint (HF directories from export_hf; our .ckpt's run
+config), else gpt2 for the released repositories; the reference's .ckpt needs it (its token
+ids are then the data pipeline's for that tokenizer). batch_size: requests per forward
+("auto": max_batch_size, default 16); the noise is drawn per request in order, so estimates
+do not depend on it.
 The objective is the checkpoint's family (models.hf.generation.checkpoint_kind): AR, BD3-LM
 (block size K), MDLM (one block of the window) or SEDD, and every estimate below calls that
 objective's own loss on an x_t built here, so the weights and the score are training's.
@@ -99,6 +104,12 @@ def load(checkpoint: str, tokenizer: str | None, stack: contextlib.ExitStack):
         loaded = read_any_checkpoint(path, "checkpoint")
         local = os.path.join(stack.enter_context(tempfile.TemporaryDirectory()), "hf")
         if loaded.format == "ours":
+            algo = (loaded.raw.get("config") or {}).get("algo") or {}
+            if algo.get("parameterization") not in ("ar", "subs", "sedd"):
+                raise UserError(
+                    f"checkpoint={checkpoint}: algo={algo.get('name')} has no likelihood bound "
+                    "for the harness; valid: ar, bd3lm, mdlm and sedd checkpoints"
+                )
             _export_ours(loaded.raw, local)
         else:  # the reference's .ckpt: its pickled tokenizer is not read
             if tokenizer is None:

@@ -383,3 +383,24 @@ def test_estimates_do_not_depend_on_the_batch_size(random_runs):
     three = BD3LMHarness(checkpoint=path, mc_samples=4, batch_size="auto:3", max_batch_size=3)
     for (a, ga), (b, gb) in zip(one, three.loglikelihood(requests), strict=True):
         assert a == pytest.approx(b, rel=1e-5) and ga == gb
+
+
+def test_sequence_keeps_bos_and_cuts_the_context_from_the_left(harness):
+    W = harness.window
+    ids, start = harness._sequence(list(range(100, 100 + 2 * W)), [7, 8, 9])
+    assert len(ids) == W and ids[0] == harness.bos and ids[-3:] == [7, 8, 9]
+    assert ids[1:start] == list(range(100 + 2 * W - (W - 4), 100 + 2 * W)) and start == W - 3
+    ids, start = harness._sequence([1, 2], list(range(500, 500 + 2 * W)))  # no room: tail kept
+    assert ids == [harness.bos, *range(500 + W + 1, 500 + 2 * W)] and start == 1
+
+
+def test_ssdlm_checkpoints_are_refused_in_one_line(tmp_path, data_cache):
+    from conftest import random_run_checkpoint
+    from evaluation.lm_harness import BD3LMHarness
+    from utils import UserError
+
+    path = tmp_path / "ssdlm.ckpt"
+    random_run_checkpoint(path, "algo=ssdlm", "block_size=4")
+    with pytest.raises(UserError, match="algo=ssdlm has no likelihood bound.*valid: ar") as err:
+        BD3LMHarness(checkpoint=str(path))
+    assert "\n" not in str(err.value)
