@@ -404,3 +404,29 @@ def test_ssdlm_checkpoints_are_refused_in_one_line(tmp_path, data_cache):
     with pytest.raises(UserError, match="algo=ssdlm has no likelihood bound.*valid: ar") as err:
         BD3LMHarness(checkpoint=str(path))
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.e2e
+def test_generate_until_batches_requests_and_cuts_at_stop_strings(harness):
+    """Two requests with equal arguments go through one generate() call (left-padded prompts)
+    and give what that call gives, cut at the first stop string; a third, with other
+    arguments, goes alone."""
+    kwargs = {"until": ["e"], "max_gen_toks": 8}
+    requests = [Request("The king", kwargs), Request("O Romeo, wherefore", kwargs)]
+    requests.append(Request("To be", {"until": [], "max_gen_toks": 4}))
+    calls = []
+    generate = harness.model.generate
+    harness.model.generate = lambda ids, **kw: calls.append((ids, kw)) or generate(ids, **kw)
+    harness.batch_size = 2
+    try:
+        texts = harness.generate_until(requests)
+    finally:
+        harness.batch_size = 1
+        del harness.model.generate
+    assert [c[0].shape[0] for c in calls] == [2, 1]
+    ids, kw = calls[0]
+    full = generate(ids, **kw)
+    for row, text in enumerate(texts[:2]):
+        whole = harness.tokenizer.decode(full[row, ids.shape[1] :], skip_special_tokens=True)
+        assert text == whole.split("e")[0] and "e" not in text
+    assert len(calls[1][1]) and calls[1][1]["max_new_tokens"] == 4
