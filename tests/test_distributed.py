@@ -69,8 +69,9 @@ def test_two_process_ppl_eval_equals_one_process_and_sampling_shards(
     """A validation set of an odd number of rows over 2 processes (the distributed sampler pads
     one rank with a repeated row): num_tokens, the AR NLL and the BD3-LM NELBO equal one
     process's, with the same global batch of 4. In the same launch, two sampling processes
-    take alternate batches with rank-dependent seeds, and torch FSDP runs the wrap policy and
-    mixed precision of strategy=fsdp over gloo (Lightning has no FSDP on CPU)."""
+    take alternate batches with rank-dependent seeds, torch FSDP runs the wrap policy and
+    mixed precision of strategy=fsdp over gloo (Lightning has no FSDP on CPU), and streaming
+    training over shards of unequal size reaches max_steps on both ranks."""
     words = [
         "the",
         "king",
@@ -117,6 +118,22 @@ def test_two_process_ppl_eval_equals_one_process_and_sampling_shards(
                  "sampling.num_sample_batches=2", "trainer.devices=2",
                  "trainer.accelerator=cpu"])  # fmt: skip
     jobs.append([str(tmp_path / "fsdp.json"), "fsdp"])  # torch FSDP over gloo (torchrun_main)
+    # streaming training over 2 shards of unequal size (one rank per shard): the small rank
+    # ends its pass after 2 steps and restarts it alone; no epoch-end collective may hang it
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    stream_src = tmp_path / "stream"
+    stream_src.mkdir()
+    for index, count in ((0, 40), (1, 3)):
+        table = pa.table({"text": docs[:count]})
+        pq.write_table(table, stream_src / f"train-{index:05d}-of-00002.parquet")
+    pq.write_table(pa.table({"text": docs[:4]}), stream_src / "validation.parquet")
+    jobs.append([str(tmp_path / "stream_run"), "experiment=smoke", "data=local",
+                 f"data.source={stream_src}", "data.streaming=true", "trainer.max_steps=8",
+                 "trainer.val_check_interval=100", "loader.global_batch_size=8",
+                 "loader.batch_size=4", "trainer.devices=2",
+                 "trainer.accelerator=cpu"])  # fmt: skip
     rows = single["ar"]["num_tokens"] / 31  # every row: 31 targets (32 tokens, BOS excluded)
     assert rows == int(rows) and int(rows) % 2 == 1, "the row count must not split over 2"
     torchrun(jobs, data_cache)
@@ -137,6 +154,8 @@ def test_two_process_ppl_eval_equals_one_process_and_sampling_shards(
     assert json.loads((samples_dir / "sample_eval.json").read_text())["num_samples"] == 4
     # FSDP with each DiT block a unit (the adaLN modulation computed inside the unit): float32
     # equals the unsharded module; bf16-mixed keeps the rotary buffer in float32
+    streamed = torch.load(tmp_path / "stream_run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert streamed["global_step"] == 8
     fsdp = json.loads((tmp_path / "fsdp.json").read_text())
     exact, bf16 = fsdp["32-true"], fsdp["bf16-mixed"]
     assert exact["units"] == 3 and exact["loss"] == pytest.approx(exact["plain_loss"], rel=1e-6)
