@@ -34,6 +34,9 @@ class StreamingTokenDataset(torch.utils.data.IterableDataset):
     only the batches that straddle shard boundaries differ. Fallback, with fewer shards than
     ranks: every rank streams all shards and keeps map batch b when b mod world = rank (the
     same rows, at `world` times the reading). Not resumable mid-epoch and not shuffled.
+    Training stops at max_steps, not at the end of a pass: a rank whose shards hold fewer rows
+    starts its next pass alone (nothing collective happens at an epoch's end), so with shards
+    of unequal size the smaller shards' documents are seen more often per step.
     """
 
     def __init__(self, opts: PipelineOptions, vocab: Vocab, hf_cache_dir: str | None, data_cfg):
