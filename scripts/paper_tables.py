@@ -222,7 +222,8 @@ def _cell(value, interval, digits: int) -> str:
 
 def render_matrix(spec: dict, runs: list[dict], used: set[str]) -> list[str]:
     """Table 5's layout: one line per model, one column per data set; a cell is ours with its
-    95% interval, and the paper's number with ours − paper where the repository has it."""
+    95% interval and the paper's number with ours − paper ("–" and the paper's number without
+    a run of ours)."""
     header = ["model", *(name for name, _ in spec["datasets"])]
     papers = spec.get("paper", {})
     lines = []
@@ -234,13 +235,15 @@ def render_matrix(spec: dict, runs: list[dict], used: set[str]) -> list[str]:
             found = [(r, o) for r, o in found if o is not None]
             used.update(r["dir"] for r, _ in found)
             paper = papers.get(model, {}).get(dataset)
+            bound = "≤ " if model in spec.get("bound", []) else ""
             texts = []
             for _, mine in found:
                 text = _cell(mine["value"], mine["interval"], 2)
                 if paper is not None and mine["value"] is not None:
-                    bound = "≤ " if model in spec.get("bound", []) else ""
                     text += f" (paper {bound}{paper:.2f}, {mine['value'] - paper:+.2f})"
                 texts.append(text)
+            if not texts and paper is not None:
+                texts.append(f"{DASH} (paper {bound}{paper:.2f})")
             cells.append("; ".join(texts) or DASH)
         lines.append(cells)
     return [f"### {spec['title']}", "", *_markdown(header, lines), ""]

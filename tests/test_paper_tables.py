@@ -112,16 +112,22 @@ def test_tables_put_ours_beside_the_paper(runs, capsys):
     lo, hi = math.exp(3.0 - 1.959964 * 0.01), math.exp(3.0 + 1.959964 * 0.01)
     assert owt_k4[:4] == ["≤ 20.73", f"{math.exp(3):.2f}", f"[{lo:.2f}, {hi:.2f}]", "-0.64"]
     assert rows["MDLM"][1][:4] == ["≤ 22.98", "23.50", "–", "+0.52"]
-    # Table 5: the paper's numbers are not in the repository: "–" and no difference
-    assert rows["BD3-LM K = 4"][2] == ["95.00 [93.50, 96.50]", *["–"] * 6]  # PTB first
-    assert rows["AR"][2] == ["–"] * 7
+    # Table 5: ours beside the paper's (a bound for BD3-LM), the paper's alone without a run
+    k4 = rows["BD3-LM K = 4"][2]
+    assert k4[0] == "95.00 [93.50, 96.50] (paper ≤ 96.81, -1.81)"  # PTB first
+    assert k4[1:] == [
+        f"– (paper ≤ {v})" for v in ("31.31", "60.88", "50.03", "61.67", "42.52", "39.20")
+    ]
+    assert rows["AR"][2] == [
+        f"– (paper {v})" for v in ("81.07", "25.32", "51.14", "52.13", "52.11", "48.59", "41.22")
+    ]
     # Table 7: sample_stats' per-sample mean and 95% interval, mean NFE, number of samples
     mean = sum(values) / len(values)
     std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
     half = 1.959964 * std / math.sqrt(len(values))
     k16 = rows["BD3-LM K = 16, L = 1024"][0]
     assert k16[:7] == [
-        "33.4", "–", f"{mean:.1f}", f"[{mean - half:.1f}, {mean + half:.1f}]",
+        "33.4", "1K", f"{mean:.1f}", f"[{mean - half:.1f}, {mean + half:.1f}]",
         f"{mean - 33.4:+.1f}", "1000", "4",
     ]  # fmt: skip
     assert rows["SSD-LM, L = 1024"][0][:2] == ["37.2", "40K"]
@@ -160,4 +166,4 @@ def test_zero_shot_launcher_prints_table5_through_paper_tables(runs, tmp_path):
     cmd = ["bash", os.path.join(ROOT, "scripts/zero_shot/zs_ppl.sh"), "bd3lm", "ckpt", "4"]
     out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
     assert "### Table 5:" in out and "Table 3" not in out
-    assert rows_of(out)["BD3-LM K = 4"][0][0] == "95.00 [93.50, 96.50]"
+    assert rows_of(out)["BD3-LM K = 4"][0][0] == "95.00 [93.50, 96.50] (paper ≤ 96.81, -1.81)"
