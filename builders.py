@@ -220,13 +220,15 @@ def fsdp_mixed_precision(precision: str):
 
 
 def fsdp_wrap_policy():
-    """FSDP auto-wrap policy: every DiTBlock is a unit of its own (parameters gathered one
-    block at a time); embedding, timestep map and output layer stay with the root."""
+    """FSDP auto-wrap policy: every transformer block is a unit of its own (parameters gathered
+    one block at a time): the DiT's DiTBlock, and SSD-LM's RobertaLayer; embeddings, timestep
+    layers and output layers (tied to the embeddings in RoBERTa) stay with the root."""
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+    from transformers.models.roberta.modeling_roberta import RobertaLayer
 
     from models.dit import DiTBlock
 
-    return ModuleWrapPolicy({DiTBlock})
+    return ModuleWrapPolicy({DiTBlock, RobertaLayer})
 
 
 def build_callbacks(cfg: DictConfig) -> list:

@@ -162,3 +162,7 @@ def test_two_process_ppl_eval_equals_one_process_and_sampling_shards(
     assert exact["max_grad_diff"] < 1e-6
     assert bf16["inv_freq_dtype"] == "torch.float32" and bf16["max_grad_diff"] < 0.05
     assert bf16["loss"] == pytest.approx(bf16["plain_loss"], rel=0.01)
+    ssdlm = fsdp["ssdlm"]  # SSD-LM's RoBERTa: a unit per layer plus the root
+    assert ssdlm["units"] == ssdlm["layers"] + 1
+    assert ssdlm["loss"] == pytest.approx(ssdlm["plain_loss"], rel=1e-6)
+    assert ssdlm["max_grad_diff"] < 1e-6

@@ -89,10 +89,60 @@ def fsdp_check(out_path: str) -> None:
         buffer_dtype = str(wrapped.module.rotary_emb.inv_freq.dtype)
         result[precision] = {"loss": loss.item(), "plain_loss": plain.item(), "units": units,
                              "max_grad_diff": diff, "inv_freq_dtype": buffer_dtype}  # fmt: skip
+    result["ssdlm"] = fsdp_ssdlm_check()
     if dist.get_rank() == 0:
         with open(out_path, "w") as f:
             json.dump(result, f)
     dist.barrier()
+
+
+def fsdp_ssdlm_check() -> dict:
+    """SSD-LM's RoBERTa network under FSDP with the same wrap policy: a unit per RobertaLayer
+    (the tied embeddings and lm_head at the root), float32 loss and gradients as unsharded."""
+    import torch
+    from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
+
+    import builders
+    from conftest import randomize_
+
+    cfg = main.compose(
+        ["experiment=smoke", "algo=ssdlm", "block_size=4", "training.ema=0"], "/tmp/unused"
+    )
+
+    def fresh():
+        torch.manual_seed(0)
+        built = builders.build_module(cfg, vocab_size=41, mask_id=40)
+        randomize_(built.backbone, seed=1, scale=0.2)
+        return built
+
+    x0 = torch.randint(0, 40, (4, 32), generator=torch.Generator().manual_seed(0))
+    eps = (torch.tensor(1e-3), torch.tensor(1.0))
+
+    def loss_of(module, network):
+        generator = torch.Generator().manual_seed(5)
+        return module.algorithm.loss(network, x0, torch.ones(4, 32), *eps, True, generator).loss
+
+    module = fresh()
+    plain = loss_of(module, module.backbone)
+    plain.backward()
+    plain_grads = {n: p.grad.clone() for n, p in module.backbone.named_parameters()}
+    module = fresh()
+    wrapped = FullyShardedDataParallel(
+        module.backbone, auto_wrap_policy=builders.fsdp_wrap_policy(),
+        sharding_strategy=ShardingStrategy.SHARD_GRAD_OP, use_orig_params=True,
+        device_id=torch.device("cpu"),
+    )  # fmt: skip
+    loss = loss_of(module, wrapped)
+    loss.backward()
+    units = sum(isinstance(m, FullyShardedDataParallel) for m in wrapped.modules())
+    with FullyShardedDataParallel.summon_full_params(wrapped, with_grads=True):
+        diff = max(
+            (p.grad - plain_grads[n.replace("_fsdp_wrapped_module.", "")]).abs().max().item()
+            for n, p in wrapped.named_parameters()
+        )
+    layers = module.backbone.mlm.config.num_hidden_layers
+    return {"loss": loss.item(), "plain_loss": plain.item(), "units": units,
+            "layers": layers, "max_grad_diff": diff}  # fmt: skip
 
 
 if __name__ == "__main__":
