@@ -6,8 +6,11 @@ question / choices / answer, as tests/data/lm_eval_tasks/toy_mc.jsonl).
         --task tests/data/lm_eval_tasks/toy_mc.jsonl --seeds 20
 
 Prints, per mc_samples: the standard deviation over seeds of each request's log-likelihood
-(mean over requests), the mean log-likelihood, the accuracy over seeds and the wall time per
-request (one loglikelihood call, the is_greedy forward included).
+(mean over requests), that of each question's margin (the answer's log-likelihood minus the
+best other option's, which decides the answer; mean over questions), the mean log-likelihood,
+the accuracy over seeds and the wall time per request (one loglikelihood call, the is_greedy
+forward included). --independent-noise gives every request its own noise instead of sharing
+it among the options of a question (the harness's common random numbers).
 """
 
 from __future__ import annotations
@@ -40,6 +43,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=20)
     parser.add_argument("--mc-samples", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--batch-size", type=int, default=1, help="requests per forward")
+    parser.add_argument(
+        "--independent-noise",
+        action="store_true",
+        help="every request its own noise (not shared by the options of a question)",
+    )
     args = parser.parse_args(argv)
     from evaluation.lm_harness import BD3LMHarness
 
@@ -47,6 +55,15 @@ def main(argv: list[str] | None = None) -> int:
         docs = [json.loads(line) for line in f if line.strip()]
     requests = [_Request(d["question"], c) for d in docs for c in d["choices"]]
     harness = BD3LMHarness(checkpoint=args.checkpoint, mc_samples=1, batch_size=args.batch_size)
+    if args.independent_noise:
+        import itertools
+
+        import torch
+
+        counter = itertools.count()
+        harness._generator = lambda *keys: torch.Generator().manual_seed(
+            harness.seed * 1_000_003 + next(counter)
+        )
     print(
         f"{args.checkpoint}: {harness.kind}, window {harness.window}, K {harness.block}, "
         f"interval {harness.interval}; {len(docs)} questions, {len(requests)} requests, "
@@ -62,16 +79,24 @@ def main(argv: list[str] | None = None) -> int:
         columns = list(zip(*values, strict=True))
         std = statistics.mean(statistics.stdev(c) for c in columns) if args.seeds > 1 else 0.0
         mean = statistics.mean(statistics.mean(c) for c in columns)
-        correct = []
+        correct, margins = [], [[] for _ in docs]
         for row in values:
             offset = 0
-            for d in docs:
+            for q, d in enumerate(docs):
                 scores = row[offset : offset + len(d["choices"])]
                 correct.append(float(scores.index(max(scores)) == int(d["answer"])))
+                answer = scores[int(d["answer"])]
+                margins[q].append(
+                    answer - max(v for i, v in enumerate(scores) if i != int(d["answer"]))
+                )
                 offset += len(d["choices"])
+        margin_std = (
+            statistics.mean(statistics.stdev(m) for m in margins) if args.seeds > 1 else 0.0
+        )
         print(
-            f"mc_samples={m:3d}  std {std:7.3f} nats  mean log-likelihood {mean:8.2f}  "
-            f"accuracy {statistics.mean(correct):.3f}  {per_request * 1000:7.1f} ms/request"
+            f"mc_samples={m:3d}  std {std:7.3f} nats  margin std {margin_std:7.3f}  "
+            f"mean log-likelihood {mean:8.2f}  accuracy {statistics.mean(correct):.3f}  "
+            f"{per_request * 1000:7.1f} ms/request"
         )
     return 0
 

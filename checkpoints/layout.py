@@ -28,6 +28,7 @@ from torch import Tensor
 
 from models.attention import rotary_inv_freq
 from models.dit import DiT, DiTConfig
+from utils import get_logger
 
 BACKBONE_PREFIX = "backbone."
 COMPILED_PREFIX = "_orig_mod."
@@ -334,12 +335,23 @@ def detect_kind(
             return "ar"
         if config.get("cross_attn", True):
             return "bd3lm"
-        return "sedd" if config.get("time_conditioning") else "mdlm"
+        return _time_conditioned_kind(config)
     if not adaln:
         return "ar"
-    if config.get("time_conditioning"):
-        return "sedd"
-    return "mdlm"
+    return _time_conditioned_kind(config)
+
+
+def _time_conditioned_kind(config: Mapping) -> str:
+    """Without a parameterization, a time-conditioned model without cross-attention is read
+    as SEDD (the released SEDD), with a warning: a time-conditioned MDLM reads the same."""
+    if not config.get("time_conditioning"):
+        return "mdlm"
+    get_logger("bd3lms").warning(
+        "config.json names no parameterization: time_conditioning=true without cross-attention "
+        "is read as SEDD; if this is a time-conditioned MDLM, re-export it with "
+        "scripts/export_hf.py (which writes parameterization)"
+    )
+    return "sedd"
 
 
 # ----------------------------------------------------------------------------------------------

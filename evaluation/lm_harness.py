@@ -30,21 +30,32 @@ the left to the trained window (BOS kept), and the block grid is counted from po
   drawn per block in the objective's evaluation interval (t = 1 for K = 1, where the bound is
   the exact NLL and does not depend on the draw) with antithetic strata over the
   `mc_samples` draws, which are averaged. A lower bound on log p(continuation | context).
+  Each request's noise comes from a generator seeded by (seed, its context's tokens): the
+  options of a multiple-choice question share their noise (common random numbers), and no
+  estimate depends on the batch size or the order of the requests.
   is_greedy: every continuation token is the argmax (mask token excluded) given the clean
   context and all continuation tokens masked: per block for BD3-LM, whose blocks see the
   clean continuation before them; at once for MDLM and SEDD. An approximation of greedy
   decoding for diffusion models, exact for AR.
-loglikelihood_rolling(text): the same bound over windows of the trained context (each window
-  [BOS] + up to window - 1 tokens, every token noised), summed.
+loglikelihood_rolling(text): the same bound over windows of the trained context, summed:
+  [BOS] + window - 1 tokens each (ppl_eval's rows, every token noised), except the last,
+  shorter window, which takes the tokens before it as clean context.
 generate_until(context, gen_kwargs): `model.generate` (the sample_eval sampler, KV cache when
-  the model allows it) with `max_gen_toks` (default 256), cut at the first `until` string;
-  MDLM and SEDD checkpoints (their samplers take no prompt) are refused.
+  the model allows it) with `max_gen_toks` (default 256), greedy token draws unless the
+  request sets do_sample=True, cut at the first EOS and the first `until` string; MDLM and
+  SEDD checkpoints (their samplers take no prompt) and blocks that leave no room for a prompt
+  are refused.
+kind: ar, bd3lm, mdlm or sedd, to override the family read from the checkpoint (an HF export
+  without `parameterization` cannot tell a time-conditioned MDLM from SEDD). Unknown keyword
+  arguments (a typo in --model_args) are refused.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
+import json
 import os
 import sys
 import tempfile
@@ -62,6 +73,8 @@ except ImportError as err:  # pragma: no cover - requirements-eval.txt
     ) from err
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KINDS = ("ar", "bd3lm", "mdlm", "sedd")  # the families the harness scores
+GREEDY_NUCLEUS = 1e-300  # a nucleus that keeps only the top-1 token: greedy token draws
 
 
 def _vocab(name: str):
@@ -136,6 +149,11 @@ def load(checkpoint: str, tokenizer: str | None, stack: contextlib.ExitStack):
     has_tokenizer = any(
         os.path.exists(os.path.join(local, f)) for f in ("tokenizer.json", "tokenizer_config.json")
     )
+    if tokenizer is None and not has_tokenizer and not os.path.isdir(path):
+        try:  # a hub export with its tokenizer (resolve_pretrained fetched the weights only)
+            return _load_model(cls, local, path), AutoTokenizer.from_pretrained(path)
+        except OSError:
+            pass
     if tokenizer is None and not has_tokenizer:
         if path not in RELEASED:
             raise UserError(
@@ -144,7 +162,7 @@ def load(checkpoint: str, tokenizer: str | None, stack: contextlib.ExitStack):
             )
         tokenizer = "gpt2"  # the released OpenWebText checkpoints
     try:
-        model = cls.from_pretrained(local)
+        model = _load_model(cls, local, path)
         name = tokenizer or local
         if os.path.isdir(name):
             return model, AutoTokenizer.from_pretrained(name)
@@ -152,6 +170,12 @@ def load(checkpoint: str, tokenizer: str | None, stack: contextlib.ExitStack):
     except (OSError, ValueError) as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise UserError(f"checkpoint={checkpoint}: {reason[:200]}") from None
+
+
+def _load_model(cls, local: str, source: str):
+    model = cls.from_pretrained(local)
+    model.config._name_or_path = source  # a released repository's name decides its family
+    return model
 
 
 def _batch_size(batch_size, max_batch_size) -> int:
@@ -191,14 +215,23 @@ class BD3LMHarness(LM):
         kv_cache: bool | None = None,
         nucleus_p: float = 1.0,
         tokenizer: str | None = None,
-        **_ignored,
+        kind: str | None = None,
+        **unknown,
     ):
         super().__init__()
         from models.hf.generation import checkpoint_kind, objective_from_config, token_ids
         from models.network import BackboneNetwork
 
+        if unknown:
+            raise UserError(
+                f"--model_args {', '.join(sorted(unknown))}: unknown; valid: checkpoint, "
+                "mc_samples, seed, device, batch_size, max_batch_size, dtype, kv_cache, "
+                "nucleus_p, tokenizer, kind"
+            )
         if int(mc_samples) < 1:
             raise UserError(f"mc_samples={mc_samples} must be >= 1")
+        if kind is not None and kind not in KINDS:
+            raise UserError(f"kind={kind}: valid: {', '.join(KINDS)}")
         self._stack = contextlib.ExitStack()
         self.model, self.tokenizer = load(checkpoint, tokenizer, self._stack)
         if dtype is not None or device is not None:
@@ -212,7 +245,7 @@ class BD3LMHarness(LM):
         self.model.eval()
         self.config = self.model.config
         self.bos, self.mask, self.eos = token_ids(self.config)
-        self.kind = checkpoint_kind(self.model)
+        self.kind = kind or checkpoint_kind(self.model)
         self.objective = objective_from_config(self.config, self.mask, self.kind)
         self.network = BackboneNetwork(self.model.backbone)
         self.window = int(self.config.model_length)
@@ -264,17 +297,20 @@ class BD3LMHarness(LM):
 
     @torch.no_grad()
     def score_batch(
-        self, items: list[tuple[list[int], int]], generator: torch.Generator
+        self,
+        items: list[tuple[list[int], int]],
+        generator: torch.Generator | list[torch.Generator],
     ) -> list[tuple[float, bool, Tensor]]:
         """`score` for several (ids, start) in one forward (mc_samples rows each, plus one
-        forward for is_greedy). The noise of each item is drawn from `generator` in order, so
-        the estimates do not depend on how requests are batched."""
+        forward for is_greedy). generator: one per item, or one whose draws the items take in
+        order; either way the estimates do not depend on how requests are batched."""
         if self.is_ar:
             return self._score_ar(items)
+        generators = generator if isinstance(generator, list) else [generator] * len(items)
         K, M, S, device = self.block, self.mc_samples, self.window, self.device
         lo, hi = self.interval
         x0s, xts, times, conts, hidden = [], [], [], [], []
-        for ids, start in items:
+        for (ids, start), generator in zip(items, generators, strict=True):
             N = len(ids)
             x0 = torch.full((S,), self.eos, dtype=torch.long)
             x0[:N] = torch.tensor(ids, dtype=torch.long)
@@ -359,39 +395,67 @@ class BD3LMHarness(LM):
     def _chunks(self, items: list) -> list[list]:
         return [items[i : i + self.batch_size] for i in range(0, len(items), self.batch_size)]
 
-    def loglikelihood(self, requests, disable_tqdm: bool = False):
-        generator = torch.Generator().manual_seed(self.seed)
-        items = []
-        for request in requests:
-            context, continuation = request.args
-            items.append(self._sequence(*self._split(context, continuation)))
+    def _generator(self, *keys) -> torch.Generator:
+        """A CPU generator seeded by (seed, keys) (a stable hash of token ids), so that each
+        request's noise depends on the request only, and the options of one multiple-choice
+        question, which share their context, share their noise (common random numbers: the
+        differences between options, which decide the answer, vary less)."""
+        digest = hashlib.sha256(json.dumps([self.seed, *keys]).encode()).digest()
+        return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+    def _score_all(self, items, generators) -> list[tuple[float, bool, Tensor]]:
         out = []
-        for chunk in self._chunks(items):
-            out += [(value, greedy) for value, greedy, _ in self.score_batch(chunk, generator)]
+        for start in range(0, len(items), self.batch_size):
+            end = start + self.batch_size
+            out += self.score_batch(items[start:end], generators[start:end])
         return out
 
+    def loglikelihood(self, requests, disable_tqdm: bool = False):
+        items, generators = [], []
+        for request in requests:
+            context, continuation = request.args
+            ctx, cont = self._split(context, continuation)
+            items.append(self._sequence(ctx, cont))
+            generators.append(self._generator(ctx))
+        return [(value, greedy) for value, greedy, _ in self._score_all(items, generators)]
+
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
-        generator = torch.Generator().manual_seed(self.seed)
+        """Disjoint windows of window - 1 tokens after BOS (the rows of ppl_eval), except
+        the last, shorter one, which takes the tokens before it as clean context (as
+        lm-eval's HF model fills its last window)."""
         step = self.window - 1
-        windows, owner = [], []
+        items, generators, owner = [], [], []
         for index, request in enumerate(requests):
             (text,) = request.args
             tokens = self._encode(text)
             for begin in range(0, max(len(tokens), 1), step):
-                windows.append(([self.bos, *tokens[begin : begin + step]], 1))
+                chunk = tokens[begin : begin + step]
+                if begin and len(chunk) < step:
+                    items.append(self._sequence(tokens[:begin], chunk))
+                else:
+                    items.append(([self.bos, *chunk], 1))
+                generators.append(self._generator(tokens, begin))
                 owner.append(index)
         totals = [0.0] * len(requests)
-        scores = [s for chunk in self._chunks(windows) for s in self.score_batch(chunk, generator)]
-        for index, (value, _, _) in zip(owner, scores, strict=True):
+        for index, (value, _, _) in zip(owner, self._score_all(items, generators), strict=True):
             totals[index] += value
         return totals
 
     def generate_until(self, requests, disable_tqdm: bool = False):
-        """Batches of `batch_size` consecutive requests with equal generation arguments."""
+        """Batches of `batch_size` consecutive requests with equal generation arguments. As
+        lm-eval's HF model: greedy token draws (a top-1 nucleus) unless the request says
+        do_sample=True (then the harness's nucleus_p, temperature 1 only); each text ends at
+        the first EOS and at the first `until` string."""
         if not self.objective.supports_prompts:
             raise UserError(
                 f"generate_until: this checkpoint ({self.kind.upper()}) samples without a "
                 "prompt; use an AR or BD3-LM checkpoint for generation tasks"
+            )
+        keep = self.window - 1 - self.block  # room for the prompt: [BOS] + prompt + one block
+        if keep < 1:
+            raise UserError(
+                f"generate_until: block size {self.block} leaves no room for a prompt in the "
+                f"window of {self.window} tokens; use a checkpoint with a smaller block size"
             )
         jobs = []
         for request in requests:
@@ -400,9 +464,17 @@ class BD3LMHarness(LM):
             until = gen_kwargs.get("until") or []
             until = (until,) if isinstance(until, str) else tuple(until)
             max_new = int(gen_kwargs.get("max_gen_toks", 256))
+            sample = gen_kwargs.get("do_sample") is True
+            temperature = gen_kwargs.get("temperature")
+            if sample and temperature not in (None, 1, 1.0):
+                raise UserError(
+                    f"generate_until: temperature={temperature} is not supported (the samplers "
+                    "draw at temperature 1); use do_sample=false or temperature 1"
+                )
+            nucleus = self.nucleus_p if sample else GREEDY_NUCLEUS
             ids = self._encode(context)
-            keep = self.window - 1 - self.block
-            jobs.append((ids[len(ids) - keep :] if len(ids) > keep else ids, until, max_new))
+            ids = ids[len(ids) - keep :] if len(ids) > keep else ids
+            jobs.append((ids, until, max_new, nucleus))
         out: list[str] = []
         start = 0
         while start < len(jobs):
@@ -417,21 +489,23 @@ class BD3LMHarness(LM):
             start = end
         return out
 
-    def _generate(self, jobs: list[tuple[list[int], tuple[str, ...], int]]) -> list[str]:
-        _, until, max_new = jobs[0]
-        width = max(len(ids) for ids, _, _ in jobs)
+    def _generate(self, jobs: list[tuple[list[int], tuple[str, ...], int, float]]) -> list[str]:
+        _, until, max_new, nucleus = jobs[0]
+        width = max(len(job[0]) for job in jobs)
         input_ids = torch.zeros(len(jobs), width, dtype=torch.long)
         attention = torch.zeros_like(input_ids)
-        for row, (ids, _, _) in enumerate(jobs):
+        for row, (ids, *_) in enumerate(jobs):
             input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
             attention[row, width - len(ids) :] = 1
         result = self.model.generate(
             input_ids.to(self.device), attention_mask=attention.to(self.device),
             max_new_tokens=max_new, seed=self.seed, kv_cache=self.kv_cache,
-            nucleus_p=self.nucleus_p, var_length=False, reject_low_entropy=False,
+            nucleus_p=nucleus, var_length=False, reject_low_entropy=False,
         )  # fmt: skip
         texts = []
-        for row in result[:, width:]:
+        for row in result[:, width:].tolist():
+            if self.eos in row:
+                row = row[: row.index(self.eos)]
             text = self.tokenizer.decode(row, skip_special_tokens=True)
             for stop in until:
                 if stop and stop in text:

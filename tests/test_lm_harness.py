@@ -68,8 +68,9 @@ def test_spread_shrinks_with_mc_samples(harness):
 
 @pytest.mark.e2e
 def test_interval_at_one_is_deterministic(harness):
-    """With the interval at t = 1 (K = 1's evaluation interval, where it is the exact NLL)
-    every continuation token is masked: the estimate no longer depends on the draw."""
+    """With the interval at t = 1 (K = 1's evaluation interval) every continuation token is
+    masked with weight 1: the estimate no longer depends on the draw (here on the K = 4 smoke
+    model, where this is not the NLL; K = 1's exactness is tested against ppl_eval below)."""
     ctx, cont = harness._split("To be, or", " not to be")
     ids, start = harness._sequence(ctx, cont)
     saved = harness.interval
@@ -175,9 +176,10 @@ def test_rolling_matches_ppl_eval_within_mc_error(random_runs, name):
 
 @pytest.mark.e2e
 def test_conditional_bound_never_masks_the_context(random_runs):
-    """The context (also in the block that straddles the boundary) stays clean: changing the
-    continuation's last token changes the estimate, and the estimate on equal draws does not
-    depend on what follows the continuation (masked, never scored)."""
+    """The context (also in the block that straddles the boundary) stays clean in every draw
+    and in is_greedy's input, the positions after the continuation are masked (unknown, never
+    scored), and the continuation's tokens are what is scored (changing the last changes the
+    estimate on equal draws)."""
     from evaluation.lm_harness import BD3LMHarness
 
     _, path = random_runs["bd3lm_k4"]
@@ -356,10 +358,13 @@ def test_is_greedy_against_the_models_own_forward(random_runs):
                 for _ in range(3):
                     logits = model(torch.tensor([ctx + cont]), return_dict=False)[0, -1]
                     cont.append(argmax(logits, mask))
-            elif name == "bd3lm_k4":
+            elif name == "bd3lm_k4":  # blocks 1 (positions 4-7) and 2 (8-11)
                 x = torch.tensor([ctx + [mask, mask]])
                 logits = model(x, sample_mode=True, return_dict=False)[0]
                 cont = [argmax(logits[6], mask), argmax(logits[7], mask)]
+                x = torch.tensor([ctx + cont + [mask] * 4])  # block 2 sees block 1 clean
+                logits = model(x, sample_mode=True, return_dict=False)[0]
+                cont += [argmax(logits[8], mask), argmax(logits[9], mask)]
             else:
                 x = torch.tensor([ctx + [mask] * (harness.window - len(ctx))])
                 logits = model(x, return_dict=False)[0]
@@ -368,21 +373,6 @@ def test_is_greedy_against_the_models_own_forward(random_runs):
         items = [(ctx + cont, len(ctx)), (ctx + cont[:-1] + [other], len(ctx))]
         flags = [g for _, g, _ in harness.score_batch(items, torch.Generator().manual_seed(0))]
         assert flags == [True, False], name
-
-
-def test_estimates_do_not_depend_on_the_batch_size(random_runs):
-    from evaluation.lm_harness import BD3LMHarness
-
-    requests = [
-        Request("The king said", " to the queen"),
-        Request("O Romeo", ", wherefore art thou"),
-        Request("To be, or not", " to be"),
-    ]
-    path = random_runs["bd3lm_k4"][1]
-    one = BD3LMHarness(checkpoint=path, mc_samples=4, batch_size=1).loglikelihood(requests)
-    three = BD3LMHarness(checkpoint=path, mc_samples=4, batch_size="auto:3", max_batch_size=3)
-    for (a, ga), (b, gb) in zip(one, three.loglikelihood(requests), strict=True):
-        assert a == pytest.approx(b, rel=1e-5) and ga == gb
 
 
 def test_sequence_keeps_bos_and_cuts_the_context_from_the_left(harness):
@@ -429,4 +419,147 @@ def test_generate_until_batches_requests_and_cuts_at_stop_strings(harness):
     for row, text in enumerate(texts[:2]):
         whole = harness.tokenizer.decode(full[row, ids.shape[1] :], skip_special_tokens=True)
         assert text == whole.split("e")[0] and "e" not in text
-    assert len(calls[1][1]) and calls[1][1]["max_new_tokens"] == 4
+    assert calls[1][1]["max_new_tokens"] == 4
+
+
+def test_generated_text_ends_at_eos_and_greedy_is_the_default(harness):
+    """A continuation stops at the first EOS (text after it is another document); requests
+    draw greedily (a top-1 nucleus) unless do_sample=True, and other temperatures are refused."""
+    from evaluation.lm_harness import GREEDY_NUCLEUS
+    from utils import UserError
+
+    hello, world = harness._encode(" hello"), harness._encode(" world")
+    calls = []
+
+    def stub(ids, **kw):
+        calls.append(kw)
+        new = torch.tensor([hello + [harness.eos] + world])
+        return torch.cat([ids.cpu(), new.expand(ids.shape[0], -1)], dim=1)
+
+    harness.model.generate = stub
+    try:
+        (text,) = harness.generate_until([Request("The king", {"until": ["\n\n"]})])
+        assert text == " hello"
+        assert calls[-1]["nucleus_p"] == GREEDY_NUCLEUS
+        harness.generate_until([Request("The king", {"do_sample": True})])
+        assert calls[-1]["nucleus_p"] == harness.nucleus_p
+        with pytest.raises(UserError, match="temperature=0.7 is not supported"):
+            harness.generate_until([Request("The king", {"do_sample": True, "temperature": 0.7})])
+    finally:
+        del harness.model.generate
+
+
+def test_options_of_one_question_share_their_noise(random_runs):
+    """Common random numbers: two continuations of equal length after one context are scored
+    on the same masks and times; another context draws other noise."""
+    from evaluation.lm_harness import BD3LMHarness
+
+    harness = BD3LMHarness(checkpoint=random_runs["bd3lm_k4"][1], mc_samples=4)
+    seen = []
+    original = harness._nelbo_terms
+    harness._nelbo_terms = lambda x0, xt, t: (
+        seen.append((xt == harness.mask, t)) or original(x0, xt, t)
+    )
+    a, b = harness._encode(" to the queen"), harness._encode(" of the land")
+    assert len(a) == len(b)
+    for context in ("The king said", "The king said", "O Romeo"):
+        harness.batch_size = 1
+        harness.loglikelihood([Request(context, " to the queen"), Request(context, " of the land")])
+    masks, times = zip(*seen, strict=True)  # one call per request (batch size 1)
+    assert torch.equal(masks[0], masks[1]) and torch.equal(times[0], times[1])  # two options
+    assert torch.equal(masks[0], masks[2])  # the same context again: the same noise
+    assert not torch.equal(times[0], times[4])  # another context: its own
+
+
+@pytest.mark.parametrize("name", ["ar", "bd3lm_k4"])
+def test_estimates_do_not_depend_on_the_batch_size_ar_and_diffusion(random_runs, name):
+    from evaluation.lm_harness import BD3LMHarness
+
+    requests = [
+        Request("The king said", " to the queen"),
+        Request("O Romeo", ", wherefore art thou"),
+        Request("To be", ", or not to be, that is"),
+    ]
+    path = random_runs[name][1]
+    one = BD3LMHarness(checkpoint=path, mc_samples=4, batch_size=1)
+    three = BD3LMHarness(checkpoint=path, mc_samples=4, batch_size=3)
+    for (a, ga), (b, gb) in zip(
+        one.loglikelihood(requests), three.loglikelihood(requests), strict=True
+    ):
+        assert a == pytest.approx(b, rel=1e-5) and ga == gb
+    text = TEXT * 2  # more than a window: the last window takes the text before it as context
+    assert one.loglikelihood_rolling([Request(text)]) == pytest.approx(
+        three.loglikelihood_rolling([Request(text)]), rel=1e-5
+    )
+
+
+def test_rolling_gives_the_last_window_its_preceding_context(random_runs):
+    from evaluation.lm_harness import BD3LMHarness
+
+    harness = BD3LMHarness(checkpoint=random_runs["ar"][1], mc_samples=1)
+    tokens = harness._encode(TEXT)
+    W = harness.window
+    assert W - 1 < len(tokens) < 2 * (W - 1)
+    items = []
+    score_batch = harness.score_batch
+    harness.score_batch = lambda chunk, gens: items.extend(chunk) or score_batch(chunk, gens)
+    harness.loglikelihood_rolling([Request(TEXT)])
+    (first, one), (last, start) = items
+    assert first == [harness.bos, *tokens[: W - 1]] and one == 1
+    assert len(last) == W and last[0] == harness.bos and last[start:] == tokens[W - 1 :]
+    assert last[1:start] == tokens[len(tokens) - (W - 1) : W - 1]  # clean context before it
+
+
+def test_harness_arguments_are_checked(random_runs, tmp_path):
+    """Unknown --model_args keys and kinds are refused in one line; a block as long as the
+    window leaves no room for a prompt and refuses generation in one line."""
+    from conftest import random_run_checkpoint
+    from evaluation.lm_harness import BD3LMHarness
+    from utils import UserError
+
+    path = random_runs["bd3lm_k4"][1]
+    with pytest.raises(UserError, match="mc_sample: unknown; valid: checkpoint, mc_samples"):
+        BD3LMHarness(checkpoint=path, mc_sample=32)
+    with pytest.raises(UserError, match="kind=gpt: valid: ar, bd3lm, mdlm, sedd"):
+        BD3LMHarness(checkpoint=path, kind="gpt")
+    whole = tmp_path / "k32.ckpt"
+    random_run_checkpoint(whole, "algo=bd3lm", "block_size=32")
+    harness = BD3LMHarness(checkpoint=str(whole), mc_samples=1)
+    with pytest.raises(UserError, match="block size 32 leaves no room for a prompt"):
+        harness.generate_until([Request("The king", {"until": []})])
+
+
+def test_an_old_export_without_parameterization_warns_and_kind_overrides(tmp_path, caplog):
+    """A time-conditioned MDLM exported before `parameterization` was written reads as SEDD,
+    with a warning; kind=mdlm restores the .ckpt's estimate. A released repository's name
+    (config._name_or_path, set by from_pretrained) decides the family."""
+    import json
+    import logging
+
+    import checkpoints.layout as layout
+    from conftest import random_run_checkpoint
+    from evaluation.lm_harness import BD3LMHarness
+    from models.hf import MDLM
+    from models.hf.generation import checkpoint_kind
+    from scripts.export_hf import main as export_main
+
+    ckpt = tmp_path / "mdlm_tc.ckpt"
+    random_run_checkpoint(ckpt, "algo=mdlm", "algo.time_conditioning=true")
+    out = tmp_path / "hf"
+    assert export_main([str(ckpt), str(out)]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config.pop("parameterization") == "subs"
+    (out / "config.json").write_text(json.dumps(config))
+    request = [Request("The king said", " to the queen")]
+    reference = BD3LMHarness(checkpoint=str(ckpt), mc_samples=2)
+    assert reference.kind == "mdlm"
+    with caplog.at_level(logging.WARNING, logger="bd3lms"):
+        old = BD3LMHarness(checkpoint=str(out), mc_samples=2)
+    assert old.kind == "sedd" and "names no parameterization" in caplog.text
+    fixed = BD3LMHarness(checkpoint=str(out), mc_samples=2, kind="mdlm")
+    assert fixed.loglikelihood(request) == reference.loglikelihood(request)
+    layout.RELEASED[str(out)] = "mdlm"  # as if it were a released repository
+    try:
+        assert checkpoint_kind(MDLM.from_pretrained(str(out))) == "mdlm"
+    finally:
+        del layout.RELEASED[str(out)]

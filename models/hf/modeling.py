@@ -206,6 +206,8 @@ class _DiTWrapper(PreTrainedModel):
         model = cls(config)
         weights = read_weights(directory)
         model.load_strict(weights, what=str(pretrained_model_name_or_path))
+        # as transformers does; generation.checkpoint_kind reads a released repository's name
+        model.config._name_or_path = str(pretrained_model_name_or_path)
         if target_dtype == "auto":
             stored = [v.dtype for k, v in weights.items() if v.is_floating_point()]
             target_dtype = stored[0] if stored else None
