@@ -563,3 +563,23 @@ def test_an_old_export_without_parameterization_warns_and_kind_overrides(tmp_pat
         assert checkpoint_kind(MDLM.from_pretrained(str(out))) == "mdlm"
     finally:
         del layout.RELEASED[str(out)]
+
+
+@pytest.mark.parametrize("name", ["ar", "bd3lm_k1"])
+def test_conditional_equals_ppl_eval_terms_for_ar_and_k1(random_runs, name):
+    """AR and K = 1: log p(continuation | context) with the context clean and the tail masked
+    is exactly the sum of ppl_eval's per-token NLLs at the continuation's positions of the
+    full row (block-causal: neither what follows nor the masking of it reaches them)."""
+    from evaluation.lm_harness import BD3LMHarness
+
+    module, path = random_runs[name]
+    harness = BD3LMHarness(checkpoint=path, mc_samples=2)
+    _, tokens = one_row_text(harness)
+    row = torch.tensor([[harness.bos, *tokens]])
+    with torch.no_grad():
+        batch = {"input_ids": row, "attention_mask": torch.ones_like(row)}
+        nlls = module._eval_loss(batch, 0, module.algorithm.eval_interval()).nlls[0].double()
+    shift = 1 if name == "ar" else 0  # AR's terms are indexed by the predicting position
+    for start, end in ((10, 20), (1, 31), (29, 32)):
+        value = harness.score(row[0, :end].tolist(), start, torch.Generator())[0]
+        assert value == pytest.approx(-float(nlls[start - shift : end - shift].sum()), rel=1e-5)
