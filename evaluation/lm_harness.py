@@ -102,20 +102,24 @@ def _export_ours(checkpoint: dict, out: str) -> None:
     export_hf(checkpoint, out, token_ids=ids, extra_files=files)
 
 
-def load(checkpoint: str, tokenizer: str | None, stack: contextlib.ExitStack):
-    """(HF model, tokenizer) for any checkpoint the project loads (see the module docstring);
-    temporary exports live until `stack` closes. UserError naming `checkpoint=` otherwise."""
-    from transformers import AutoTokenizer
+@contextlib.contextmanager
+def _quiet_progress_bars():
+    from transformers.utils import logging as hf_logging
 
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _export_loaded(loaded, out: str, tokenizer: str | None, checkpoint: str) -> None:
+    """A .ckpt read by read_any_checkpoint (ours or the reference's) as an HF directory."""
     from checkpoints.export import as_export_input, export_hf
-    from checkpoints.layout import RELEASED, read_config_json, resolve_pretrained
-    from checkpoints.load import read_any_checkpoint
-    from models.hf import BD3LM, MDLM
 
-    path = str(checkpoint)
-    if os.path.isfile(path):
-        loaded = read_any_checkpoint(path, "checkpoint")
-        local = os.path.join(stack.enter_context(tempfile.TemporaryDirectory()), "hf")
+    with _quiet_progress_bars():  # save_pretrained's "Writing model shards"
         if loaded.format == "ours":
             algo = (loaded.raw.get("config") or {}).get("algo") or {}
             if algo.get("parameterization") not in ("ar", "subs", "sedd"):
@@ -123,19 +127,33 @@ def load(checkpoint: str, tokenizer: str | None, stack: contextlib.ExitStack):
                     f"checkpoint={checkpoint}: algo={algo.get('name')} has no likelihood bound "
                     "for the harness; valid: ar, bd3lm, mdlm and sedd checkpoints"
                 )
-            _export_ours(loaded.raw, local)
-        else:  # the reference's .ckpt: its pickled tokenizer is not read
-            if tokenizer is None:
-                raise UserError(
-                    f"checkpoint={checkpoint} is the reference's .ckpt, which names no usable "
-                    "tokenizer; pass tokenizer=gpt2 (OpenWebText runs), bert-base-uncased "
-                    "(LM1B runs) or a tokenizer directory in --model_args"
-                )
-            vocab = _vocab(tokenizer)
-            ids = {"bos_token_id": vocab.bos_id, "eos_token_id": vocab.eos_id}
-            export_hf(
-                as_export_input(loaded), local, token_ids=ids | {"mask_token_id": vocab.mask_id}
+            _export_ours(loaded.raw, out)
+            return
+        if tokenizer is None:  # the reference's .ckpt: its pickled tokenizer is not read
+            raise UserError(
+                f"checkpoint={checkpoint} is the reference's .ckpt, which names no usable "
+                "tokenizer; pass tokenizer=gpt2 (OpenWebText runs), bert-base-uncased "
+                "(LM1B runs) or a tokenizer directory in --model_args"
             )
+        vocab = _vocab(tokenizer)
+        ids = {"bos_token_id": vocab.bos_id, "eos_token_id": vocab.eos_id}
+        export_hf(as_export_input(loaded), out, token_ids=ids | {"mask_token_id": vocab.mask_id})
+
+
+def load(checkpoint: str, tokenizer: str | None, stack: contextlib.ExitStack):
+    """(HF model, tokenizer) for any checkpoint the project loads (see the module docstring);
+    temporary exports live until `stack` closes. UserError naming `checkpoint=` otherwise."""
+    from transformers import AutoTokenizer
+
+    from checkpoints.layout import RELEASED, is_hub_id, read_config_json, resolve_pretrained
+    from checkpoints.load import read_any_checkpoint
+    from models.hf import BD3LM, MDLM
+
+    path = str(checkpoint)
+    if os.path.isfile(path):
+        loaded = read_any_checkpoint(path, "checkpoint")
+        local = os.path.join(stack.enter_context(tempfile.TemporaryDirectory()), "hf")
+        _export_loaded(loaded, local, tokenizer, checkpoint)
     else:
         try:
             local = resolve_pretrained(path)
@@ -149,7 +167,7 @@ def load(checkpoint: str, tokenizer: str | None, stack: contextlib.ExitStack):
     has_tokenizer = any(
         os.path.exists(os.path.join(local, f)) for f in ("tokenizer.json", "tokenizer_config.json")
     )
-    if tokenizer is None and not has_tokenizer and not os.path.isdir(path):
+    if tokenizer is None and not has_tokenizer and is_hub_id(path):
         try:  # a hub export with its tokenizer (resolve_pretrained fetched the weights only)
             return _load_model(cls, local, path), AutoTokenizer.from_pretrained(path)
         except OSError:
