@@ -80,12 +80,7 @@ def fsdp_check(out_path: str) -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
             loss = loss_of(network)
         loss.backward()
-        units = sum(isinstance(m, FullyShardedDataParallel) for m in wrapped.modules())
-        with FullyShardedDataParallel.summon_full_params(wrapped, with_grads=True):
-            diff = max(
-                (p.grad - plain_grads[n.replace("_fsdp_wrapped_module.", "")]).abs().max().item()
-                for n, p in wrapped.named_parameters()
-            )
+        units, diff = units_and_grad_diff(wrapped, plain_grads)
         buffer_dtype = str(wrapped.module.rotary_emb.inv_freq.dtype)
         result[precision] = {"loss": loss.item(), "plain_loss": plain.item(), "units": units,
                              "max_grad_diff": diff, "inv_freq_dtype": buffer_dtype}  # fmt: skip
@@ -94,6 +89,19 @@ def fsdp_check(out_path: str) -> None:
         with open(out_path, "w") as f:
             json.dump(result, f)
     dist.barrier()
+
+
+def units_and_grad_diff(wrapped, plain_grads: dict) -> tuple[int, float]:
+    """(FSDP units in `wrapped`, the largest gradient difference to the unsharded run)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    units = sum(isinstance(m, FullyShardedDataParallel) for m in wrapped.modules())
+    with FullyShardedDataParallel.summon_full_params(wrapped, with_grads=True):
+        diff = max(
+            (p.grad - plain_grads[n.replace("_fsdp_wrapped_module.", "")]).abs().max().item()
+            for n, p in wrapped.named_parameters()
+        )
+    return units, diff
 
 
 def fsdp_ssdlm_check() -> dict:
@@ -134,12 +142,7 @@ def fsdp_ssdlm_check() -> dict:
     )  # fmt: skip
     loss = loss_of(module, wrapped)
     loss.backward()
-    units = sum(isinstance(m, FullyShardedDataParallel) for m in wrapped.modules())
-    with FullyShardedDataParallel.summon_full_params(wrapped, with_grads=True):
-        diff = max(
-            (p.grad - plain_grads[n.replace("_fsdp_wrapped_module.", "")]).abs().max().item()
-            for n, p in wrapped.named_parameters()
-        )
+    units, diff = units_and_grad_diff(wrapped, plain_grads)
     layers = module.backbone.mlm.config.num_hidden_layers
     return {"loss": loss.item(), "plain_loss": plain.item(), "units": units,
             "layers": layers, "max_grad_diff": diff}  # fmt: skip
