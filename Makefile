@@ -1,6 +1,7 @@
 # make demo: train, evaluate and sample a tiny BD3-LM on the embedded corpus (CPU, minutes).
 # make test: pip check, lint and the test suite. Both create .venv on first use and install from
-# this repo's files (requirements.txt, requirements-dev.txt, requirements-data.txt).
+# this repo's files (requirements.txt, requirements-dev.txt, requirements-eval.txt and
+# requirements-data.txt).
 # make mutation: the mutation report docs/mutation.md (not part of make test).
 PYTHON ?= python3
 VENV := .venv
