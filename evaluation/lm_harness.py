@@ -301,7 +301,7 @@ class BD3LMHarness(LM):
         if len(cont) + 1 > self.window:
             cont = cont[-(self.window - 1) :]  # the harness's own rule: keep the tail
         keep = self.window - 1 - len(cont)
-        ctx = ctx[len(ctx) - keep :] if 0 < keep < len(ctx) else ctx if keep > 0 else []
+        ctx = ctx[max(len(ctx) - keep, 0) :] if keep > 0 else []
         return [self.bos, *ctx, *cont], 1 + len(ctx)
 
     # ------------------------------------------------------------------------------------------
@@ -410,9 +410,6 @@ class BD3LMHarness(LM):
         return [bool(h.all()) for h in torch.split(hits, counts)]
 
     # ------------------------------------------------------------------------------------------
-    def _chunks(self, items: list) -> list[list]:
-        return [items[i : i + self.batch_size] for i in range(0, len(items), self.batch_size)]
-
     def _generator(self, *keys) -> torch.Generator:
         """A CPU generator seeded by (seed, keys) (a stable hash of token ids), so that each
         request's noise depends on the request only, and the options of one multiple-choice

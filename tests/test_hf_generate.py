@@ -143,6 +143,7 @@ def test_generate_puts_drafts_for_diffusion_streamers(exported, capsys):
     out = model.generate(ids, max_new_tokens=8, seed=3, kv_cache=True, streamer=rec)
     assert torch.equal(out, model.generate(ids, max_new_tokens=8, seed=3, kv_cache=True))
     K = model.config.block_size
+    assert [kind for kind, _ in rec.calls].count("put") == 1 + 8 // K  # prompt + blocks
     drafts = []
     for kind, value in rec.calls[1:-1]:
         if kind == "draft":

@@ -61,23 +61,14 @@ def checkpoint_kind(model) -> str:
     return detect_kind(fields, keys, hint=getattr(config, "_name_or_path", None) or None)
 
 
-def objective_from_config(config, mask_id: int, kind: str | None = None):
-    """The objective (algorithms.MaskedDiffusion, SEDD or Autoregressive) an HF config
-    describes, for its trained window `model_length`, under the log-linear schedule. kind:
-    checkpoint_kind's answer; None reads it from the config alone (AR when causal, BD3-LM with
-    cross-attention, else SEDD when time-conditioned and MDLM otherwise)."""
+def objective_from_config(config, mask_id: int, kind: str):
+    """The objective (algorithms.MaskedDiffusion, SEDD or Autoregressive) of family `kind`
+    (checkpoint_kind's answer) for an HF config's trained window `model_length`, under the
+    log-linear schedule."""
     from algorithms import SEDD, Autoregressive, MaskedDiffusion
     from noise_schedule import build_noise
 
     window = int(config.model_length)
-    cross_attn = bool(getattr(config, "cross_attn", False))
-    if kind is None:
-        if getattr(config, "causal", False):
-            kind = "ar"
-        elif cross_attn:
-            kind = "bd3lm"
-        else:
-            kind = "sedd" if getattr(config, "time_conditioning", False) else "mdlm"
     if kind == "ar":
         return Autoregressive(mask_id=mask_id, seq_len=window)
     if kind == "sedd":
