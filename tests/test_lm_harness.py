@@ -583,3 +583,27 @@ def test_conditional_equals_ppl_eval_terms_for_ar_and_k1(random_runs, name):
     for start, end in ((10, 20), (1, 31), (29, 32)):
         value = harness.score(row[0, :end].tolist(), start, torch.Generator())[0]
         assert value == pytest.approx(-float(nlls[start - shift : end - shift].sum()), rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "model_args, fragment",
+    [
+        ("checkpoint=/nonexistent/bd3lms.ckpt,mc_sample=8", "--model_args mc_sample: unknown"),
+        ("checkpoint=/nonexistent/bd3lms.ckpt", "checkpoint=/nonexistent/bd3lms.ckpt"),
+    ],
+)
+def test_run_lm_eval_bad_model_args_one_line_exit_2(model_args, fragment, monkeypatch, capsys):
+    """scripts/run_lm_eval.py: a bad --model_args is one `error:` line and exit code 2, as for
+    main.py (was a 25-line traceback ending in utils.UserError)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "run_lm_eval", os.path.join(ROOT, "scripts", "run_lm_eval.py")
+    )
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    argv = ["run_lm_eval.py", "--model", "bd3lm", "--model_args", model_args]
+    monkeypatch.setattr("sys.argv", argv + ["--tasks", "lambada_openai"])
+    assert script.main() == 2
+    (last,) = capsys.readouterr().err.strip().splitlines()[-1:]
+    assert last.startswith("error: ") and fragment in last, last
