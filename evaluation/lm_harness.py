@@ -218,6 +218,29 @@ def _harness_device(device: str) -> str:
     return device
 
 
+MODEL_ARGS = (
+    "checkpoint", "mc_samples", "seed", "device", "batch_size", "max_batch_size", "dtype",
+    "kv_cache", "nucleus_p", "tokenizer", "kind",
+)  # fmt: skip
+
+
+def check_model_args(args: dict) -> None:
+    """UserError (one line) for --model_args that BD3LMHarness refuses: unknown keys,
+    mc_samples < 1, an unknown kind. Cheap: scripts/run_lm_eval.py calls it before lm-eval
+    indexes its tasks."""
+    unknown = sorted(set(args) - set(MODEL_ARGS))
+    if unknown:
+        raise UserError(
+            f"--model_args {', '.join(unknown)}: unknown; valid: {', '.join(MODEL_ARGS)}"
+        )
+    mc_samples = args.get("mc_samples", 1)
+    if not str(mc_samples).isdigit() or int(mc_samples) < 1:
+        raise UserError(f"mc_samples={mc_samples} must be an integer >= 1")
+    kind = args.get("kind")
+    if kind is not None and kind not in KINDS:
+        raise UserError(f"kind={kind}: valid: {', '.join(KINDS)}")
+
+
 class BD3LMHarness(LM):
     """lm-eval's LM over our checkpoints; see the module docstring for the estimators."""
 
@@ -240,16 +263,7 @@ class BD3LMHarness(LM):
         from models.hf.generation import checkpoint_kind, objective_from_config, token_ids
         from models.network import BackboneNetwork
 
-        if unknown:
-            raise UserError(
-                f"--model_args {', '.join(sorted(unknown))}: unknown; valid: checkpoint, "
-                "mc_samples, seed, device, batch_size, max_batch_size, dtype, kv_cache, "
-                "nucleus_p, tokenizer, kind"
-            )
-        if int(mc_samples) < 1:
-            raise UserError(f"mc_samples={mc_samples} must be >= 1")
-        if kind is not None and kind not in KINDS:
-            raise UserError(f"kind={kind}: valid: {', '.join(KINDS)}")
+        check_model_args({"mc_samples": mc_samples, "kind": kind, **unknown})
         self._stack = contextlib.ExitStack()
         self.model, self.tokenizer = load(checkpoint, tokenizer, self._stack)
         if dtype is not None or device is not None:

@@ -589,12 +589,13 @@ def test_conditional_equals_ppl_eval_terms_for_ar_and_k1(random_runs, name):
     "model_args, fragment",
     [
         ("checkpoint=/nonexistent/bd3lms.ckpt,mc_sample=8", "--model_args mc_sample: unknown"),
-        ("checkpoint=/nonexistent/bd3lms.ckpt", "checkpoint=/nonexistent/bd3lms.ckpt"),
+        ('{"checkpoint": "/nonexistent/bd3lms.ckpt", "mc_samples": 0}', "mc_samples=0"),
     ],
 )
 def test_run_lm_eval_bad_model_args_one_line_exit_2(model_args, fragment, monkeypatch, capsys):
     """scripts/run_lm_eval.py: a bad --model_args is one `error:` line and exit code 2, as for
-    main.py (was a 25-line traceback ending in utils.UserError)."""
+    main.py (was a 25-line traceback ending in utils.UserError), before lm-eval indexes its
+    tasks (other UserErrors, such as a missing checkpoint, are caught around lm-eval's CLI)."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location(
