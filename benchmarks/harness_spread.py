@@ -35,7 +35,7 @@ class _Request:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("checkpoint")
     parser.add_argument(
         "--task", default=os.path.join(ROOT, "tests/data/lm_eval_tasks/toy_mc.jsonl")

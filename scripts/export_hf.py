@@ -94,7 +94,7 @@ def token_ids_and_files(checkpoint: dict, out_dir: str, use_ema: bool = True):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("ckpt", help="our Lightning .ckpt")
     parser.add_argument("out_dir", help="directory to write (must not exist)")
     parser.add_argument("--live", action="store_true", help="export the live, not EMA, weights")

@@ -176,7 +176,7 @@ def plot_genppl_vs_nfe(runs: dict[str, dict], path: str, nfe: str = "denoise") -
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("dirs", nargs="+", metavar="RUN_OR_LOG_DIR")
     parser.add_argument("--out", help="write the summary as JSON to this file")
     parser.add_argument("--plot", help="write the Gen PPL vs NFE plot (PNG) to this file")

@@ -256,7 +256,7 @@ def train_judge(
 
 def parse_args(argv: list[str] | None = None):
     defaults = JudgeOptions()
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("out_dir")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for experiment=demo")
     for field in dataclasses.fields(JudgeOptions):
