@@ -6,11 +6,21 @@
 # .gpu_bundle), whose caches the sections read (no network, no `datasets` needed).
 #   bash benchmarks/gpu.sh            # the GPU run
 #   bash benchmarks/gpu.sh --cpu      # the CPU dry run (toy sizes, GPU-only sections skipped)
+# The interpreter: $PYTHON, else the project's .venv when there is one (the CPU dry run after
+# `make install`), else python3 (the GPU machine's own). BUNDLE and OUT (git-ignored) default
+# to .gpu_bundle and bench_out, or for --cpu to a directory under $TMPDIR.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
-BUNDLE=${BUNDLE:-.gpu_bundle}
-OUT=${OUT:-bench_out}
+if [ -n "${PYTHON:-}" ]; then PY=$PYTHON
+elif [ -x .venv/bin/python ]; then PY=.venv/bin/python
+else PY=python3
+fi
+# the CPU dry run keeps its scratch (bundle data, outputs) outside the tree
+case " $* " in
+  *" --cpu "*) SCRATCH=${TMPDIR:-/tmp}/bd3lms-gpu-dry-run
+               BUNDLE=${BUNDLE:-$SCRATCH/bundle}; OUT=${OUT:-$SCRATCH/out} ;;
+  *) BUNDLE=${BUNDLE:-.gpu_bundle}; OUT=${OUT:-bench_out} ;;
+esac
 mkdir -p "$OUT"
 if ! $PY -c "import hydra, omegaconf" 2>/dev/null; then
   if [ ! -d "$BUNDLE/wheels" ]; then
