@@ -1,7 +1,7 @@
 """The semi-autoregressive block sampler of BD3-LM and MDLM (the paper's Algorithm 2): blocks
 left to right, each filled by first-hitting (sampling/first_hitting.py) or by T steps of the
-DDPM caching update (p_theta(x_0 | x_t) reused while no token changes, exact when t does not
-reach the network), with the KV cache of committed blocks and the stop rules.
+DDPM caching update (p_theta(x_0 | x_t) reused while no token changes when t does not reach
+the network, where that is exact), with the KV cache of committed blocks and the stop rules.
 
 All random draws come from one CPU `torch.Generator` in an order that does not depend on the
 cache, so a seed fixes the samples whatever the device and whether the cache is on. Every
@@ -57,8 +57,10 @@ def denoise_block(
     (positions still masked hold the mask id).
 
     First-hitting: sampling/first_hitting.py. DDPM: T steps t_i = 1 - i/T, s = t_i - 1/T, so
-    the last step unmasks everything left. p_x0 is reused while no sequence changed: exact
-    because the network ignores t (no time conditioning)."""
+    the last step unmasks everything left. p_x0 is reused while no sequence changed, which is
+    exact only when the network ignores t: a time-conditioned network
+    (`model.time_conditioned`, True when the denoiser does not say) is called at every step.
+    NFE counts the calls that changed a sequence, as for first-hitting."""
     if cfg.first_hitting:
         return denoise_first_hitting(
             model, context, key_valid, block, cache, cfg, generator, active, num_masked,
@@ -69,6 +71,7 @@ def denoise_block(
     t = torch.ones(B, dtype=torch.float64, device=block.device)
     nfe = torch.zeros(B, dtype=torch.long, device=block.device)
     valid = extend_valid(key_valid, K)
+    reads_t = getattr(model, "time_conditioned", True)
     p_x0 = None
     for step in range(T):
         if not (block == cfg.mask_id).any():
@@ -82,10 +85,10 @@ def denoise_block(
         new_block = update_block(block, p_x0, t, 1.0 / T, cfg, generator)
         changed = (new_block != block).any(-1)
         nfe += changed & active
-        if changed.any():
-            p_x0 = None
-            if draft is not None:
-                draft(new_block)
+        if changed.any() and draft is not None:
+            draft(new_block)
+        if changed.any() or reads_t:
+            p_x0 = None  # a new x_t, or the next step's t, changes p_theta(x_0 | x_t)
         block = new_block
     return block, nfe
 

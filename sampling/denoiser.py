@@ -9,6 +9,9 @@ call; `ModelDenoiser` implements it over a DiT and an objective.
       ascending positions among the last num_last: only those rows, (B, k, V).
   commit(x, key_valid, cache) -> None: store the clean last block in the cache.
   new_cache(batch_size, block_size) -> KVCache.
+  time_conditioned: bool, whether t reaches the network. False lets the DDPM sampler reuse a
+      prediction while no token changes (sampling/block.py); a denoiser without the attribute
+      is taken as time-conditioned (called at every step, which is right for any network).
 
 Torch only (no Lightning), so the LightningModule, the benchmarks and the GPU script all sample
 through this one class.
@@ -72,6 +75,11 @@ class ModelDenoiser:
         self.backbone, self.algorithm, self.window = backbone, algorithm, window
         self.network = network or BackboneNetwork(backbone)
         self.is_ar = isinstance(algorithm, Autoregressive)
+        # t reaches the network only through the adaLN modulation of a time-conditioned
+        # diffusion objective (AR and models without adaLN never read it)
+        self.time_conditioned = bool(
+            not self.is_ar and algorithm.time_conditioning and backbone.sigma_map is not None
+        )
         self.reencode = reencode or (not self.is_ar and not algorithm.cross_attn)
         self.subs = subs_log_probs
         self.prepare_inference()
@@ -146,7 +154,7 @@ class ModelDenoiser:
         if self.backbone.sigma_map is None:
             return None
         device = x.device
-        if not self.is_ar and self.algorithm.time_conditioning:
+        if self.time_conditioned:
             sigma = sigma_from_p(t[:, None].float(), self.algorithm.noise_sigma_max)
             return self.backbone.condition(process_sigma(sigma, True).to(device))
         if torch.is_grad_enabled():  # no graph kept across calls
