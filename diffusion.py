@@ -74,6 +74,19 @@ def lr_multiplier(settings: OptimSettings):
     )
 
 
+TORCH_SEEDS = 2**64  # torch.manual_seed and Generator.manual_seed take seeds in [0, 2**64)
+
+
+def dropout_seed(key: int, rank: int) -> int:
+    """The global RNG's seed (dropout) for the micro-batch of `key` (Diffusion.step_key) on
+    `rank`: key * 1031 + rank modulo 2**64, the seeds torch takes. The product outgrows 64
+    bits for run seeds above about 4.4 million; below that the modulo changes nothing, so runs
+    made before it existed reproduce and resume bit-identically. On one rank distinct keys
+    give distinct seeds (1031 is odd: x -> 1031 x is a bijection modulo 2**64); two of up to
+    1031 ranks collide only for keys some 10**15 apart, farther than any run's steps."""
+    return (key * 1031 + rank) % TORCH_SEEDS
+
+
 class Diffusion(L.LightningModule):
     """backbone: the DiT; algorithm: a MaskedDiffusion (bd3lm, mdlm) or Autoregressive objective.
 
@@ -145,7 +158,8 @@ class Diffusion(L.LightningModule):
     # Training and validation
     # ------------------------------------------------------------------------------------------
     def step_key(self, batch_idx: int) -> int:
-        """A seed for one micro-batch: (run seed, optimizer step, micro-batch index)."""
+        """A seed for one micro-batch: (run seed, optimizer step, micro-batch index), in
+        [0, 2**63 - 1) for every run seed (the noise generator's seed; see dropout_seed)."""
         accumulate = self.trainer.accumulate_grad_batches if self._trainer is not None else 1
         micro = batch_idx % accumulate
         return ((self.seed * 1_000_003 + self.global_step) * 4099 + micro) % (2**63 - 1)
@@ -156,7 +170,7 @@ class Diffusion(L.LightningModule):
         key and the rank: a resumed run draws exactly what an uninterrupted run would have, and
         N processes draw the noise of one process with the same global batch."""
         key = self.step_key(batch_idx)
-        torch.manual_seed(key * 1031 + self.global_rank)
+        torch.manual_seed(dropout_seed(key, self.global_rank))
         generator = torch.Generator(device=self.device).manual_seed(key)
         x0, attention_mask = batch["input_ids"], batch["attention_mask"]
         shard = None
@@ -199,7 +213,8 @@ class Diffusion(L.LightningModule):
     def eval_key(self, batch_idx: int, draw: int = 0) -> int:
         """The seed of validation batch `batch_idx`'s noise: (run seed, batch index), the same
         on every rank and at every validation run (checkpoints are compared on equal noise).
-        Draw d > 0 of `eval.mc_samples` gets its own key; draw 0 is the one-draw estimate."""
+        Draw d > 0 of `eval.mc_samples` gets its own key; draw 0 is the one-draw estimate.
+        Keys lie in [0, 2**63 - 1), so a rank offset keeps them below torch's 2**64."""
         key = ((self.seed * 1_000_003 + 2**31 + batch_idx) * 4099) % (2**63 - 1)
         return key if draw == 0 else (key * 1_000_033 + draw) % (2**63 - 1)
 
