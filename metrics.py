@@ -109,8 +109,9 @@ def sliding_windows(length: int, window: int, stride: int) -> list[tuple[int, in
 
 class GenerativePerplexity:
     """A causal LM judge (hub id or local directory), loaded on first use, never at training
-    time. Texts are retokenised with the judge's tokenizer; targets equal to its EOS id (which
-    also pads) are not scored, and position 0 never is."""
+    time. `score` retokenises a generated text with the judge's tokenizer and scores it after
+    the judge's own BOS (when its tokenizer has one) and an optional context; targets equal to
+    its EOS id (which also pads) are not scored."""
 
     def __init__(self, name_or_path: str, device: torch.device, window: int = 1024):
         self.name_or_path = name_or_path
@@ -137,27 +138,47 @@ class GenerativePerplexity:
         self.window = min(self.max_window, int(limit))
 
     @torch.no_grad()
-    def score(self, text: str) -> tuple[float, int]:
-        """-> (sum of NLL over scored targets, number of scored targets) for one text, in
-        float32 whatever autocast the caller runs under (the paper's protocol)."""
+    def score(self, text: str, context: str = "") -> tuple[float, int]:
+        """-> (sum of NLL over the scored targets, their number) for one generated `text`, in
+        float32 whatever autocast the caller runs under (the paper's protocol).
+
+        The judge reads [its BOS] + context + text, each part retokenised on its own without
+        special tokens, and scores the tokens of `text` only (not its EOS tokens): `text` is
+        what a model generated, without the model's own BOS, whose string the judge would
+        otherwise score as text; `context` (a prompt) conditions it unscored. With the GPT-2
+        judge the BOS is <|endoftext|>, so an OpenWebText sample scores as the reference
+        scores "<|endoftext|>" + text. A judge without a BOS and no context leaves the first
+        token of `text` unscored (it has nothing to condition on)."""
         if self._model is None:
             self._load()
+        ids, first = self._encode(text, context)
         with torch.autocast(device_type=torch.device(self.device).type, enabled=False):
-            return self._score(text)
+            return self._score(ids, first)
 
-    def _score(self, text: str) -> tuple[float, int]:
-        ids = self._tokenizer(text, return_tensors="pt")["input_ids"][0].to(self.device)
+    def _encode(self, text: str, context: str) -> tuple[Tensor, int]:
+        """-> the judge's ids (N,) and the index of the first token of `text` that is scored."""
+        tokenizer = self._tokenizer
+        bos = tokenizer.bos_token_id
+        prefix = [] if bos is None else [bos]
+        if context:
+            prefix += tokenizer.encode(context, add_special_tokens=False)
+        ids = prefix + tokenizer.encode(text, add_special_tokens=False)
+        return torch.tensor(ids, dtype=torch.long, device=self.device), max(len(prefix), 1)
+
+    def _score(self, ids: Tensor, first_target: int) -> tuple[float, int]:
         eos = self._tokenizer.eos_token_id
         total, count = 0.0, 0
         for start, end, first in sliding_windows(len(ids), self.window, self.window // 2):
             chunk = ids[start:end]
-            if len(chunk) < 2:
+            if len(chunk) < 2 or end <= first_target:  # nothing of `text` to score here
                 continue
             logits = self._model(chunk[None]).logits[0, :-1].float()
             targets = chunk[1:]
             nll = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
             positions = torch.arange(start + 1, end, device=self.device)
-            keep = (positions >= first) & (targets != eos if eos is not None else True)
+            keep = (positions >= max(first, first_target)) & (
+                targets != eos if eos is not None else True
+            )
             total += float(nll[keep].sum())
             count += int(keep.sum())
         return total, count

@@ -16,6 +16,7 @@ import glob
 import json
 import math
 import os
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -87,14 +88,26 @@ def _rows(job: GenerationJob) -> list[list[str | None]]:
     return batches[job.rank :: job.world_size]
 
 
+class _Sample(NamedTuple):
+    """One row of a SampleOutput: ids = [BOS, prompt..., generated...] (padding removed);
+    given: how many leading ids the sampler was given (the BOS and the prompt)."""
+
+    ids: list[int]
+    given: int
+    nfe_denoise: int
+    nfe_total: int
+    stop_reason: str
+
+
 def _sample_rows(
     sample_fn, rows, vocab, cfg, generator, device, progress, autocast
-) -> SampleOutput:
+) -> list[_Sample]:
     prompt = valid = None
     if rows[0] is not None:
         prompt, valid = encode_prompts(rows, vocab, cfg.block_size, cfg.context)
     with autocast():
-        return sample_fn(len(rows), cfg, generator, device, prompt, valid, progress)
+        result = sample_fn(len(rows), cfg, generator, device, prompt, valid, progress)
+    return _split(result, 1 if prompt is None else prompt.shape[1])
 
 
 def generate(
@@ -123,24 +136,22 @@ def generate(
     with open(os.path.join(job.out_dir, job.file_name), "a" if job.append else "w") as out:
         for batch_index, rows in enumerate(_rows(job)):
             progress = None if bar is None else (lambda n, committed=None: bar.update(n))
-            result = _sample_rows(
+            samples = _sample_rows(
                 sample_fn, rows, vocab, cfg, generator, device, progress, autocast
             )
-            samples = _split(result)
             for _ in range(MAX_RETRIES):
-                redo = [i for i, s in enumerate(samples) if s[3] == "rejected_low_entropy"]
+                redo = [i for i, s in enumerate(samples) if s.stop_reason == "rejected_low_entropy"]
                 if not redo:
                     break
                 redone = [rows[i] for i in redo]
-                again = _split(
-                    _sample_rows(sample_fn, redone, vocab, cfg, generator, device, None, autocast)
+                again = _sample_rows(
+                    sample_fn, redone, vocab, cfg, generator, device, None, autocast
                 )
                 for i, sample in zip(redo, again, strict=True):
                     samples[i] = sample
-            for row, (ids, nfe_denoise, nfe_total, reason) in enumerate(samples):
+            for row, sample in enumerate(samples):
                 index = (batch_index * job.world_size + job.rank) * job.batch_size + row
-                record = _record(ids, vocab, evaluator, rows[row], index, job, reason)
-                record.update(nfe_denoise=nfe_denoise, nfe_total=nfe_total)
+                record = _record(sample, vocab, evaluator, rows[row], index, job)
                 out.write(json.dumps(record) + "\n")
                 out.flush()
                 records.append(record)
@@ -149,37 +160,49 @@ def generate(
     return records
 
 
-def _split(result: SampleOutput) -> list[tuple[list[int], int, int, str]]:
+def _split(result: SampleOutput, width: int) -> list[_Sample]:
+    """width: the sampler's starting columns (the BOS, or the left-padded prompts)."""
     out = []
     for b in range(result.tokens.shape[0]):
         start, end = int(result.prompt_pad[b]), int(result.lengths[b])
-        ids = result.tokens[b, start:end].tolist()
         out.append(
-            (ids, int(result.nfe_denoise[b]), int(result.nfe_total[b]), result.stop_reason[b])
+            _Sample(
+                result.tokens[b, start:end].tolist(),
+                width - start,
+                int(result.nfe_denoise[b]),
+                int(result.nfe_total[b]),
+                result.stop_reason[b],
+            )  # fmt: skip
         )
     return out
 
 
-def _record(ids, vocab, evaluator, prompt, index, job, reason) -> dict:
+def _record(sample: _Sample, vocab, evaluator, prompt, index, job) -> dict:
+    """The samples.jsonl line of one sample: `text` and `token_ids` are the whole row (the
+    BOS and the prompt included); the judge scores the generated tokens only, decoded on their
+    own, with the decoded prompt as unscored context (GenerativePerplexity.score)."""
     from dataloader import decode
 
-    text = decode(vocab, ids)
+    ids = sample.ids
     record = {
         "index": index,
         "seed": job.seed,
         "rank": job.rank,
         "prompt": prompt,
-        "text": text,
+        "text": decode(vocab, ids),
         "token_ids": ids,
         "length": len(ids),
-        "stop_reason": reason,
+        "stop_reason": sample.stop_reason,
         "entropy": unigram_entropy(ids),
         "gen_ppl": None,
         "gen_nll_sum": None,
         "gen_num_tokens": None,
+        "nfe_denoise": sample.nfe_denoise,
+        "nfe_total": sample.nfe_total,
     }
     if evaluator is not None:
-        nll, count = evaluator.score(text)
+        context = decode(vocab, ids[1 : sample.given])  # the prompt, without the BOS
+        nll, count = evaluator.score(decode(vocab, ids[sample.given :]), context)
         record.update(
             gen_ppl=math.exp(nll / count) if count else None,
             gen_nll_sum=nll if count else None,

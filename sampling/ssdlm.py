@@ -19,9 +19,13 @@ tokens ranked above it is < p (so the token crossing p stays; the top-1 always s
 
 Tiling a length L: position 0 is the BOS, then ceil((L - 1) / 25) blocks of 25 diffused
 positions, the last one truncated to fit (L = 1025: 41 blocks, the 41st keeps 24 tokens;
-NFE = 41 T = 41K at T = 1000; L = 2050: 82 blocks, 82K). Context: the previous block (the
-last 25 tokens; the first block sees only the BOS), or with context="all" every token so far
-up to the encoder's positions (the public decoder's choice, which grows the context).
+NFE = 41 T = 41K at T = 1000; L = 2050: 82 blocks, 82K). The last block is diffused at the
+full width K and cut rather than diffused narrower: the network is trained on K-position
+blocks only, and the first positions of a jointly sampled block are an exact draw of their
+marginal under the model, where a narrower noisy block would be an input it never saw.
+Context: the previous block (the last 25 tokens; the first block sees only the BOS), or with
+context="all" every token so far up to the encoder's positions (the public decoder's choice,
+which grows the context).
 """
 
 from __future__ import annotations

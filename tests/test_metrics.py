@@ -26,28 +26,54 @@ def test_unigram_entropy_and_perplexity_by_hand():
     assert ppl == pytest.approx(math.exp(-(math.log(4 / 7) + math.log(1 / 7)) / 2))
 
 
+def brute_force_nll(judge, ids: torch.Tensor, first: int) -> tuple[float, int]:
+    """Target i >= first (never the judge's EOS) scored in the one window that covers it from
+    its first scored position on, with the preceding tokens of that window as context."""
+    window, eos = judge.window, judge._tokenizer.eos_token_id
+    spans = sliding_windows(len(ids), window, window // 2)
+    total, scored = 0.0, 0
+    with torch.no_grad():
+        for i in range(max(first, 1), len(ids)):
+            if ids[i] == eos:
+                continue
+            (start, end, _) = next(s for s in spans if s[2] <= i < s[1])
+            logits = judge._model(ids[start:end][None]).logits[0, i - 1 - start]
+            total -= torch.log_softmax(logits.double(), -1)[ids[i]].item()
+            scored += 1
+    return total, scored
+
+
 def test_judge_scores_every_target_once_with_its_window(judge_dir):
-    """Brute force over a text longer than the judge's 48 positions: target i is scored in the
-    one window that covers it from its first scored position on, with the preceding tokens of
-    that window as context; the judge's EOS (also its pad) is never a target."""
+    """Brute force over a text longer than the judge's 48 positions: every token of the text
+    is scored after the judge's BOS, once, in the window that covers it; the judge's EOS
+    (also its pad) is never a target. With GPT-2's BOS <|endoftext|> this is the reference's
+    scoring of "<|endoftext|>" + text (an OpenWebText sample with its BOS)."""
     judge = GenerativePerplexity(str(judge_dir), torch.device("cpu"))
     text = " ".join(["Now is the winter of our discontent made glorious summer"] * 9)
     text += " <|endoftext|> by this sun of York"
     total, count = judge.score(text)
-    ids = judge._tokenizer(text, return_tensors="pt")["input_ids"][0]
-    window, eos = judge.window, judge._tokenizer.eos_token_id
-    assert window == 48 and len(ids) > 2 * window and (ids == eos).sum() == 1
-    expected, scored = 0.0, 0
-    spans = sliding_windows(len(ids), window, window // 2)
-    with torch.no_grad():
-        for i in range(1, len(ids)):
-            if ids[i] == eos:
-                continue
-            (start, end, first) = next(s for s in spans if s[2] <= i < s[1])
-            logits = judge._model(ids[start:end][None]).logits[0, i - 1 - start]
-            expected -= torch.log_softmax(logits.double(), -1)[ids[i]].item()
-            scored += 1
-    assert count == scored == len(ids) - 2  # position 0 and the EOS target are not scored
+    ids = judge._tokenizer("<|endoftext|>" + text, return_tensors="pt")["input_ids"][0]
+    eos = judge._tokenizer.eos_token_id
+    assert judge._tokenizer.bos_token_id == eos == ids[0]
+    assert judge.window == 48 and len(ids) > 2 * judge.window and (ids == eos).sum() == 2
+    expected, scored = brute_force_nll(judge, ids, 1)
+    assert count == scored == len(ids) - 2  # the BOS and the EOS target are not scored
+    assert total == pytest.approx(expected, rel=1e-5)
+
+
+def test_judge_scores_only_the_text_after_its_context(judge_dir):
+    """score(text, context): the context (longer than a window here) conditions the text but
+    is not scored; the windows are those of [BOS] + context + text."""
+    judge = GenerativePerplexity(str(judge_dir), torch.device("cpu"))
+    context = " ".join(["Now is the winter of our discontent"] * 8)
+    text = " made glorious summer by this sun of York"
+    total, count = judge.score(text, context)
+    encode = judge._tokenizer.encode
+    ids = torch.tensor([judge._tokenizer.bos_token_id, *encode(context), *encode(text)])
+    first = len(ids) - len(encode(text))
+    assert first > judge.window
+    expected, scored = brute_force_nll(judge, ids, first)
+    assert count == scored == len(encode(text))
     assert total == pytest.approx(expected, rel=1e-5)
 
 
