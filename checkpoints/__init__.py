@@ -5,9 +5,10 @@
   released-repo table, `LoadedCheckpoint`.
 - `ours`: our Lightning `.ckpt` (read with `weights_only`), strict loading, fine-tuning start.
 - `reference`: the reference's pickled `.ckpt` (through `unpickle`, a restricted unpickler).
-- `load`: the one entry point, `read_any_checkpoint` + `load_checkpoint_into`,
-  `read_eval_checkpoint` (also released SSD-LM directories, models.ssdlm) and `trained_length`
-  (the window a checkpoint was trained with).
+- `load`: the one entry point, `read_any_checkpoint` + `load_checkpoint_into` (evaluation
+  refuses a checkpoint of another objective family, `check_family`; fine-tuning may cross
+  families), `read_eval_checkpoint` (also released SSD-LM directories, models.ssdlm) and
+  `trained_length` (the window a checkpoint was trained with).
 - `sanity`: the loading sanity check; `export`: our checkpoint -> an HF directory.
 """
 

@@ -212,6 +212,22 @@ KINDS = {
     "ar": BackboneKind("ar", adaln=False, causal=True, time_conditioning=False, cross_attn=False),
 }
 
+# The objective families, named as their `algo=` configs (configs/algo/*.yaml).
+FAMILIES = ("ar", "mdlm", "bd3lm", "sedd", "ssdlm")
+
+
+def objective_family(parameterization: str, cross_attn: bool) -> str:
+    """The family (the `algo=` name) of an objective: SUBS with BD3-LM's two-stream input
+    [x_t ; x_0] is bd3lm, SUBS without it mdlm; ar, sedd and ssdlm name themselves."""
+    if parameterization == "subs":
+        return "bd3lm" if cross_attn else "mdlm"
+    if parameterization not in FAMILIES:
+        raise CheckpointError(
+            f"algo.parameterization={parameterization!r}: valid are subs, ar, sedd, ssdlm"
+        )
+    return parameterization
+
+
 # Released repositories -> kind (the no-EOS baselines included).
 RELEASED = {
     "kuleshov-group/bd3lm-owt-block_size4": "bd3lm",
@@ -324,10 +340,8 @@ def detect_kind(
         return RELEASED[hint]
     config = config or {}
     parameterization = config.get("parameterization")
-    if parameterization in ("ar", "sedd"):
-        return parameterization
-    if parameterization == "subs":
-        return "bd3lm" if config.get("cross_attn") else "mdlm"
+    if parameterization in ("ar", "sedd", "subs"):
+        return objective_family(parameterization, bool(config.get("cross_attn")))
     adaln = any(k.startswith(("sigma_map.", "backbone.sigma_map.")) for k in state)
     model_type = config.get("model_type")
     if model_type == "bd3lm":

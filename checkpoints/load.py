@@ -9,9 +9,11 @@ checkpoints; `checkpoints.layout`), the reference's pickled `.ckpt` (`checkpoint
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import TYPE_CHECKING
 
+from algorithms import SEDD, SSDLM, Autoregressive, MaskedDiffusion
 from checkpoints.layout import (
     CLIP_BUFFERS,
     INV_FREQ,
@@ -21,11 +23,18 @@ from checkpoints.layout import (
     detect_kind,
     infer_dit_shape,
     is_hub_id,
+    objective_family,
     read_hf_directory,
     resolve_pretrained,
     split_backbone,
 )
-from checkpoints.ours import load_pretrained, load_weights, read_checkpoint
+from checkpoints.ours import (
+    clip_buffers,
+    load_pretrained,
+    load_weights,
+    read_checkpoint,
+    with_clip_buffers,
+)
 from checkpoints.reference import is_reference_format, read_reference
 from checkpoints.unpickle import restricted_load
 from models import ssdlm
@@ -104,6 +113,113 @@ def read_hf(directory: str, source: str, n_heads: int | None) -> LoadedCheckpoin
         meta["cross_attn"] = False
     return LoadedCheckpoint(
         source=source, format="hf", kind=kind, dit=dit, weights=weights, clip=clip, meta=meta
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """The objective family of a checkpoint or a run (`algo=` name, layout.FAMILIES; None: the
+    checkpoint does not record it) with the block size K and length L that decide whether a
+    BD3-LM trains MDLM's objective."""
+
+    name: str | None
+    block_size: int | None = None
+    length: int | None = None
+
+    @property
+    def one_block(self) -> bool:
+        """BD3-LM with K = L (the length known)."""
+        return self.name == "bd3lm" and self.length is not None and self.block_size == self.length
+
+    @property
+    def objective(self) -> str | None:
+        """The family whose objective this one trains: BD3-LM with one block (K = L) trains
+        MDLM's (algorithms.masked_diffusion: the x_0 half is never attended; the same NELBO on
+        the same t and x_t), so such a checkpoint evaluates as MDLM, and an MDLM checkpoint in a
+        K = L BD3-LM run. Every other family only its own."""
+        return "mdlm" if self.one_block else self.name
+
+    def describe(self, length_name: str) -> str:
+        what = {
+            "ar": "an AR (causal, no adaLN) model",
+            "mdlm": "an MDLM model",
+            "sedd": "a SEDD model",
+            "ssdlm": "an SSD-LM model",
+            "bd3lm": "a BD3-LM model",
+        }[self.name]
+        if self.one_block:
+            what += f" with block_size {self.block_size} = {length_name}, the MDLM objective"
+        elif self.name == "bd3lm" and self.block_size is not None:
+            what += f" with block_size {self.block_size}"
+        return f"{what} (family {self.name})"
+
+    def algo(self) -> str:
+        """The overrides of a run that evaluates this checkpoint."""
+        if self.objective == "bd3lm" and self.block_size is not None:
+            return f"algo=bd3lm block_size={self.block_size}"
+        return f"algo={self.objective}"
+
+
+def run_family(module: Diffusion) -> Family:
+    """The family of the module's objective (`module.algorithm`)."""
+    algorithm = module.algorithm
+    if isinstance(algorithm, MaskedDiffusion):
+        name = objective_family("subs", algorithm.cross_attn)
+        return Family(name, algorithm.block_size, algorithm.seq_len)
+    names = {Autoregressive: "ar", SEDD: "sedd", SSDLM: "ssdlm"}
+    return Family(names[type(algorithm)])
+
+
+def checkpoint_family(loaded: LoadedCheckpoint, key: str) -> Family:
+    """The family a checkpoint records: our .ckpt's stored run config (algo.parameterization,
+    algo.cross_attn, block_size, model.length), an HF directory's config.json (detect_kind), the
+    reference's pickled run config (its parameterization; without one only AR is certain, from
+    its keys: nothing else lacks adaLN)."""
+    if loaded.format == "ssdlm":
+        return Family("ssdlm")
+    if loaded.format == "ours":
+        config = loaded.raw.get("config") or {}
+        algo = config.get("algo") or {}
+        length = (config.get("model") or {}).get("length")
+        if "parameterization" not in algo:
+            return Family(None)
+        try:
+            name = objective_family(algo["parameterization"], bool(algo.get("cross_attn")))
+        except CheckpointError as err:
+            raise UserError(f"{key}: the checkpoint's stored config: {err}") from None
+        return Family(name, config.get("block_size"), length)
+    meta = loaded.meta
+    stated = loaded.format == "hf" or "parameterization" in meta or loaded.kind == "ar"
+    return Family(loaded.kind if stated else None, meta.get("block_size"), meta.get("model_length"))
+
+
+def check_family(module: Diffusion, loaded: LoadedCheckpoint, key: str) -> None:
+    """Evaluation and sampling: one UserError line unless the checkpoint's family trains this
+    run's objective (Family.objective), naming both families and the `algo=` to use. Fine-tuning
+    across families (MDLM pre-training -> BD3-LM, the paper's recipe) does not come here."""
+    run, ckpt = run_family(module), checkpoint_family(loaded, key)
+    if ckpt.name is None:
+        raise UserError(
+            f"{key}: the checkpoint does not record its objective (no algo.parameterization in "
+            f"its stored run config), so it cannot be checked against this run's family "
+            f"{run.name}; evaluate this project's .ckpt, an HF directory or the reference's .ckpt "
+            "with its hyper_parameters"
+        )
+    if ckpt.objective == run.objective:
+        if ckpt.name != run.name:
+            log.info(
+                "%s: %s evaluated by %s (the same objective)",
+                key,
+                ckpt.describe("its length"),
+                run.describe("model.length"),
+            )
+        return
+    tune = ""
+    if run.objective == "bd3lm" and ckpt.objective == "mdlm":
+        tune = " (to fine-tune it into this BD3-LM: mode=train training.from_pretrained=...)"
+    raise UserError(
+        f"{key}: the checkpoint is {ckpt.describe('its length')} and this run "
+        f"{run.describe('model.length')}; evaluate it with {ckpt.algo()}{tune}"
     )
 
 
@@ -210,13 +326,16 @@ def load_checkpoint_into(
     """The one entry point for `eval.checkpoint_path` (for_training=False) and
     `training.from_pretrained` (for_training=True).
 
-    source: a path / hub id, or what `read_any_checkpoint` returned. Our .ckpt files keep the
-    behaviour of `load_weights` / `load_pretrained`. HF directories and the reference's .ckpt
-    load strictly by name after a config comparison (`check_compatible`):
+    source: a path / hub id, or what `read_any_checkpoint` returned. Evaluation first requires
+    the checkpoint's family to train this run's objective (`check_family`); fine-tuning may
+    cross families. Our .ckpt files keep the behaviour of `load_weights` / `load_pretrained`.
+    HF directories and the reference's .ckpt load strictly by name after a config comparison
+    (`check_compatible`):
     - evaluation: the run uses the file's weights (a reference .ckpt: live weights in the
-      backbone and its EMA, mapped by name, as the module's EMA; HF weights are EMA weights) and
-      the file's learned clip interval when both sides have one;
-    - fine-tuning: start from the EMA weights, restart the EMA there, keep the run's interval.
+      backbone and its EMA, mapped by name, as the module's EMA; HF weights are EMA weights);
+    - fine-tuning: start from the EMA weights, restart the EMA there.
+    The learned clip interval: the file's when evaluating and both sides have one, else the
+    run's own, none when the run has none (`checkpoints.ours.clip_buffers`, which logs which).
     """
     n_heads = module.backbone.config.n_heads
     loaded = (
@@ -224,6 +343,8 @@ def load_checkpoint_into(
         if isinstance(source, LoadedCheckpoint)
         else read_any_checkpoint(source, key, n_heads)
     )
+    if not for_training:
+        check_family(module, loaded, key)
     if loaded.format == "ours":
         checkpoint = loaded.raw
         dit = _dit_from_state(checkpoint, module)
@@ -232,7 +353,9 @@ def load_checkpoint_into(
         if for_training:
             load_pretrained(module, checkpoint)
         else:
-            load_weights(module, checkpoint, key)
+            state = checkpoint["state_dict"]
+            clip = clip_buffers(module, state, key, for_training=False)
+            load_weights(module, {**checkpoint, "state_dict": with_clip_buffers(state, clip)}, key)
         return loaded
     check_compatible(module, loaded.dit, loaded.meta, loaded.kind, key, for_training)
     _apply_weights(module, loaded, key, for_training)
@@ -250,10 +373,7 @@ def _apply_weights(module: Diffusion, loaded: LoadedCheckpoint, key: str, for_tr
     state = {f"backbone.{k}": v for k, v in backbone.items()}
     inv_freq = "backbone." + INV_FREQ
     state[inv_freq] = own[inv_freq]
-    for name in CLIP_BUFFERS:
-        if name in own:
-            keep_file = not for_training and name in loaded.clip
-            state[name] = loaded.clip[name].reshape(()).float() if keep_file else own[name]
+    state |= clip_buffers(module, loaded.clip, key, for_training)
     load_weights(module, {"state_dict": state}, key)
     if module.ema is None:
         return

@@ -7,15 +7,19 @@ A checkpoint written by `diffusion.Diffusion.on_save_checkpoint` holds `state_di
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import torch
+from torch import Tensor
 
 from checkpoints.layout import CLIP_BUFFERS, CheckpointError, strict_state_check, strip_prefixes
-from utils import UserError
+from utils import UserError, get_logger
 
 if TYPE_CHECKING:
     from diffusion import Diffusion
+
+log = get_logger("bd3lms")
 
 
 def read_checkpoint(path: str, key: str) -> dict:
@@ -61,20 +65,66 @@ def load_weights(module: Diffusion, checkpoint: dict, key: str) -> None:
             raise UserError(f"{key}: {err}") from None
 
 
+def _interval(buffers: Mapping[str, Tensor]) -> str:
+    return "[" + ", ".join(f"{float(buffers[name]):.4g}" for name in CLIP_BUFFERS) + "]"
+
+
+def clip_buffers(
+    module: Diffusion, stored: Mapping[str, Tensor], key: str, for_training: bool
+) -> dict[str, Tensor]:
+    """The clip interval buffers (`sampling_eps_min/max`, Sec. 4) to load into `module`, given
+    those of the checkpoint (`stored`): the checkpoint's when evaluating and both sides have
+    them; the run's own when fine-tuning (the search restarts from the run's interval, as in
+    the reference) or when the checkpoint has none; none when the run has none (an MDLM run of
+    a K = L BD3-LM checkpoint). One log line says which. UserError for half an interval."""
+    stored = {name: stored[name] for name in CLIP_BUFFERS if name in stored}
+    if len(stored) == 1:
+        raise UserError(
+            f"{key}: the checkpoint has {next(iter(stored))} without its pair "
+            f"(the learned clip interval is {' + '.join(CLIP_BUFFERS)})"
+        )
+    own = module.state_dict()
+    own = {name: own[name] for name in CLIP_BUFFERS if name in own}
+    if not own:
+        if stored:
+            log.info(
+                "%s: the checkpoint's clip interval %s is not used: this run has none "
+                "(algo.var_min=false)",
+                key,
+                _interval(stored),
+            )
+        return {}
+    if not stored:
+        log.info(
+            "%s: the checkpoint has no clip interval; the run's %s is used", key, _interval(own)
+        )
+        return own
+    if for_training:
+        log.info(
+            "%s: fine-tuning starts from the run's clip interval %s, not the checkpoint's %s",
+            key,
+            _interval(own),
+            _interval(stored),
+        )
+        return own
+    log.info("%s: the checkpoint's clip interval %s is used", key, _interval(stored))
+    return {name: stored[name].reshape(()).float() for name in CLIP_BUFFERS}
+
+
+def with_clip_buffers(state: Mapping[str, Tensor], clip: Mapping[str, Tensor]) -> dict:
+    """`state` with its clip interval buffers replaced by `clip` (none when `clip` is empty)."""
+    return {k: v for k, v in state.items() if k not in CLIP_BUFFERS} | dict(clip)
+
+
 def load_pretrained(module: Diffusion, checkpoint: dict) -> None:
     """Stage-2 fine-tuning (`training.from_pretrained`): start from the checkpoint's EMA weights
     when it has them (released checkpoints are EMA weights too), restart the EMA from them
     (num_updates 0) and keep this run's clip interval (the reference resets it the same way).
-    A diffusion checkpoint without clip buffers (e.g. MDLM pre-training) may seed a BD3-LM.
+    A checkpoint of another family (e.g. MDLM pre-training, no clip buffers) may seed a BD3-LM.
     """
     key = "training.from_pretrained"
-    state = dict(checkpoint["state_dict"])
-    own = module.state_dict()
-    for name in CLIP_BUFFERS:
-        if name in own:
-            state[name] = own[name]
-        else:
-            state.pop(name, None)
+    state = checkpoint["state_dict"]
+    state = with_clip_buffers(state, clip_buffers(module, state, key, for_training=True))
     ema = checkpoint.get("ema")
     if ema is not None:
         state.update({f"backbone.{n}": t for n, t in ema["shadow"].items()})
