@@ -233,6 +233,60 @@ def test_readme_generating_from_python_runs(exported, capsys):
     assert capsys.readouterr().out.startswith("To be")  # TextStreamer printed the stream
 
 
+def test_readme_example_on_a_bert_tokenizer_model_gives_sample_eval_samples(
+    tmp_path, data_cache, capsys
+):
+    """LM1B models use the BERT tokenizer, which wraps each text in [CLS] ... [SEP] unless told
+    not to: the README's example on such a model gives sample_eval's samples ([BOS] + prompt
+    ids, same seed and batch), and ids with the special tokens are refused in one line."""
+    from omegaconf import OmegaConf
+
+    import dataloader
+    import sampling
+    from conftest import randomize_, readme_code
+    from models.hf import BD3LM, BD3LMConfig
+    from models.hf.generation import checkpoint_kind, objective_from_config
+    from sampling import generate as generation
+
+    vocab = dataloader.get_vocab(
+        OmegaConf.create({"tokenizer_name_or_path": "bert-base-uncased", "cache_dir": data_cache})
+    )
+    ids = sampling.TokenIds(bos=vocab.bos_id, mask=vocab.mask_id, eos=vocab.eos_id)
+    config = BD3LMConfig(
+        block_size=4, vocab_size=vocab.size, model_length=16, hidden_dim=16, cond_dim=8,
+        n_blocks=1, n_heads=2, dropout=0.0, attn_backend="sdpa", bos_token_id=ids.bos,
+        eos_token_id=ids.eos, mask_token_id=ids.mask,
+    )  # fmt: skip
+    model = BD3LM(config)
+    randomize_(model, seed=1)  # the samples depend on the prompt
+    model.save_pretrained(tmp_path)
+    vocab.tokenizer.save_pretrained(tmp_path)
+    (code,) = readme_code("Generating from Python", "python")
+    namespace = {"OUT_DIR": str(tmp_path)}
+    exec(compile(code, "README.md", "exec"), namespace)
+    out, batch, prompts = namespace["out"], namespace["batch"], namespace["prompts"]
+    capsys.readouterr()
+
+    kind = checkpoint_kind(model)
+    options = {"num_steps": 1000, "kv_cache": True}  # generate()'s defaults and the example's
+    cfg, sample_fn = sampling.build_sampler(
+        objective_from_config(config, ids.mask, kind), model.backbone, 16, 64, ids, options
+    )
+    job = generation.GenerationJob(2, 1, 0, str(tmp_path / "samples"), prompts=prompts,
+                                   show_progress=False)  # fmt: skip
+    records = generation.generate(sample_fn, cfg, job, vocab, None, "cpu")
+    width = batch.input_ids.shape[1]
+    for i, (record, prompt) in enumerate(zip(records, prompts, strict=True)):
+        rows = vocab.tokenizer.encode(prompt, add_special_tokens=False)
+        assert record["token_ids"] == [ids.bos, *rows, *out[i, width:].tolist()]
+    wrapped = vocab.tokenizer(prompts, return_tensors="pt", padding=True)
+    assert (wrapped.input_ids[:, 0] == ids.bos).all()  # [CLS], the BOS id
+    with pytest.raises(ValueError, match=r"row 0 starts with the BOS id .*add_special_tokens"):
+        namespace["model"].generate(
+            wrapped.input_ids, attention_mask=wrapped.attention_mask, max_new_tokens=4
+        )
+
+
 @pytest.mark.e2e
 def test_sedd_export_generates_sample_eval_samples(tmp_path, data_cache):
     """A SEDD run exported to HF (model_type mdlm, parameterization sedd) is sampled by SEDD's

@@ -138,18 +138,32 @@ class BlockStream:
         self.streamer.put(new[0] if new.shape[0] == 1 else new)
 
 
-def _prompt_rows(input_ids: Tensor, attention_mask: Tensor | None) -> list[list[int]]:
+def _prompt_rows(input_ids: Tensor, attention_mask: Tensor | None, bos: int) -> list[list[int]]:
+    """Each row's prompt ids (the tokens `attention_mask` marks). ValueError for a row that
+    starts with the BOS id: generate lays out [BOS] + prompt itself, and a tokenizer that adds
+    special tokens (BERT's [CLS] ... [SEP], RoBERTa's <s> ... </s>) starts every row with the
+    BOS id (data.vocab takes BOS as the first id its tokenizer adds), so such rows would carry
+    a second BOS and the tokenizer's end token, unlike sample_eval's prompts."""
     if input_ids.ndim != 2:
         raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
     if attention_mask is None:
-        return input_ids.tolist()
-    if attention_mask.shape != input_ids.shape:
+        rows = input_ids.tolist()
+    elif attention_mask.shape != input_ids.shape:
         raise ValueError(
             f"attention_mask shape {tuple(attention_mask.shape)} must equal input_ids shape "
             f"{tuple(input_ids.shape)}"
         )
-    keep = attention_mask.bool().cpu()
-    return [row[m].tolist() for row, m in zip(input_ids.cpu(), keep, strict=True)]
+    else:
+        keep = attention_mask.bool().cpu()
+        rows = [row[m].tolist() for row, m in zip(input_ids.cpu(), keep, strict=True)]
+    for i, row in enumerate(rows):
+        if row[:1] == [bos]:
+            raise ValueError(
+                f"input_ids row {i} starts with the BOS id {bos}: generate() prepends the BOS "
+                "itself; encode prompts without special tokens "
+                "(tokenizer(..., add_special_tokens=False))"
+            )
+    return rows
 
 
 def diffusion_generate(
@@ -190,7 +204,7 @@ def diffusion_generate(
                 f"input_ids: {type(model).__name__} with cross_attn=False (MDLM) samples without "
                 "a prompt; call generate(num_samples=N, max_new_tokens=...)"
             )
-        rows: list[list[int] | None] = _prompt_rows(input_ids, attention_mask)
+        rows: list[list[int] | None] = _prompt_rows(input_ids, attention_mask, bos)
     else:
         if num_samples is None or int(num_samples) < 1:
             raise ValueError(f"num_samples={num_samples}: without input_ids give num_samples >= 1")

@@ -227,10 +227,13 @@ class _DiTWrapper(PreTrainedModel):
     ):
         """Sample with the project's sampler (models.hf.generation), as `mode=sample_eval` does.
 
-        input_ids (B, P): prompts without BOS (generate prepends it), right or left padded when
-        `attention_mask` (B, P) marks the real tokens (1) and padding (0); each row is
-        re-laid out as sample_eval lays out prompts ([BOS] + ids, left-padded to a multiple of
-        the block size), so any prompt length works and padding never reaches the output.
+        input_ids (B, P): prompts without special tokens (`tokenizer(..., add_special_tokens=
+        False)`; a row that starts with the BOS id, as the rows of a tokenizer that adds
+        [CLS] ... [SEP] or <s> ... </s> do, is refused: generate prepends the BOS itself), right
+        or left padded when `attention_mask` (B, P) marks the real tokens (1) and padding (0);
+        each row is re-laid out as sample_eval lays out prompts ([BOS] + ids, left-padded to a
+        multiple of the block size), so any prompt length works and padding never reaches the
+        output.
         Returns (B, P + max_new_tokens): input_ids as given followed by the new tokens
         (`pad_token_id`, default EOS, after a row that stopped early under var_length). With
         input_ids None, `num_samples=N` unconditional samples of max_new_tokens tokens whose
