@@ -40,7 +40,7 @@ from transformers import AutoModelForMaskedLM, AutoTokenizer
 
 model = AutoModelForMaskedLM.from_pretrained(PATH)
 tokenizer = AutoTokenizer.from_pretrained(PATH)
-ids = tokenizer(["To be"], return_tensors="pt").input_ids
+ids = tokenizer(["To be"], return_tensors="pt", add_special_tokens=False).input_ids
 print(tokenizer.decode(model.generate(ids, max_new_tokens=32, seed=0)[0]))
 ```
 """

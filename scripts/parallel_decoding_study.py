@@ -290,7 +290,8 @@ def data_reference(run: str, experiment: str, judge: str, rows: int) -> dict:
     ppls, entropies = [], []
     for i in picks:
         ids = [int(t) for t in valid[i]]
-        nll, scored = scorer.score(dataloader.decode(vocab, ids))
+        text = ids[1:] if ids[:1] == [vocab.bos_id] else ids  # scored as samples are: no BOS
+        nll, scored = scorer.score(dataloader.decode(vocab, text))
         ppls.append(math.exp(nll / scored))
         entropies.append(unigram_entropy(ids))
     mean = sum(ppls) / count

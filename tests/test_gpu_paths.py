@@ -102,7 +102,7 @@ def test_generation_samples_under_autocast_and_scores_outside(judge_dir, data_ca
     judge = GenerativePerplexity(str(judge_dir), torch.device("cpu"))
     scored = []
     original = judge._score
-    judge._score = lambda text: (scored.append(torch.is_autocast_enabled("cpu")), original(text))[1]
+    judge._score = lambda *a: (scored.append(torch.is_autocast_enabled("cpu")), original(*a))[1]
     cfg = sampling.SamplerConfig(length=12, block_size=4, num_steps=1, context=16, bos_id=50256,
                                  mask_id=50257, eos_id=50256)  # fmt: skip
     job = generation.GenerationJob(2, 1, 0, str(data_cache) + "/gen", show_progress=False)
@@ -112,7 +112,9 @@ def test_generation_samples_under_autocast_and_scores_outside(judge_dir, data_ca
     for record in records:
         assert (
             record["gen_nll_sum"]
-            == GenerativePerplexity(str(judge_dir), "cpu").score(record["text"])[0]
+            == GenerativePerplexity(str(judge_dir), "cpu").score(
+                vocab.tokenizer.decode(record["token_ids"][1:])  # the generated tokens only
+            )[0]
         )
 
 
