@@ -503,6 +503,8 @@ class BD3LMHarness(LM):
             nucleus = self.nucleus_p if sample else GREEDY_NUCLEUS
             ids = self._encode(context)
             ids = ids[len(ids) - keep :] if len(ids) > keep else ids
+            if ids[:1] == [self.bos]:  # generate() prepends the BOS itself (and refuses a second)
+                ids = ids[1:]
             jobs.append((ids, until, max_new, nucleus))
         out: list[str] = []
         start = 0
