@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Sequence
 
 import hydra
 import lightning as L
@@ -19,7 +20,7 @@ from diffusion import Diffusion, OptimSettings
 from models import DiT, dit_config
 from settings import BatchPlan, Hardware, build_objective, plan_batches
 from training_callbacks import AtomicCheckpointIO, Preemption, ProgressLog, Throughput
-from utils import UserError
+from utils import UserError, without_file_scheme
 
 
 def read_prompts(cfg: DictConfig) -> list[str] | None:
@@ -233,27 +234,36 @@ def fsdp_wrap_policy():
 
 def build_callbacks(cfg: DictConfig) -> list:
     """The configured callbacks; `checkpointing.keep_last_k` turns the every-N-steps
-    checkpoints into a rolling window of the k newest (null keeps all, as the reference)."""
+    checkpoints into a rolling window of the k newest (null keeps all, as the reference).
+    Checkpoint directories may be fsspec URLs; a file:// one is passed as its local path."""
     callbacks = []
     for name, node in cfg.callbacks.items():
-        callback = hydra.utils.instantiate(node)
+        options = {}
+        if node.get("dirpath") is not None:
+            options["dirpath"] = without_file_scheme(str(node.dirpath))
         keep = cfg.checkpointing.get("keep_last_k")
         if name == "checkpoint_every_n_steps" and keep is not None:
-            callback = hydra.utils.instantiate(
-                node, save_top_k=int(keep), monitor="step", mode="max"
-            )
-        callbacks.append(callback)
+            options.update(save_top_k=int(keep), monitor="step", mode="max")
+        callbacks.append(hydra.utils.instantiate(node, **options))
     callbacks.append(Preemption(cfg.checkpointing.resume_ckpt_path))
     callbacks.append(Throughput(int(cfg.trainer.log_every_n_steps)))
     return callbacks
 
 
-def build_trainer(cfg: DictConfig, hw: Hardware, plan: BatchPlan, run_dir: str, fit: bool):
+def build_trainer(
+    cfg: DictConfig,
+    hw: Hardware,
+    plan: BatchPlan,
+    run_dir: str,
+    fit: bool,
+    extra_callbacks: Sequence[L.Callback] = (),
+):
     """fit=True adds the checkpoint and run callbacks and the logger; evaluation runs get
-    neither. Checkpoint files are written atomically. Progress: Lightning's bar when stdout is a
-    terminal, else training_callbacks.ProgressLog lines every trainer.log_every_n_steps."""
+    neither; `extra_callbacks` come after them (main.train's loading sanity check). Checkpoint
+    files are written atomically. Progress: Lightning's bar when stdout is a terminal, else
+    training_callbacks.ProgressLog lines every trainer.log_every_n_steps."""
     strategy = build_strategy(cfg, hw)
-    callbacks = build_callbacks(cfg) if fit else []
+    callbacks = [*(build_callbacks(cfg) if fit else []), *extra_callbacks]
     plugins = [AtomicCheckpointIO()]
     if "SLURM_JOB_ID" in os.environ:  # our Preemption callback requeues, not Lightning's
         from lightning.pytorch.plugins.environments import SLURMEnvironment

@@ -8,6 +8,7 @@ sweep point). Bad input exits with code 2 and one line on stderr, before anythin
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -34,12 +35,18 @@ from checkpoints import (
     read_any_checkpoint,
     read_checkpoint,
     read_eval_checkpoint,
-    sanity_check_perplexity,
     trained_length,
 )
 from sampling import generate
-from training_callbacks import Preemption
-from utils import UserError, atomic_path, get_logger, global_rank, quiet_console
+from training_callbacks import LoadingSanityCheck
+from utils import (
+    UserError,
+    atomic_path,
+    get_logger,
+    global_rank,
+    local_copy_if_exists,
+    quiet_console,
+)
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 GROUPS = ("algo", "model", "data", "noise", "lr_scheduler", "strategy", "experiment")
@@ -118,8 +125,31 @@ def without_provenance(result: dict) -> dict:
 # Modes
 # ----------------------------------------------------------------------------------------------
 def train(cfg: DictConfig, hw: settings.Hardware, plan: settings.BatchPlan, run_dir: str, _):
-    resume = cfg.checkpointing.resume_ckpt_path
-    resume = resume if cfg.checkpointing.resume_from_ckpt and os.path.isfile(resume) else None
+    """Train, resuming from checkpointing.resume_ckpt_path when resume_from_ckpt is on and the
+    file exists (a local path or an fsspec URL: a remote one is read through a local copy in
+    the run directory, removed after the fit)."""
+    path = cfg.checkpointing.resume_ckpt_path if cfg.checkpointing.resume_from_ckpt else None
+    key = "checkpointing.resume_ckpt_path"
+    with local_copy_if_exists(path, key, run_dir) if path else contextlib.nullcontext() as resume:
+        fit(cfg, hw, plan, run_dir, resume, path)
+
+
+def check_resume(module, local: str, path: str) -> None:
+    """The resume checkpoint `path` (read from its local copy `local`) holds the module's
+    names and shapes, else UserError; logs its step. Nothing of it is kept (Lightning reads it
+    again in fit)."""
+    key = "checkpointing.resume_ckpt_path"
+    try:
+        last = read_checkpoint(local, key)
+    except UserError as err:  # the message names the local copy; the user gave `path`
+        raise UserError(str(err).replace(local, path)) from None
+    check_state(module, last, key)  # same model shape?
+    log.info("resumed at step %d from %s", last.get("global_step", 0), path)
+
+
+def fit(cfg, hw, plan, run_dir: str, resume: str | None, resume_path: str | None) -> None:
+    """Build and fit; `resume`: the local copy of the checkpoint `resume_path` to resume from,
+    None to start afresh (or from training.from_pretrained)."""
     pretrained = None
     key = "training.from_pretrained"
     if resume is None and cfg.training.from_pretrained:
@@ -133,17 +163,17 @@ def train(cfg: DictConfig, hw: settings.Hardware, plan: settings.BatchPlan, run_
     valid_loader = builders.build_loader(
         valid_set, plan.eval_batch_size, False, cfg.seed, cfg, hw, evaluation=True
     )
+    callbacks = []
     if pretrained is not None:
         dataloader.check_vocab_size(vocab, checkpoint_vocab_size(pretrained), key)
         load_checkpoint_into(module, pretrained, key, for_training=True)
         log.info("fine-tuning from %s", cfg.training.from_pretrained)
         threshold = ppl_threshold(cfg.training.from_pretrained, cfg.eval.sanity_ppl_max)
-        sanity_check_perplexity(module, valid_loader, threshold, cfg.training.from_pretrained)
-    trainer = builders.build_trainer(cfg, hw, plan, run_dir, fit=True)
+        what = cfg.training.from_pretrained
+        callbacks.append(LoadingSanityCheck(valid_loader, threshold, what))
+    trainer = builders.build_trainer(cfg, hw, plan, run_dir, fit=True, extra_callbacks=callbacks)
     if resume is not None:
-        last = read_checkpoint(resume, "checkpointing.resume_ckpt_path")
-        check_state(module, last, "checkpointing.resume_ckpt_path")  # same model shape?
-        log.info("resumed at step %d from %s", last.get("global_step", 0), resume)
+        check_resume(module, resume, resume_path)
     source = cfg.training.from_pretrained if pretrained is not None else None
     datasets = {"train": train_set, "valid": valid_set}
     module.provenance = run_provenance(cfg, hw, run_dir, datasets, source)  # -> checkpoints
@@ -158,9 +188,6 @@ def train(cfg: DictConfig, hw: settings.Hardware, plan: settings.BatchPlan, run_
         )
     finally:
         builders.finish_logger(trainer)
-        for callback in trainer.callbacks:
-            if isinstance(callback, Preemption):
-                callback.restore_handlers()
 
 
 def n_heads(cfg: DictConfig) -> int:

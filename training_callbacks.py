@@ -1,5 +1,7 @@
-"""Lightning plumbing for long, preemptible runs: atomic checkpoint files, save-and-requeue on
-SIGUSR1/SIGUSR2/SIGTERM, throughput/memory logging, and progress as log lines."""
+"""Lightning plumbing for long, preemptible runs: atomic checkpoint files (local or fsspec URLs),
+save-and-requeue on SIGUSR1/SIGUSR2/SIGTERM decided by all ranks together, the fine-tuning
+loading sanity check on rank 0's device, throughput/memory logging, and progress as log
+lines."""
 
 from __future__ import annotations
 
@@ -14,14 +16,22 @@ import time
 import lightning as L
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from checkpoints.sanity import SANITY_ROWS, sanity_check_perplexity
+from utils import UserError
 
 log = logging.getLogger("bd3lms")
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes each checkpoint to a temporary file in the target directory and renames it into
-    place, so a crash during a save never leaves a truncated `last.ckpt` for resume to read.
-    (fsspec URLs fall back to Lightning's own writer.)"""
+    """Writes each checkpoint whole or not at all, so that a crash during a save never leaves a
+    truncated `last.ckpt` for resume to read: a local path goes to a temporary file in the
+    target directory, fsynced and renamed into place. An fsspec URL (file:// included) goes
+    through Lightning's own writer, which serialises the checkpoint in memory first and
+    writes it inside an fsspec transaction in one upload (object stores publish an object only
+    once its upload is complete). Reading and deleting (keep_last_k) go through fsspec in
+    Lightning's TorchCheckpointIO."""
 
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
         path = str(path)
@@ -45,45 +55,66 @@ class Preemption(L.Callback):
     """Save-and-requeue on the warning signals of a cluster: SIGUSR1 (slurm `--signal`, our
     job template), SIGUSR2 (submitit's warning signal) and SIGTERM.
 
+    A signal handler only records the signal; the ranks decide together at the end of every
+    micro-batch (one all-reduce of the signals each has seen), so they save and stop at the same
+    step even when the signal reached some of them only, or at different micro-batches (a save
+    is collective: a rank saving alone would wait in its barrier for ever).
     SIGUSR1 / SIGUSR2 request a save at the end of the current optimizer step, never inside a
     gradient accumulation (a checkpoint cannot hold partial gradients, so a save there would not
-    resume bit-identically); every rank saves `last_path` and training stops. Then the job is
-    requeued by whoever owns the signal: if a Python handler was installed for it before
-    training (submitit's, under `hydra/launcher=slurm`), that handler is called once fit has
-    ended, so submitit requeues the job and counts its timeouts (`max_num_timeout`) as usual;
-    otherwise (a plain sbatch job) rank 0 runs `scontrol requeue $SLURM_JOB_ID`.
-    SIGTERM cannot wait: Lightning ends the fit after the current micro-batch, so last_path is
-    saved at its end (mid-accumulation if need be: the resume repeats that step's first
-    micro-batches) and rank 0 requeues the slurm job at once.
-    Rerunning the same command (the requeued job does) resumes from `last_path`.
+    resume bit-identically); every rank takes part in saving `last_path` and training stops.
+    Then the job is requeued by whoever owns the signal: if a Python handler was installed for
+    it before training (submitit's, under `hydra/launcher=slurm`), that handler is called once
+    fit has ended, so submitit requeues the job and counts its timeouts (`max_num_timeout`) as
+    usual; otherwise (a plain sbatch job) rank 0 runs `scontrol requeue $SLURM_JOB_ID`.
+    SIGTERM cannot wait: once any rank has it, every rank saves last_path at the end of the
+    current micro-batch (mid-accumulation if need be: the resume repeats that step's first
+    micro-batches), rank 0 requeues the slurm job, and every rank raises Lightning's
+    SIGTERMException there, as Lightning does on SIGTERM.
+    Our handlers replace Lightning's from the first training batch on (on_train_start):
+    Lightning's SIGTERM handler acts on the receiving rank alone. Rerunning the same command
+    (the requeued job does) resumes from `last_path`.
     """
 
     SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
 
     def __init__(self, last_path: str):
         self.last_path = last_path
-        self.requested: int | None = None  # the signal received, until the save
+        self.received: set[int] = set()  # the signals this rank received, until the save
         self.saved_for: int | None = None  # the signal the save answered
         self._previous: dict = {}
 
     def _handler(self, signum, frame) -> None:
         log.warning("received signal %d: saving a checkpoint and stopping", signum)
-        self.requested = signum
+        self.received.add(signum)
 
     def on_fit_start(self, trainer, pl_module) -> None:
+        # the owners to hand a warning signal to, and to restore: those found before the fit
+        self._previous = {sig: signal.getsignal(sig) for sig in self.SIGNALS}
+
+    def on_train_start(self, trainer, pl_module) -> None:
         for sig in self.SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._handler)
+            signal.signal(sig, self._handler)
 
     @staticmethod
     def at_step_boundary(trainer, batch_idx: int) -> bool:
         """True when the optimizer has just stepped (the last micro-batch of an accumulation;
-        the same on every rank, so the collective below is called in step)."""
+        the same on every rank)."""
         return (batch_idx + 1) % trainer.accumulate_grad_batches == 0
 
+    def decide(self, trainer) -> tuple[bool, int | None]:
+        """(whether any rank received SIGTERM, the warning signal any rank received: SIGUSR2
+        over SIGUSR1, None for neither), the same on every rank: a collective."""
+        warning = max((s for s in self.received if s != signal.SIGTERM), default=0)
+        seen = [int(signal.SIGTERM in self.received), int(warning)]
+        if trainer.world_size > 1:
+            local = torch.tensor(seen, device=trainer.strategy.root_device)
+            seen = trainer.strategy.reduce(local, reduce_op="max").tolist()
+        return bool(seen[0]), (signal.Signals(seen[1]) if seen[1] else None)
+
     def _save(self, trainer, signum: int) -> None:
-        trainer.save_checkpoint(self.last_path)
+        trainer.save_checkpoint(self.last_path, weights_only=False)  # all of it, to resume
         log.warning("saved %s at step %d; stopping", self.last_path, trainer.global_step)
-        self.saved_for, self.requested = signum, None
+        self.saved_for, self.received = signum, set()
         trainer.should_stop = True
 
     @staticmethod
@@ -95,26 +126,27 @@ class Preemption(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.saved_for is not None:
             return
-        if trainer.received_sigterm or self.requested == signal.SIGTERM:
-            self._save(trainer, signal.SIGTERM)  # Lightning stops right after this batch
+        terminate, warning = self.decide(trainer)
+        if terminate:
+            self._save(trainer, signal.SIGTERM)
             self._scontrol_requeue(trainer)
-            return
-        if not self.at_step_boundary(trainer, batch_idx):
-            return
-        if trainer.strategy.reduce_boolean_decision(self.requested is not None, all=False):
-            self._save(trainer, self.requested or signal.SIGUSR1)
+            raise SIGTERMException
+        if warning is not None and self.at_step_boundary(trainer, batch_idx):
+            self._save(trainer, warning)
 
     def restore_handlers(self) -> dict:
-        """Put back the handlers found at fit start (also called by main.train after a failed
-        fit: Lightning re-installs ours when it tears down after an exception)."""
+        """Put back the handlers found at fit start; -> them."""
         previous, self._previous = self._previous, {}
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         return previous
 
     def teardown(self, trainer, pl_module, stage) -> None:
-        # the last hook, also after a failed fit (Lightning has put its own SIGTERM handler
-        # back by then): nothing of ours stays installed
+        # the last hook of a fit that ended normally: nothing of ours stays installed
+        self.restore_handlers()
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        # a failed or SIGTERM-stopped fit gets no teardown hook
         self.restore_handlers()
 
     def on_fit_end(self, trainer, pl_module) -> None:
@@ -127,6 +159,38 @@ class Preemption(L.Callback):
             owner(signum, None)
             return
         self._scontrol_requeue(trainer)
+
+
+class LoadingSanityCheck(L.Callback):
+    """The loading sanity check of a fine-tuning run (`training.from_pretrained`; see
+    checkpoints.sanity_check_perplexity) at fit set-up, before the strategy wraps the module:
+    on global rank 0 alone, on the training device in the run's precision, over the first
+    `rows` rows of `batches`. The perplexity is then broadcast, so that every rank holds the
+    verdict (`perplexity`); `device` says where it was computed (None on the other ranks)."""
+
+    def __init__(self, batches, threshold: float | None, what: str, rows: int = SANITY_ROWS):
+        self.batches, self.threshold, self.what, self.rows = batches, threshold, what, rows
+        self.perplexity: float | None = None
+        self.device: torch.device | None = None
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        if stage != "fit":
+            return
+        verdict = None  # (perplexity, the UserError's message)
+        if trainer.is_global_zero:
+            self.device = trainer.strategy.root_device
+            pl_module.to(self.device)  # where the strategy moves it next anyway
+            try:
+                with trainer.precision_plugin.val_step_context():
+                    ppl = sanity_check_perplexity(
+                        pl_module, self.batches, self.threshold, self.what, self.rows
+                    )
+                verdict = (ppl, None)
+            except UserError as err:  # raised on every rank below, not left waiting
+                verdict = (None, str(err))
+        self.perplexity, error = trainer.strategy.broadcast(verdict, src=0)
+        if error is not None:
+            raise UserError(error)
 
 
 class Throughput(L.Callback):

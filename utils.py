@@ -57,6 +57,66 @@ def atomic_path(path: str) -> Iterator[str]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def filesystem(path: str, key: str):
+    """(fsspec filesystem, path within it) of `path`, a local path or fsspec URL; UserError
+    naming the config `key` when no installed fsspec backend serves its protocol."""
+    import fsspec
+
+    try:
+        return fsspec.core.url_to_fs(path)
+    except (ImportError, ValueError) as err:
+        raise UserError(
+            f"{key}={path}: no fsspec filesystem for it ({first_line(err)}); give a local path "
+            "or a URL whose fsspec backend is installed (e.g. s3fs for s3://)"
+        ) from None
+
+
+def first_line(err: BaseException) -> str:
+    """An exception as one short line for a UserError message."""
+    lines = str(err).splitlines()
+    return f"{type(err).__name__}: {lines[0][:160]}" if lines else type(err).__name__
+
+
+def is_local(fs) -> bool:
+    """Whether the fsspec filesystem `fs` is the local one (plain paths and file:// URLs)."""
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol
+    return "file" in protocols or "local" in protocols
+
+
+def without_file_scheme(path: str) -> str:
+    """`path` with a file:// prefix removed: a local path (Lightning's ModelCheckpoint takes
+    `file://DIR` for a relative directory named `file:`); other URLs unchanged."""
+    return path[len("file://") :] if path.startswith("file://") else path
+
+
+@contextlib.contextmanager
+def local_copy_if_exists(path: str, key: str, directory: str) -> Iterator[str | None]:
+    """Yield a local path holding the file at `path` (a local path or fsspec URL, named by the
+    config `key` in errors), or None when there is no file there: a local file as it is, a
+    remote one downloaded once into a temporary directory under `directory`, removed on exit
+    (so that every reader of a resume checkpoint reads the same bytes, fetched once)."""
+    fs, target = filesystem(path, key)
+    try:
+        exists = fs.isfile(target)
+    except Exception as err:  # noqa: BLE001 - credentials, network: the user's to fix
+        raise UserError(f"{key}={path} cannot be checked ({first_line(err)})") from None
+    if not exists:
+        yield None
+        return
+    if is_local(fs):
+        yield target
+        return
+    tmp = tempfile.mkdtemp(prefix=".fetch-", dir=directory)
+    local = os.path.join(tmp, os.path.basename(target))
+    try:
+        fs.get_file(target, local)
+        yield local
+    finally:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 # Lightning's console lines that say nothing about the run: product tips, the echo of a
 # limit_*_batches we set ourselves. "GPU available" / "LOCAL_RANK" lines are kept.
 # Lightning's tips, its echo of our own settings, the TPU / HPU lines (the GPU line stays) and

@@ -13,7 +13,8 @@ Sections (GPU: each in a process of its own with its time box; --cpu: in process
   kv_cache         cached against recomputed log-probabilities (BD3-LM, AR), float32 and bf16
   judge_float32    the generative-perplexity judge scores in float32 under bf16 autocast
   pipeline         train -> ppl_eval -> sample_eval through `python main.py` (precision auto)
-  ddp_one_gpu      a few steps with the DDP strategy forced on one GPU
+  ddp_one_gpu      a few steps with the DDP strategy forced on one GPU; a fine-tuning step
+                   from them whose loading sanity check runs on the GPU, on rank 0
   fsdp_one_gpu     FSDP with training.ema=0: wrapping, mixed precision, checkpoint save + load
   fp16             trainer.precision=16-mixed training and evaluation
   compile          training.compile=true (inductor on CUDA)
@@ -33,6 +34,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -110,6 +112,23 @@ def main_py(ctx: Context, run_dir: str, *overrides: str, subprocess_run: bool = 
 
     os.environ["BD3LMS_CACHE"] = ctx.cache
     main.run(main.compose(args, run_dir), run_dir)
+
+
+@contextlib.contextmanager
+def logged(name: str):
+    """The messages (INFO and up) that logger `name` emits inside the block, as a list."""
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield lines
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def read_json(path: str) -> dict:
@@ -416,9 +435,19 @@ def section_pipeline(ctx: Context) -> dict:
 
 
 def section_ddp_one_gpu(ctx: Context) -> dict:
+    """A few DDP steps, then a fine-tuning step from them: its loading sanity check runs once,
+    on global rank 0, on the training device (not the CPU), its verdict broadcast over NCCL."""
     run = ctx.run_dir("ddp")
-    main_py(ctx, run, "strategy=ddp", "strategy.force=true", "trainer.max_steps=4")
-    return {"checkpoint": checkpoint_summary(f"{run}/checkpoints/last.ckpt")}
+    ddp = ["strategy=ddp", "strategy.force=true"]
+    main_py(ctx, run, *ddp, "trainer.max_steps=4")
+    pretrained = f"training.from_pretrained={run}/checkpoints/last.ckpt"
+    with logged("bd3lms") as lines:
+        main_py(ctx, ctx.run_dir("ddp_finetune"), *ddp, "trainer.max_steps=1", pretrained)
+    sanity = [line for line in lines if "loading sanity check" in line]
+    on_device = len(sanity) == 1 and f" on {ctx.device.type}" in sanity[0]
+    check(on_device, f"finetune_sanity_on_device: not one check on {ctx.device.type}: {sanity}")
+    return {"checkpoint": checkpoint_summary(f"{run}/checkpoints/last.ckpt"),
+            "finetune_sanity_on_device": sanity[0]}  # fmt: skip
 
 
 def section_fsdp_one_gpu(ctx: Context) -> dict:
@@ -506,12 +535,12 @@ SECTIONS = [  # time boxes (s) summing to TOTAL_BUDGET_S
     Section("kv_cache", section_kv_cache, 15),
     Section("judge_float32", section_judge_float32, 10),
     Section("pipeline", section_pipeline, 45),
-    Section("ddp_one_gpu", section_ddp_one_gpu, 20, "DDP forced on one GPU (NCCL)"),
+    Section("ddp_one_gpu", section_ddp_one_gpu, 25, "DDP forced on one GPU (NCCL)"),
     Section("fsdp_one_gpu", section_fsdp_one_gpu, 25, "Lightning has no FSDP on CPU"),
     Section("fp16", section_fp16, 20, "no float16 autocast training on CPU"),
     Section("compile", section_compile, 35, "inductor on CUDA (CPU compile: test_compile.py)"),
     Section("text8_crop", section_text8_crop, 15),
-    Section("bench_train", section_bench_train, 50),
+    Section("bench_train", section_bench_train, 45),
     Section("bench_sample", section_bench_sample, 25),
 ]
 

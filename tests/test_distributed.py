@@ -1,15 +1,18 @@
 """Two-process DDP on CPU (gloo) equals one process with the same global batch: the noise is
 drawn for the global batch and sliced by rank, the data loaders interleave rows by rank;
-evaluation drops the rows that pad the ranks and draws its noise per global row."""
+evaluation drops the rows that pad the ranks and draws its noise per global row. The ranks
+decide together on SIGTERM, and the fine-tuning sanity check runs on rank 0 alone."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 
+import lightning as L
 import pytest
 import torch
 
@@ -70,8 +73,10 @@ def test_two_process_ppl_eval_equals_one_process_and_sampling_shards(
     one rank with a repeated row): num_tokens, the AR NLL and the BD3-LM NELBO equal one
     process's, with the same global batch of 4. In the same launch, two sampling processes
     take alternate batches with rank-dependent seeds, torch FSDP runs the wrap policy and
-    mixed precision of strategy=fsdp over gloo (Lightning has no FSDP on CPU), and streaming
-    training over shards of unequal size reaches max_steps on both ranks."""
+    mixed precision of strategy=fsdp over gloo (Lightning has no FSDP on CPU), streaming
+    training over shards of unequal size reaches max_steps on both ranks, and a fine-tuning
+    run checks its loading on rank 0 alone (the verdict broadcast), then stops on both ranks
+    at the same micro-batch with one last.ckpt when only rank 1 receives SIGTERM."""
     words = [
         "the",
         "king",
@@ -134,6 +139,15 @@ def test_two_process_ppl_eval_equals_one_process_and_sampling_shards(
                  "trainer.val_check_interval=100", "loader.global_batch_size=8",
                  "loader.batch_size=4", "trainer.devices=2",
                  "trainer.accelerator=cpu"])  # fmt: skip
+    # fine-tuning from the smoke checkpoint, accumulation 2; rank 1 alone gets SIGTERM at the
+    # start of micro-batch 2 (the first half of optimizer step 2)
+    preempted = tmp_path / "preempted"
+    jobs.append([str(preempted), "experiment=smoke", f"training.from_pretrained={smoke_checkpoint}",
+                 "trainer.max_steps=100", "trainer.val_check_interval=100",
+                 "loader.global_batch_size=8", "loader.batch_size=2", "trainer.devices=2",
+                 "trainer.accelerator=cpu", f"+callbacks.probe._target_={__name__}.RankProbe",
+                 f"+callbacks.probe.out={preempted}", "+callbacks.probe.signal_rank=1",
+                 "+callbacks.probe.signal_batch=2"])  # fmt: skip
     rows = single["ar"]["num_tokens"] / 31  # every row: 31 targets (32 tokens, BOS excluded)
     assert rows == int(rows) and int(rows) % 2 == 1, "the row count must not split over 2"
     torchrun(jobs, data_cache)
@@ -162,7 +176,49 @@ def test_two_process_ppl_eval_equals_one_process_and_sampling_shards(
     assert exact["max_grad_diff"] < 1e-6
     assert bf16["inv_freq_dtype"] == "torch.float32" and bf16["max_grad_diff"] < 0.05
     assert bf16["loss"] == pytest.approx(bf16["plain_loss"], rel=0.01)
+    probes = [json.loads((preempted / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert probes[0]["sanity_device"] == "cpu" and probes[1]["sanity_device"] is None
+    assert probes[0]["sanity_ppl"] == probes[1]["sanity_ppl"] > 1, "rank 0's verdict, shared"
+    for probe in probes:  # both stopped after micro-batch 2, in step 2, and raised together
+        assert (probe["global_step"], probe["exception"]) == (1, "SIGTERMException"), probe
+    last = torch.load(preempted / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 1
     ssdlm = fsdp["ssdlm"]  # SSD-LM's RoBERTa: a unit per layer plus the root
     assert ssdlm["units"] == ssdlm["layers"] + 1
     assert ssdlm["loss"] == pytest.approx(ssdlm["plain_loss"], rel=1e-6)
     assert ssdlm["max_grad_diff"] < 1e-6
+
+
+class RankProbe(L.Callback):
+    """Test callback for the torchrun jobs: sends SIGTERM to this process at the start of
+    micro-batch `signal_batch` on global rank `signal_rank` only, and writes OUT/rank{r}.json
+    when the fit ends: the step, the exception that ended it, and what this rank's loading
+    sanity check (training_callbacks.LoadingSanityCheck) holds."""
+
+    def __init__(self, out: str, signal_rank: int = -1, signal_batch: int = -1):
+        self.out, self.signal_rank, self.signal_batch = out, signal_rank, signal_batch
+        self.record: dict = {}
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        from training_callbacks import LoadingSanityCheck
+
+        for callback in trainer.callbacks:
+            if isinstance(callback, LoadingSanityCheck):
+                device = None if callback.device is None else callback.device.type
+                self.record.update(sanity_device=device, sanity_ppl=callback.perplexity)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_rank == self.signal_rank and batch_idx == self.signal_batch:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def _write(self, trainer, exception=None) -> None:
+        self.record.update(global_step=trainer.global_step, rank=trainer.global_rank)
+        self.record["exception"] = None if exception is None else type(exception).__name__
+        with open(os.path.join(self.out, f"rank{trainer.global_rank}.json"), "w") as f:
+            json.dump(self.record, f)
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        self._write(trainer)
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self._write(trainer, exception)

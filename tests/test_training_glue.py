@@ -131,3 +131,21 @@ def test_loading_a_mismatched_checkpoint_names_the_keys(tmp_path):
     wider = builders.build_module(compose_cfg(), vocab_size=50, mask_id=49)
     with pytest.raises(UserError, match="vocab_embed.embedding has shape"):
         load_weights(wider, read_checkpoint(str(tmp_path / "a.ckpt"), "k"), "k")
+
+
+def test_sanity_check_reads_at_most_max_rows(monkeypatch):
+    """The fine-tuning sanity check is bounded in rows, whatever the batch size."""
+    from checkpoints import sanity_check_perplexity
+    from conftest import tiny_module
+
+    module = tiny_module("bd3lm", 32)
+    batches = [{"input_ids": torch.randint(0, 40, (3, 32)), "attention_mask": torch.ones(3, 32)}]
+    rows, loss = [], module.algorithm.loss
+
+    def counted(network, x0, *args, **kwargs):
+        rows.append(x0.shape[0])
+        return loss(network, x0, *args, **kwargs)
+
+    monkeypatch.setattr(module.algorithm, "loss", counted)
+    sanity_check_perplexity(module, batches * 3, None, "test", max_rows=4)
+    assert rows == [3, 1]

@@ -4,7 +4,8 @@
         RUN_DIR OVERRIDE... [--- RUN_DIR OVERRIDE...] [--- OUT_JSON fsdp]
 
 torchrun starts the processes (Lightning sees them as launched externally), so one launch
-serves every run; a UserError exits with code 2 as main.py does."""
+serves every run; a UserError exits with code 2 as main.py does, and a run stopped by
+SIGTERM (Lightning's SIGTERMException, raised on every rank) ends its job only."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from lightning.pytorch.utilities.exceptions import SIGTERMException  # noqa: E402
 
 import main  # noqa: E402
 from utils import UserError  # noqa: E402
@@ -154,7 +157,10 @@ if __name__ == "__main__":
             if overrides == ["fsdp"]:
                 fsdp_check(run_dir)
                 continue
-            main.run(main.compose(overrides, run_dir), run_dir)
+            try:
+                main.run(main.compose(overrides, run_dir), run_dir)
+            except SIGTERMException:
+                continue
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
