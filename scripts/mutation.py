@@ -1,7 +1,7 @@
 """Mutation testing of the maths: apply each one-line mutation of `scripts/mutants.toml` to a
-scratch copy of the repository, run the test files it names (`pytest -x`, a per-mutant time
-limit) and record which test kills it. `make mutation` runs them all and writes the report
-docs/mutation.md; not part of `make test`.
+scratch copy of the repository, run the test files (or test ids) it names (`pytest -x`, a
+per-mutant time limit) and record which test kills it. `make mutation` runs them all and
+writes the report docs/mutation.md; not part of `make test`.
 
     python scripts/mutation.py [--only ID,...] [--timeout S] [--report PATH] [--list]
 
