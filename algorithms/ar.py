@@ -15,6 +15,7 @@ from algorithms.base import (
     Layout,
     Loss,
     Network,
+    SamplingKeys,
     Shard,
     reduce_loss,
 )
@@ -37,6 +38,11 @@ class Autoregressive:
 
     train_layout = Layout(mask=CausalMask())
     sampler = "ar"  # next-token sampling
+    # one token per call: no first-hitting, parallel decoding or separate commit (each call
+    # caches its token)
+    sampling_keys = SamplingKeys(
+        frozenset({"var_length", "reject_low_entropy", "nucleus_p", "reencode_context"})
+    )
     supports_kv_cache = True
     supports_prompts = True
 

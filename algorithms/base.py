@@ -23,6 +23,32 @@ DEFAULT_EPS_MAX = 1.0
 MAX_RESAMPLE_ROUNDS = 10_000
 
 
+# sample_eval's sampler options (`sampling.*` keys, in configs/config.yaml's order): the
+# SamplerConfig fields that shape the draws, and the uncached variant. KV caching and prompts
+# are capabilities of their own (an objective's `supports_kv_cache`, `supports_prompts`).
+SAMPLER_OPTIONS = (
+    "var_length", "reject_low_entropy", "nucleus_p", "first_hitting", "reencode_context",
+    "fuse_commit", "tokens_per_step", "confidence_threshold", "entropy_bound", "eb_gamma",
+    "unmask_order",
+)  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingKeys:
+    """What an objective declares of its sampler (its class attribute `sampling_keys`):
+    `reads`, the SAMPLER_OPTIONS it reads; settings refuse the others when set away from their
+    defaults. `instead`: (option, the key that does its job here) pairs, named in that
+    refusal."""
+
+    reads: frozenset[str]
+    instead: tuple[tuple[str, str], ...] = ()
+
+    def __post_init__(self):
+        unknown = set(self.reads) - set(SAMPLER_OPTIONS)
+        if unknown:
+            raise ValueError(f"not sampler options: {sorted(unknown)}")
+
+
 @dataclasses.dataclass(frozen=True)
 class Layout:
     """How the network sees an input sequence of length S.

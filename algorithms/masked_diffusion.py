@@ -14,10 +14,12 @@ import torch
 from torch import Tensor
 
 from algorithms.base import (
+    SAMPLER_OPTIONS,
     DoubleLengthCrop,
     Layout,
     Loss,
     Network,
+    SamplingKeys,
     Shard,
     process_sigma,
     q_xt,
@@ -62,6 +64,9 @@ class MaskedDiffusion:
         return Layout()
 
     sampler = "semi_ar"  # blocks left to right (sampling/block.py)
+    # first-hitting or DDPM steps, parallel decoding, the uncached re-encoding (MDLM always
+    # re-encodes its window) and the fused commit of the KV cache
+    sampling_keys = SamplingKeys(frozenset(SAMPLER_OPTIONS))
 
     @property
     def supports_kv_cache(self) -> bool:

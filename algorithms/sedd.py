@@ -26,6 +26,7 @@ from algorithms.base import (
     Layout,
     Loss,
     Network,
+    SamplingKeys,
     Shard,
     process_sigma,
     q_xt,
@@ -97,6 +98,8 @@ class SEDD:
     var_min = False
     train_layout = Layout()
     sampler = "analytic"  # every position at once, T steps (sampling/analytic.py)
+    # T tau-leaping steps over the whole sequence, through the score alone (no denoiser)
+    sampling_keys = SamplingKeys(frozenset({"var_length", "reject_low_entropy", "nucleus_p"}))
     supports_kv_cache = False
     supports_prompts = False
 

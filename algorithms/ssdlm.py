@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from algorithms.base import Loss, Shard, draw_uniform, reduce_loss
+from algorithms.base import Loss, SamplingKeys, Shard, draw_uniform, reduce_loss
 
 SCHEDULE_S = 1e-4
 SIMPLEX_VALUE = 5.0
@@ -91,11 +91,11 @@ class SSDLM:
     backbone = "roberta"  # models.ssdlm.SSDLMNetwork, not the DiT
     supports_kv_cache = False
     supports_prompts = False
-    supports_var_length = False
-    # first-hitting and parallel decoding (sampling.first_hitting, tokens_per_step, ...) and
-    # sampling.nucleus_p do not apply: each step projects one token drawn from its own top-p
-    supports_first_hitting = False
-    supports_nucleus = False
+    # fixed lengths; no first-hitting, parallel decoding or nucleus_p: each step projects one
+    # token drawn from its own top-p (algo.top_p)
+    sampling_keys = SamplingKeys(
+        frozenset({"reject_low_entropy"}), instead=(("nucleus_p", "algo.top_p"),)
+    )
 
     def sampling_blocks(self, window: int, length: int) -> tuple[int, int | None]:
         """(K, stride K): every round appends one block of `block_size` new tokens; the

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from data.config import require
-from utils import atomic_path, get_logger
+from utils import UserError, atomic_path, get_logger
 
 LOG = get_logger(__name__)
 
@@ -102,6 +102,7 @@ def load_or_build(cache_dir: str, name: str, build: Callable[[str], None]) -> To
     renamed into place complete; one process builds while the others block on `name.lock`
     (a kernel lock: a killed builder releases it, and its staging directory is discarded).
     For an fsspec URL the cache is built in a local mirror and uploaded, marker last.
+    UserError naming data.cache_dir when a missing cache cannot be written there.
     """
     remote = _is_remote(cache_dir)
     local_root = _local_mirror(cache_dir) if remote else _local_path(cache_dir)
@@ -109,7 +110,14 @@ def load_or_build(cache_dir: str, name: str, build: Callable[[str], None]) -> To
     if _complete(local):
         LOG.info("loading %s from cache %s", name, local)
         return TokenDataset.load(local)
-    os.makedirs(local_root, exist_ok=True)
+    try:  # FileLock would wait forever on a lock file it cannot create
+        os.makedirs(local_root, exist_ok=True)
+        open(local + ".lock", "a").close()
+    except OSError as err:
+        raise UserError(
+            f"data.cache_dir={cache_dir}: cannot build the token cache {name} in {local_root} "
+            f"({err.strerror}); give a writable directory"
+        ) from None
     with filelock.FileLock(local + ".lock"):
         if not _complete(local):
             _discard_staging(local_root, name)

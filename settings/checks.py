@@ -7,12 +7,22 @@ Each check raises UserError with one line naming the key and what would be valid
 
 from __future__ import annotations
 
+import functools
 import os
 import pathlib
+import tempfile
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from algorithms import build_algorithm
+from algorithms.base import (
+    DEFAULT_EPS_MAX,
+    DEFAULT_EPS_MIN,
+    SAMPLER_OPTIONS,
+    check_resample_interval,
+    f32_equal,
+)
+from algorithms.clip_search import interval_grid
 from models import dit_config
 from models.attention import flash_available, flex_available
 from noise_schedule import build_noise
@@ -52,13 +62,119 @@ def check_run(cfg: DictConfig, hw: Hardware) -> None:
         )
     if cfg.algo.clip_search_widths and not cfg.algo.var_min:
         raise UserError("algo.clip_search_widths needs algo.var_min=true (algo=bd3lm)")
+    if cfg.mode != "sample_eval":  # training and validation draw t from these intervals
+        check_clip_intervals(cfg, objective)
     check_strategy(cfg, hw)
+    check_trainer(cfg)
+    check_creatable("data.cache_dir", str(cfg.data.cache_dir))
     if cfg.mode == "train":
         check_writable("checkpointing.save_dir", str(cfg.checkpointing.save_dir))
+        check_callbacks(cfg)
         if cfg.wandb is not None:
             check_wandb_credentials(cfg.wandb)
     if cfg.mode == "sample_eval":
         check_sampling_keys(cfg, objective)
+
+
+def check_clip_intervals(cfg: DictConfig, objective) -> None:
+    """The intervals [eps_min, eps_max] t is drawn from: with algo.var_min, the configured
+    one (the clip buffers' start) and every interval of the clip search's grid (each measured
+    at validation, and the chosen one trained on: algorithms.clip_search.interval_grid, used
+    when it holds more than one). Without, every objective trains on [1e-3, 1], so the keys
+    of the interval are refused when set. A grid interval must end by t = 1. With
+    training.resample, q_xt redraws a block of K tokens until its masked fraction, a multiple
+    of 1/K, lies in the interval, and refuses an interval that holds none
+    (algorithms.base.check_resample_interval): at step 0 for the configured interval, at the
+    first validation for the grid's."""
+    training, algo = cfg.training, cfg.algo
+    eps_min, eps_max = float(training.sampling_eps_min), float(training.sampling_eps_max)
+    default = f32_equal(eps_min, DEFAULT_EPS_MIN) and f32_equal(eps_max, DEFAULT_EPS_MAX)
+    if not (algo.var_min and hasattr(objective, "corrupt")):  # no learned clip interval
+        which = f"algo={algo.name} with algo.var_min={_yaml(algo.var_min)}"
+        if not default:
+            raise UserError(
+                f"training.sampling_eps_min={eps_min}, training.sampling_eps_max={eps_max}: "
+                f"{which} trains on t in [{DEFAULT_EPS_MIN}, {DEFAULT_EPS_MAX}] (the clip "
+                "interval is BD3-LM's, algo.var_min=true); leave both at their defaults"
+            )
+        if training.resample:
+            raise UserError(
+                f"training.resample=true: {which} trains on t in [{DEFAULT_EPS_MIN}, "
+                f"{DEFAULT_EPS_MAX}], where nothing is resampled; set training.resample=false"
+            )
+        return
+    K = objective.block_size
+    grid = interval_grid(list(algo.clip_search_widths), float(algo.clip_search_delta), K)
+    for low, high in grid if len(grid) > 1 else []:
+        if high > 1:
+            raise UserError(
+                f"algo.clip_search_delta={algo.clip_search_delta}: the clip search's grid "
+                f"reaches the interval [{low:.4g}, {high:.4g}] (width {high - low:.4g}), beyond "
+                "t = 1; choose a delta that divides 1 - width for every width (the paper: 0.05)"
+            )
+    if not training.resample:
+        return
+    if _resample_refused(eps_min, eps_max, K):
+        raise UserError(
+            f"training.sampling_eps_min={eps_min}, training.sampling_eps_max={eps_max}: with "
+            f"training.resample=true the masked fraction of a block of K={K} tokens must lie "
+            f"in the interval and no multiple of 1/{K} does; widen the interval or set "
+            "training.resample=false"
+        )
+    for low, high in grid if len(grid) > 1 else []:
+        if _resample_refused(low, high, K):
+            raise UserError(
+                f"algo.clip_search_widths={list(algo.clip_search_widths)}: the clip search's "
+                f"interval [{low:.4g}, {high:.4g}] holds no multiple of 1/{K}, the masked "
+                f"fractions of a block of K={K} tokens that training.resample=true redraws "
+                f"into it; use widths of at least 1/{K} or training.resample=false"
+            )
+
+
+def _resample_refused(low: float, high: float, block_size: int) -> bool:
+    """Whether q_xt refuses to resample blocks of `block_size` tokens into [low, high] (the
+    default interval, which it does not resample, holds j = K)."""
+    try:
+        check_resample_interval(low, high, block_size)
+    except ValueError:
+        return True
+    return False
+
+
+def check_trainer(cfg: DictConfig) -> None:
+    """Trainer and schedule keys that only make sense together."""
+    trainer, schedule = cfg.trainer, cfg.lr_scheduler
+    interval = trainer.get("val_check_interval")
+    if isinstance(interval, float) and trainer.get("check_val_every_n_epoch") is None:
+        raise UserError(
+            f"trainer.val_check_interval={interval}: a fraction of an epoch needs "
+            "trainer.check_val_every_n_epoch (without, validation counts micro-batches across "
+            "epochs); give an integer"
+        )
+    limit = trainer.get("limit_val_batches")
+    if cfg.mode == "ppl_eval" and limit == 0:
+        raise UserError(
+            f"trainer.limit_val_batches={limit}: mode=ppl_eval evaluates the validation "
+            "batches; give a count >= 1 or a fraction in (0, 1]"
+        )
+    warmup = schedule.get("warmup_t")  # cosine_decay_warmup
+    if warmup is not None and warmup >= trainer.max_steps:
+        raise UserError(
+            f"lr_scheduler.warmup_t={warmup} leaves no steps for the cosine decay "
+            f"(trainer.max_steps={trainer.max_steps}); choose warmup_t < max_steps"
+        )
+
+
+def check_callbacks(cfg: DictConfig) -> None:
+    """Each `callbacks` node builds (its class checks its own arguments); nothing is written."""
+    import hydra
+
+    for name, node in cfg.callbacks.items():
+        try:
+            hydra.utils.instantiate(node)
+        except Exception as err:  # the class's own error, wrapped by Hydra
+            reason = str(err.__cause__ or err).strip().splitlines()[0]
+            raise UserError(f"callbacks.{name}: {reason}") from None
 
 
 def check_network(cfg: DictConfig, objective) -> None:
@@ -176,7 +292,7 @@ def check_sampling_keys(cfg: DictConfig, objective) -> None:
     """sample_eval's keys: the sampler's options (their ranges are SamplerConfig's), what the
     objective can do, prompts and the output directory."""
     sampling = cfg.sampling
-    check_inapplicable_sampling_keys(cfg, objective)
+    check_unread_sampling_keys(cfg, objective)
     try:
         SamplerConfig(
             length=1,
@@ -230,39 +346,37 @@ def check_sampling_keys(cfg: DictConfig, objective) -> None:
         )
 
 
-# sampling keys -> their defaults: the first-hitting sampler and its parallel decoding
-FIRST_HITTING_KEYS = {
-    "first_hitting": False,  # the objective's own default (configs/algo/ssdlm.yaml)
-    "tokens_per_step": 1,
-    "confidence_threshold": None,
-    "entropy_bound": None,
-    "eb_gamma": None,
-    "unmask_order": "random",
-    "reencode_context": False,
-}
+CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
 
 
-def check_inapplicable_sampling_keys(cfg: DictConfig, objective) -> None:
-    """Sampler keys the objective's sampler has no use for, refused when set away from their
-    defaults: first-hitting and parallel decoding (`objective.supports_first_hitting`),
-    nucleus_p (`supports_nucleus`), var_length (`supports_var_length`)."""
-    sampling, name = cfg.sampling, cfg.algo.name
-    if not getattr(objective, "supports_first_hitting", True):
-        for key, default in FIRST_HITTING_KEYS.items():
-            if sampling[key] != default:
-                raise UserError(
-                    f"sampling.{key}={_yaml(sampling[key])}: algo={name} has no first-hitting "
-                    f"or parallel-decoding sampler; leave sampling.{key}={_yaml(default)}"
-                )
-    if not getattr(objective, "supports_nucleus", True) and float(sampling.nucleus_p) != 1.0:
+@functools.cache
+def sampling_defaults(algo: str) -> dict:
+    """The `sampling` group as configs/ sets it for `algo=NAME`, before any experiment or
+    override: configs/config.yaml's, under the keys a global-package algo file sets itself
+    (configs/algo/ssdlm.yaml: sampling.first_hitting=false)."""
+    defaults = OmegaConf.to_container(OmegaConf.load(CONFIGS / "config.yaml").sampling)
+    path = CONFIGS / "algo" / f"{algo}.yaml"
+    if path.is_file():  # an algo-package file has no `sampling` (algo.sampling is no key)
+        defaults.update(OmegaConf.to_container(OmegaConf.load(path)).get("sampling") or {})
+    return defaults
+
+
+def check_unread_sampling_keys(cfg: DictConfig, objective) -> None:
+    """The sampler options (algorithms.base.SAMPLER_OPTIONS) that the objective's sampler does
+    not read (`objective.sampling_keys`), refused when set away from their defaults
+    (`sampling_defaults`)."""
+    keys, name = objective.sampling_keys, cfg.algo.name
+    defaults = sampling_defaults(str(name))
+    for key in SAMPLER_OPTIONS:
+        value, default = cfg.sampling.get(key, defaults[key]), defaults[key]
+        if key in keys.reads or value == default:
+            continue
+        reads = ", ".join(f"sampling.{k}" for k in SAMPLER_OPTIONS if k in keys.reads)
+        instead = dict(keys.instead).get(key)
+        leave = f"set {instead} instead and leave" if instead else "leave"
         raise UserError(
-            f"sampling.nucleus_p={sampling.nucleus_p}: algo={name} samples through its own "
-            "projection's top-p; set algo.top_p instead and leave sampling.nucleus_p=1.0"
-        )
-    if not getattr(objective, "supports_var_length", True) and sampling.var_length:
-        raise UserError(
-            f"sampling.var_length=true: algo={name} generates fixed lengths only; set "
-            "sampling.var_length=false"
+            f"sampling.{key}={_yaml(value)}: algo={name} has no use for it (its sampler reads "
+            f"{reads or 'no other option'}); {leave} sampling.{key}={_yaml(default)}"
         )
 
 
@@ -284,15 +398,31 @@ def check_sampling(cfg: DictConfig, window: int) -> None:
 
 
 def check_writable(key: str, path: str) -> None:
-    """`path` is a writable directory or can be created as one (fsspec URLs are not probed);
-    nothing is created here."""
+    """`path` is a directory this process can write in, or can be created as one (fsspec
+    URLs are not probed): a probe directory is made and removed in `path` or its nearest
+    existing parent (permission bits do not tell: root may create nothing under /proc)."""
     if "://" in path:
         return
-    existing = os.path.abspath(path)
+    existing = os.path.abspath(os.path.expanduser(path))
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
-    if not os.path.isdir(existing) or not os.access(existing, os.W_OK):
-        raise UserError(f"{key}={path} cannot be written ({existing} is not a writable directory)")
+    why = f"{existing} is not a directory"
+    if os.path.isdir(existing):
+        try:
+            os.rmdir(tempfile.mkdtemp(prefix=".bd3lms-probe-", dir=existing))
+            return
+        except OSError as err:
+            why = f"nothing can be created in {existing}: {err.strerror}"
+    raise UserError(f"{key}={path} cannot be written ({why}); give a writable directory")
+
+
+def check_creatable(key: str, path: str) -> None:
+    """`path` is a directory, or can be created as one (check_writable). An existing directory
+    is not probed: reading what it holds needs no write (the data cache builds what is missing
+    and says so then, data.cache.load_or_build)."""
+    if "://" in path or os.path.isdir(os.path.expanduser(path)):
+        return
+    check_writable(key, path)
 
 
 def check_wandb_credentials(wandb_cfg: DictConfig) -> None:

@@ -5,7 +5,8 @@ are in settings/checks.py.
 
 A group whose meaning depends on its choice (`strategy`, `lr_scheduler`) has one table per
 choice. `trainer` also takes any other keyword of `lightning.Trainer`, `wandb` any keyword of
-Lightning's WandbLogger or `wandb.init`; `callbacks` nodes are checked by instantiating them.
+Lightning's WandbLogger or `wandb.init`; `callbacks` nodes are checked by instantiating them
+(settings.checks.check_callbacks). Every number, in the tables or not, is finite.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 from algorithms import ALGORITHMS, PARAMETERIZATIONS
 from models.attention import BACKENDS
 from noise_schedule import SCHEDULES
+from sampling.config import UNMASK_ORDERS
 from utils import UserError
 
 PRECISION_NAMES = (
@@ -29,9 +31,11 @@ PRECISION_NAMES = (
 
 @dataclasses.dataclass(frozen=True)
 class Spec:
-    """One key: `kind` int | real | bool | text | choice | reals | any; bounds for numbers
-    (`lo_open` / `hi_open`: strict); `choices` for choice; `null`: None allowed; `extra`:
-    literal values also allowed (e.g. "auto")."""
+    """One key: `kind` int | real | bool | text | choice | reals | batches | any; bounds for
+    numbers (`lo_open` / `hi_open`: strict); `choices` for choice; `null`: None allowed; `extra`:
+    literal values also allowed (e.g. "auto"). Numbers are finite (NaN and inf never pass).
+    `batches` is Lightning's batch count or epoch fraction: an integer >= lo, or a fraction of
+    an epoch, a float in [0, 1] ((0, 1] when lo > 0: a zero fraction is as empty as 0)."""
 
     kind: str
     lo: float | None = None
@@ -46,7 +50,7 @@ class Spec:
         """None when `value` is valid, else what would be valid."""
         if value is None:
             return None if self.null else f"must be {self.describe()}"
-        if value in self.extra and not isinstance(value, bool):
+        if any(type(value) is type(e) and value == e for e in self.extra):
             return None
         if self.kind == "any":
             return None
@@ -61,6 +65,9 @@ class Spec:
                 return f"must be a list of {self.describe()}"
             bad = [v for v in value if not self._in_range(v, real=True)]
             return f"entries must be {self.describe()}" if bad else None
+        if self.kind == "batches" and isinstance(value, float):
+            fraction = Spec("real", 0, 1, lo_open=bool(self.lo))
+            return None if fraction.problem(value) is None else f"must be {self.describe()}"
         return (
             None
             if self._in_range(value, real=self.kind == "real")
@@ -81,6 +88,9 @@ class Spec:
             text = {"bool": "true or false", "text": "a non-empty string"}.get(
                 self.kind, f"one of {', '.join(self.choices)}"
             )
+        elif self.kind == "batches":
+            zero = "(0, 1]" if self.lo else "[0, 1]"
+            text = f"an integer >= {_num(self.lo)} or a fraction of an epoch in {zero}"
         else:
             noun = "an integer" if self.kind == "int" else "a number"
             bounds = []
@@ -113,11 +123,12 @@ def Choice(*choices: str, **kw) -> Spec:  # noqa: N802
 BOOL, TEXT, ANY = Spec("bool"), Spec("text"), Spec("any")
 TEXT_OR_NULL, BOOL_OR_NULL = Spec("text", null=True), Spec("bool", null=True)
 POSITIVE, POSITIVE_OR_NULL = Int(1), Int(1, null=True)
+POSITIVE_OR_NULL_OR_UNLIMITED = Int(1, null=True, extra=(-1,))  # Lightning's -1: no limit
 PROBABILITY_OPEN = Real(0, 1, lo_open=True)  # (0, 1]
 
 TOP = {
     "mode": Choice("train", "ppl_eval", "sample_eval"),
-    "seed": Int(0),
+    "seed": Int(0, 2**32 - 1),  # Lightning's seed_everything takes numpy's range (else 0)
     "block_size": POSITIVE,
     "verbose": BOOL,  # console: the resolved config and the model summary
 }
@@ -131,23 +142,23 @@ GROUPS: dict[str, dict[str, Spec]] = {
         "num_workers": Int(0, null=True),
         "pin_memory": BOOL,
     },
-    "sampling": {  # the ranges of the sampler's own options: sampling.SamplerConfig
+    "sampling": {  # the sampler's options (sampling.SamplerConfig checks the same ranges)
         "num_sample_batches": POSITIVE,
         "var_length": BOOL,
         "reject_low_entropy": BOOL,
         "logdir": TEXT_OR_NULL,
-        "nucleus_p": Real(),
+        "nucleus_p": PROBABILITY_OPEN,
         "first_hitting": BOOL,
         "kv_cache": BOOL,
         "reencode_context": BOOL,
         "prefix": Spec("any", null=True),
         "prefix_file": TEXT_OR_NULL,
         "fuse_commit": BOOL,
-        "tokens_per_step": Int(),
-        "confidence_threshold": Real(null=True),
-        "entropy_bound": Real(null=True),
-        "eb_gamma": Real(null=True),
-        "unmask_order": TEXT,
+        "tokens_per_step": POSITIVE,
+        "confidence_threshold": Real(0, 1, lo_open=True, null=True),
+        "entropy_bound": Real(0, lo_open=True, null=True),
+        "eb_gamma": Real(0, null=True),
+        "unmask_order": Choice(*UNMASK_ORDERS),
     },
     "training": {
         "ema": Real(0, 1, hi_open=True),
@@ -184,15 +195,15 @@ GROUPS: dict[str, dict[str, Spec]] = {
         "num_sanity_val_steps": Int(-1),
         "max_steps": POSITIVE,
         "log_every_n_steps": POSITIVE,
-        "limit_train_batches": Real(0),
-        "limit_val_batches": Real(0),
-        "val_check_interval": Real(0, lo_open=True),
+        "limit_train_batches": Spec("batches", 1),  # 0 would train on nothing
+        "limit_val_batches": Spec("batches", 0),  # 0: no validation
+        "val_check_interval": Spec("batches", 1),
         "check_val_every_n_epoch": POSITIVE_OR_NULL,
         "deterministic": Spec("bool", null=True, extra=("warn",)),
         "float32_matmul_precision": Choice("highest", "high", "medium"),
         "enable_progress_bar": BOOL,
         "enable_model_summary": BOOL,
-        "max_epochs": Int(-1, null=True),
+        "max_epochs": POSITIVE_OR_NULL_OR_UNLIMITED,  # 0 would train nothing
     },
     "checkpointing": {
         "save_dir": TEXT,
@@ -320,6 +331,20 @@ def check_schema(cfg: Mapping[str, Any]) -> None:
     for name, node in callbacks.items():
         if not isinstance(node, Mapping) or "_target_" not in node:
             raise UserError(f"callbacks.{name}: needs a _target_ (a callback class to build)")
+    _check_finite(cfg, "")
+
+
+def _check_finite(node: Any, key: str) -> None:
+    """Numbers the tables do not cover (Lightning's other Trainer keywords, callback and wandb
+    options) are finite too."""
+    if isinstance(node, Mapping):
+        for name, value in node.items():
+            _check_finite(value, f"{key}.{name}" if key else str(name))
+    elif isinstance(node, (list, tuple)):
+        for index, value in enumerate(node):
+            _check_finite(value, f"{key}[{index}]")
+    elif isinstance(node, float) and not math.isfinite(node):
+        raise UserError(f"{key}={node}: must be a finite number")
 
 
 def _check_group(group: str, node: Any, table: dict[str, Spec], extra: tuple = ()) -> None:

@@ -18,6 +18,7 @@ CASES = [
     ("top", ["block_size=5"], "block_size=5"),
     ("top", ["block_size=0"], "block_size=0: must be an integer >= 1"),
     ("top", ["seed=-1"], "seed=-1: must be an integer >= 0"),
+    ("top", ["seed=4294967296"], "seed=4294967296: must be an integer >= 0 and <= 4294967295"),
     ("top", ["mode=serve"], "mode='serve': valid are train, ppl_eval, sample_eval"),
     ("top", ["algo=nonsense"], "algo=nonsense: unknown; valid are ar, bd3lm, mdlm"),
     ("top", ["+typo_key=1"], "typo_key"),
@@ -39,6 +40,15 @@ CASES = [
         "training.sampling_eps_min",
     ),
     ("training", ["training.compile=maybe"], "training.compile='maybe': must be true or false"),
+    (
+        "training",
+        [
+            "training.resample=true",
+            "training.sampling_eps_min=0.3",
+            "training.sampling_eps_max=0.4",
+        ],
+        "K=4 tokens must lie in the interval and no multiple of 1/4 does",
+    ),
     # optim
     ("optim", ["optim.weight_decay=-0.1"], "optim.weight_decay=-0.1: must be a number >= 0"),
     ("optim", ["optim.lr=0"], "optim.lr=0"),
@@ -56,6 +66,8 @@ CASES = [
     ("trainer", ["trainer.precision=16-mixed"], "16-mixed needs a GPU"),
     ("trainer", ["+trainer.no_such_trainer_kwarg=1"], "trainer.no_such_trainer_kwarg"),
     ("trainer", ["trainer.val_check_interval=0"], "trainer.val_check_interval=0"),
+    ("trainer", ["trainer.val_check_interval=0.5"], "needs trainer.check_val_every_n_epoch"),
+    ("trainer", ["trainer.limit_train_batches=1.5"], "limit_train_batches=1.5: must be an integer"),
     # strategy
     ("strategy", ["strategy=fsdp"], "strategy=fsdp needs CUDA GPUs"),
     ("strategy", ["strategy.find_unused_parameters=1"], "strategy.find_unused_parameters=1"),
@@ -66,14 +78,30 @@ CASES = [
         ["checkpointing.save_dir=/dev/null/bd3lms"],
         "checkpointing.save_dir=/dev/null",
     ),
+    (
+        "checkpointing",
+        ["checkpointing.save_dir=/proc/bd3lms"],  # root may write /proc, yet creates nothing
+        "checkpointing.save_dir=/proc/bd3lms cannot be written",
+    ),
     # callbacks
     ("callbacks", ["+callbacks.extra.every_n_train_steps=3"], "callbacks.extra"),
+    (
+        "callbacks",
+        ["callbacks.checkpoint_every_n_steps.every_n_train_steps=nan"],
+        "every_n_train_steps=nan: must be a finite number",
+    ),
+    ("callbacks", ["callbacks.checkpoint_monitor.save_top_k=-2"], "save_top_k=-2. Must be >= -1"),
     # algo
     ("algo", ["algo.clip_search_delta=0"], "algo.clip_search_delta=0"),
     ("algo", ["algo.var_min=false", "algo.clip_search_widths=[0.5]"], "algo.var_min"),
     ("algo", ["algo.parameterization=score"], "algo.parameterization='score': valid are subs"),
     ("algo", ["algo=sedd", "block_size=32", "algo.time_conditioning=false"], "time_conditioning"),
     ("algo", ["algo.backbone='resnet'"], "algo.backbone='resnet'"),
+    (
+        "algo",
+        ["algo.clip_search_widths=[0.1]", "training.resample=true"],
+        "the clip search's interval [0.001, 0.1] holds no multiple of 1/4",
+    ),
     # model
     ("model", ["model.attn_backend=nope"], "model.attn_backend"),
     ("model", ["model.attn_backend=flex"], "model.attn_backend=flex cannot train on CPU"),
@@ -88,6 +116,7 @@ CASES = [
     ("data", ["+data.typo=1"], "data.typo"),
     ("data", ["data.num_valid_docs=0"], "data.num_valid_docs=0"),
     ("data", ["data.wrap='sometimes'"], "data.wrap='sometimes'"),
+    ("data", ["data.cache_dir=/proc/bd3lms"], "data.cache_dir=/proc/bd3lms cannot be written"),
     # eval / ppl_eval
     ("eval", [PPL, f"eval.checkpoint_path={MISSING}.ckpt"], "eval.checkpoint_path"),
     ("eval", [PPL, "eval.sanity_ppl_max=0.5"], "eval.sanity_ppl_max=0.5"),
@@ -106,6 +135,11 @@ CASES = [
     ("sampling", [SAMPLE, "sampling.kv_cache=true", "sampling.reencode_context=true"], "reencode"),
     ("sampling", [SAMPLE, "algo=mdlm", "block_size=32", "sampling.prefix=a"], "prompts need"),
     ("sampling", [SAMPLE, "sampling.logdir=/dev/null/bd3lms"], "sampling.logdir=/dev/null"),
+    (
+        "sampling",
+        [SAMPLE, "algo=ar", "block_size=1", "sampling.tokens_per_step=2"],
+        "sampling.tokens_per_step=2: algo=ar has no use for it",
+    ),
     (
         "eval",
         [SAMPLE, f"eval.gen_ppl_eval_model_name_or_path={MISSING}/judge"],
