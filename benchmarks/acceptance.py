@@ -183,6 +183,7 @@ class SameTrajectory:
 
     def __init__(self, model):
         self.model, self.pairs, self.cache = model, [], None
+        self.time_conditioned = getattr(model, "time_conditioned", True)  # DDPM reuse as inside
 
     def logprobs(self, x, t, num_last, key_valid, cache, commit=False, commit_previous=False,
                  rows=None):  # fmt: skip

@@ -60,7 +60,9 @@ def denoise_block(
     the last step unmasks everything left. p_x0 is reused while no sequence changed, which is
     exact only when the network ignores t: a time-conditioned network
     (`model.time_conditioned`, True when the denoiser does not say) is called at every step.
-    NFE counts the calls that changed a sequence, as for first-hitting."""
+    NFE counts, per sequence, the calls that changed it (the reference's count, as for
+    first-hitting) and, for a time-conditioned network, every call made while it still had a
+    masked position (each of those steps draws from its own fresh prediction)."""
     if cfg.first_hitting:
         return denoise_first_hitting(
             model, context, key_valid, block, cache, cfg, generator, active, num_masked,
@@ -82,9 +84,10 @@ def denoise_block(
             log_p = model.logprobs(x, t, K, valid, cache, commit_previous=commit_previous)
             commit_previous = False
             p_x0 = nucleus(log_p.double().exp(), cfg.nucleus_p)
+        masked = (block == cfg.mask_id).any(-1)
         new_block = update_block(block, p_x0, t, 1.0 / T, cfg, generator)
         changed = (new_block != block).any(-1)
-        nfe += changed & active
+        nfe += (changed | (masked & reads_t)) & active
         if changed.any() and draft is not None:
             draft(new_block)
         if changed.any() or reads_t:

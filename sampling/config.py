@@ -112,7 +112,8 @@ class SamplerConfig:
 class SampleOutput:
     tokens: Tensor  # (B, S) int64; row b is valid up to lengths[b] (after its prompt padding)
     lengths: Tensor  # (B,) tokens per sample, prompt included
-    nfe_denoise: Tensor  # (B,) model calls that changed the sequence (the reference's NFE)
+    nfe_denoise: Tensor  # (B,) model calls that changed the sequence (the reference's NFE;
+    # with a time-conditioned DDPM, every call while the sequence had a masked position)
     nfe_total: Tensor  # (B,) denoising calls plus separate KV-cache commit passes
     stop_reason: list[str]  # "length" | "eos" | "low_entropy" | "rejected_low_entropy"
     prompt_pad: Tensor  # (B,) left padding in front of each row's prompt

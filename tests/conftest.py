@@ -292,6 +292,7 @@ class Recorder:
 
     def __init__(self, model):
         self.model, self.calls = model, []
+        self.time_conditioned = getattr(model, "time_conditioned", True)  # DDPM reuse as inside
 
     def logprobs(self, x, t, num_last, key_valid, cache, commit=False, commit_previous=False,
                  rows=None):  # fmt: skip
