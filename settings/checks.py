@@ -69,6 +69,9 @@ def check_run(cfg: DictConfig, hw: Hardware) -> None:
     check_creatable("data.cache_dir", str(cfg.data.cache_dir))
     if cfg.mode == "train":
         check_writable("checkpointing.save_dir", str(cfg.checkpointing.save_dir))
+        resume = cfg.checkpointing.resume_ckpt_path
+        if cfg.checkpointing.resume_from_ckpt and resume is not None and "://" in str(resume):
+            check_url("checkpointing.resume_ckpt_path", str(resume))
         check_callbacks(cfg)
         if cfg.wandb is not None:
             check_wandb_credentials(cfg.wandb)
@@ -336,6 +339,11 @@ def check_sampling_keys(cfg: DictConfig, objective) -> None:
     if sampling.prefix_file is not None and not os.path.isfile(sampling.prefix_file):
         raise UserError(f"sampling.prefix_file={sampling.prefix_file}: no such file")
     if sampling.logdir is not None:
+        if "://" in str(sampling.logdir):  # samples are appended to local files as they come
+            raise UserError(
+                f"sampling.logdir={sampling.logdir}: a local directory is needed (samples are "
+                "appended as they are drawn); copy the directory to the URL afterwards"
+            )
         check_writable("sampling.logdir", str(sampling.logdir))
     judge = cfg.eval.gen_ppl_eval_model_name_or_path  # a local path; a hub id is probed at load
     local = judge is not None and str(judge).startswith(("/", ".", "~"))
@@ -402,6 +410,7 @@ def check_writable(key: str, path: str) -> None:
     URLs are not probed): a probe directory is made and removed in `path` or its nearest
     existing parent (permission bits do not tell: root may create nothing under /proc)."""
     if "://" in path:
+        check_url(key, path)
         return
     existing = os.path.abspath(os.path.expanduser(path))
     while not os.path.exists(existing):
@@ -414,6 +423,20 @@ def check_writable(key: str, path: str) -> None:
         except OSError as err:
             why = f"nothing can be created in {existing}: {err.strerror}"
     raise UserError(f"{key}={path} cannot be written ({why}); give a writable directory")
+
+
+def check_url(key: str, path: str) -> None:
+    """An fsspec URL whose filesystem can be had here (its backend installed, e.g. s3fs for
+    s3://); nothing is written or listed."""
+    import fsspec
+
+    try:
+        fsspec.core.url_to_fs(path)
+    except (ImportError, ValueError) as err:
+        raise UserError(
+            f"{key}={path}: no fsspec filesystem for it ({str(err).splitlines()[0][:120]}); "
+            "give a local path or a URL whose fsspec backend is installed (s3fs for s3://)"
+        ) from None
 
 
 def check_creatable(key: str, path: str) -> None:

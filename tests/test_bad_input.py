@@ -83,6 +83,16 @@ CASES = [
         ["checkpointing.save_dir=/proc/bd3lms"],  # root may write /proc, yet creates nothing
         "checkpointing.save_dir=/proc/bd3lms cannot be written",
     ),
+    (
+        "checkpointing",
+        ["checkpointing.save_dir=nope://bucket/run"],
+        "checkpointing.save_dir=nope://bucket/run: no fsspec filesystem",
+    ),
+    (
+        "checkpointing",
+        ["checkpointing.resume_ckpt_path=nope://x/last.ckpt"],
+        "checkpointing.resume_ckpt_path=nope://x/last.ckpt: no fsspec filesystem",
+    ),
     # callbacks
     ("callbacks", ["+callbacks.extra.every_n_train_steps=3"], "callbacks.extra"),
     (
@@ -135,6 +145,7 @@ CASES = [
     ("sampling", [SAMPLE, "sampling.kv_cache=true", "sampling.reencode_context=true"], "reencode"),
     ("sampling", [SAMPLE, "algo=mdlm", "block_size=32", "sampling.prefix=a"], "prompts need"),
     ("sampling", [SAMPLE, "sampling.logdir=/dev/null/bd3lms"], "sampling.logdir=/dev/null"),
+    ("sampling", [SAMPLE, "sampling.logdir=memory://logs"], "a local directory is needed"),
     (
         "sampling",
         [SAMPLE, "algo=ar", "block_size=1", "sampling.tokens_per_step=2"],
