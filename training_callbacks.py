@@ -1,16 +1,16 @@
 """Lightning plumbing for long, preemptible runs: atomic checkpoint files (local or fsspec URLs),
-save-and-requeue on SIGUSR1/SIGUSR2/SIGTERM decided by all ranks together, the fine-tuning
-loading sanity check on rank 0's device, throughput/memory logging, and progress as log
-lines."""
+save-and-stop on SIGUSR1/SIGUSR2/SIGTERM/Ctrl-C decided by all ranks together (and requeue on
+the cluster's), the fine-tuning loading sanity check on rank 0's device, throughput/memory
+logging, and progress as log lines."""
 
 from __future__ import annotations
 
 import logging
 import os
 import resource
+import secrets
 import signal
 import subprocess
-import tempfile
 import time
 
 import lightning as L
@@ -31,7 +31,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     through Lightning's own writer, which serialises the checkpoint in memory first and
     writes it inside an fsspec transaction in one upload (object stores publish an object only
     once its upload is complete). Reading and deleting (keep_last_k) go through fsspec in
-    Lightning's TorchCheckpointIO."""
+    Lightning's TorchCheckpointIO. The file gets the mode of any file the user writes (0666 less
+    the umask), not tempfile.mkstemp's 0600."""
 
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
         path = str(path)
@@ -39,7 +40,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return super().save_checkpoint(checkpoint, path, storage_options)
         directory = os.path.dirname(os.path.abspath(path))
         os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".ckpt", dir=directory)
+        tmp = os.path.join(directory, f".tmp-{secrets.token_hex(8)}.ckpt")
+        # the kernel applies the umask to 0666; O_EXCL: never someone else's file
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         try:
             with os.fdopen(fd, "wb") as f:
                 torch.save(checkpoint, f)
@@ -52,47 +55,77 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 class Preemption(L.Callback):
-    """Save-and-requeue on the warning signals of a cluster: SIGUSR1 (slurm `--signal`, our
-    job template), SIGUSR2 (submitit's warning signal) and SIGTERM.
+    """Save-and-stop on a signal: the warning signals of a cluster, SIGUSR1 (slurm `--signal`,
+    our job template) and SIGUSR2 (submitit's warning signal), SIGTERM, and Ctrl-C (SIGINT).
 
     A signal handler only records the signal; the ranks decide together at the end of every
     micro-batch (one all-reduce of the signals each has seen), so they save and stop at the same
     step even when the signal reached some of them only, or at different micro-batches (a save
     is collective: a rank saving alone would wait in its barrier for ever).
-    SIGUSR1 / SIGUSR2 request a save at the end of the current optimizer step, never inside a
-    gradient accumulation (a checkpoint cannot hold partial gradients, so a save there would not
-    resume bit-identically); every rank takes part in saving `last_path` and training stops.
-    Then the job is requeued by whoever owns the signal: if a Python handler was installed for
-    it before training (submitit's, under `hydra/launcher=slurm`), that handler is called once
-    fit has ended, so submitit requeues the job and counts its timeouts (`max_num_timeout`) as
-    usual; otherwise (a plain sbatch job) rank 0 runs `scontrol requeue $SLURM_JOB_ID`.
+    SIGUSR1 / SIGUSR2 / a first Ctrl-C request a save at the end of the current optimizer step,
+    never inside a gradient accumulation (a checkpoint cannot hold partial gradients, so a save
+    there would not resume bit-identically); every rank takes part in saving `last_path` and
+    training stops (a warning signal wins over a Ctrl-C seen at the same step), after the
+    closing validation Lightning runs whenever a fit is asked to stop.
+    After SIGUSR1 / SIGUSR2 the job is requeued by whoever owns the signal: if a Python handler
+    was installed for it before training (submitit's, under `hydra/launcher=slurm`), that
+    handler is called once fit has ended, so submitit requeues the job and counts its timeouts
+    (`max_num_timeout`) as usual (and exits with -1 on global rank 0); otherwise (a plain
+    sbatch job) rank 0 runs `scontrol requeue $SLURM_JOB_ID`. A Ctrl-C requeues nothing.
+    Ctrl-C: the first one logs that the save will come at the end of the step and puts Python's
+    own handler back, so a second one raises KeyboardInterrupt at once: nothing is saved and
+    Lightning shuts down (on_exception hooks) and exits with code 1. A Ctrl-C ignored when the
+    fit starts (a background job of a non-interactive shell) stays ignored.
     SIGTERM cannot wait: once any rank has it, every rank saves last_path at the end of the
     current micro-batch (mid-accumulation if need be: the resume repeats that step's first
     micro-batches), rank 0 requeues the slurm job, and every rank raises Lightning's
-    SIGTERMException there, as Lightning does on SIGTERM.
+    SIGTERMException there, as Lightning does on SIGTERM, with exit code 143.
+    Exit codes: a run stopped by a signal must not read as a finished one (`train && eval`
+    would go on), so `exit_code` is the shell's convention for it, 128 + the signal's number
+    (Linux: 130 Ctrl-C, 138 SIGUSR1, 140 SIGUSR2, 143 SIGTERM), None when no signal stopped
+    the fit; main.py exits with it. The requeue, when there is one, has been asked for before
+    the exit, so its code does not matter to slurm.
     Our handlers replace Lightning's from the first training batch on (on_train_start):
     Lightning's SIGTERM handler acts on the receiving rank alone. Rerunning the same command
     (the requeued job does) resumes from `last_path`.
     """
 
-    SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
+    SIGNALS = (signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
+    REQUEUED = (signal.SIGUSR1, signal.SIGUSR2)  # the cluster's warnings; SIGTERM requeues at once
 
     def __init__(self, last_path: str):
         self.last_path = last_path
         self.received: set[int] = set()  # the signals this rank received, until the save
-        self.saved_for: int | None = None  # the signal the save answered
+        self.saved_for: int | None = None  # the signal the save answered, until the requeue
+        self.stopped_by: int | None = None  # the signal that stopped this fit
         self._previous: dict = {}
 
+    @property
+    def exit_code(self) -> int | None:
+        """128 + the number of the signal that stopped the fit; None when none did."""
+        return None if self.stopped_by is None else 128 + self.stopped_by
+
     def _handler(self, signum, frame) -> None:
-        log.warning("received signal %d: saving a checkpoint and stopping", signum)
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # the second Ctrl-C
+            log.warning(
+                "Ctrl-C: saving %s at the end of this optimizer step, then stopping; "
+                "Ctrl-C again aborts at once, without saving",
+                self.last_path,
+            )
+        else:
+            log.warning("received signal %d: saving a checkpoint and stopping", signum)
         self.received.add(signum)
 
     def on_fit_start(self, trainer, pl_module) -> None:
         # the owners to hand a warning signal to, and to restore: those found before the fit
         self._previous = {sig: signal.getsignal(sig) for sig in self.SIGNALS}
+        self.stopped_by = None
 
     def on_train_start(self, trainer, pl_module) -> None:
         for sig in self.SIGNALS:
+            if sig == signal.SIGINT and self._previous[sig] == signal.SIG_IGN:
+                continue  # not a terminal's job: Ctrl-C is not meant for it
             signal.signal(sig, self._handler)
 
     @staticmethod
@@ -114,7 +147,7 @@ class Preemption(L.Callback):
     def _save(self, trainer, signum: int) -> None:
         trainer.save_checkpoint(self.last_path, weights_only=False)  # all of it, to resume
         log.warning("saved %s at step %d; stopping", self.last_path, trainer.global_step)
-        self.saved_for, self.received = signum, set()
+        self.saved_for, self.stopped_by, self.received = signum, signum, set()
         trainer.should_stop = True
 
     @staticmethod
@@ -130,7 +163,7 @@ class Preemption(L.Callback):
         if terminate:
             self._save(trainer, signal.SIGTERM)
             self._scontrol_requeue(trainer)
-            raise SIGTERMException
+            raise SIGTERMException(self.exit_code)
         if warning is not None and self.at_step_boundary(trainer, batch_idx):
             self._save(trainer, warning)
 
@@ -152,7 +185,7 @@ class Preemption(L.Callback):
     def on_fit_end(self, trainer, pl_module) -> None:
         previous = self._previous
         signum, self.saved_for = self.saved_for, None
-        if signum is None or signum == signal.SIGTERM:  # nothing saved / already requeued
+        if signum not in self.REQUEUED:  # nothing saved, a Ctrl-C, or SIGTERM (requeued)
             return
         owner = previous.get(signum)
         if callable(owner):  # e.g. submitit: it requeues and counts the timeout

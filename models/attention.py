@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import warnings
 from typing import Any
 
 import torch
@@ -153,16 +154,22 @@ class MaskCache:
 # Backends
 # ----------------------------------------------------------------------------------------------
 _compiled_flex = None
+FLEX_EAGER_WARNING = "flex_attention called without torch.compile"
 
 
 def _flex(q: Tensor, k: Tensor, v: Tensor, block_mask: Any) -> Tensor:
     from torch.nn.attention.flex_attention import flex_attention
 
     global _compiled_flex
-    # CPU: eager, forward only (flex attention has no CPU backward); inside a compiled region
-    # (compiled DiT blocks) the enclosing compile handles flex itself
-    if q.device.type != "cuda" or torch.compiler.is_compiling():
+    # inside a compiled region (compiled DiT blocks) the enclosing compile handles flex itself
+    if torch.compiler.is_compiling():
         return flex_attention(q, k, v, block_mask=block_mask)
+    # CPU: eager on purpose, forward only (flex attention has no CPU backward); torch's warning
+    # that eager flex is unfused (10 lines, advice to compile) is about speed, not results
+    if q.device.type != "cuda":
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", FLEX_EAGER_WARNING, UserWarning)
+            return flex_attention(q, k, v, block_mask=block_mask)
     if _compiled_flex is None:
         _compiled_flex = torch.compile(flex_attention, dynamic=False)
     return _compiled_flex(q, k, v, block_mask=block_mask)

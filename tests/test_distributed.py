@@ -179,8 +179,10 @@ def test_two_process_ppl_eval_equals_one_process_and_sampling_shards(
     probes = [json.loads((preempted / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert probes[0]["sanity_device"] == "cpu" and probes[1]["sanity_device"] is None
     assert probes[0]["sanity_ppl"] == probes[1]["sanity_ppl"] > 1, "rank 0's verdict, shared"
-    for probe in probes:  # both stopped after micro-batch 2, in step 2, and raised together
+    for probe in probes:  # both stopped after micro-batch 2, in step 2, and raised together,
+        # with SIGTERM's exit code (128 + 15) on every rank
         assert (probe["global_step"], probe["exception"]) == (1, "SIGTERMException"), probe
+        assert probe["exit_code"] == 143, probe
     last = torch.load(preempted / "checkpoints" / "last.ckpt", weights_only=True)
     assert last["global_step"] == 1
     ssdlm = fsdp["ssdlm"]  # SSD-LM's RoBERTa: a unit per layer plus the root
@@ -192,8 +194,8 @@ def test_two_process_ppl_eval_equals_one_process_and_sampling_shards(
 class RankProbe(L.Callback):
     """Test callback for the torchrun jobs: sends SIGTERM to this process at the start of
     micro-batch `signal_batch` on global rank `signal_rank` only, and writes OUT/rank{r}.json
-    when the fit ends: the step, the exception that ended it, and what this rank's loading
-    sanity check (training_callbacks.LoadingSanityCheck) holds."""
+    when the fit ends: the step, the exception that ended it (and its exit code), and what
+    this rank's loading sanity check (training_callbacks.LoadingSanityCheck) holds."""
 
     def __init__(self, out: str, signal_rank: int = -1, signal_batch: int = -1):
         self.out, self.signal_rank, self.signal_batch = out, signal_rank, signal_batch
@@ -214,6 +216,7 @@ class RankProbe(L.Callback):
     def _write(self, trainer, exception=None) -> None:
         self.record.update(global_step=trainer.global_step, rank=trainer.global_rank)
         self.record["exception"] = None if exception is None else type(exception).__name__
+        self.record["exit_code"] = getattr(exception, "code", None)  # a SystemExit's
         with open(os.path.join(self.out, f"rank{trainer.global_rank}.json"), "w") as f:
             json.dump(self.record, f)
 
