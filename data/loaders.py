@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 from collections.abc import Iterator
 from typing import Any
 
@@ -205,6 +206,14 @@ class ResumableDataLoader(torch.utils.data.DataLoader):
         self._pending = dict(state)
 
 
+def ignore_interrupts(worker_id: int) -> None:
+    """DataLoader workers ignore Ctrl-C: the terminal sends SIGINT to the whole process group,
+    and a worker that died of it would fail the run ("DataLoader worker exited unexpectedly")
+    instead of letting the main process save and stop (training_callbacks.Preemption); the
+    main process shuts its workers down itself."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def make_loader(
     dataset: torch.utils.data.Dataset,
     batch_size: int,
@@ -234,6 +243,7 @@ def make_loader(
             pin_memory=pin_memory,
             persistent_workers=persistent,
             drop_last=drop_last,
+            worker_init_fn=ignore_interrupts,
         )
     sampler = ResumableSampler(
         dataset, shuffle, seed, rank, world_size, drop_last, batch_size if eval_rows else None
@@ -247,4 +257,5 @@ def make_loader(
         persistent_workers=persistent,
         drop_last=drop_last,
         prefetched=prefetched,
+        worker_init_fn=ignore_interrupts,
     )

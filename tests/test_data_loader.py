@@ -108,3 +108,20 @@ def test_lightning_fit_resumes_mid_epoch(tmp_path):
     assert resumed == full[3:]
     again = fit(tmp_path / "d", 11, ckpt=None)
     assert again == full
+
+
+def test_workers_survive_ctrl_c():
+    """A terminal Ctrl-C reaches the DataLoader workers too; they ignore it, so the main
+    process can save and stop instead of failing with "worker exited unexpectedly"."""
+    import os
+    import signal
+    import time
+
+    loader = dl.make_loader(dataset(), 2, True, 0, num_workers=1, rank=0, world_size=1)
+    batches = torch.utils.data.DataLoader.__iter__(loader)  # the worker-owning iterator
+    next(batches)
+    (worker,) = batches._workers
+    os.kill(worker.pid, signal.SIGINT)
+    time.sleep(0.2)
+    assert worker.is_alive()
+    assert len(list(batches)) == len(loader) - 1
