@@ -3,6 +3,8 @@ classes load it too)."""
 
 from __future__ import annotations
 
+import os
+
 from checkpoints.layout import CLIP_BUFFERS, CheckpointError, infer_dit_shape, split_backbone
 from utils import UserError, atomic_path
 
@@ -23,7 +25,8 @@ def export_hf(
     config.json (models.hf generate reads them). No `auto_map` is written: the directory ships
     no modeling code, so it loads with `models.hf` (or AutoModelForMaskedLM after importing
     it), never as remote code. extra_files(tmp_dir): called before the directory is moved
-    into place, to add files (the tokenizer, a model card)."""
+    into place, to add files (the tokenizer, a model card). Every file gets the permissions
+    of a file created under the process umask (0644 under umask 022)."""
     from models.hf import BD3LM, MDLM, BD3LMConfig, MDLMConfig
 
     config = checkpoint.get("config")
@@ -81,7 +84,19 @@ def export_hf(
         model.save_pretrained(tmp)
         if extra_files is not None:
             extra_files(tmp)
+        follow_umask(tmp)
     return out_dir
+
+
+def follow_umask(directory: str) -> None:
+    """chmod each file under `directory` to 0666 less the umask: safetensors writes the
+    weights 0600, which would leave an export unreadable to the other users of a shared
+    directory."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for parent, _, files in os.walk(directory):
+        for name in files:
+            os.chmod(os.path.join(parent, name), 0o666 & ~umask)
 
 
 def as_export_input(loaded) -> dict:

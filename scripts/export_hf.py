@@ -1,8 +1,8 @@
 """Export one of our Lightning checkpoints as an HF directory (config.json + model.safetensors)
 that `models.hf` and the reference's own classes load: EMA weights (unless --live) and the
 learned clip-interval buffers, the run's tokenizer (its BOS / EOS / mask ids recorded in
-config.json) and a model card (README.md). No auto_map: the directory ships no modeling
-code; load it with `models.hf.BD3LM` / `MDLM` or, after `import models.hf`,
+config.json; padding_side "left") and a model card (README.md). No auto_map: the directory
+ships no modeling code; load it with `models.hf.BD3LM` / `MDLM` or, after `import models.hf`,
 `AutoModelForMaskedLM`.
 
     python scripts/export_hf.py outputs/.../checkpoints/best.ckpt exported/bd3lm-k4
@@ -40,8 +40,10 @@ from transformers import AutoModelForMaskedLM, AutoTokenizer
 
 model = AutoModelForMaskedLM.from_pretrained(PATH)
 tokenizer = AutoTokenizer.from_pretrained(PATH)
-ids = tokenizer(["To be"], return_tensors="pt", add_special_tokens=False).input_ids
-print(tokenizer.decode(model.generate(ids, max_new_tokens=32, seed=0)[0]))
+prompts = ["To be", "O Romeo"]
+batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+out = model.generate(batch.input_ids, attention_mask=batch.attention_mask, max_new_tokens=32)
+print(tokenizer.batch_decode(out, skip_special_tokens=True))  # prompts + continuations
 ```
 """
 
@@ -49,10 +51,18 @@ print(tokenizer.decode(model.generate(ids, max_new_tokens=32, seed=0)[0]))
 def write_tokenizer_and_card(
     directory: str, checkpoint: dict, vocab, use_ema: bool, name: str
 ) -> None:
-    """The tokenizer files and README.md model card into `directory`."""
+    """The tokenizer files and README.md model card into `directory`. The tokenizer pads on
+    the left, so each row generate returns is padding, prompt, continuation, with no padding
+    between the prompt and its continuation."""
     import json
 
     vocab.tokenizer.save_pretrained(directory)
+    # save_pretrained writes only the init keywords, so a padding_side set on the object is lost
+    tokenizer_config = os.path.join(directory, "tokenizer_config.json")
+    with open(tokenizer_config) as f:
+        fields = json.load(f)
+    with open(tokenizer_config, "w") as f:
+        json.dump({**fields, "padding_side": "left"}, f, indent=2)
     with open(os.path.join(directory, "config.json")) as f:
         config = json.load(f)
     data = checkpoint["config"]["data"]
@@ -93,6 +103,18 @@ def token_ids_and_files(checkpoint: dict, out_dir: str, use_ema: bool = True):
     return ids, lambda tmp: write_tokenizer_and_card(tmp, checkpoint, vocab, use_ema, name)
 
 
+def export(ckpt: str, out_dir: str, live: bool = False) -> str:
+    """Export our .ckpt `ckpt` to the new HF directory `out_dir` (EMA weights unless live);
+    UserError, one line, for a bad checkpoint or an existing `out_dir`."""
+    if os.path.exists(out_dir):
+        raise UserError(f"{out_dir} exists; give a new directory")
+    checkpoint = read_checkpoint(ckpt, "CKPT")
+    ids, files = token_ids_and_files(checkpoint, out_dir, not live)
+    if ids is None:
+        raise UserError(f"{ckpt}: the checkpoint has no run config (data.*)")
+    return export_hf(checkpoint, out_dir, use_ema=not live, token_ids=ids, extra_files=files)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("ckpt", help="our Lightning .ckpt")
@@ -100,14 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--live", action="store_true", help="export the live, not EMA, weights")
     args = parser.parse_args(argv)
     try:
-        if os.path.exists(args.out_dir):
-            raise UserError(f"{args.out_dir} exists; give a new directory")
-        checkpoint = read_checkpoint(args.ckpt, "CKPT")
-        use_ema = not args.live
-        ids, files = token_ids_and_files(checkpoint, args.out_dir, use_ema)
-        if ids is None:
-            raise UserError(f"{args.ckpt}: the checkpoint has no run config (data.*)")
-        export_hf(checkpoint, args.out_dir, use_ema=use_ema, token_ids=ids, extra_files=files)
+        export(args.ckpt, args.out_dir, args.live)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -8,11 +8,14 @@
 CHECKPOINT: an HF directory written by scripts/export_hf.py (or a hub id in the released
 format, with a tokenizer), or one of our Lightning .ckpt files (exported to a temporary
 directory first). Prompts come from --prompt (repeatable), else --prompt-file (one per line),
-else stdin (one per line); with none of them, or --num-samples, unconditional samples.
-Each prompt is continued with `model.generate` (models/hf, the sample_eval sampler) at batch
-size 1 with generator seed --seed, so a prompt gives the sample that `mode=sample_eval` gives
-for it with that seed and loader.eval_batch_size=1. Text goes to stdout as each block is
-committed; the tokens, seconds, tokens/s and NFE of every sample go to stderr.
+else stdin (one per line); with none of them, or with --num-samples N, unconditional samples
+(1, or N); MDLM and SEDD take no prompt. Each job (a prompt, or one unconditional sample) is
+sampled by `model.generate` (models/hf, the sample_eval sampler) at batch size 1, all jobs
+drawing in turn from one generator seeded with --seed, as sample_eval's batches do: job i gives
+sample i of `mode=sample_eval` with that seed, loader.eval_batch_size=1 and the same prompts
+(sampling.prefix_file) or, unconditional, sampling.num_sample_batches=N. Text goes to stdout
+as each block is committed; the tokens, seconds, tokens/s and NFE of every sample go to
+stderr.
 """
 
 from __future__ import annotations
@@ -32,10 +35,10 @@ from utils import UserError  # noqa: E402
 class BlockPrinter:
     """A streamer (put / end) that prints each committed block's text at once. The first put
     (the prompt) is printed as given; decoding the whole sample so far and printing the new
-    suffix keeps multi-token characters intact."""
+    suffix keeps multi-token characters intact. out: default, sys.stdout when constructed."""
 
-    def __init__(self, tokenizer, out=sys.stdout):
-        self.tokenizer, self.out = tokenizer, out
+    def __init__(self, tokenizer, out=None):
+        self.tokenizer, self.out = tokenizer, sys.stdout if out is None else out
         self.ids: list[int] = []
         self.printed = ""
 
@@ -55,6 +58,15 @@ class BlockPrinter:
 
 
 def read_prompts(args, stdin) -> list[str] | None:
+    """The prompts to continue, or None for unconditional samples."""
+    if args.num_samples is not None:
+        if args.num_samples < 1:
+            raise UserError(f"--num-samples={args.num_samples} must be >= 1")
+        if args.prompt or args.prompt_file:
+            raise UserError(
+                "--num-samples draws unconditional samples: give it or --prompt / --prompt-file"
+            )
+        return None
     if args.prompt:
         return list(args.prompt)
     if args.prompt_file:
@@ -63,7 +75,7 @@ def read_prompts(args, stdin) -> list[str] | None:
         if not prompts:
             raise UserError(f"--prompt-file={args.prompt_file} has no prompts")
         return prompts
-    if args.num_samples is None and stdin is not None and not stdin.isatty():
+    if stdin is not None and not stdin.isatty():
         prompts = [line.rstrip("\n") for line in stdin if line.strip()]
         return prompts or None
     return None
@@ -76,14 +88,30 @@ def hf_directory(path: str):
         yield path
         return
     from checkpoints import read_checkpoint
-    from scripts.export_hf import main as export_main
+    from scripts.export_hf import export
 
     read_checkpoint(path, "CHECKPOINT")  # one-line error for an unreadable file
     with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "hf")
-        if export_main([path, out]) != 0:
-            raise UserError(f"CHECKPOINT={path} cannot be exported to an HF directory")
+        try:
+            out = export(path, os.path.join(tmp, "hf"))
+        except UserError as err:
+            raise UserError(f"CHECKPOINT={path}: {err}") from None
         yield out
+
+
+@contextlib.contextmanager
+def no_transformers_progress_bars():
+    """transformers' progress bars off (saving the temporary export draws "Writing model
+    shards"), restored afterwards: stderr carries only the per-sample reports."""
+    from transformers.utils import logging
+
+    enabled = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            logging.enable_progress_bar()
 
 
 def parse_args(argv):
@@ -105,9 +133,11 @@ def parse_args(argv):
 
 
 def run(args, stdin) -> None:
+    import torch
     from transformers import AutoTokenizer
 
     from models.hf import BD3LM, MDLM
+    from models.hf.generation import checkpoint_kind, objective_from_config, token_ids
     from models.hf.modeling import CheckpointError
 
     if args.max_new_tokens < 1:
@@ -130,8 +160,17 @@ def run(args, stdin) -> None:
         except (CheckpointError, OSError, ValueError, json.JSONDecodeError) as err:
             reason = str(err).splitlines()[0] if str(err) else type(err).__name__
             raise UserError(f"CHECKPOINT={args.checkpoint}: {reason[:200]}") from None
+    kind = checkpoint_kind(model)
+    objective = objective_from_config(model.config, token_ids(model.config)[1], kind)
+    if prompts is not None and not objective.supports_prompts:
+        raise UserError(
+            f"CHECKPOINT={args.checkpoint}: the {kind} objective samples without a prompt; "
+            "give --num-samples N (unconditional samples) instead of prompts"
+        )
+    # one generator for all jobs, continued from job to job as across sample_eval's batches
+    generator = torch.Generator().manual_seed(args.seed)
     options = dict(
-        max_new_tokens=args.max_new_tokens, seed=args.seed, nucleus_p=args.nucleus_p,
+        max_new_tokens=args.max_new_tokens, generator=generator, nucleus_p=args.nucleus_p,
         num_steps=args.num_steps, kv_cache=args.kv_cache, first_hitting=not args.no_first_hitting,
         var_length=args.var_length, return_dict_in_generate=True,
     )  # fmt: skip
@@ -167,7 +206,8 @@ def run(args, stdin) -> None:
 def main(argv: list[str] | None = None, stdin=None) -> int:
     args = parse_args(argv)
     try:
-        run(args, sys.stdin if stdin is None else stdin)
+        with no_transformers_progress_bars():
+            run(args, sys.stdin if stdin is None else stdin)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

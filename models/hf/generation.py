@@ -10,7 +10,9 @@ model without cross-attention SEDD (sampled by the analytic sampler), any other 
 block of its window.
 Token ids come from the config's `bos_token_id` / `eos_token_id` / `mask_token_id` (which
 `scripts/export_hf.py` writes); a config without them (the released GPT-2 checkpoints) gets
-the GPT-2 layout: mask = vocab_size - 1, BOS = EOS = vocab_size - 2.
+the GPT-2 layout: mask = vocab_size - 1, BOS = EOS = vocab_size - 2. `pad_token_id` (the
+tokenizer's, which the export also writes) marks padding in input_ids given without an
+attention_mask.
 """
 
 from __future__ import annotations
@@ -138,25 +140,37 @@ class BlockStream:
         self.streamer.put(new[0] if new.shape[0] == 1 else new)
 
 
-def _prompt_rows(input_ids: Tensor, attention_mask: Tensor | None, bos: int) -> list[list[int]]:
-    """Each row's prompt ids (the tokens `attention_mask` marks). ValueError for a row that
-    starts with the BOS id: generate lays out [BOS] + prompt itself, and a tokenizer that adds
-    special tokens (BERT's [CLS] ... [SEP], RoBERTa's <s> ... </s>) starts every row with the
-    BOS id (data.vocab takes BOS as the first id its tokenizer adds), so such rows would carry
-    a second BOS and the tokenizer's end token, unlike sample_eval's prompts."""
+def _prompt_rows(
+    input_ids: Tensor, attention_mask: Tensor | None, bos: int, mask: int, pad: int | None
+) -> list[list[int]]:
+    """Each row's prompt ids: the tokens `attention_mask` marks, or, without it, the row less
+    the runs of the pad id `pad` (config.pad_token_id, the id `tokenizer(..., padding=True)`
+    writes) at either end, whichever side the tokenizer pads on. ValueError, one line, for a
+    pad id between prompt tokens (without attention_mask it cannot be told from a token), a
+    prompt that holds the mask id (the model would be conditioned on a masked position, which
+    sample_eval's prompts never hold; the [PAD] that data.vocab adds has the mask id), or a row
+    that starts with the BOS id: generate lays out [BOS] + prompt itself, and a tokenizer that
+    adds special tokens (BERT's [CLS] ... [SEP], RoBERTa's <s> ... </s>) starts every row with
+    the BOS id (data.vocab takes BOS as the first id its tokenizer adds), so such rows would
+    carry a second BOS and the tokenizer's end token, unlike sample_eval's."""
     if input_ids.ndim != 2:
         raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
-    if attention_mask is None:
-        rows = input_ids.tolist()
-    elif attention_mask.shape != input_ids.shape:
+    if attention_mask is not None and attention_mask.shape != input_ids.shape:
         raise ValueError(
             f"attention_mask shape {tuple(attention_mask.shape)} must equal input_ids shape "
             f"{tuple(input_ids.shape)}"
         )
-    else:
+    if attention_mask is not None:
         keep = attention_mask.bool().cpu()
         rows = [row[m].tolist() for row, m in zip(input_ids.cpu(), keep, strict=True)]
+    else:
+        rows = [_strip_padding(row, pad, i) for i, row in enumerate(input_ids.tolist())]
     for i, row in enumerate(rows):
+        if mask in row:
+            raise ValueError(
+                f"input_ids row {i}: prompt position {row.index(mask)} holds the mask id {mask}; "
+                "mark padding 0 in attention_mask (a prompt token must not be masked)"
+            )
         if row[:1] == [bos]:
             raise ValueError(
                 f"input_ids row {i} starts with the BOS id {bos}: generate() prepends the BOS "
@@ -166,6 +180,32 @@ def _prompt_rows(input_ids: Tensor, attention_mask: Tensor | None, bos: int) -> 
     return rows
 
 
+def _strip_padding(row: list[int], pad: int | None, index: int) -> list[int]:
+    """`row` less the runs of `pad` at its two ends (see _prompt_rows)."""
+    if pad is None:
+        return row
+    real = [j for j, token in enumerate(row) if token != pad]
+    if not real:
+        return []
+    first, last = real[0], real[-1] + 1
+    if last - first != len(real):
+        raise ValueError(
+            f"input_ids row {index} has the pad id {pad} between prompt tokens; pass "
+            "attention_mask (1 at prompt tokens, 0 at padding) to say which are the prompt"
+        )
+    return row[first:last]
+
+
+def _streamed_prompt(input_ids: Tensor | None, rows: list, subset: list[int]) -> Tensor:
+    """What a streamer's first put gets: one row's prompt without its padding (1, P') (so
+    TextStreamer prints no [PAD]), several rows as given (B, P), or (B, 0) without prompts."""
+    if input_ids is None:
+        return torch.zeros(len(subset), 0, dtype=torch.long)
+    if len(subset) == 1:
+        return torch.tensor([rows[subset[0]]], dtype=torch.long)
+    return input_ids[subset].cpu()
+
+
 def diffusion_generate(
     model,
     input_ids: Tensor | None = None,
@@ -173,7 +213,8 @@ def diffusion_generate(
     max_new_tokens: int | None = None,
     *,
     num_samples: int | None = None,
-    seed: int = 0,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
     nucleus_p: float = 1.0,
     kv_cache: bool = False,
     first_hitting: bool = True,
@@ -188,6 +229,16 @@ def diffusion_generate(
 ):
     """Sample continuations of `input_ids` (B, P) (or, with input_ids None, `num_samples`
     unconditional samples) with the project's sampler. See `_DiTWrapper.generate`."""
+    if seed is not None and generator is not None:
+        raise ValueError(
+            "seed and generator: give one (seed=S draws from a new generator seeded with S, "
+            "generator= continues that generator's stream)"
+        )
+    if generator is not None and generator.device.type != "cpu":
+        raise ValueError(
+            f"generator on {generator.device}: the samplers draw from a CPU torch.Generator "
+            "(torch.Generator().manual_seed(S)), as sample_eval does"
+        )
     from sampling import TokenIds, build_sampler
     from sampling.generate import MAX_RETRIES
 
@@ -204,7 +255,8 @@ def diffusion_generate(
                 f"input_ids: {type(model).__name__} with cross_attn=False (MDLM) samples without "
                 "a prompt; call generate(num_samples=N, max_new_tokens=...)"
             )
-        rows: list[list[int] | None] = _prompt_rows(input_ids, attention_mask, bos)
+        pad = getattr(config, "pad_token_id", None)
+        rows: list[list[int] | None] = _prompt_rows(input_ids, attention_mask, bos, mask, pad)
     else:
         if num_samples is None or int(num_samples) < 1:
             raise ValueError(f"num_samples={num_samples}: without input_ids give num_samples >= 1")
@@ -223,7 +275,8 @@ def diffusion_generate(
         reencode=bool(reencode_context),
     )  # fmt: skip
     device = next(model.parameters()).device
-    generator = torch.Generator().manual_seed(int(seed))  # sample_eval's rank-0 generator
+    if generator is None:  # sample_eval's rank-0 generator
+        generator = torch.Generator().manual_seed(0 if seed is None else int(seed))
 
     def draw(subset: list[int]):
         prompt = valid = None
@@ -231,8 +284,7 @@ def diffusion_generate(
             prompt, valid = left_pad_prompts([rows[i] for i in subset], bos, cfg.block_size, window)
         progress = None
         if streamer is not None:
-            given = input_ids[subset].cpu() if input_ids is not None else None
-            streamer.put(given if given is not None else torch.zeros(len(subset), 0).long())
+            streamer.put(_streamed_prompt(input_ids, rows, subset))
             progress = BlockStream(streamer, max_new)
         result = sample_fn(len(subset), cfg, generator, device, prompt, valid, progress)
         if streamer is not None:

@@ -229,25 +229,31 @@ class _DiTWrapper(PreTrainedModel):
 
         input_ids (B, P): prompts without special tokens (`tokenizer(..., add_special_tokens=
         False)`; a row that starts with the BOS id, as the rows of a tokenizer that adds
-        [CLS] ... [SEP] or <s> ... </s> do, is refused: generate prepends the BOS itself), right
-        or left padded when `attention_mask` (B, P) marks the real tokens (1) and padding (0);
-        each row is re-laid out as sample_eval lays out prompts ([BOS] + ids, left-padded to a
-        multiple of the block size), so any prompt length works and padding never reaches the
-        output.
-        Returns (B, P + max_new_tokens): input_ids as given followed by the new tokens
-        (`pad_token_id`, default EOS, after a row that stopped early under var_length). With
-        input_ids None, `num_samples=N` unconditional samples of max_new_tokens tokens whose
-        first token is the BOS (sample_eval's unconditional samples).
+        [CLS] ... [SEP] or <s> ... </s> do, is refused: generate prepends the BOS itself),
+        padded on either side: `attention_mask` (B, P) marks the real tokens (1) and padding
+        (0); without it, the runs of config.pad_token_id (the tokenizer's pad id, which
+        scripts/export_hf.py records) at either end of a row are its padding, and a pad id
+        between prompt tokens is refused, as is a prompt token equal to the mask id. Each row
+        is re-laid out as sample_eval lays out prompts ([BOS] + ids, left-padded to a multiple
+        of the block size), so any prompt length works and padding never conditions the model.
+        Returns (B, P + max_new_tokens): input_ids as given (their padding included, so decode
+        with skip_special_tokens=True) followed by the new tokens (`pad_token_id`, default
+        EOS, after a row that stopped early under var_length). With input_ids None,
+        `num_samples=N` unconditional samples of max_new_tokens tokens whose first token is the
+        BOS (sample_eval's unconditional samples).
 
-        Keywords (sample_eval's `sampling.*` keys): seed (0; the same seed, batch and prompts
-        give sample_eval's samples), nucleus_p, kv_cache, first_hitting, var_length,
-        reject_low_entropy (fixed length: rows whose last 256 tokens have entropy < 4 are
-        redrawn up to 10 times, sample_eval's rule), num_steps (algo.T, DDPM only),
-        reencode_context, tokens_per_step, confidence_threshold, entropy_bound, eb_gamma,
-        unmask_order, fuse_commit; streamer: an object with put(ids) / end()
-        (transformers.TextStreamer, TextDiffusionStreamer) that receives the prompt, then the
-        tokens of each committed block; return_dict_in_generate=True returns a
-        DiffusionGenerateOutput (sequences, lengths, nfe_denoise, nfe_total, stop_reason).
+        Keywords (sample_eval's `sampling.*` keys): seed (default 0: the same seed, batch and
+        prompts give sample_eval's samples) or generator (a CPU torch.Generator, not with seed:
+        the draws continue its stream, so calls that share one generator give the samples of
+        sample_eval's successive batches, as scripts/generate.py does), nucleus_p, kv_cache,
+        first_hitting, var_length, reject_low_entropy (fixed length: rows whose last 256 tokens
+        have entropy < 4 are redrawn up to 10 times, sample_eval's rule), num_steps (algo.T,
+        DDPM only), reencode_context, tokens_per_step, confidence_threshold, entropy_bound,
+        eb_gamma, unmask_order, fuse_commit; streamer: an object with put(ids) / end()
+        (transformers.TextStreamer, TextDiffusionStreamer) that receives the prompt (one row:
+        without its padding), then the tokens of each committed block;
+        return_dict_in_generate=True returns a DiffusionGenerateOutput (sequences, lengths,
+        nfe_denoise, nfe_total, stop_reason).
         A max_new_tokens that is not a whole number of blocks is sampled to the next block
         boundary and cut. ValueError on options the sampler cannot honour.
         """
