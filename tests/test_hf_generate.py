@@ -230,15 +230,21 @@ def test_readme_generating_from_python_runs(exported, capsys):
     out, batch = namespace["out"], namespace["batch"]
     assert out.shape == (2, batch.input_ids.shape[1] + 64)
     assert torch.equal(out[:, : batch.input_ids.shape[1]], batch.input_ids)
-    assert capsys.readouterr().out.startswith("To be")  # TextStreamer printed the stream
+    assert (batch.attention_mask[0] == 0).any()  # the first prompt is padded (on the left)
+    printed = capsys.readouterr().out
+    assert "[PAD]" not in printed  # neither in the batch's lines nor in the stream
+    first, second = namespace["tokenizer"].batch_decode(out, skip_special_tokens=True)
+    assert first.startswith("To be") and second.startswith("O Romeo, wherefore")
+    assert printed.startswith(f"{first}\n{second}\nTo be")  # then TextStreamer's stream
 
 
 def test_readme_example_on_a_bert_tokenizer_model_gives_sample_eval_samples(
     tmp_path, data_cache, capsys
 ):
     """LM1B models use the BERT tokenizer, which wraps each text in [CLS] ... [SEP] unless told
-    not to: the README's example on such a model gives sample_eval's samples ([BOS] + prompt
-    ids, same seed and batch), and ids with the special tokens are refused in one line."""
+    not to: the README's example on such a model (its tokenizer padding on the right, as
+    saved by data.vocab) gives sample_eval's samples ([BOS] + prompt ids, same seed and batch),
+    and ids with the special tokens are refused in one line."""
     from omegaconf import OmegaConf
 
     import dataloader
@@ -255,7 +261,7 @@ def test_readme_example_on_a_bert_tokenizer_model_gives_sample_eval_samples(
     config = BD3LMConfig(
         block_size=4, vocab_size=vocab.size, model_length=16, hidden_dim=16, cond_dim=8,
         n_blocks=1, n_heads=2, dropout=0.0, attn_backend="sdpa", bos_token_id=ids.bos,
-        eos_token_id=ids.eos, mask_token_id=ids.mask,
+        eos_token_id=ids.eos, mask_token_id=ids.mask, pad_token_id=vocab.tokenizer.pad_token_id,
     )  # fmt: skip
     model = BD3LM(config)
     randomize_(model, seed=1)  # the samples depend on the prompt
@@ -265,7 +271,8 @@ def test_readme_example_on_a_bert_tokenizer_model_gives_sample_eval_samples(
     namespace = {"OUT_DIR": str(tmp_path)}
     exec(compile(code, "README.md", "exec"), namespace)
     out, batch, prompts = namespace["out"], namespace["batch"], namespace["prompts"]
-    capsys.readouterr()
+    assert (batch.attention_mask[0, -1] == 0).item()  # right padding, streamed without it
+    assert "[PAD]" not in capsys.readouterr().out
 
     kind = checkpoint_kind(model)
     options = {"num_steps": 1000, "kv_cache": True}  # generate()'s defaults and the example's
