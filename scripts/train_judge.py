@@ -38,6 +38,8 @@ for _key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
 
 import torch  # noqa: E402
 
+from checkpoints.export import follow_umask  # noqa: E402
+
 IGNORE = -100  # the label transformers' causal-LM loss skips
 
 
@@ -246,6 +248,7 @@ def train_judge(
         with open(os.path.join(tmp, "judge_train.json"), "w") as f:
             json.dump(result, f, indent=2)
             f.write("\n")
+        follow_umask(tmp)  # safetensors writes the weights 0600
     log(
         f"validation perplexity {metrics['valid_ppl']:.2f} over {metrics['valid_tokens']} tokens; "
         f"{metrics['num_parameters'] / 1e6:.2f}M parameters; {metrics['train_seconds']:.0f} s "
