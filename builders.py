@@ -18,23 +18,46 @@ from algorithms.clip_search import interval_grid
 from dataloader import make_loader
 from diffusion import Diffusion, OptimSettings
 from models import DiT, dit_config
+from sampling.generate import check_prompt_length, prompt_ids
 from settings import BatchPlan, Hardware, build_objective, plan_batches
 from training_callbacks import AtomicCheckpointIO, Preemption, ProgressLog, Throughput
 from utils import UserError, without_file_scheme
 
 
-def read_prompts(cfg: DictConfig) -> list[str] | None:
-    """sampling.prefix (one prompt for every sample) or sampling.prefix_file (one per line)."""
+def read_prompts(cfg: DictConfig, vocab, block_size: int, window: int) -> list[str] | None:
+    """sampling.prefix (one prompt for every sample) or sampling.prefix_file (one per line),
+    each checked to leave room for one block of `block_size` tokens in the model's `window`
+    (UserError naming the key, and the line of the file)."""
     if cfg.sampling.prefix is not None:
+        prompt = str(cfg.sampling.prefix)
+        check_prompts([(prompt, "sampling.prefix")], vocab, block_size, window)
         batch = plan_batches(cfg.loader, 1).eval_batch_size
-        return [str(cfg.sampling.prefix)] * (batch * int(cfg.sampling.num_sample_batches))
+        return [prompt] * (batch * int(cfg.sampling.num_sample_batches))
     if cfg.sampling.prefix_file is not None:
-        with open(cfg.sampling.prefix_file) as f:
-            prompts = [line.rstrip("\n") for line in f if line.strip()]
-        if not prompts:
-            raise UserError(f"sampling.prefix_file={cfg.sampling.prefix_file} has no prompts")
-        return prompts
+        path = cfg.sampling.prefix_file
+        with open(path) as f:
+            lines = [(line.rstrip("\n"), n) for n, line in enumerate(f, 1) if line.strip()]
+        if not lines:
+            raise UserError(f"sampling.prefix_file={path} has no prompts")
+        check_prompts(
+            [(prompt, f"sampling.prefix_file={path}: line {n}") for prompt, n in lines],
+            vocab,
+            block_size,
+            window,
+        )
+        return [prompt for prompt, _ in lines]
     return None
+
+
+def check_prompts(prompts: list[tuple[str, str]], vocab, block_size: int, window: int) -> None:
+    """(prompt, where it comes from) pairs: UserError naming the first too long for the window
+    (sampling.generate.check_prompt_length)."""
+    ids = prompt_ids([prompt for prompt, _ in prompts], vocab)
+    for (_, where), row in zip(prompts, ids, strict=True):
+        try:
+            check_prompt_length(len(row), block_size, window)
+        except ValueError as err:
+            raise UserError(f"{where}: {err}; shorten it") from None
 
 
 def build_evaluator(cfg: DictConfig, device):

@@ -117,12 +117,13 @@ def local_copy_if_exists(path: str, key: str, directory: str) -> Iterator[str | 
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-# Lightning's console lines that say nothing about the run: product tips, the echo of a
-# limit_*_batches we set ourselves. "GPU available" / "LOCAL_RANK" lines are kept.
-# Lightning's tips, its echo of our own settings, the TPU / HPU lines (the GPU line stays) and
-# the end-of-fit line (our progress log has the last step)
+# Lightning's console lines that say nothing about the run: product tips, its echo of our own
+# settings (a limit_*_batches), the TPU / HPU lines (the GPU line stays), the end-of-fit line
+# (our progress log has the last step) and the two lines of a resume (main.py logs "resumed at
+# step N from PATH")
 LIGHTNING_NOISE = (
-    "💡 Tip", "was configured so ", "TPU available:", "HPU available:", "`Trainer.fit` stopped:"
+    "💡 Tip", "was configured so ", "TPU available:", "HPU available:", "`Trainer.fit` stopped:",
+    "Restoring states from the checkpoint path at ", "Restored all states from the checkpoint at ",
 )  # fmt: skip
 KNOWN_WARNINGS = (r"`isinstance\(treespec, LeafSpec\)` is deprecated",)  # torch 2.13 + Lightning
 

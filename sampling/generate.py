@@ -2,10 +2,12 @@
 the low-entropy retries, per-sample metrics, and the files of the run.
 
 Outputs in `out_dir` (the run directory, or `sampling.logdir`): `samples.jsonl` (one line per
-sample, written as samples are made; `samples.rank{r}.jsonl` per rank when several processes
-sample), `sample_eval.json` recomputed from every samples*.jsonl line in the directory, and
-`lengths.png`. In a `sampling.logdir` runs append to the files (samples accumulate across
-seeds); in the run directory a new run replaces the previous run's samples.
+sample; `samples.rank{r}.jsonl` per rank when several processes sample), `sample_eval.json`
+recomputed from every samples*.jsonl line in the directory, and `lengths.png`. Samples are
+written as they are made to a new file beside it (`.samples.jsonl.<random>.partial`), which
+only a run that completes puts in place: in the run directory it replaces the previous run's
+samples; in a `sampling.logdir` it is appended to the file in one write (samples accumulate
+across seeds). A failed run leaves the previous samples as they were.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ import glob
 import json
 import math
 import os
-from typing import NamedTuple
+import secrets
+from collections.abc import Iterator
+from typing import NamedTuple, TextIO
 
 import torch
 from torch import Tensor
@@ -49,26 +53,61 @@ class GenerationJob:
 
 
 def _drop_stale_samples(job: GenerationJob) -> None:
-    """Rank 0, when not appending: remove samples*.jsonl files that no rank of this run writes
-    (left by an earlier run with another process count); each rank truncates its own."""
+    """Rank 0, when not appending, once its samples are in place: remove samples*.jsonl files
+    that no rank of this run writes (left by an earlier run with another process count)."""
     current = {dataclasses.replace(job, rank=r).file_name for r in range(job.world_size)}
     for path in glob.glob(os.path.join(job.out_dir, "samples*.jsonl")):
         if os.path.basename(path) not in current:
             os.remove(path)
 
 
+@contextlib.contextmanager
+def _samples_file(job: GenerationJob) -> Iterator[TextIO]:
+    """This rank's samples of this run, written to a new file that replaces the rank's file
+    (job.append: is appended to it, in one write) only when the block completes; on an
+    exception it is removed and the previous samples stay as they were."""
+    path = os.path.join(job.out_dir, job.file_name)
+    partial = os.path.join(job.out_dir, f".{job.file_name}.{secrets.token_hex(4)}.partial")
+    # mode 0666 less the umask, as a plain open() gives the file it replaces
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "w") as out:
+            yield out
+        if job.append:
+            with open(partial, "rb") as new, open(path, "ab") as samples:
+                samples.write(new.read())
+        else:
+            os.replace(partial, path)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+
+
+def prompt_ids(prompts: list[str], vocab) -> list[list[int]]:
+    """[BOS] + the ids of each prompt (no special tokens of the tokenizer's own)."""
+    return [[vocab.bos_id, *vocab.tokenizer.encode(p, add_special_tokens=False)] for p in prompts]
+
+
+def check_prompt_length(length: int, block_size: int, window: int) -> None:
+    """ValueError unless a prompt of `length` ids (BOS included) leaves room for one block of
+    `block_size` tokens in the model's window of `window` tokens."""
+    if length + block_size > window:
+        raise ValueError(
+            f"a prompt of {length} tokens (BOS included) plus one block of {block_size} exceeds "
+            f"the model's window of {window} tokens (at most {window - block_size - 1} prompt "
+            "tokens fit)"
+        )
+
+
 def encode_prompts(
     prompts: list[str], vocab, block_size: int, window: int
 ) -> tuple[Tensor, Tensor]:
     """[BOS] + prompt ids, left-padded to a common multiple of the block size.
-    -> tokens (B, P) and validity (B, P) (False at padding)."""
-    ids = [[vocab.bos_id, *vocab.tokenizer.encode(p, add_special_tokens=False)] for p in prompts]
+    -> tokens (B, P) and validity (B, P) (False at padding). ValueError for a prompt that
+    leaves no room for a block (`check_prompt_length`)."""
+    ids = prompt_ids(prompts, vocab)
     longest = max(len(i) for i in ids)
-    if longest + block_size > window:
-        raise ValueError(
-            f"sampling.prefix: a prompt of {longest} tokens (BOS included) plus one block of "
-            f"{block_size} exceeds the model's window of {window} tokens"
-        )
+    check_prompt_length(longest, block_size, window)
     width = math.ceil(longest / block_size) * block_size
     tokens = torch.full((len(ids), width), vocab.bos_id, dtype=torch.long)
     valid = torch.zeros(len(ids), width, dtype=torch.bool)
@@ -119,7 +158,8 @@ def generate(
     device: torch.device,
     autocast=contextlib.nullcontext,
 ) -> list[dict]:
-    """Run this rank's batches; every sample goes to the rank's jsonl file at once.
+    """Run this rank's batches; every sample is written at once, to the file that replaces (or
+    is appended to) the rank's jsonl file when all are done (`_samples_file`).
 
     sample_fn(batch_size, cfg, generator, device, prompt, prompt_valid, progress) is
     a sampler of sampling.build_sampler. Fixed-length
@@ -129,11 +169,9 @@ def generate(
     float32 (the paper's protocol)."""
     generator = torch.Generator().manual_seed(job.seed + RANK_SEED_STRIDE * job.rank)
     os.makedirs(job.out_dir, exist_ok=True)
-    if not job.append and job.rank == 0:
-        _drop_stale_samples(job)
     records: list[dict] = []
     bar = _progress_bar(job, cfg)
-    with open(os.path.join(job.out_dir, job.file_name), "a" if job.append else "w") as out:
+    with _samples_file(job) as out:
         for batch_index, rows in enumerate(_rows(job)):
             progress = None if bar is None else (lambda n, committed=None: bar.update(n))
             samples = _sample_rows(
@@ -155,6 +193,8 @@ def generate(
                 out.write(json.dumps(record) + "\n")
                 out.flush()
                 records.append(record)
+    if not job.append and job.rank == 0:
+        _drop_stale_samples(job)
     if bar is not None:
         bar.close()
     return records

@@ -5,20 +5,25 @@
   hardware.py  accelerator, devices and precision; batch arithmetic
 
 `validate(cfg)` runs all of it and returns the run's Hardware and BatchPlan; `check_sampling`
-adds the sampler's rules once the trained window of the checkpoint is known.
+adds the sampler's rules once the trained window of the checkpoint is known, and
+`check_resume_config` the keys a resumed run cannot change.
 """
 
 from __future__ import annotations
+
+from collections.abc import Collection
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from settings.checks import (
     build_objective,
+    check_resume_config,
     check_run,
     check_sampling,
     check_writable,
     sampling_options,
+    settle_block_size,
 )
 from settings.hardware import (
     BatchPlan,
@@ -33,14 +38,20 @@ from settings.schema import check_schema
 from utils import UserError
 
 
-def validate(cfg: DictConfig, hw: Hardware | None = None) -> tuple[Hardware, BatchPlan]:
+def validate(
+    cfg: DictConfig, hw: Hardware | None = None, command_line: Collection[str] = ()
+) -> tuple[Hardware, BatchPlan]:
     """Check every key of `cfg` and the rules between them; UserError (one line) on the first
-    problem. Writes nothing. hw: the machine to check against (default: this one)."""
+    problem. Writes nothing; sets `block_size` to the K the objective uses (settle_block_size:
+    sample_eval's in check_sampling, once the trained window is known). hw: the machine to
+    check against (default: this one); command_line: the keys the command line sets."""
     try:
         resolved = OmegaConf.to_container(cfg, resolve=True)
     except OmegaConfBaseException as err:
         raise UserError(f"the config does not resolve: {str(err).splitlines()[0]}") from None
     check_schema(resolved)
+    if cfg.mode != "sample_eval":
+        settle_block_size(cfg, int(cfg.model.length), "model.length", command_line)
     hw = hw or resolve_hardware(cfg.trainer)
     check_run(cfg, hw)
     plan = plan_batches(cfg.loader, hw.world_size, cfg.trainer.accumulate_grad_batches)
@@ -52,6 +63,7 @@ __all__ = [
     "Hardware",
     "auto_precision",
     "build_objective",
+    "check_resume_config",
     "check_sampling",
     "check_schema",
     "check_writable",
@@ -60,5 +72,6 @@ __all__ = [
     "plan_batches",
     "resolve_hardware",
     "sampling_options",
+    "settle_block_size",
     "validate",
 ]

@@ -11,6 +11,7 @@ import functools
 import os
 import pathlib
 import tempfile
+from collections.abc import Collection, Mapping
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -28,15 +29,64 @@ from models.attention import flash_available, flex_available
 from noise_schedule import build_noise
 from sampling import SamplerConfig, sampler_config
 from settings.hardware import Hardware
-from utils import UserError
+from utils import UserError, get_logger
+
+log = get_logger("bd3lms")
+
+
+def fixed_block_size(algo: DictConfig, context: int) -> int | None:
+    """K when the objective of `algo` fixes it for a context of `context` tokens: 1 for AR
+    (one token at a time), the whole context for MDLM and SEDD (one block, K = L); None where
+    `block_size` is the objective's own parameter (BD3-LM, SSD-LM)."""
+    if algo.parameterization == "ar":
+        return 1
+    if algo.parameterization == "sedd" or (algo.parameterization == "subs" and not algo.cross_attn):
+        return context
+    return None
+
+
+FIXED_K = {
+    "ar": "predicts one token at a time",
+    "mdlm": "denoises its whole context as one block",
+    "sedd": "diffuses its whole context at once",
+}
+
+
+def settle_block_size(
+    cfg: DictConfig, context: int, context_name: str, command_line: Collection[str] = ()
+) -> None:
+    """Set `block_size` to the K the run uses, so that config_resolved.yaml and checkpoints
+    record it: an objective that fixes K (`fixed_block_size`) takes its own, with a log line
+    when the composed config said otherwise (an experiment's K for BD3-LM); UserError when
+    the command line (`command_line`: the keys it sets) asked for another K, or when a block
+    is longer than the context (`context` tokens, `context_name` in messages)."""
+    given, K = int(cfg.block_size), fixed_block_size(cfg.algo, context)
+    if K is None:
+        if given > context:
+            raise UserError(
+                f"block_size={given} exceeds {context_name} ({context} tokens): a block is at "
+                "most the context; give a block size that divides it"
+            )
+        return
+    if given == K:
+        return
+    name = cfg.algo.name
+    equation = "K = 1" if K == 1 else f"K = {context_name} = {K}"
+    why = f"algo={name} {FIXED_K.get(str(name), 'fixes its block size')} ({equation})"
+    if "block_size" in command_line:
+        raise UserError(f"block_size={given}: {why}; leave block_size out or set it to {K}")
+    log.info("block_size %d of the config -> %d: %s", given, K, why)
+    cfg.block_size = K
 
 
 def build_objective(cfg: DictConfig, seq_len: int, mask_id: int = 0, crop=None):
     """The objective of `cfg` for a context of `seq_len` tokens. `block_size` reaches it here
-    and nowhere else: AR ignores it (K = 1), SEDD uses K = L, BD3-LM / MDLM clip it to L."""
+    and nowhere else: AR uses K = 1, MDLM and SEDD K = seq_len (`fixed_block_size`, whatever
+    `block_size` says: `settle_block_size` records it), BD3-LM and SSD-LM `block_size`."""
+    fixed = fixed_block_size(cfg.algo, seq_len)
+    block_size = int(cfg.block_size) if fixed is None else fixed
     try:
         noise = build_noise(cfg.noise.type)
-        block_size = min(int(cfg.block_size), seq_len)
         return build_algorithm(cfg.algo, cfg.training, noise, mask_id, seq_len, block_size, crop)
     except ValueError as err:
         raise UserError(str(err)) from None
@@ -395,14 +445,74 @@ def _yaml(value) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
-def check_sampling(cfg: DictConfig, window: int) -> None:
-    """The sampler of `cfg` for a checkpoint trained on `window` tokens: the generation length
-    against the objective's blocks (SamplerConfig's rules)."""
+def check_sampling(cfg: DictConfig, window: int, command_line: Collection[str] = ()) -> None:
+    """The sampler of `cfg` for a checkpoint trained on `window` tokens: `block_size` settled
+    for that window (`settle_block_size`; `command_line`: the keys the command line sets), the
+    generation length against the objective's blocks (SamplerConfig's rules)."""
+    settle_block_size(cfg, window, "the checkpoint's trained window", command_line)
     objective = build_objective(cfg, window)
     try:
         sampler_config(objective, window, int(cfg.model.length), None, sampling_options(cfg))
     except ValueError as err:
         raise UserError(str(err)) from None
+
+
+# Keys a resumed run may change: how it executes, logs, checkpoints, validates and samples, and
+# how long it trains. They act from the resumed step on and shaped nothing already trained.
+RESUME_MAY_CHANGE = (
+    "mode", "verbose", "trainer", "loader", "strategy", "checkpointing", "callbacks", "wandb",
+    "eval", "sampling", "model.attn_backend", "algo.T", "data.cache_dir", "data.num_proc",
+    "training.compile", "training.eval_nll",
+)  # fmt: skip
+# ... except these, which define the optimisation the checkpoint is part of
+RESUME_FIXED = (
+    "loader.global_batch_size", "trainer.gradient_clip_val", "trainer.gradient_clip_algorithm",
+    "trainer.limit_train_batches",
+)  # fmt: skip
+
+
+def check_resume_config(stored: Mapping, run: Mapping, where: str) -> None:
+    """A resumed run (`run`, its resolved config as a plain dict) against the config its
+    checkpoint was trained with (`stored`): one UserError line, starting with `where`, listing
+    every changed key that cannot change mid-run (old -> new). Those are all keys but
+    RESUME_MAY_CHANGE: the model, objective, noise, data, seed and block size, and the optimiser
+    and schedule, whose state (the learning rate included) the resume restores from the
+    checkpoint, so that a new value would be recorded but not used. trainer.max_steps is fixed
+    too under lr_scheduler=cosine_decay_warmup, whose decay spans it. Keys missing on either
+    side (older checkpoints, added keywords) are not compared."""
+    old, new = _flatten(stored), _flatten(run)
+    fixed = RESUME_FIXED
+    if (run.get("lr_scheduler") or {}).get("name") == "cosine_decay_warmup":
+        fixed += ("trainer.max_steps",)
+    changed = [
+        f"{key} {_yaml(old[key])} -> {_yaml(value)}"
+        for key, value in new.items()
+        if key in old
+        and old[key] != value
+        and (_under(key, fixed) or not _under(key, RESUME_MAY_CHANGE))
+    ]
+    if changed:
+        raise UserError(
+            f"{where}: the run changes keys that cannot change on resume: {', '.join(changed)}; "
+            "set them back, or train in a new run directory (training.from_pretrained starts "
+            "one from this checkpoint's weights)"
+        )
+
+
+def _flatten(node: Mapping, prefix: str = "") -> dict:
+    """{dotted key: value} of a nested mapping's leaves (lists are leaves)."""
+    out = {}
+    for name, value in node.items():
+        key = f"{prefix}{name}"
+        if isinstance(value, Mapping) and value:
+            out.update(_flatten(value, key + "."))
+        else:
+            out[key] = value
+    return out
+
+
+def _under(key: str, prefixes: tuple[str, ...]) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
 
 
 def check_writable(key: str, path: str) -> None:

@@ -22,6 +22,14 @@ CASES = [
     ("top", ["mode=serve"], "mode='serve': valid are train, ppl_eval, sample_eval"),
     ("top", ["algo=nonsense"], "algo=nonsense: unknown; valid are ar, bd3lm, mdlm"),
     ("top", ["+typo_key=1"], "typo_key"),
+    ("top", ["max_steps=4"], "max_steps is not a known key (did you mean trainer.max_steps?"),
+    ("top", ["block_size=64"], "block_size=64 exceeds model.length (32 tokens)"),
+    (
+        "top",
+        ["algo=mdlm", "block_size=4"],
+        "block_size=4: algo=mdlm denoises its whole context as one block (K = model.length = 32)",
+    ),
+    ("top", ["algo=ar", "block_size=4"], "block_size=4: algo=ar predicts one token at a time"),
     # loader
     (
         "loader",
@@ -65,6 +73,7 @@ CASES = [
     ("trainer", ["trainer.float32_matmul_precision=tf32"], "float32_matmul_precision='tf32'"),
     ("trainer", ["trainer.precision=16-mixed"], "16-mixed needs a GPU"),
     ("trainer", ["+trainer.no_such_trainer_kwarg=1"], "trainer.no_such_trainer_kwarg"),
+    ("trainer", ["trainer.max_step=4"], "trainer.max_step is not a known key (did you mean trai"),
     ("trainer", ["trainer.val_check_interval=0"], "trainer.val_check_interval=0"),
     ("trainer", ["trainer.val_check_interval=0.5"], "needs trainer.check_val_every_n_epoch"),
     ("trainer", ["trainer.limit_train_batches=1.5"], "limit_train_batches=1.5: must be an integer"),

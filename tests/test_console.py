@@ -51,6 +51,12 @@ def test_quiet_console_drops_tips_and_the_leafspec_warning():
             tip = logging.LogRecord("x", logging.INFO, "", 0, "💡 Tip: try litlogger", (), None)
             info = logging.LogRecord("x", logging.INFO, "", 0, "GPU available: False", (), None)
             assert not rank_zero.filter(tip) and rank_zero.filter(info)
+            for line in (  # a resume: main.py logs "resumed at step N from PATH"
+                "Restoring states from the checkpoint path at /run/checkpoints/last.ckpt",
+                "Restored all states from the checkpoint at /run/checkpoints/last.ckpt",
+            ):
+                record = logging.LogRecord("x", logging.INFO, "", 0, line, (), None)
+                assert not rank_zero.filter(record)
             warnings.warn(
                 "`isinstance(treespec, LeafSpec)` is deprecated, use ...",
                 FutureWarning,

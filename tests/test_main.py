@@ -8,9 +8,11 @@ import json
 import logging
 import os
 import shutil
+import warnings
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 import main
 from conftest import bad_run, run_inprocess, run_main
@@ -35,11 +37,15 @@ def test_train_writes_step_checkpoints_and_last(trained_bd3lm):
 
 
 def test_rerun_resumes_from_last_checkpoint(trained_bd3lm, data_cache, tmp_path, caplog):
+    """... without Lightning's warning that the checkpoint directory it resumes from is not
+    empty."""
     run_dir = tmp_path / "resumed"
     shutil.copytree(trained_bd3lm, run_dir)
-    with caplog.at_level(logging.INFO, logger="bd3lms"):
+    with caplog.at_level(logging.INFO, logger="bd3lms"), warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
         run_inprocess(run_dir, "algo=bd3lm", "trainer.max_steps=6")
     assert "resumed at step 4" in caplog.text
+    assert not [x for x in w if "exists and is not empty" in str(x.message)]
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 6 and ckpt["ema"]["num_updates"] == 6
 
@@ -120,9 +126,12 @@ def test_sample_eval_rerun_in_a_run_directory_replaces_its_samples(
 
 @pytest.mark.parametrize("algo", ["mdlm", "ar", "sedd"])
 def test_baselines_train_and_sample(algo, data_cache, tmp_path):
-    block = {"mdlm": "block_size=32", "ar": "block_size=1", "sedd": "block_size=32"}[algo]
-    run_inprocess(tmp_path, f"algo={algo}", block, "trainer.max_steps=2")
+    """The smoke experiment's block_size=4 is BD3-LM's: each baseline runs with its own K
+    (MDLM and SEDD: the 32-token context, AR: 1), recorded in the config and checkpoint."""
+    K = 1 if algo == "ar" else 32
+    run_inprocess(tmp_path, f"algo={algo}", "trainer.max_steps=2")
     ckpt = tmp_path / "checkpoints" / "last.ckpt"
+    assert torch.load(ckpt, weights_only=True)["config"]["block_size"] == K
     out = tmp_path / "samples"
     # MDLM: a 32-token window then a 16-token stride; AR: a sliding window; SEDD: its context
     length = 32 if algo == "sedd" else 48
@@ -130,7 +139,6 @@ def test_baselines_train_and_sample(algo, data_cache, tmp_path):
         out,
         "mode=sample_eval",
         f"algo={algo}",
-        block,
         f"eval.checkpoint_path={ckpt}",
         "loader.eval_batch_size=2",
         *(["sampling.first_hitting=false"] if algo == "mdlm" else []),  # AR, SEDD: refused
@@ -139,6 +147,8 @@ def test_baselines_train_and_sample(algo, data_cache, tmp_path):
     samples = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 2 and all(len(s["token_ids"]) == length for s in samples)
     assert all(4096 not in s["token_ids"] for s in samples)
+    for run_dir in (tmp_path, out):  # K = the trained window when sampling 48 tokens
+        assert OmegaConf.load(run_dir / "config_resolved.yaml").block_size == K
 
 
 def test_fine_tune_from_mdlm_style_pretrain(trained_bd3lm, data_cache, tmp_path):
@@ -151,15 +161,24 @@ def test_fine_tune_from_mdlm_style_pretrain(trained_bd3lm, data_cache, tmp_path)
     assert last["ema"]["num_updates"] == 4  # restarted, not inherited from the pre-train
 
 
-def test_the_cli_exits_with_code_2_and_one_line(tmp_path, data_cache):
-    """The one subprocess of the contract: main.py turns a UserError into exit code 2 and one
-    `error: ...` line on stderr, and writes no output."""
+def test_the_cli_exits_with_code_2_and_one_line(tmp_path, data_cache, monkeypatch):
+    """The subprocesses of the contract: main.py turns a UserError into exit code 2 and one
+    `error: ...` line on stderr, also logged to the run's main.log, and writes no output. An
+    unknown key is refused before torch is imported (no run directory yet)."""
     proc = run_main(tmp_path / "bad", "block_size=5", check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: block_size=5"), proc.stderr
-    written = set(os.listdir(tmp_path / "bad")) - {".hydra", "main.log", "config_resolved.yaml"}
-    assert not written
+    assert set(os.listdir(tmp_path / "bad")) == {".hydra", "main.log"}
+    assert lines[0] in (tmp_path / "bad" / "main.log").read_text()
+    monkeypatch.setenv("PYTHONPROFILEIMPORTTIME", "1")  # every import, on stderr
+    proc = run_main(tmp_path / "typo", "trainer.max_step=4", check=False)
+    imports = [line for line in proc.stderr.splitlines() if line.startswith("import time:")]
+    lines = [line for line in proc.stderr.splitlines() if line.strip() and line not in imports]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+    assert lines[0].startswith("error: trainer.max_step is not a known key (did you mean trainer")
+    assert imports and not [line for line in imports if line.endswith("| torch")]
+    assert not (tmp_path / "typo").exists()
 
 
 def test_unreadable_checkpoint_is_refused(tmp_path, data_cache):
