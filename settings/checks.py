@@ -481,6 +481,8 @@ def check_resume_config(stored: Mapping, run: Mapping, where: str) -> None:
     too under lr_scheduler=cosine_decay_warmup, whose decay spans it. Keys missing on either
     side (older checkpoints, added keywords) are not compared."""
     old, new = _flatten(stored), _flatten(run)
+    if "block_size" in old:
+        old["block_size"] = _block_size_used(stored)
     fixed = RESUME_FIXED
     if (run.get("lr_scheduler") or {}).get("name") == "cosine_decay_warmup":
         fixed += ("trainer.max_steps",)
@@ -497,6 +499,23 @@ def check_resume_config(stored: Mapping, run: Mapping, where: str) -> None:
             "set them back, or train in a new run directory (training.from_pretrained starts "
             "one from this checkpoint's weights)"
         )
+
+
+def _block_size_used(config: Mapping):
+    """The K that the run of a stored `config` trained with, also when it was written before
+    runs recorded the K that an objective fixes: AR 1, SEDD the length, MDLM the block size
+    clipped to the length (as build_objective then did), BD3-LM and SSD-LM the block size."""
+    algo, K = config.get("algo") or {}, config["block_size"]
+    length = (config.get("model") or {}).get("length")
+    if algo.get("parameterization") == "ar":
+        return 1
+    if length is None:
+        return K
+    if algo.get("parameterization") == "sedd":
+        return length
+    if algo.get("parameterization") == "subs" and not algo.get("cross_attn"):
+        return min(K, length)
+    return K
 
 
 def _flatten(node: Mapping, prefix: str = "") -> dict:

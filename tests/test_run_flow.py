@@ -143,6 +143,9 @@ def test_resume_takes_keys_that_act_from_the_resumed_step_and_refuses_the_others
         "loader.global_batch_size 8 -> 16, optim.lr 0.001 -> 0.002, "
         "model.dropout 0.0 -> 0.1, lr_scheduler.num_warmup_steps 2 -> 5; set them back"
     )
+    ar = {"algo": stored["algo"] | {"name": "ar", "parameterization": "ar", "cross_attn": False}}
+    before_k_was_recorded = stored | ar | {"block_size": 32}  # AR then recorded block_size=L
+    settings.check_resume_config(before_k_was_recorded, smoke_config(block_size=1) | ar, "where")
     cosine = {"lr_scheduler": {"name": "cosine_decay_warmup", "warmup_t": None}}
     with pytest.raises(UserError, match=r"changes keys .*: trainer.max_steps 4 -> 8;"):
         stored_cosine, run_cosine = stored | cosine, smoke_config(trainer__max_steps=8) | cosine
