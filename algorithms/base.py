@@ -83,10 +83,6 @@ def f32_equal(a: float | Tensor, b: float) -> bool:
     return bool(np.float32(float(a)) == np.float32(b))
 
 
-def as_f32(x: float | Tensor, device: torch.device) -> Tensor:
-    return torch.as_tensor(x, dtype=torch.float32, device=device)
-
-
 @dataclasses.dataclass(frozen=True)
 class Shard:
     """This process's rows of a global batch: `rows` (B,) are their indices among the `size`
