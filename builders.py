@@ -266,7 +266,7 @@ def build_callbacks(cfg: DictConfig) -> list:
             options["dirpath"] = without_file_scheme(str(node.dirpath))
         keep = cfg.checkpointing.get("keep_last_k")
         if name == "checkpoint_every_n_steps" and keep is not None:
-            options.update(save_top_k=int(keep), monitor="step", mode="max")
+            options.update(save_top_k=int(keep), monitor="step", mode="max", verbose=False)
         callbacks.append(hydra.utils.instantiate(node, **options))
     callbacks.append(Preemption(cfg.checkpointing.resume_ckpt_path))
     callbacks.append(Throughput(int(cfg.trainer.log_every_n_steps)))

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import re
+import signal
 import sys
 import time
 import warnings
@@ -214,6 +215,7 @@ if __name__ == "__main__":  # a bad command line fails in a second, not after to
         fail(err)
 
 import lightning as L
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 import builders
 import dataloader
@@ -232,7 +234,7 @@ from checkpoints import (
     trained_length,
 )
 from sampling import generate
-from training_callbacks import LoadingSanityCheck
+from training_callbacks import LoadingSanityCheck, Preemption
 
 
 def compose(overrides: Sequence[str], run_dir: str) -> DictConfig:
@@ -398,6 +400,9 @@ def fit(cfg, hw, plan, run_dir: str, resume: str | None, resume_path: str | None
             )
         finally:
             builders.finish_logger(trainer)
+    stopper = next((c for c in trainer.callbacks if isinstance(c, Preemption)), None)
+    if stopper is not None and stopper.exit_code is not None:
+        raise SystemExit(stopper.exit_code)  # a signal stopped training: `train && eval` stops
 
 
 def n_heads(cfg: DictConfig) -> int:
@@ -570,6 +575,8 @@ def main(cfg: DictConfig) -> None:
         run(cfg)
     except UserError as err:
         fail(err)
+    except SIGTERMException as stop:  # Lightning's own (SIGTERM before training) has no code
+        sys.exit(stop.code or 128 + signal.SIGTERM)
 
 
 if __name__ == "__main__":

@@ -250,7 +250,7 @@ def test_multirun_sweep_gives_each_point_its_run_directory_and_wandb_run(tmp_pat
     from conftest import OFFLINE, ROOT
 
     cmd = [sys.executable, os.path.join(ROOT, "main.py"), "-m", "experiment=smoke",
-           "algo=ar,mdlm", "block_size=1", "trainer.max_steps=1",
+           "algo=ar,mdlm", "trainer.max_steps=1",
            "trainer.val_check_interval=100", "wandb={project:bd3lms,name:sweep}",
            f"hydra.sweep.dir={tmp_path}"]  # fmt: skip
     env = {**os.environ, **OFFLINE, "WANDB_MODE": "offline", "BD3LMS_CACHE": data_cache}
@@ -259,6 +259,7 @@ def test_multirun_sweep_gives_each_point_its_run_directory_and_wandb_run(tmp_pat
     for point, algo in (("0", "ar"), ("1", "mdlm")):
         resolved = OmegaConf.load(tmp_path / point / "config_resolved.yaml")
         assert resolved.algo.name == algo
+        assert resolved.block_size == {"ar": 1, "mdlm": resolved.model.length}[algo]  # K used
         assert (tmp_path / point / "checkpoints" / "last.ckpt").exists()
         runs = list((tmp_path / point / "wandb").glob("offline-run-*/run-*.wandb"))
         assert len(runs) == 1, runs

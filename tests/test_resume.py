@@ -82,7 +82,9 @@ def test_keep_last_k_and_sigusr1(tmp_path, data_cache):
     callback = [f"+callbacks.preempt._target_={__name__}.SendSignalAt"]
     callback += ["+callbacks.preempt.batch=3", f"+callbacks.preempt.signum={signal.SIGUSR1}"]
     callback += ["+callbacks.preempt.once_below_step=10"]
-    run_inprocess(preempted, *ARGS, "trainer.max_steps=100000", *callback)
+    with pytest.raises(SystemExit) as stop:  # a signal-stopped run exits 128 + signum
+        run_inprocess(preempted, *ARGS, "trainer.max_steps=100000", *callback)
+    assert stop.value.code == 128 + signal.SIGUSR1
     step, _, _ = final_state(preempted)
     assert step == 4  # micro-batch 3 is optimizer step 4 (no accumulation); then it stopped
 
@@ -149,7 +151,9 @@ def test_usr2_mid_accumulation_saves_after_the_step_and_resumes_bit_identically(
     try:
         callback = [f"+callbacks.preempt._target_={__name__}.SendSignalAt"]
         callback += ["+callbacks.preempt.batch=2", f"+callbacks.preempt.signum={signal.SIGUSR2}"]
-        run_inprocess(tmp_path / "preempted", *ACCUMULATE, *callback)
+        with pytest.raises(SystemExit) as stop:
+            run_inprocess(tmp_path / "preempted", *ACCUMULATE, *callback)
+        assert stop.value.code == 128 + signal.SIGUSR2
     finally:
         signal.signal(signal.SIGUSR2, previous)
     assert owner_calls == [signal.SIGUSR2]
