@@ -28,8 +28,4 @@ def dit_config(model_cfg: Mapping[str, Any], vocab_size: int, causal: bool) -> D
     )
 
 
-def build_backbone(model_cfg: Mapping[str, Any], vocab_size: int, causal: bool) -> DiT:
-    return DiT(dit_config(model_cfg, vocab_size, causal))
-
-
-__all__ = ["DiT", "DiTConfig", "build_backbone", "dit_config"]
+__all__ = ["DiT", "DiTConfig", "dit_config"]
