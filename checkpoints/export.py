@@ -1,12 +1,61 @@
-"""Export: our Lightning checkpoint -> an HF directory (`models.hf` classes; the reference's
-classes load it too)."""
+"""Export: checkpoints -> HF directories (`models.hf` classes; the reference's classes load
+them too).
+
+- `export_hf(checkpoint, out_dir)`: a checkpoint dict in our layout -> an HF directory.
+- `export(ckpt, out_dir)`: our Lightning .ckpt -> an HF directory with the run's tokenizer
+  (its BOS / EOS / mask / pad ids in config.json; padding_side "left") and a model card
+  (scripts/export_hf.py).
+- `loadable(path, tokenizer, stack)`: any checkpoint the project reads (an HF directory, a hub
+  id, our .ckpt, the reference's pickled .ckpt) -> an HF directory that `models.hf` and
+  transformers' AutoTokenizer load; .ckpt files are exported to a temporary directory
+  (scripts/generate.py and the lm-eval model `bd3lm` load through it).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import tempfile
 
-from checkpoints.layout import CLIP_BUFFERS, CheckpointError, infer_dit_shape, split_backbone
+from checkpoints.layout import (
+    CLIP_BUFFERS,
+    CheckpointError,
+    infer_dit_shape,
+    resolve_pretrained,
+    split_backbone,
+)
 from utils import UserError, atomic_path
+
+EXPORTED = ("ar", "subs", "sedd")  # the parameterizations models.hf holds: AR, BD3-LM / MDLM, SEDD
+
+CARD = """---
+library_name: transformers
+tags: [block-diffusion, bd3lm, masked-diffusion]
+---
+# {name}
+
+A {kind} language model exported from a BD3-LM framework run (block diffusion: "Block
+Diffusion: Interpolating Between Autoregressive and Diffusion Language Models", ICLR 2025).
+
+- model_type `{model_type}`, block size {block_size}, trained context {model_length} tokens,
+  vocabulary {vocab_size} (tokenizer `{tokenizer}` included here)
+- weights: {weights}
+
+This directory has no modeling code (no `auto_map`): load it with the framework's classes.
+
+```python
+import models.hf  # registers {model_type} with AutoConfig / AutoModelForMaskedLM
+from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+model = AutoModelForMaskedLM.from_pretrained(PATH)
+tokenizer = AutoTokenizer.from_pretrained(PATH)
+prompts = ["To be", "O Romeo"]
+batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+out = model.generate(batch.input_ids, attention_mask=batch.attention_mask, max_new_tokens=32)
+print(tokenizer.batch_decode(out, skip_special_tokens=True))  # prompts + continuations
+```
+"""
 
 
 def export_hf(
@@ -16,7 +65,7 @@ def export_hf(
     token_ids: dict[str, int] | None = None,
     extra_files=None,
 ) -> str:
-    """Write our Lightning checkpoint (EMA weights unless use_ema=False, and the learned clip
+    """Write a checkpoint in our layout (EMA weights unless use_ema=False, and the learned clip
     interval buffers) as an HF directory: BD3LM format (model_type bd3lm) for BD3-LM and AR
     runs, MDLM format (model_type mdlm) for MDLM and SEDD runs, with the objective named in
     config.json's `parameterization` (ar, subs or sedd). attn_backend is written as sdpa.
@@ -33,6 +82,11 @@ def export_hf(
     if not isinstance(config, dict):
         raise UserError("export: the checkpoint has no run config (not written by this project)")
     algo, model_cfg = config["algo"], config["model"]
+    if algo.get("parameterization") not in EXPORTED:
+        raise UserError(
+            f"algo={algo.get('name', algo.get('parameterization'))} has no HF model (models.hf "
+            "holds AR, BD3-LM, MDLM and SEDD); valid: ar, bd3lm, mdlm and sedd checkpoints"
+        )
     inner, rest = split_backbone(checkpoint["state_dict"])
     ema = checkpoint.get("ema")
     if use_ema and ema is not None:
@@ -124,3 +178,152 @@ def as_export_input(loaded) -> dict:
     state = {f"backbone.{k}": v for k, v in loaded.weights.items()}
     state.update(loaded.clip)
     return {"config": config, "state_dict": state}
+
+
+def tokenizer_vocab(name: str):
+    """data.vocab.Vocab of a tokenizer directory or of a name as data.tokenizer_name_or_path
+    takes it (the offline copies of gpt2 and bert-base-uncased included), cached where the data
+    configs cache it: the tokenizer and the BOS / EOS / mask ids training used with it."""
+    from data.vocab import get_vocab
+
+    home = os.environ.get("HOME", "/tmp")
+    cache = os.environ.get("BD3LMS_CACHE", os.path.join(home, ".cache", "bd3lms"))
+    return get_vocab({"tokenizer_name_or_path": name, "cache_dir": cache})
+
+
+def vocab_token_ids(vocab) -> dict[str, int]:
+    """The ids export_hf records for a data.vocab.Vocab: BOS, EOS, mask, and the tokenizer's
+    pad id where it has one."""
+    ids = {
+        "bos_token_id": vocab.bos_id,
+        "eos_token_id": vocab.eos_id,
+        "mask_token_id": vocab.mask_id,
+    }
+    if vocab.tokenizer.pad_token_id is not None:
+        ids["pad_token_id"] = vocab.tokenizer.pad_token_id
+    return ids
+
+
+def write_tokenizer(directory: str, vocab) -> None:
+    """The tokenizer files of `vocab` into `directory`, padding on the left, so each row
+    generate returns is padding, prompt, continuation, with no padding between the prompt and
+    its continuation."""
+    vocab.tokenizer.save_pretrained(directory)
+    # save_pretrained writes only the init keywords, so a padding_side set on the object is lost
+    tokenizer_config = os.path.join(directory, "tokenizer_config.json")
+    with open(tokenizer_config) as f:
+        fields = json.load(f)
+    with open(tokenizer_config, "w") as f:
+        json.dump({**fields, "padding_side": "left"}, f, indent=2)
+
+
+def write_card(directory: str, checkpoint: dict, use_ema: bool, name: str) -> None:
+    """README.md, the model card of the export of our checkpoint in `directory`."""
+    with open(os.path.join(directory, "config.json")) as f:
+        config = json.load(f)
+    card = CARD.format(
+        name=name,
+        kind="autoregressive" if config.get("causal") else "block diffusion",
+        model_type=config["model_type"],
+        block_size=config.get("block_size", config["model_length"]),
+        model_length=config["model_length"],
+        vocab_size=config["vocab_size"],
+        tokenizer=checkpoint["config"]["data"].get("tokenizer_name_or_path"),
+        weights="EMA" if use_ema and checkpoint.get("ema") is not None else "live",
+    )
+    with open(os.path.join(directory, "README.md"), "w") as f:
+        f.write(card)
+
+
+def export_ours(checkpoint: dict, out_dir: str, use_ema: bool = True) -> str:
+    """export_hf of our checkpoint dict with its run's tokenizer (data.*), token ids and model
+    card; UserError for a checkpoint whose run config has no data.*."""
+    from data.vocab import get_vocab
+
+    data_cfg = (checkpoint.get("config") or {}).get("data")
+    if not isinstance(data_cfg, dict):
+        raise UserError("the checkpoint has no run config (data.*)")
+    vocab = get_vocab(data_cfg)
+    name = os.path.basename(os.path.normpath(out_dir))
+
+    def files(tmp: str) -> None:
+        write_tokenizer(tmp, vocab)
+        write_card(tmp, checkpoint, use_ema, name)
+
+    ids = vocab_token_ids(vocab)
+    return export_hf(checkpoint, out_dir, use_ema=use_ema, token_ids=ids, extra_files=files)
+
+
+def export(ckpt: str, out_dir: str, live: bool = False) -> str:
+    """Export our .ckpt `ckpt` to the new HF directory `out_dir` (EMA weights unless live);
+    UserError, one line, for a bad checkpoint or an existing `out_dir`."""
+    from checkpoints.ours import read_checkpoint
+
+    if os.path.exists(out_dir):
+        raise UserError(f"{out_dir} exists; give a new directory")
+    checkpoint = read_checkpoint(ckpt, "CKPT")
+    try:
+        return export_ours(checkpoint, out_dir, use_ema=not live)
+    except UserError as err:
+        raise UserError(f"CKPT={ckpt}: {err}") from None
+
+
+@contextlib.contextmanager
+def quiet_progress_bars():
+    """transformers' progress bars off (save_pretrained draws "Writing model shards",
+    from_pretrained "Loading weights"), restored afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
+def loadable(
+    path: str,
+    tokenizer: str | None,
+    stack: contextlib.ExitStack,
+    key: str = "checkpoint",
+    tokenizer_key: str = "tokenizer=NAME",
+) -> str:
+    """An HF directory (config.json + weights) for any checkpoint the project reads:
+    - an HF directory: itself; a hub id: its local snapshot (config.json and weights);
+    - our Lightning .ckpt: exported with its EMA weights, its run's tokenizer and token ids;
+    - the reference's pickled .ckpt: exported with `tokenizer` (a tokenizer directory or a name
+      data.tokenizer_name_or_path takes), whose BOS / EOS / mask ids are those training used
+      with it; required, since the file's pickled tokenizer is not read.
+    Exports are written without progress bars to a temporary directory that lives until `stack`
+    closes. UserError, one line naming `key` (and, for the reference's .ckpt without a
+    tokenizer, `tokenizer_key`: how the caller takes it), for anything else."""
+    from checkpoints.load import read_any_checkpoint
+
+    if not os.path.isfile(path):
+        try:
+            return resolve_pretrained(path)
+        except CheckpointError as err:
+            raise UserError(f"{key}={path}: {err}") from None
+    loaded = read_any_checkpoint(path, key)
+    if loaded.format == "reference" and tokenizer is None:
+        raise UserError(
+            f"{key}={path} is the reference's .ckpt, which names no usable tokenizer; pass "
+            f"{tokenizer_key} (gpt2 for OpenWebText runs, bert-base-uncased for LM1B runs, or a "
+            "tokenizer directory)"
+        )
+    out = os.path.join(stack.enter_context(tempfile.TemporaryDirectory()), "hf")
+    with quiet_progress_bars():
+        try:
+            if loaded.format == "ours":
+                return export_ours(loaded.raw, out)
+            vocab = tokenizer_vocab(tokenizer)
+
+            def files(tmp: str) -> None:
+                write_tokenizer(tmp, vocab)
+
+            ids = vocab_token_ids(vocab)
+            return export_hf(as_export_input(loaded), out, token_ids=ids, extra_files=files)
+        except UserError as err:
+            raise UserError(f"{key}={path}: {err}") from None

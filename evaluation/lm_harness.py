@@ -3,13 +3,13 @@
     BD3LMHarness(checkpoint=PATH, mc_samples=8, seed=0, device="cpu", batch_size=1,
                  tokenizer=None, dtype=None, kv_cache=None, nucleus_p=1.0)
 
-PATH: anything the project loads: an HF directory (scripts/export_hf.py; the released format)
-or hub id, one of our Lightning .ckpt files, or the reference's pickled .ckpt (both exported
-to a temporary HF directory first); SSD-LM checkpoints (no likelihood bound) are refused. The
-tokenizer is `tokenizer` (a directory or a name the data configs accept, such as gpt2) when
-given, else the one saved with the checkpoint (HF directories from export_hf; our .ckpt's run
-config), else gpt2 for the released repositories; the reference's .ckpt needs it (its token
-ids are then the data pipeline's for that tokenizer). batch_size: requests per forward
+PATH: anything the project loads (evaluation.loading): an HF directory (scripts/export_hf.py;
+the released format) or hub id, one of our Lightning .ckpt files, or the reference's pickled
+.ckpt (both exported to a temporary HF directory first, checkpoints.export.loadable); SSD-LM
+checkpoints (no likelihood bound, no HF model) are refused. The tokenizer is `tokenizer` (a
+directory or a name the data configs accept, such as gpt2) when given, else the one saved with
+the checkpoint, else gpt2 for the released repositories; the reference's .ckpt needs it (its
+token ids are then the data pipeline's for that tokenizer). batch_size: requests per forward
 ("auto": max_batch_size, default 16); the noise is drawn per request in order, so estimates
 do not depend on it.
 The objective is the checkpoint's family (models.hf.generation.checkpoint_kind): AR, BD3-LM
@@ -56,13 +56,11 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import os
-import sys
-import tempfile
 
 import torch
 from torch import Tensor
 
+from evaluation.loading import load
 from utils import UserError
 
 try:
@@ -72,128 +70,8 @@ except ImportError as err:  # pragma: no cover - requirements-eval.txt
         "evaluation.lm_harness needs lm-eval: pip install -r requirements-eval.txt"
     ) from err
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KINDS = ("ar", "bd3lm", "mdlm", "sedd")  # the families the harness scores
 GREEDY_NUCLEUS = 1e-300  # a nucleus that keeps only the top-1 token: greedy token draws
-
-
-def _vocab(name: str):
-    """data.vocab.Vocab of a tokenizer directory or of a name as data.tokenizer_name_or_path
-    takes it (the offline copies of gpt2 and bert-base-uncased included): the tokenizer and
-    the BOS / EOS / mask ids training used with it."""
-    from omegaconf import OmegaConf
-
-    from data.vocab import get_vocab
-
-    home = os.environ.get("HOME", "/tmp")
-    cache = os.environ.get("BD3LMS_CACHE", os.path.join(home, ".cache", "bd3lms"))
-    return get_vocab(OmegaConf.create({"tokenizer_name_or_path": name, "cache_dir": cache}))
-
-
-def _export_ours(checkpoint: dict, out: str) -> None:
-    """export_hf with the tokenizer, token ids and model card of scripts/export_hf.py."""
-    from checkpoints.export import export_hf
-
-    if ROOT not in sys.path:
-        sys.path.insert(0, ROOT)
-    from scripts.export_hf import token_ids_and_files
-
-    ids, files = token_ids_and_files(checkpoint, out)
-    export_hf(checkpoint, out, token_ids=ids, extra_files=files)
-
-
-@contextlib.contextmanager
-def _quiet_progress_bars():
-    from transformers.utils import logging as hf_logging
-
-    enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if enabled:
-            hf_logging.enable_progress_bar()
-
-
-def _export_loaded(loaded, out: str, tokenizer: str | None, checkpoint: str) -> None:
-    """A .ckpt read by read_any_checkpoint (ours or the reference's) as an HF directory."""
-    from checkpoints.export import as_export_input, export_hf
-
-    with _quiet_progress_bars():  # save_pretrained's "Writing model shards"
-        if loaded.format == "ours":
-            algo = (loaded.raw.get("config") or {}).get("algo") or {}
-            if algo.get("parameterization") not in ("ar", "subs", "sedd"):
-                raise UserError(
-                    f"checkpoint={checkpoint}: algo={algo.get('name')} has no likelihood bound "
-                    "for the harness; valid: ar, bd3lm, mdlm and sedd checkpoints"
-                )
-            _export_ours(loaded.raw, out)
-            return
-        if tokenizer is None:  # the reference's .ckpt: its pickled tokenizer is not read
-            raise UserError(
-                f"checkpoint={checkpoint} is the reference's .ckpt, which names no usable "
-                "tokenizer; pass tokenizer=gpt2 (OpenWebText runs), bert-base-uncased "
-                "(LM1B runs) or a tokenizer directory in --model_args"
-            )
-        vocab = _vocab(tokenizer)
-        ids = {"bos_token_id": vocab.bos_id, "eos_token_id": vocab.eos_id}
-        export_hf(as_export_input(loaded), out, token_ids=ids | {"mask_token_id": vocab.mask_id})
-
-
-def load(checkpoint: str, tokenizer: str | None, stack: contextlib.ExitStack):
-    """(HF model, tokenizer) for any checkpoint the project loads (see the module docstring);
-    temporary exports live until `stack` closes. UserError naming `checkpoint=` otherwise."""
-    from transformers import AutoTokenizer
-
-    from checkpoints.layout import RELEASED, is_hub_id, read_config_json, resolve_pretrained
-    from checkpoints.load import read_any_checkpoint
-    from models.hf import BD3LM, MDLM
-
-    path = str(checkpoint)
-    if os.path.isfile(path):
-        loaded = read_any_checkpoint(path, "checkpoint")
-        local = os.path.join(stack.enter_context(tempfile.TemporaryDirectory()), "hf")
-        _export_loaded(loaded, local, tokenizer, checkpoint)
-    else:
-        try:
-            local = resolve_pretrained(path)
-        except (OSError, ValueError) as err:
-            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-            raise UserError(f"checkpoint={checkpoint}: {reason[:200]}") from None
-    model_type = read_config_json(local).get("model_type")
-    cls = {"bd3lm": BD3LM, "mdlm": MDLM}.get(model_type)
-    if cls is None:
-        raise UserError(f"checkpoint={checkpoint}: model_type={model_type!r}; valid: bd3lm, mdlm")
-    has_tokenizer = any(
-        os.path.exists(os.path.join(local, f)) for f in ("tokenizer.json", "tokenizer_config.json")
-    )
-    if tokenizer is None and not has_tokenizer and is_hub_id(path):
-        try:  # a hub export with its tokenizer (resolve_pretrained fetched the weights only)
-            return _load_model(cls, local, path), AutoTokenizer.from_pretrained(path)
-        except OSError:
-            pass
-    if tokenizer is None and not has_tokenizer:
-        if path not in RELEASED:
-            raise UserError(
-                f"checkpoint={checkpoint} has no tokenizer files; pass tokenizer=DIR or a "
-                "tokenizer name (gpt2, bert-base-uncased) in --model_args"
-            )
-        tokenizer = "gpt2"  # the released OpenWebText checkpoints
-    try:
-        model = _load_model(cls, local, path)
-        name = tokenizer or local
-        if os.path.isdir(name):
-            return model, AutoTokenizer.from_pretrained(name)
-        return model, _vocab(name).tokenizer
-    except (OSError, ValueError) as err:
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise UserError(f"checkpoint={checkpoint}: {reason[:200]}") from None
-
-
-def _load_model(cls, local: str, source: str):
-    model = cls.from_pretrained(local)
-    model.config._name_or_path = source  # a released repository's name decides its family
-    return model
 
 
 def _batch_size(batch_size, max_batch_size) -> int:
@@ -265,7 +143,9 @@ class BD3LMHarness(LM):
 
         check_model_args({"mc_samples": mc_samples, "kind": kind, **unknown})
         self._stack = contextlib.ExitStack()
-        self.model, self.tokenizer = load(checkpoint, tokenizer, self._stack)
+        self.model, self.tokenizer = load(
+            checkpoint, tokenizer, self._stack, tokenizer_key="tokenizer=NAME in --model_args"
+        )
         if dtype is not None or device is not None:
             from models.hf.configuration import resolve_device, resolve_dtype
 

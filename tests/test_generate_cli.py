@@ -22,7 +22,7 @@ PROMPTS = ["The king", "O Romeo, wherefore art thou"]
 @pytest.fixture(scope="module")
 def exported(smoke_checkpoint, tmp_path_factory):
     """The smoke BD3-LM checkpoint exported under umask 022."""
-    from scripts.export_hf import export
+    from checkpoints.export import export
 
     out = str(tmp_path_factory.mktemp("hf") / "smoke-bd3lm")
     umask = os.umask(0o022)

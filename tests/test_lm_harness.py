@@ -391,7 +391,7 @@ def test_ssdlm_checkpoints_are_refused_in_one_line(tmp_path, data_cache):
 
     path = tmp_path / "ssdlm.ckpt"
     random_run_checkpoint(path, "algo=ssdlm", "block_size=4")
-    with pytest.raises(UserError, match="algo=ssdlm has no likelihood bound.*valid: ar") as err:
+    with pytest.raises(UserError, match="algo=ssdlm has no HF model.*valid: ar") as err:
         BD3LMHarness(checkpoint=str(path))
     assert "\n" not in str(err.value)
 
@@ -537,16 +537,16 @@ def test_an_old_export_without_parameterization_warns_and_kind_overrides(tmp_pat
     import logging
 
     import checkpoints.layout as layout
+    from checkpoints.export import export
     from conftest import random_run_checkpoint
     from evaluation.lm_harness import BD3LMHarness
     from models.hf import MDLM
     from models.hf.generation import checkpoint_kind
-    from scripts.export_hf import main as export_main
 
     ckpt = tmp_path / "mdlm_tc.ckpt"
     random_run_checkpoint(ckpt, "algo=mdlm", "algo.time_conditioning=true")
     out = tmp_path / "hf"
-    assert export_main([str(ckpt), str(out)]) == 0
+    export(str(ckpt), str(out))
     config = json.loads((out / "config.json").read_text())
     assert config.pop("parameterization") == "subs"
     (out / "config.json").write_text(json.dumps(config))
