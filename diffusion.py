@@ -1,6 +1,7 @@
-"""The LightningModule: glue between the DiT, an objective from `algorithms/`, the samplers and
-Lightning's loop. It owns the optimiser, the LR schedule, the EMA (swapped in for validation and
-sampling), the clip-interval buffers and the checkpoint hooks; all maths lives below it.
+"""The LightningModule: glue between the DiT, an objective from `algorithms/` and Lightning's
+loop (the samplers take its backbone and objective through sampling.build_sampler). It owns the
+optimiser, the LR schedule, the EMA (swapped in for validation and sampling), the clip-interval
+buffers and the checkpoint hooks; all maths lives below it.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from metrics import ROW_STATISTICS, nll_stderr, ppl_interval, row_statistics
 from models.dit import DiT
 from models.ema import EMA
 from models.network import BackboneNetwork
-from sampling.denoiser import ModelDenoiser
 
 
 @dataclasses.dataclass(frozen=True)
@@ -347,10 +347,3 @@ class Diffusion(L.LightningModule):
         """Evaluation/sampling outside the fit loop: copy the EMA weights in, for good."""
         if self.ema is not None and self.use_ema_for_eval:
             self.ema.copy_to(self.backbone)
-
-    # ------------------------------------------------------------------------------------------
-    # Sampling
-    # ------------------------------------------------------------------------------------------
-    def denoiser(self, window: int, reencode: bool = False) -> ModelDenoiser:
-        """This module's network as the samplers see it; `window` is the trained context."""
-        return ModelDenoiser(self.backbone, self.algorithm, window, reencode, self.network)

@@ -287,6 +287,14 @@ def tiny_module(algo: str = "bd3lm", window: int = 16, *overrides: str):
     return module.eval()
 
 
+def module_denoiser(module, window: int, reencode: bool = False):
+    """`module`'s network as the samplers see it (what build_sampler gives them): its backbone
+    and objective behind sampling.ModelDenoiser, `window` the trained context."""
+    from sampling import ModelDenoiser
+
+    return ModelDenoiser(module.backbone, module.algorithm, window, reencode, module.network)
+
+
 class Recorder:
     """Wraps a denoiser and keeps every denoising call's log-probabilities."""
 
@@ -322,7 +330,7 @@ def sample_with(module, cfg, cached: bool, prompt=None, valid=None, batch=3, win
 
     import sampling
 
-    recorder = Recorder(module.denoiser(window))
+    recorder = Recorder(module_denoiser(module, window))
     sampler = sampling.ar_sample if cfg.block_size == 1 else sampling.semi_ar_sample
     cfg = dataclasses.replace(cfg, kv_cache=cached)
     gen = torch.Generator().manual_seed(7)

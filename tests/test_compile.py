@@ -10,7 +10,7 @@ import torch
 import builders
 import main
 import sampling
-from conftest import randomize_, run_inprocess
+from conftest import module_denoiser, randomize_, run_inprocess
 
 
 def compiled_counts() -> int:
@@ -52,7 +52,7 @@ def test_compiled_blocks_match_eager_and_sampling_never_compiles():
     for cached in (True, False):
         run_cfg = sampling.SamplerConfig(**{**cfg.__dict__, "kv_cache": cached})
         out = sampling.semi_ar_sample(
-            module.denoiser(32), 2, run_cfg, torch.Generator().manual_seed(0), "cpu"
+            module_denoiser(module, 32), 2, run_cfg, torch.Generator().manual_seed(0), "cpu"
         )
         assert out.tokens.shape == (2, 256)
     assert compiled_counts() == before, "sampling must not compile (its shapes grow per block)"

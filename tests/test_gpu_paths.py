@@ -19,7 +19,7 @@ import settings
 from algorithms.base import DoubleLengthCrop
 from benchmarks.acceptance import SameTrajectory
 from conftest import compose_cfg as compose
-from conftest import run_inprocess, tiny_module
+from conftest import module_denoiser, run_inprocess, tiny_module
 from metrics import GenerativePerplexity
 from utils import UserError
 
@@ -129,7 +129,7 @@ def test_bf16_kv_cache_equals_recomputation_and_float32_to_tolerance(algo, block
     orders; measured 0.020), and bf16 agrees with float32 to 0.06 (measured 0.044; bf16 keeps
     8 bits), within and beyond the 16-token window. A cache error would be O(1)."""
     module = tiny_module(algo)
-    recorder = SameTrajectory(module.denoiser(16))
+    recorder = SameTrajectory(module_denoiser(module, 16))
     cfg = sampling.SamplerConfig(length=40, block_size=block, num_steps=8, context=16,
                                  bos_id=BOS, mask_id=MASK, eos_id=BOS, kv_cache=True,
                                  reject_low_entropy=False)  # fmt: skip

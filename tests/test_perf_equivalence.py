@@ -19,6 +19,7 @@ from benchmarks import baselines
 from conftest import (
     P_VALUE,
     chi_square_p,
+    module_denoiser,
     randomize_,
     sample_with,
     sampler_cfg,
@@ -256,7 +257,7 @@ def test_parallel_decoding_cache_equals_recomputation(kw):
 def test_selected_rows_equal_the_full_output(cached):
     """logprobs(rows=...) runs the output layer on the chosen rows only: same values."""
 
-    model = tiny_module("bd3lm").denoiser(16)
+    model = module_denoiser(tiny_module("bd3lm"), 16)
     gen = torch.Generator().manual_seed(0)
     x = torch.randint(0, 40, (3, 8), generator=gen)
     x[:, 5:] = 40  # the mask id of tiny_module's vocabulary
@@ -303,7 +304,7 @@ def test_a_denoiser_snapshots_its_weights_until_prepare_inference():
     baseline that recomputes everything at every call. With time conditioning the
     modulation follows t."""
     module = tiny_module("bd3lm")
-    model = module.denoiser(16)
+    model = module_denoiser(module, 16)
     x = torch.randint(0, 40, (2, 8), generator=torch.Generator().manual_seed(0))
     x[:, 5:] = 40
     t = torch.full((2,), 0.7, dtype=torch.float64)
@@ -315,7 +316,7 @@ def test_a_denoiser_snapshots_its_weights_until_prepare_inference():
         torch.testing.assert_close(model.logprobs(x, t, 4, None, None), before)  # a snapshot
         model.prepare_inference()
         after = model.logprobs(x, t, 4, None, None)
-        fresh = module.denoiser(16).logprobs(x, t, 4, None, None)
+        fresh = module_denoiser(module, 16).logprobs(x, t, 4, None, None)
         plain = baselines.BaselineDenoiser(module.backbone, module.algorithm, 16)
         recomputed = plain.logprobs(x, t, 4, None, None)
     torch.testing.assert_close(after, fresh, rtol=0, atol=0)
@@ -324,7 +325,7 @@ def test_a_denoiser_snapshots_its_weights_until_prepare_inference():
 
     timed = tiny_module("bd3lm", 16, "algo.time_conditioning=true")
     randomize_(timed.backbone, seed=4, scale=0.3)
-    model = timed.denoiser(16)
+    model = module_denoiser(timed, 16)
     with torch.no_grad():
         assert not torch.allclose(
             model.logprobs(x, t, 4, None, None), model.logprobs(x, t * 0.5, 4, None, None)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import sampling
-from conftest import BOS_TINY, MASK_TINY, tiny_module
+from conftest import BOS_TINY, MASK_TINY, module_denoiser, tiny_module
 from sampling import SamplerConfig, semi_ar_sample
 from sampling.draws import nucleus, sample_categorical
 from sampling.stops import ENTROPY_WINDOW, SequenceState, apply_stop_rules
@@ -111,8 +111,8 @@ def test_the_time_conditioning_of_the_objective_reaches_the_sampler():
     that t reaches a time-conditioned network, and a real one is called at every DDPM step
     with the reference loop's samples."""
     conditioned = tiny_module("bd3lm", 16, "algo.time_conditioning=true")
-    assert not tiny_module("bd3lm").denoiser(16).time_conditioned
-    assert not tiny_module("ar").denoiser(16).time_conditioned
+    assert not module_denoiser(tiny_module("bd3lm"), 16).time_conditioned
+    assert not module_denoiser(tiny_module("ar"), 16).time_conditioned
     ids = sampling.TokenIds(BOS_TINY, MASK_TINY, BOS_TINY)
     options = dict(num_steps=16, first_hitting=False, reject_low_entropy=False)
     cfg, sample_fn = sampling.build_sampler(

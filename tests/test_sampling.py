@@ -17,6 +17,7 @@ from conftest import (
     MASK_TINY,
     ROOT,
     V_TINY,
+    module_denoiser,
     sample_with,
     sampler_cfg,
     tiny_module,
@@ -58,7 +59,7 @@ def test_time_conditioned_bd3lm_refuses_the_cache_and_samples_without_it():
 
     module = tiny_module("bd3lm", 16, "algo.time_conditioning=true")
     with pytest.raises(ValueError, match="kv_cache=true needs algo.time_conditioning=false"):
-        module.denoiser(16).new_cache(2, 4)
+        module_denoiser(module, 16).new_cache(2, 4)
     cfg = sampler_cfg(40, 4)
     with torch.no_grad():
         out, calls = run(module, cfg, cached=False)
@@ -88,8 +89,8 @@ def test_reencode_option_equals_the_exact_path_within_the_window():
     cfg = sampler_cfg(16, 4)
     gen = lambda: torch.Generator().manual_seed(1)  # noqa: E731
     with torch.no_grad():
-        exact = sampling.semi_ar_sample(module.denoiser(16), 2, cfg, gen(), "cpu")
-        reref = sampling.semi_ar_sample(module.denoiser(16, True), 2, cfg, gen(), "cpu")
+        exact = sampling.semi_ar_sample(module_denoiser(module, 16), 2, cfg, gen(), "cpu")
+        reref = sampling.semi_ar_sample(module_denoiser(module, 16, True), 2, cfg, gen(), "cpu")
     assert torch.equal(exact.tokens, reref.tokens)
 
 

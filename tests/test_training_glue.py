@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 import builders
 import settings
 from checkpoints import load_weights, read_checkpoint
-from conftest import compose_cfg, randomize_
+from conftest import compose_cfg, module_denoiser, randomize_
 from diffusion import OptimSettings, lr_multiplier
 from utils import UserError
 
@@ -113,7 +113,7 @@ def test_checkpoint_round_trip_gives_identical_logits(tmp_path, algo):
     t = torch.full((2,), 0.5)
 
     def logprobs(m):
-        return m.denoiser(32).logprobs(x, t, 32, None, None)
+        return module_denoiser(m, 32).logprobs(x, t, 32, None, None)
 
     with torch.no_grad():
         torch.testing.assert_close(logprobs(fresh), logprobs(module), rtol=0, atol=0)
