@@ -61,11 +61,6 @@ class SSDLMNetwork(nn.Module):
             with torch.no_grad():
                 self.embed_sum_layer.weight.copy_(mlm.get_input_embeddings().weight.t())
 
-    @classmethod
-    def from_config(cls, config: RobertaConfig) -> SSDLMNetwork:
-        """A randomly initialised network (tests, training from scratch)."""
-        return cls(RobertaForMaskedLM(config))
-
     @property
     def vocab_size(self) -> int:
         return self.embed_sum_layer.in_features
@@ -203,18 +198,3 @@ def load_ssdlm(
     if dtype is not None:
         network = network.to(dtype)
     return network.eval()
-
-
-def save_ssdlm(network: SSDLMNetwork, directory: str, module_prefix: bool = True) -> None:
-    """Write `network` in the released layout: mlm.save_pretrained(directory) plus
-    embed_sum_layer.pt and timestep_layer.pt (keys "module."-prefixed when `module_prefix`,
-    as a DataParallel-wrapped layer's state dict has them)."""
-    os.makedirs(directory, exist_ok=True)
-    network.mlm.save_pretrained(directory)
-    prefix = MODULE_PREFIX if module_prefix else ""
-    for layer, name in (
-        (network.embed_sum_layer, EMBED_SUM_FILE),
-        (network.timestep_layer, TIMESTEP_FILE),
-    ):
-        state = {prefix + k: v.detach().cpu().clone() for k, v in layer.state_dict().items()}
-        torch.save(state, os.path.join(directory, name))

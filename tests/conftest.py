@@ -194,6 +194,24 @@ def write_reference_ckpt(path, module, ema_list, hparams, compiled=True):
     torch.save(checkpoint, path)
 
 
+def save_ssdlm(network, directory: str, module_prefix: bool = True) -> None:
+    """An SSD-LM network written in the released layout models.ssdlm.load_ssdlm reads:
+    mlm.save_pretrained(directory) plus embed_sum_layer.pt and timestep_layer.pt (keys
+    "module."-prefixed when `module_prefix`, as a DataParallel-wrapped layer's state dict has
+    them)."""
+    from models.ssdlm import EMBED_SUM_FILE, MODULE_PREFIX, TIMESTEP_FILE
+
+    os.makedirs(directory, exist_ok=True)
+    network.mlm.save_pretrained(directory)
+    prefix = MODULE_PREFIX if module_prefix else ""
+    for layer, name in (
+        (network.embed_sum_layer, EMBED_SUM_FILE),
+        (network.timestep_layer, TIMESTEP_FILE),
+    ):
+        state = {prefix + k: v.detach().cpu().clone() for k, v in layer.state_dict().items()}
+        torch.save(state, os.path.join(directory, name))
+
+
 def compose_cfg(*overrides):
     """The smoke config with `overrides` (no run: the run directory is never created); a fresh
     copy of a composition made once per override list (Hydra's compose costs ~0.1 s)."""

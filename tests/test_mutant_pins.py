@@ -67,10 +67,13 @@ def test_ssdlm_projection_keeps_the_top_token_and_never_draws_zero_mass():
 def test_ssdlm_network_positions_hold_its_rows_exactly():
     """Kills ssdlm-max-tokens: rows of `length` tokens fit RoBERTa's positions (pad id 1,
     positions from 2) and one more token is refused in one line, not by an index error."""
+    from transformers import RobertaForMaskedLM
+
     from models.ssdlm import SSDLMNetwork, roberta_config
 
     torch.manual_seed(0)
-    net = SSDLMNetwork.from_config(roberta_config(11, 8, 1, 2, length=6, dropout=0.0)).eval()
+    config = roberta_config(11, 8, 1, 2, length=6, dropout=0.0)
+    net = SSDLMNetwork(RobertaForMaskedLM(config)).eval()
     assert net.max_tokens == 6
     xt = torch.zeros(1, 2, 11)
     with torch.no_grad():

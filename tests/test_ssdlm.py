@@ -7,11 +7,12 @@ import math
 
 import pytest
 import torch
-from transformers import RobertaConfig
+from transformers import RobertaConfig, RobertaForMaskedLM
 
 from algorithms.base import Shard
 from algorithms.ssdlm import SSDLM, cosine_alpha_bar
-from models.ssdlm import SSDLMNetwork, load_ssdlm, save_ssdlm
+from conftest import save_ssdlm
+from models.ssdlm import SSDLMNetwork, load_ssdlm
 from sampling.config import SamplerConfig
 from sampling.ssdlm import SSDLMSamplerOptions, denoise_block, num_blocks, ssdlm_sample
 
@@ -33,7 +34,7 @@ def tiny_config(vocab: int = 50, positions: int = 40) -> RobertaConfig:
 
 def tiny_network(seed: int = 0, vocab: int = 50) -> SSDLMNetwork:
     torch.manual_seed(seed)
-    network = SSDLMNetwork.from_config(tiny_config(vocab))
+    network = SSDLMNetwork(RobertaForMaskedLM(tiny_config(vocab)))
     with torch.no_grad():  # a non-zero time embedding, so that t matters
         network.timestep_layer.weight.normal_(0, 0.5)
         network.timestep_layer.bias.normal_(0, 0.5)

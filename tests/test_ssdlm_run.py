@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from conftest import bad_run, compose_cfg, run_inprocess
+from conftest import bad_run, compose_cfg, run_inprocess, save_ssdlm
 
 SAMPLE = "mode=sample_eval"
 # the fields of every sample_eval record (sampling/generate.py), SSD-LM's included
@@ -80,7 +80,7 @@ def released_dir(tmp_path_factory, data_cache):
     """A tiny random SSD-LM saved in the released layout ("module." prefixes), over the smoke
     tokenizer's vocabulary."""
     import dataloader
-    from models.ssdlm import build_network, save_ssdlm
+    from models.ssdlm import build_network
 
     vocab = dataloader.get_vocab(compose_cfg("algo=ssdlm").data)
     torch.manual_seed(0)
