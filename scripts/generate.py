@@ -5,17 +5,19 @@
     echo "O Romeo" | python scripts/generate.py CHECKPOINT --kv-cache
     python scripts/generate.py CHECKPOINT --num-samples 2        # unconditional (MDLM too)
 
-CHECKPOINT: an HF directory written by scripts/export_hf.py (or a hub id in the released
-format, with a tokenizer), or one of our Lightning .ckpt files (exported to a temporary
-directory first). Prompts come from --prompt (repeatable), else --prompt-file (one per line),
-else stdin (one per line); with none of them, or with --num-samples N, unconditional samples
-(1, or N); MDLM and SEDD take no prompt. Each job (a prompt, or one unconditional sample) is
-sampled by `model.generate` (models/hf, the sample_eval sampler) at batch size 1, all jobs
-drawing in turn from one generator seeded with --seed, as sample_eval's batches do: job i gives
-sample i of `mode=sample_eval` with that seed, loader.eval_batch_size=1 and the same prompts
-(sampling.prefix_file) or, unconditional, sampling.num_sample_batches=N. Text goes to stdout
-as each block is committed; the tokens, seconds, tokens/s and NFE of every sample go to
-stderr.
+CHECKPOINT: anything the project loads (evaluation.loading): an HF directory written by
+scripts/export_hf.py or a hub id in the released format, one of our Lightning .ckpt files, or
+the reference's pickled .ckpt (both exported to a temporary directory first); --tokenizer
+(a directory, or a name the data configs take: gpt2, bert-base-uncased) for a checkpoint
+without one of its own, as the reference's .ckpt. Prompts come from --prompt (repeatable),
+else --prompt-file (one per line), else stdin (one per line); with none of them, or with
+--num-samples N, unconditional samples (1, or N); MDLM and SEDD take no prompt. Each job (a
+prompt, or one unconditional sample) is sampled by `model.generate` (models/hf, the
+sample_eval sampler) at batch size 1, all jobs drawing in turn from one generator seeded with
+--seed, as sample_eval's batches do: job i gives sample i of `mode=sample_eval` with that seed,
+loader.eval_batch_size=1 and the same prompts (sampling.prefix_file) or, unconditional,
+sampling.num_sample_batches=N. Text goes to stdout as each block is committed; the tokens,
+seconds, tokens/s and NFE of every sample go to stderr.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ import argparse
 import contextlib
 import os
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -81,42 +82,10 @@ def read_prompts(args, stdin) -> list[str] | None:
     return None
 
 
-@contextlib.contextmanager
-def hf_directory(path: str):
-    """An HF directory for CHECKPOINT: itself, or our .ckpt exported to a temporary one."""
-    if not path.endswith(".ckpt"):
-        yield path
-        return
-    from checkpoints import read_checkpoint
-    from scripts.export_hf import export
-
-    read_checkpoint(path, "CHECKPOINT")  # one-line error for an unreadable file
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            out = export(path, os.path.join(tmp, "hf"))
-        except UserError as err:
-            raise UserError(f"CHECKPOINT={path}: {err}") from None
-        yield out
-
-
-@contextlib.contextmanager
-def no_transformers_progress_bars():
-    """transformers' progress bars off (saving the temporary export draws "Writing model
-    shards"), restored afterwards: stderr carries only the per-sample reports."""
-    from transformers.utils import logging
-
-    enabled = logging.is_progress_bar_enabled()
-    logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if enabled:
-            logging.enable_progress_bar()
-
-
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("checkpoint", help="HF directory, hub id, or our .ckpt")
+    parser.add_argument("checkpoint", help="HF directory, hub id, our or the reference's .ckpt")
+    parser.add_argument("--tokenizer", help="tokenizer directory or name (gpt2, ...)")
     parser.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     parser.add_argument("--prompt-file", help="a file of prompts, one per line")
     parser.add_argument("--num-samples", type=int, help="unconditional samples (no prompt)")
@@ -134,32 +103,18 @@ def parse_args(argv):
 
 def run(args, stdin) -> None:
     import torch
-    from transformers import AutoTokenizer
 
-    from models.hf import BD3LM, MDLM
+    from evaluation.loading import load
     from models.hf.generation import checkpoint_kind, objective_from_config, token_ids
-    from models.hf.modeling import CheckpointError
 
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens={args.max_new_tokens} must be >= 1")
     prompts = read_prompts(args, stdin)
-    with hf_directory(args.checkpoint) as directory:
-        try:
-            import json
-
-            from checkpoints.layout import read_config_json, resolve_pretrained
-
-            local = resolve_pretrained(directory)
-            model_type = read_config_json(local).get("model_type")
-            cls = {"bd3lm": BD3LM, "mdlm": MDLM}.get(model_type)
-            if cls is None:
-                raise UserError(f"CHECKPOINT={args.checkpoint}: model_type={model_type!r}; "
-                                "valid are bd3lm, mdlm")  # fmt: skip
-            model = cls.from_pretrained(local, dtype=args.dtype, device_map=args.device)
-            tokenizer = AutoTokenizer.from_pretrained(local)
-        except (CheckpointError, OSError, ValueError, json.JSONDecodeError) as err:
-            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-            raise UserError(f"CHECKPOINT={args.checkpoint}: {reason[:200]}") from None
+    with contextlib.ExitStack() as stack:  # a temporary export lives until the model is loaded
+        model, tokenizer = load(
+            args.checkpoint, args.tokenizer, stack, key="CHECKPOINT",
+            tokenizer_key="--tokenizer NAME", dtype=args.dtype, device_map=args.device,
+        )  # fmt: skip
     kind = checkpoint_kind(model)
     objective = objective_from_config(model.config, token_ids(model.config)[1], kind)
     if prompts is not None and not objective.supports_prompts:
@@ -206,8 +161,7 @@ def run(args, stdin) -> None:
 def main(argv: list[str] | None = None, stdin=None) -> int:
     args = parse_args(argv)
     try:
-        with no_transformers_progress_bars():
-            run(args, sys.stdin if stdin is None else stdin)
+        run(args, sys.stdin if stdin is None else stdin)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

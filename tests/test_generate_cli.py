@@ -254,3 +254,32 @@ def test_pyproject_installs_every_package_and_module():
     included = {pattern.rstrip("*") for pattern in setuptools["packages"]["find"]["include"]}
     assert included == packages - {"tests", "benchmarks"}
     assert set(setuptools["py-modules"]) == {n[:-3] for n in names if n.endswith(".py")}
+
+
+@pytest.mark.e2e
+def test_cli_reads_the_reference_ckpt_with_tokenizer(tmp_path, data_cache, capsys):
+    """The reference's pickled .ckpt (EMA as an unnamed list, OmegaConf hparams) samples as
+    our .ckpt of the same weights does, given --tokenizer (its pickled tokenizer is not read);
+    without it, one line naming --tokenizer."""
+    from omegaconf import OmegaConf
+
+    from conftest import random_run_checkpoint, reference_parameter_order, write_reference_ckpt
+    from scripts.generate import main as generate_main
+
+    ours = tmp_path / "ours.ckpt"
+    module = random_run_checkpoint(ours, "algo=bd3lm", "block_size=4")
+    params = dict(module.backbone.named_parameters())
+    ema = [params[n].detach().clone() for n in reference_parameter_order(2, adaln=True)]
+    algo = {"parameterization": "subs", "cross_attn": True, "time_conditioning": False}
+    config = {"block_size": 4, "algo": algo, "model": {"length": 32, "n_heads": 2}}
+    reference = tmp_path / "reference.ckpt"
+    write_reference_ckpt(reference, module, ema, {"config": OmegaConf.create(config)})
+    argv = ["--prompt", "To be", "--max-new-tokens", "8", "--num-steps", "4", "--seed", "3"]
+    assert generate_main([str(ours), *argv]) == 0
+    want = capsys.readouterr().out
+    assert generate_main([str(reference), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "--tokenizer" in err and len(err.splitlines()) == 1
+    tokenizer = module.run_config["data"]["tokenizer_name_or_path"]
+    assert generate_main([str(reference), "--tokenizer", tokenizer, *argv]) == 0
+    assert capsys.readouterr().out == want
