@@ -1,8 +1,10 @@
-"""The maths imports neither Lightning nor Hydra, and nothing imports main.py."""
+"""The maths imports neither Lightning nor Hydra, nothing imports main.py, and no production
+module (anything outside tests/ and scripts/, benchmarks/ included) imports from scripts/."""
 
 from __future__ import annotations
 
 import ast
+import os
 import pathlib
 
 from conftest import ROOT
@@ -45,9 +47,31 @@ def test_maths_is_free_of_lightning_and_hydra():
 
 def test_nothing_imports_main():
     """Only tests (and tools that drive whole runs) may call main; the code below it never."""
-    root = pathlib.Path(ROOT)
-    for path in root.rglob("*.py"):
-        skipped = {".venv", "tests", "benchmarks", "scripts"}
-        if skipped & set(path.relative_to(root).parts) or path.name == "main.py":
+    for path in repository_files(skip=("tests", "benchmarks", "scripts")):
+        if path.name == "main.py":
             continue
         assert "main" not in imported_modules(path), f"{path} imports main"
+
+
+def repository_files(skip: tuple[str, ...]) -> list[pathlib.Path]:
+    """The .py files of the repository outside hidden directories (.venv, .git), build/ (pip's)
+    and the top-level directories `skip` (pruned, never walked)."""
+    files = []
+    for parent, dirs, names in os.walk(ROOT):
+        top = parent == ROOT
+        dirs[:] = [d for d in dirs if not d.startswith(".") and not (top and d in (*skip, "build"))]
+        files += [pathlib.Path(parent, name) for name in names if name.endswith(".py")]
+    return sorted(files)
+
+
+def test_no_production_module_imports_scripts():
+    """scripts/ holds command-line entry points over the code, never code the code needs: it is
+    no installed package (pyproject), so an import of it fails outside the repository. Caught
+    as `scripts.*` and as a script's bare name (a module that put scripts/ on sys.path)."""
+    root = pathlib.Path(ROOT)
+    scripts = {"scripts"} | {path.stem for path in (root / "scripts").glob("*.py")}
+    files = repository_files(skip=("tests", "scripts"))
+    assert {root / "evaluation" / "lm_harness.py", root / "benchmarks" / "train.py"} <= set(files)
+    for path in files:
+        bad = imported_modules(path) & scripts
+        assert not bad, f"{path.relative_to(root)} imports {sorted(bad)} from scripts/"
