@@ -9,10 +9,10 @@ AR baseline (K = 1), a cross-attention one BD3-LM with its block size, a time-co
 model without cross-attention SEDD (sampled by the analytic sampler), any other MDLM with one
 block of its window.
 Token ids come from the config's `bos_token_id` / `eos_token_id` / `mask_token_id` (which
-`scripts/export_hf.py` writes); a config without them (the released GPT-2 checkpoints) gets
-the GPT-2 layout: mask = vocab_size - 1, BOS = EOS = vocab_size - 2. `pad_token_id` (the
-tokenizer's, which the export also writes) marks padding in input_ids given without an
-attention_mask.
+`checkpoints.export` writes: scripts/export_hf.py, `loadable`'s temporary exports); a config
+without them (the released GPT-2 checkpoints) gets the GPT-2 layout: mask = vocab_size - 1,
+BOS = EOS = vocab_size - 2. `pad_token_id` (the tokenizer's, which the export also writes)
+marks padding in input_ids given without an attention_mask.
 """
 
 from __future__ import annotations
