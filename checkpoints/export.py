@@ -22,6 +22,7 @@ from checkpoints.layout import (
     CLIP_BUFFERS,
     CheckpointError,
     infer_dit_shape,
+    is_hub_id,
     resolve_pretrained,
     split_backbone,
 )
@@ -297,16 +298,17 @@ def loadable(
       data.tokenizer_name_or_path takes), whose BOS / EOS / mask ids are those training used
       with it; required, since the file's pickled tokenizer is not read.
     Exports are written without progress bars to a temporary directory that lives until `stack`
-    closes. UserError, one line naming `key` (and, for the reference's .ckpt without a
-    tokenizer, `tokenizer_key`: how the caller takes it), for anything else."""
+    closes. UserError, one line naming `key`, for a path that is none of these or a checkpoint
+    that cannot be exported (SSD-LM), and naming `tokenizer_key` (how the caller takes the
+    tokenizer) for the reference's .ckpt without one."""
     from checkpoints.load import read_any_checkpoint
 
-    if not os.path.isfile(path):
+    if os.path.isdir(path) or is_hub_id(path):
         try:
             return resolve_pretrained(path)
         except CheckpointError as err:
             raise UserError(f"{key}={path}: {err}") from None
-    loaded = read_any_checkpoint(path, key)
+    loaded = read_any_checkpoint(path, key)  # a missing or unreadable file: one line
     if loaded.format == "reference" and tokenizer is None:
         raise UserError(
             f"{key}={path} is the reference's .ckpt, which names no usable tokenizer; pass "

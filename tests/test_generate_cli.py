@@ -149,6 +149,17 @@ def test_cli_num_samples_checks(args, fragment, capsys):
     assert err.startswith("error: ") and fragment in err and len(err.splitlines()) == 1
 
 
+def test_cli_missing_checkpoint_is_one_line(capsys):
+    """A path that is no file, directory or hub id: one line naming CHECKPOINT and what is valid
+    (not a hub lookup's "no such directory (and not a hub id)")."""
+    from scripts.generate import main as generate_main
+
+    assert generate_main(["/nonexistent/bd3lms.ckpt", "--prompt", "To be"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: CHECKPOINT=/nonexistent/bd3lms.ckpt: no such file or directory")
+    assert "a Lightning .ckpt, an HF directory" in err and len(err.splitlines()) == 1
+
+
 @pytest.fixture(scope="module")
 def tiny_bd3lm():
     """A random BD3-LM (K = 2, V = 11: GPT-2 layout, mask 10, BOS 9) whose pad id is the mask
