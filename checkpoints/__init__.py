@@ -2,7 +2,7 @@
 
 - `layout`: what all formats share (no Lightning): `CheckpointError`, key prefixes, the strict
   key check, the keyed adapter of the reference's DiT family, HF directories and hub ids, the
-  released-repo table, `LoadedCheckpoint`.
+  released-repo table (`RELEASED`: family and the paper's OWT perplexity), `LoadedCheckpoint`.
 - `ours`: our Lightning `.ckpt` (read with `weights_only`), strict loading, fine-tuning start.
 - `reference`: the reference's pickled `.ckpt` (through `unpickle`, a restricted unpickler).
 - `load`: the one entry point, `read_any_checkpoint` + `load_checkpoint_into` (evaluation
@@ -21,10 +21,9 @@ from checkpoints.load import (
     trained_length,
 )
 from checkpoints.ours import check_state, load_pretrained, load_weights, read_checkpoint
-from checkpoints.sanity import PAPER_OWT_PPL, ppl_threshold, sanity_check_perplexity
+from checkpoints.sanity import ppl_threshold, sanity_check_perplexity
 
 __all__ = [
-    "PAPER_OWT_PPL",
     "CheckpointError",
     "LoadedCheckpoint",
     "check_state",

@@ -228,16 +228,27 @@ def objective_family(parameterization: str, cross_attn: bool) -> str:
     return parameterization
 
 
-# Released repositories -> kind (the no-EOS baselines included).
+@dataclasses.dataclass(frozen=True)
+class Released:
+    """A released repository: its backbone family (the `algo=` name) and the test perplexity
+    on OpenWebText the paper reports for its model (Table 4, L = 1024; the diffusion values are
+    upper bounds), from which the loading sanity check sets its threshold."""
+
+    kind: str
+    owt_ppl: float
+
+
+# The released repositories (the no-EOS baselines included), with their model's Table 4 row
 RELEASED = {
-    "kuleshov-group/bd3lm-owt-block_size4": "bd3lm",
-    "kuleshov-group/bd3lm-owt-block_size8": "bd3lm",
-    "kuleshov-group/bd3lm-owt-block_size16": "bd3lm",
-    "kuleshov-group/bd3lm-owt-block_size1024-pretrain": "bd3lm",
-    "kuleshov-group/mdlm-owt": "mdlm",
-    "kuleshov-group/mdlm-noeos-owt": "mdlm",
-    "kuleshov-group/sedd-noeos-owt": "sedd",
-    "kuleshov-group/ar-noeos-owt": "ar",
+    "kuleshov-group/bd3lm-owt-block_size4": Released("bd3lm", 20.73),  # BD3-LM K = 4
+    "kuleshov-group/bd3lm-owt-block_size8": Released("bd3lm", 21.68),  # BD3-LM K = 8
+    "kuleshov-group/bd3lm-owt-block_size16": Released("bd3lm", 22.27),  # BD3-LM K = 16
+    # stage 1, K = L = 1024: the MDLM objective, so MDLM's row
+    "kuleshov-group/bd3lm-owt-block_size1024-pretrain": Released("bd3lm", 22.98),
+    "kuleshov-group/mdlm-owt": Released("mdlm", 22.98),  # MDLM
+    "kuleshov-group/mdlm-noeos-owt": Released("mdlm", 22.98),  # MDLM
+    "kuleshov-group/sedd-noeos-owt": Released("sedd", 24.10),  # SEDD
+    "kuleshov-group/ar-noeos-owt": Released("ar", 17.54),  # AR
 }
 
 
@@ -337,7 +348,7 @@ def detect_kind(
     exports and the reference's run configs say it), then config.json's model_type and flags,
     then the keys (no adaLN -> AR)."""
     if hint is not None and hint in RELEASED:
-        return RELEASED[hint]
+        return RELEASED[hint].kind
     config = config or {}
     parameterization = config.get("parameterization")
     if parameterization in ("ar", "sedd", "subs"):

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from checkpoints.layout import RELEASED
 from utils import UserError, get_logger
 
 if TYPE_CHECKING:
@@ -16,25 +17,14 @@ if TYPE_CHECKING:
 
 log = get_logger("bd3lms")
 
-# Test perplexity on OpenWebText reported in the paper (Table 4; diffusion values are bounds).
-PAPER_OWT_PPL = {
-    "kuleshov-group/bd3lm-owt-block_size4": 20.73,
-    "kuleshov-group/bd3lm-owt-block_size8": 21.68,
-    "kuleshov-group/bd3lm-owt-block_size16": 22.27,
-    "kuleshov-group/bd3lm-owt-block_size1024-pretrain": 23.00,  # MDLM-style stage 1
-    "kuleshov-group/mdlm-owt": 23.00,
-    "kuleshov-group/mdlm-noeos-owt": 23.00,
-    "kuleshov-group/sedd-noeos-owt": 24.10,
-    "kuleshov-group/ar-noeos-owt": 17.54,
-}
-
 
 def ppl_threshold(path: str, default: float | None = None, factor: float = 2.0) -> float | None:
-    """`factor` x the paper's OWT figure for a released checkpoint, else `default`."""
+    """`factor` x the paper's OWT perplexity (checkpoints.layout.RELEASED) for a released
+    checkpoint, named by its repository or a local copy's directory name; else `default`."""
     name = path.rstrip("/")
-    for repo, ppl in PAPER_OWT_PPL.items():
+    for repo, released in RELEASED.items():
         if name == repo or name.endswith("/" + repo.split("/")[1]):
-            return factor * ppl
+            return factor * released.owt_ppl
     return default
 
 

@@ -309,6 +309,30 @@ def test_sanity_check_perplexity_warns_loudly(caplog):
     assert ppl_threshold("/my/run", default=99.0) == 99.0
 
 
+def test_released_table_quotes_the_papers_table_4():
+    """Each released repository's OWT perplexity is its model's row of the paper's Table 4 as
+    scripts/paper_numbers.toml records it (stage 1, K = L, is the MDLM objective)."""
+    import tomllib
+
+    from checkpoints.layout import RELEASED
+
+    with open(os.path.join(ROOT, "scripts", "paper_numbers.toml"), "rb") as f:
+        table4 = {row["label"]: row["paper"] for row in tomllib.load(f)["table4"]["rows"]}
+    row = {
+        "kuleshov-group/bd3lm-owt-block_size4": "BD3-LM K = 4",
+        "kuleshov-group/bd3lm-owt-block_size8": "BD3-LM K = 8",
+        "kuleshov-group/bd3lm-owt-block_size16": "BD3-LM K = 16",
+        "kuleshov-group/bd3lm-owt-block_size1024-pretrain": "MDLM",
+        "kuleshov-group/mdlm-owt": "MDLM",
+        "kuleshov-group/mdlm-noeos-owt": "MDLM",
+        "kuleshov-group/sedd-noeos-owt": "SEDD",
+        "kuleshov-group/ar-noeos-owt": "AR",
+    }
+    assert {repo: released.owt_ppl for repo, released in RELEASED.items()} == {
+        repo: table4[label] for repo, label in row.items()
+    }
+
+
 def test_export_script(tmp_path, capsys):
     sys.path.insert(0, os.path.join(ROOT, "scripts"))
     import export_hf as script
