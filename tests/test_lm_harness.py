@@ -558,7 +558,7 @@ def test_an_old_export_without_parameterization_warns_and_kind_overrides(tmp_pat
     assert old.kind == "sedd" and "names no parameterization" in caplog.text
     fixed = BD3LMHarness(checkpoint=str(out), mc_samples=2, kind="mdlm")
     assert fixed.loglikelihood(request) == reference.loglikelihood(request)
-    layout.RELEASED[str(out)] = "mdlm"  # as if it were a released repository
+    layout.RELEASED[str(out)] = layout.Released("mdlm", 22.98)  # as if it were released
     try:
         assert checkpoint_kind(MDLM.from_pretrained(str(out))) == "mdlm"
     finally:
