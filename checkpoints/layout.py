@@ -26,6 +26,7 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import Tensor
 
+from data.config import hub_offline
 from models.attention import rotary_inv_freq
 from models.dit import DiT, DiTConfig
 from utils import get_logger
@@ -60,10 +61,6 @@ def is_hub_id(path: str) -> bool:
         and HUB_ID.match(path) is not None
         and not path.endswith((".ckpt", ".pt", ".bin", ".safetensors"))
     )
-
-
-def hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
 
 
 def resolve_pretrained(

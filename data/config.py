@@ -2,8 +2,8 @@
 
 `require` turns a missing key into a UserError naming it; `distribution` finds an installed data
 package (read through importlib.metadata, never imported) in DATA_PACKAGES_DIR, where
-`make install` puts them outside site-packages, or else on sys.path; `hub_offline` reports the HF
-offline flags for error messages.
+`make install` puts them outside site-packages, or else on sys.path; `hub_offline` reads the HF
+offline flags (for the checkpoint loader too).
 """
 
 from __future__ import annotations
@@ -56,6 +56,10 @@ def import_datasets(needed_for: str):
     return datasets
 
 
-def hub_offline() -> bool:
-    flags = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+def hub_offline(datasets: bool = False) -> bool:
+    """The HF offline mode, read here only: HF_HUB_OFFLINE for the hub (checkpoints,
+    tokenizers) and, with `datasets`, HF_DATASETS_OFFLINE as well (the datasets library's own
+    flag); a flag is on when set to 1 / on / yes / true, in any case, as the HF libraries read
+    it."""
+    flags = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE") if datasets else ("HF_HUB_OFFLINE",)
     return any(os.environ.get(f, "").upper() in ("1", "ON", "YES", "TRUE") for f in flags)

@@ -101,7 +101,7 @@ def _from_hub(data_cfg: Any, opts: PipelineOptions) -> datasets.Dataset:
             cache_dir=hf_cache_dir(data_cfg),
         )
     except Exception as err:  # the hub raises many types (ConnectionError, OSError, ValueError)
-        offline = " (offline: HF_HUB_OFFLINE=1)" if hub_offline() else ""
+        offline = " (offline: HF_HUB_OFFLINE=1)" if hub_offline(datasets=True) else ""
         what = spec.url if spec.hub is None else spec.hub
         raise UserError(
             f"{opts.key}={opts.name}: could not load {what!r}{offline}: {type(err).__name__}; "

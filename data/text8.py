@@ -88,7 +88,7 @@ def _text8_split_text(opts: PipelineOptions) -> str:
             raise FileNotFoundError(source)
         payload = fs.cat(raw_path)
     except Exception as err:
-        offline = " (offline)" if hub_offline() else ""
+        offline = " (offline)" if hub_offline(datasets=True) else ""
         raise UserError(
             f"{opts.key}={opts.name}: could not read text8 from {source!r}{offline}: "
             f"{type(err).__name__}; point data.source=DIR at a directory holding text8.zip, "

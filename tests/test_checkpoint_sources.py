@@ -309,6 +309,37 @@ def test_sanity_check_perplexity_warns_loudly(caplog):
     assert ppl_threshold("/my/run", default=99.0) == 99.0
 
 
+def test_the_hf_offline_flags_are_read_in_one_place(monkeypatch):
+    """data.config.hub_offline is the one reading of HF_HUB_OFFLINE / HF_DATASETS_OFFLINE
+    (the checkpoint loader and the data sources ask it); scripts and benchmarks only set them."""
+    import ast
+
+    from data.config import hub_offline
+
+    readers = []
+    for directory, subdirectories, files in os.walk(ROOT):
+        skipped = {".venv", ".git", "outputs", "tests", "scripts", "benchmarks"}
+        subdirectories[:] = [d for d in subdirectories if d not in skipped]
+        for name in (f for f in files if f.endswith(".py")):
+            path = os.path.join(directory, name)
+            with open(path) as f:
+                text = f.read()
+            if "_OFFLINE" not in text:
+                continue
+            strings = {
+                node.value for node in ast.walk(ast.parse(text))
+                if isinstance(node, ast.Constant) and isinstance(node.value, str)
+            }  # fmt: skip
+            if strings & {"HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"}:
+                readers.append(os.path.relpath(path, ROOT))
+    assert readers == [os.path.join("data", "config.py")]
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "yes")
+    assert hub_offline(datasets=True) and not hub_offline()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "On")
+    assert hub_offline()
+
+
 def test_released_table_quotes_the_papers_table_4():
     """Each released repository's OWT perplexity is its model's row of the paper's Table 4 as
     scripts/paper_numbers.toml records it (stage 1, K = L, is the MDLM objective)."""
