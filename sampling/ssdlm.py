@@ -39,6 +39,7 @@ from torch import Tensor
 
 from algorithms.ssdlm import SIMPLEX_VALUE, cosine_alpha_bar, simplex_of
 from sampling.config import SampleOutput
+from sampling.draws import sample_inverse_cdf
 from sampling.stops import ENTROPY_WINDOW, STOP_ENTROPY, window_entropy
 
 CONTEXTS = ("previous_block", "all")
@@ -107,15 +108,6 @@ def top_p_probs(logits: Tensor, top_p: float) -> Tensor:
     return kept / kept.sum(dim=-1, keepdim=True)
 
 
-def sample_from(probs: Tensor, uniform: Tensor) -> Tensor:
-    """Inverse CDF in vocabulary order: the first index whose cumulative mass exceeds u.
-    probs (..., V) normalised, uniform (...) in [0, 1) -> (...) int64; zero-mass entries
-    are never returned."""
-    cdf = probs.cumsum(dim=-1)
-    target = torch.minimum(uniform[..., None] * cdf[..., -1:], cdf[..., -1:] * (1 - 1e-12))
-    return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)
-
-
 def denoise_block(
     network,
     context: Tensor | None,
@@ -136,7 +128,8 @@ def denoise_block(
     for t in range(num_steps, 0, -1):
         t_frac = torch.full((batch_size,), t / num_steps, dtype=torch.float32, device=x.device)
         logits = network(context, x, t_frac).float()
-        chosen = sample_from(top_p_probs(logits, top_p), draws.uniform((batch_size, block_size)))
+        probs = top_p_probs(logits, top_p)
+        chosen = sample_inverse_cdf(probs, draws.uniform((batch_size, block_size)))
         w_hat = simplex_of(chosen, vocab, simplex_value)
         if t > 1:
             abar = float(cosine_alpha_bar(t - 1, num_steps))
