@@ -5,7 +5,7 @@ log-score parameterisation), trained with the score-entropy loss at masked posit
 by dsigma. It shares the forward process of MDLM: one t per sequence (K = L), antithetic
 strata, masking with probability t, position 0 kept with `ignore_bos`. Unlike MDLM the network
 is time-conditioned on sigma = min(-log(1 - t), sigma_max). Sampling is the analytic
-(Tweedie tau-leaping) sampler of `analytic_sampler.py`, which calls `SEDD.score_fn`.
+(Tweedie tau-leaping) sampler of `sampling/analytic.py`, which calls `SEDD.score_fn`.
 
 Pure torch, float32 throughout, like the other objectives.
 """

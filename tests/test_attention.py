@@ -40,7 +40,7 @@ def test_block_diffusion_mask_matches_definition(L, K):
     assert not mask[L:, :L].any(), "x0 never attends to x_t"
 
 
-def test_block_diffusion_mask_spec_example():
+def test_block_diffusion_mask_worked_example():
     rows = ["11000000"] * 2 + ["00111100"] * 2 + ["00001100"] * 2 + ["00001111"] * 2
     expected = torch.tensor([[c == "1" for c in r] for r in rows])
     assert torch.equal(dense_mask(BlockDiffusionMask(4, 2), 8, 8), expected)

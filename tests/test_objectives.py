@@ -50,7 +50,7 @@ def masked_diffusion(L, K, cross_attn=True, **kw):
     return MaskedDiffusion(**args)
 
 
-def test_antithetic_t_spec_example(monkeypatch):
+def test_antithetic_t_worked_example(monkeypatch):
     """Antithetic strata: B = 2, nb = 2, all raw draws 0 -> [[0, .25], [.5, .75]] (batch-major)."""
     monkeypatch.setattr(torch, "rand", lambda *shape, **kw: torch.zeros(*shape))
     t = sample_t(2, 4, 2, f32(0.0), f32(1.0), True, torch.device("cpu"))

@@ -108,8 +108,9 @@ def test_loss_zero_for_perfect_score_and_nonnegative_for_random_dit(tiny_dit):
     assert (out.nlls >= 0).all() and out.loss > 1.0
 
 
-def test_loss_matches_dense_spec_computation(tiny_dit):
-    """Masked-rows-only evaluation == the SPEC formulas on full (B, L, V) tensors."""
+def test_loss_matches_the_dense_score_entropy(tiny_dit):
+    """Masked-rows-only evaluation == score entropy (`score_entropy`'s formula) written densely
+    over full (B, L, V) tensors."""
     L, B = 12, 6
     algo = sedd(L)
     net = network_for(tiny_dit(vocab_size=V))
@@ -195,7 +196,7 @@ def target_score_fn(target):
     return score_fn
 
 
-def test_step_probs_match_dense_spec_form():
+def test_step_probs_match_the_dense_form():
     """Staggered score x transposed transition on full tensors at masked rows."""
     gen = torch.Generator().manual_seed(0)
     B, L = 2, 6
