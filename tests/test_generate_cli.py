@@ -160,6 +160,20 @@ def test_cli_missing_checkpoint_is_one_line(capsys):
     assert "a Lightning .ckpt, an HF directory" in err and len(err.splitlines()) == 1
 
 
+def test_cli_refuses_an_ssdlm_ckpt_in_one_line(tmp_path, data_cache, capsys):
+    """SSD-LM has no HF model: its .ckpt is refused in one line naming the valid algos (the
+    export raised a CheckpointError traceback about the missing DiT keys)."""
+    from conftest import random_run_checkpoint
+    from scripts.generate import main as generate_main
+
+    path = tmp_path / "ssdlm.ckpt"
+    random_run_checkpoint(path, "algo=ssdlm", "block_size=4")
+    assert generate_main([str(path), "--prompt", "To be"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: CHECKPOINT={path}: algo=ssdlm has no HF model")
+    assert "valid: ar, bd3lm, mdlm and sedd" in err and len(err.splitlines()) == 1
+
+
 @pytest.fixture(scope="module")
 def tiny_bd3lm():
     """A random BD3-LM (K = 2, V = 11: GPT-2 layout, mask 10, BOS 9) whose pad id is the mask
