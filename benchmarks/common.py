@@ -1,8 +1,8 @@
 """Shared pieces of the training and sampling benchmarks.
 
-Imports only torch and the model code (models/, algorithms/, sampling.py, noise_schedule.py),
+Imports only torch and the model code (models/, algorithms/, sampling/, noise_schedule.py),
 so the GPU machine (torch only: no Lightning, Hydra or datasets) can run it.
-Sampling goes through the shipped `sampling_model.ModelDenoiser` (torch only as well).
+Sampling goes through `sampling.denoiser.ModelDenoiser` (torch only as well).
 """
 
 from __future__ import annotations

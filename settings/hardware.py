@@ -39,7 +39,6 @@ PRECISIONS = {  # accepted values -> Lightning's names
     "16-mixed": "16-mixed",
     "16": "16-mixed",
 }
-MATMUL_PRECISIONS = ("highest", "high", "medium")
 
 
 def auto_precision(accelerator: str, released_checkpoint: bool) -> tuple[str, str]:

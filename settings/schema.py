@@ -120,11 +120,10 @@ def Choice(*choices: str, **kw) -> Spec:  # noqa: N802
     return Spec("choice", choices=choices, **kw)
 
 
-BOOL, TEXT, ANY = Spec("bool"), Spec("text"), Spec("any")
-TEXT_OR_NULL, BOOL_OR_NULL = Spec("text", null=True), Spec("bool", null=True)
+BOOL, TEXT = Spec("bool"), Spec("text")
+TEXT_OR_NULL = Spec("text", null=True)
 POSITIVE, POSITIVE_OR_NULL = Int(1), Int(1, null=True)
 POSITIVE_OR_NULL_OR_UNLIMITED = Int(1, null=True, extra=(-1,))  # Lightning's -1: no limit
-PROBABILITY_OPEN = Real(0, 1, lo_open=True)  # (0, 1]
 
 TOP = {
     "mode": Choice("train", "ppl_eval", "sample_eval"),
@@ -147,7 +146,7 @@ GROUPS: dict[str, dict[str, Spec]] = {
         "var_length": BOOL,
         "reject_low_entropy": BOOL,
         "logdir": TEXT_OR_NULL,
-        "nucleus_p": PROBABILITY_OPEN,
+        "nucleus_p": Real(0, 1, lo_open=True),  # (0, 1]
         "first_hitting": BOOL,
         "kv_cache": BOOL,
         "reencode_context": BOOL,
