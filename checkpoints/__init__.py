@@ -9,7 +9,8 @@
   refuses a checkpoint of another objective family, `check_family`; fine-tuning may cross
   families), `read_eval_checkpoint` (also released SSD-LM directories, models.ssdlm) and
   `trained_length` (the window a checkpoint was trained with).
-- `sanity`: the loading sanity check; `export`: our checkpoint -> an HF directory.
+- `sanity`: the loading sanity check; `export`: checkpoints -> HF directories (`export_hf`;
+  `export`, our .ckpt with its tokenizer and card; `loadable`, any checkpoint).
 """
 
 from checkpoints.export import export_hf

@@ -112,7 +112,7 @@ def restricted_load(path: str):
             elif isinstance(storage_type, type) and issubclass(storage_type, PickleStub):
                 raise pickle.UnpicklingError(f"storage type {storage_type.stub_name} refused")
             else:
-                dtype = storage_type.dtype
+                dtype = storage_type._dtype  # .dtype warns that TypedStorage is deprecated
             if key not in storages:
                 raw = archive.read(f"{prefix}data/{key}")
                 nbytes = numel * torch._utils._element_size(dtype)

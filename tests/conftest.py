@@ -241,7 +241,7 @@ def run_main(run_dir, *overrides, check=True):
     return proc
 
 
-RECORDS = {"config_resolved.yaml"}  # what a refused run may have written (the resolved config)
+RECORDS: set[str] = set()  # a refused run writes nothing (config_resolved.yaml comes last)
 
 
 def bad_run(tmp_path, *overrides) -> str:
