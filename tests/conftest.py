@@ -354,3 +354,16 @@ def sample_with(module, cfg, cached: bool, prompt=None, valid=None, batch=3, win
     gen = torch.Generator().manual_seed(7)
     out = sampler(recorder, batch, cfg, gen, torch.device("cpu"), prompt, valid)
     return out, recorder.calls
+
+
+class StreamRecorder:
+    """A generate() streamer that keeps what it is given: each put's ids as lists, "end"."""
+
+    def __init__(self):
+        self.calls = []
+
+    def put(self, value):
+        self.calls.append(value.tolist())
+
+    def end(self):
+        self.calls.append("end")

@@ -199,17 +199,9 @@ def test_generate_treats_pad_ids_as_padding_on_either_side(tiny_bd3lm):
         out = model.generate(torch.tensor([row]), max_new_tokens=4, seed=5)
         assert torch.equal(out[:, 4:], plain) and out[0, :4].tolist() == row
 
-    class Recorder:
-        def __init__(self):
-            self.calls = []
+    from conftest import StreamRecorder
 
-        def put(self, value):
-            self.calls.append(value.tolist())
-
-        def end(self):
-            pass
-
-    rec = Recorder()
+    rec = StreamRecorder()
     model.generate(torch.tensor([[pad, 3, 4]]), max_new_tokens=2, streamer=rec)
     assert rec.calls[0] == [[3, 4]]
     with pytest.raises(ValueError, match=r"row 0 has the pad id 10 between prompt tokens"):

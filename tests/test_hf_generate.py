@@ -91,17 +91,9 @@ def test_generate_streams_each_block_and_text_streamer_works(exported, capsys):
     tokenizer = AutoTokenizer.from_pretrained(exported)
     ids = tokenizer(["The king"], return_tensors="pt").input_ids
 
-    class Recorder:
-        def __init__(self):
-            self.calls = []
+    from conftest import StreamRecorder
 
-        def put(self, value):
-            self.calls.append(value.tolist())
-
-        def end(self):
-            self.calls.append("end")
-
-    rec = Recorder()
+    rec = StreamRecorder()
     out = model.generate(ids, max_new_tokens=10, seed=3, kv_cache=True, streamer=rec)
     K = model.config.block_size
     assert rec.calls[0] == ids.tolist() and rec.calls[-1] == "end"
