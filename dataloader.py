@@ -8,7 +8,6 @@ Public API:
     the objective crops L of the 2L tokens).
   * `make_loader(...)`: a DataLoader whose sampler is deterministic from (seed, epoch), shards by
     rank and whose `state_dict()` / `load_state_dict()` resume mid-epoch (Lightning saves them).
-  * `wrap_documents(...)`: the pure concatenate-and-chunk step, unit-testable on lists.
   * `decode(vocab, ids) -> str`: special tokens kept, like the reference sampler output.
   * `check_vocab_size(vocab, size, where)`: a checkpoint's vocabulary must match the tokenizer's.
   * `DETOKENIZERS`: the reference's text clean-ups, by name.
@@ -56,9 +55,7 @@ from data.cache import TokenDataset
 from data.detokenizers import DETOKENIZERS
 from data.loaders import ResumableDataLoader, ResumableSampler, make_loader
 from data.pipeline import get_dataset
-from data.processing import wrap_documents
 from data.registry import DATASETS
-from data.shakespeare import validation_documents
 from data.streaming import StreamingTokenDataset
 from data.vocab import Vocab, check_vocab_size, decode, get_vocab
 
@@ -75,6 +72,4 @@ __all__ = [
     "get_dataset",
     "get_vocab",
     "make_loader",
-    "validation_documents",
-    "wrap_documents",
 ]

@@ -13,6 +13,8 @@ benchmarks/train.py and benchmarks/sample.py times them side by side with the fa
   one-hot tensor, where).
 - `BaselineDenoiser`: the sampler's network calls with the reference SUBS, the adaLN
   modulation recomputed at every call and the output projection reading its (V, D) weight.
+- `wrap_documents`: the reference's wrap written out on lists of token ids, batch by batch,
+  the oracle of the data pipeline's cached and streamed wrap (data.processing.wrap_flat).
 - `reference_draws()`: first-hitting blocks drawn by the reference's Gumbel race over every
   position of the block, and AR tokens by Gumbel-max over the vocabulary (same distributions
   as the inverse-CDF draws of sampling/, other random numbers).
@@ -23,7 +25,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import types
+from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -31,6 +35,8 @@ import sampling.ar as ar_sampler
 import sampling.block as block_sampler
 from algorithms.base import NEG_INF, process_sigma, reduce_loss
 from algorithms.masked_diffusion import MaskedDiffusion
+from data.options import MAP_BATCH_SIZE
+from data.processing import wrap_flat
 from models.attention import AttentionMask
 from models.dit import DiT
 from models.network import BackboneNetwork
@@ -165,3 +171,33 @@ def reference_draws():
         yield
     finally:
         block_sampler.denoise_first_hitting, ar_sampler.draw_token = saved
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: the reference's wrap on lists
+# ----------------------------------------------------------------------------------------------
+def wrap_documents(
+    docs_token_ids: Sequence[Sequence[int]],
+    seq_len: int,
+    bos_id: int,
+    eos_id: int,
+    insert_eos: bool,
+    insert_special: bool,
+) -> torch.Tensor:
+    """Concatenate documents and cut them into rows, as the reference's wrap.
+
+    Per consecutive batch of MAP_BATCH_SIZE documents (the reference's single-process batched
+    map): append `eos_id` after every document when `insert_eos`, concatenate, cut chunks of
+    seq_len - 2 tokens emitted as [bos_id] + chunk + [eos_id] when `insert_special` (else plain
+    chunks of seq_len), and drop the batch's remainder. Returns a LongTensor (N, seq_len).
+    """
+    suffix = [eos_id] if insert_eos else []
+    blocks = [np.empty((0, seq_len), dtype=np.int64)]
+    for start in range(0, len(docs_token_ids), MAP_BATCH_SIZE):
+        flat = [
+            t for doc in docs_token_ids[start : start + MAP_BATCH_SIZE] for t in [*doc, *suffix]
+        ]
+        blocks.append(
+            wrap_flat(np.asarray(flat, dtype=np.int64), seq_len, bos_id, eos_id, insert_special)
+        )
+    return torch.from_numpy(np.concatenate(blocks))

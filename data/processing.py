@@ -9,11 +9,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-import torch
 import transformers
 
 from data.detokenizers import DETOKENIZERS
-from data.options import MAP_BATCH_SIZE
 from data.vocab import Vocab
 from utils import UserError
 
@@ -51,33 +49,6 @@ def wrap_flat(flat: np.ndarray, row_len: int, bos_id: int, eos_id: int, special:
     out = np.empty((count, row_len), dtype=np.int64)
     out[:, 0], out[:, 1:-1], out[:, -1] = bos_id, rows, eos_id
     return out
-
-
-def wrap_documents(
-    docs_token_ids: Sequence[Sequence[int]],
-    seq_len: int,
-    bos_id: int,
-    eos_id: int,
-    insert_eos: bool,
-    insert_special: bool,
-) -> torch.Tensor:
-    """Concatenate documents and cut them into rows, as the reference's wrap.
-
-    Per consecutive batch of MAP_BATCH_SIZE documents (the reference's single-process batched
-    map): append `eos_id` after every document when `insert_eos`, concatenate, cut chunks of
-    seq_len - 2 tokens emitted as [bos_id] + chunk + [eos_id] when `insert_special` (else plain
-    chunks of seq_len), and drop the batch's remainder. Returns a LongTensor (N, seq_len).
-    """
-    suffix = [eos_id] if insert_eos else []
-    blocks = [np.empty((0, seq_len), dtype=np.int64)]
-    for start in range(0, len(docs_token_ids), MAP_BATCH_SIZE):
-        flat = [
-            t for doc in docs_token_ids[start : start + MAP_BATCH_SIZE] for t in [*doc, *suffix]
-        ]
-        blocks.append(
-            wrap_flat(np.asarray(flat, dtype=np.int64), seq_len, bos_id, eos_id, insert_special)
-        )
-    return torch.from_numpy(np.concatenate(blocks))
 
 
 def pad_rows(

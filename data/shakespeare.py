@@ -51,11 +51,6 @@ def split_docs(docs: list, num_valid: int) -> tuple[list, list]:
     return train, [docs[i] for i in sorted(valid_idx)]
 
 
-def validation_documents(num_valid_docs: int = DEFAULT_NUM_VALID_DOCS) -> list[str]:
-    """File names of the embedded corpus held out for validation (for logs and docs)."""
-    return [name for name, _ in split_docs(shakespeare_docs(), num_valid_docs)[1]]
-
-
 def num_valid_docs(data_cfg: Any) -> int:
     value = data_cfg.get("num_valid_docs", DEFAULT_NUM_VALID_DOCS)
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:

@@ -22,6 +22,7 @@ import torch
 from omegaconf import OmegaConf
 
 import dataloader as dl
+from benchmarks import baselines
 from data import detokenizers, options, processing
 from utils import UserError
 
@@ -205,7 +206,7 @@ def test_same_rows_with_one_and_two_processes(tmp_path, vocab):
         results.append(dl.get_dataset(cfg, vocab, "train", 16).input_ids)
     assert torch.equal(results[0], results[1])
     docs = [ids(t) for t in texts]
-    assert torch.equal(results[0], dl.wrap_documents(docs, 16, BOS, EOS, True, True))
+    assert torch.equal(results[0], baselines.wrap_documents(docs, 16, BOS, EOS, True, True))
     names = {
         options.cache_name(
             options.PipelineOptions.from_cfg(cfg_for(tmp_path, num_proc=p), "train", 16), vocab

@@ -13,6 +13,7 @@ import transformers
 from omegaconf import OmegaConf
 
 import dataloader as dl
+from benchmarks import baselines
 from data import config as data_config
 from data import options, pipeline, processing, shakespeare
 from data import vocab as vocab_module
@@ -63,19 +64,25 @@ DOCS = [[1, 2, 3], [4, 5], [6, 7, 8, 9]]
 
 
 def test_wrap_plain_chunks_drop_remainder():
-    out = dl.wrap_documents(DOCS, 4, bos_id=90, eos_id=99, insert_eos=False, insert_special=False)
+    out = baselines.wrap_documents(
+        DOCS, 4, bos_id=90, eos_id=99, insert_eos=False, insert_special=False
+    )
     assert out.dtype == torch.long
     assert out.tolist() == [[1, 2, 3, 4], [5, 6, 7, 8]]  # 9 is the dropped remainder
 
 
 def test_wrap_eos_after_every_document():
-    out = dl.wrap_documents(DOCS, 4, bos_id=90, eos_id=99, insert_eos=True, insert_special=False)
+    out = baselines.wrap_documents(
+        DOCS, 4, bos_id=90, eos_id=99, insert_eos=True, insert_special=False
+    )
     assert out.tolist() == [[1, 2, 3, 99], [4, 5, 99, 6], [7, 8, 9, 99]]
 
 
 def test_wrap_special_tokens_around_chunks_of_len_minus_two():
     docs = [*DOCS, [10]]  # 12 + 2 tokens: the last two are the dropped remainder
-    out = dl.wrap_documents(docs, 5, bos_id=90, eos_id=99, insert_eos=True, insert_special=True)
+    out = baselines.wrap_documents(
+        docs, 5, bos_id=90, eos_id=99, insert_eos=True, insert_special=True
+    )
     assert out.tolist() == [
         [90, 1, 2, 3, 99],
         [90, 99, 4, 5, 99],
@@ -85,18 +92,20 @@ def test_wrap_special_tokens_around_chunks_of_len_minus_two():
 
 
 def test_wrap_special_without_eos():
-    out = dl.wrap_documents(DOCS, 4, bos_id=90, eos_id=99, insert_eos=False, insert_special=True)
+    out = baselines.wrap_documents(
+        DOCS, 4, bos_id=90, eos_id=99, insert_eos=False, insert_special=True
+    )
     assert out.tolist() == [[90, 1, 2, 99], [90, 3, 4, 99], [90, 5, 6, 99], [90, 7, 8, 99]]
 
 
 def test_wrap_empty_and_too_short_give_zero_rows():
-    assert dl.wrap_documents([], 4, 0, 0, True, True).shape == (0, 4)
-    assert dl.wrap_documents([[1]], 4, 0, 0, False, False).shape == (0, 4)
+    assert baselines.wrap_documents([], 4, 0, 0, True, True).shape == (0, 4)
+    assert baselines.wrap_documents([[1]], 4, 0, 0, False, False).shape == (0, 4)
 
 
 def test_wrap_groups_per_batch_of_1000_documents():
     docs = [[i] for i in range(2000)]
-    out = dl.wrap_documents(docs, 7, 0, 0, insert_eos=False, insert_special=False)
+    out = baselines.wrap_documents(docs, 7, 0, 0, insert_eos=False, insert_special=False)
     # each batch of 1000 tokens gives 142 rows and drops 6; a global concat would give 285
     assert out.shape == (284, 7)
     assert out[141].tolist() == list(range(987, 994))
@@ -195,7 +204,7 @@ def test_split_is_disjoint_deterministic_and_spread():
     docs = shakespeare.shakespeare_docs()
     assert len(docs) == 42
     train, valid = shakespeare.split_docs(docs, 3)
-    assert [name for name, _ in valid] == HELD_OUT == dl.validation_documents()
+    assert [name for name, _ in valid] == HELD_OUT
     assert len(train) == 39 and not {n for n, _ in train} & {n for n, _ in valid}
     assert shakespeare.split_docs(docs, 3) == (train, valid)
     middle = shakespeare.split_docs(docs, 1)[1]
