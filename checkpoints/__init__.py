@@ -9,11 +9,12 @@
   refuses a checkpoint of another objective family, `check_family`; fine-tuning may cross
   families), `read_eval_checkpoint` (also released SSD-LM directories, models.ssdlm) and
   `trained_length` (the window a checkpoint was trained with).
-- `sanity`: the loading sanity check; `export`: checkpoints -> HF directories (`export_hf`;
-  `export`, our .ckpt with its tokenizer and card; `loadable`, any checkpoint).
+- `sanity`: the loading sanity check.
+
+Exporting a checkpoint as an HF directory is `hf.export`'s (the HF classes live in `hf`, above
+this package).
 """
 
-from checkpoints.export import export_hf
 from checkpoints.layout import CheckpointError, LoadedCheckpoint
 from checkpoints.load import (
     load_checkpoint_into,
@@ -28,7 +29,6 @@ __all__ = [
     "CheckpointError",
     "LoadedCheckpoint",
     "check_state",
-    "export_hf",
     "load_checkpoint_into",
     "load_pretrained",
     "load_weights",

@@ -5,14 +5,14 @@
 
 PATH: anything the project loads (evaluation.loading): an HF directory (scripts/export_hf.py;
 the released format) or hub id, one of our Lightning .ckpt files, or the reference's pickled
-.ckpt (both exported to a temporary HF directory first, checkpoints.export.loadable); SSD-LM
+.ckpt (both exported to a temporary HF directory first, hf.export.loadable); SSD-LM
 checkpoints (no likelihood bound, no HF model) are refused. The tokenizer is `tokenizer` (a
 directory or a name the data configs accept, such as gpt2) when given, else the one saved with
 the checkpoint, else gpt2 for the released repositories; the reference's .ckpt needs it (its
 token ids are then the data pipeline's for that tokenizer). batch_size: requests per forward
 ("auto": max_batch_size, default 16); the noise is drawn per request in order, so estimates
 do not depend on it. evaluation.estimators computes the estimates below.
-The objective is the checkpoint's family (models.hf.generation.checkpoint_kind): AR, BD3-LM
+The objective is the checkpoint's family (hf.generation.checkpoint_kind): AR, BD3-LM
 (block size K), MDLM (one block of the window) or SEDD, and every estimate below calls that
 objective's own loss on an x_t built here, so the weights and the score are training's.
 
@@ -138,7 +138,7 @@ class BD3LMHarness(Estimators, LM):
         **unknown,
     ):
         super().__init__()
-        from models.hf.generation import checkpoint_kind, objective_from_config, token_ids
+        from hf.generation import checkpoint_kind, objective_from_config, token_ids
         from models.network import BackboneNetwork
 
         check_model_args({"mc_samples": mc_samples, "kind": kind, **unknown})
@@ -147,7 +147,7 @@ class BD3LMHarness(Estimators, LM):
             checkpoint, tokenizer, self._stack, tokenizer_key="tokenizer=NAME in --model_args"
         )
         if dtype is not None or device is not None:
-            from models.hf.configuration import resolve_device, resolve_dtype
+            from hf.configuration import resolve_device, resolve_dtype
 
             target = resolve_dtype(dtype)
             if target not in (None, "auto"):

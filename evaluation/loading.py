@@ -1,7 +1,7 @@
 """A model and its tokenizer from any checkpoint the project reads, for the lm-eval model
 `bd3lm` (evaluation.lm_harness) and scripts/generate.py.
 
-The checkpoint becomes an HF directory through `checkpoints.export.loadable` (an HF directory
+The checkpoint becomes an HF directory through `hf.export.loadable` (an HF directory
 or hub id as it is; our .ckpt or the reference's pickled .ckpt exported to a temporary one).
 The tokenizer is `tokenizer` (a directory or a name the data configs accept, such as gpt2) when
 given, else the one saved with the checkpoint (HF directories from scripts/export_hf.py; our
@@ -27,16 +27,16 @@ def load(
     tokenizer_key: str = "tokenizer=NAME",
     **from_pretrained,
 ):
-    """(HF model (models.hf.BD3LM or MDLM), tokenizer) of `checkpoint` (see the module
+    """(HF model (hf.BD3LM or MDLM), tokenizer) of `checkpoint` (see the module
     docstring), without transformers' progress bars; temporary exports live until `stack`
     closes. from_pretrained: keywords for the model's from_pretrained (dtype, device_map).
     UserError, one line naming `key` (or `tokenizer_key` where a tokenizer is needed), for a
     checkpoint that cannot be loaded."""
     from transformers import AutoTokenizer
 
-    from checkpoints.export import loadable, quiet_progress_bars, tokenizer_vocab
     from checkpoints.layout import RELEASED, CheckpointError, is_hub_id, read_config_json
-    from models.hf import BD3LM, MDLM
+    from hf import BD3LM, MDLM
+    from hf.export import loadable, quiet_progress_bars, tokenizer_vocab
 
     path = str(checkpoint)
     with quiet_progress_bars():

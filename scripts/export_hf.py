@@ -1,9 +1,9 @@
 """Export one of our Lightning checkpoints as an HF directory (config.json + model.safetensors)
-that `models.hf` and the reference's own classes load: EMA weights (unless --live) and the
+that `hf`'s classes and the reference's own classes load: EMA weights (unless --live) and the
 learned clip-interval buffers, the run's tokenizer (its BOS / EOS / mask ids recorded in
 config.json; padding_side "left") and a model card (README.md). No auto_map: the directory
-ships no modeling code; load it with `models.hf.BD3LM` / `MDLM` or, after `import models.hf`,
-`AutoModelForMaskedLM`. The export itself is `checkpoints.export.export`.
+ships no modeling code; load it with `hf.BD3LM` / `MDLM` or, after `import hf`,
+`AutoModelForMaskedLM`. The export itself is `hf.export.export`.
 
     python scripts/export_hf.py outputs/.../checkpoints/best.ckpt exported/bd3lm-k4
 """
@@ -16,7 +16,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from checkpoints.export import export  # noqa: E402
+from hf.export import export  # noqa: E402
 from utils import UserError  # noqa: E402
 
 

@@ -12,7 +12,7 @@ the reference's pickled .ckpt (both exported to a temporary directory first); --
 without one of its own, as the reference's .ckpt. Prompts come from --prompt (repeatable),
 else --prompt-file (one per line), else stdin (one per line); with none of them, or with
 --num-samples N, unconditional samples (1, or N); MDLM and SEDD take no prompt. Each job (a
-prompt, or one unconditional sample) is sampled by `model.generate` (models/hf, the
+prompt, or one unconditional sample) is sampled by `model.generate` (hf/, the
 sample_eval sampler) at batch size 1, all jobs drawing in turn from one generator seeded with
 --seed, as sample_eval's batches do: job i gives sample i of `mode=sample_eval` with that seed,
 loader.eval_batch_size=1 and the same prompts (sampling.prefix_file) or, unconditional,
@@ -105,7 +105,7 @@ def run(args, stdin) -> None:
     import torch
 
     from evaluation.loading import load
-    from models.hf.generation import checkpoint_kind, objective_from_config, token_ids
+    from hf.generation import checkpoint_kind, objective_from_config, token_ids
 
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens={args.max_new_tokens} must be >= 1")

@@ -13,7 +13,7 @@ import torch
 from omegaconf import OmegaConf
 
 import builders
-from checkpoints import export_hf, load_checkpoint_into
+from checkpoints import load_checkpoint_into
 from conftest import (
     bad_run,
     compose_cfg,
@@ -21,6 +21,7 @@ from conftest import (
     reference_parameter_order,
     write_reference_ckpt,
 )
+from hf.export import export_hf
 from utils import UserError
 
 VOCAB = 41

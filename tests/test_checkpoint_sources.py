@@ -15,7 +15,6 @@ from omegaconf import OmegaConf
 
 import builders
 from checkpoints import (
-    export_hf,
     load_checkpoint_into,
     ppl_threshold,
     read_any_checkpoint,
@@ -29,7 +28,8 @@ from conftest import (
     reference_parameter_order,
     write_reference_ckpt,
 )
-from models.hf import BD3LM, BD3LMConfig
+from hf import BD3LM, BD3LMConfig
+from hf.export import export_hf
 from utils import UserError
 
 VOCAB, MASK = 41, 40

@@ -1,4 +1,4 @@
-"""scripts/generate.py and the input contract of models.hf generate(): the CLI's jobs draw in
+"""scripts/generate.py and the input contract of hf generate(): the CLI's jobs draw in
 turn from one generator, as sample_eval's batches do (job i is sample_eval's sample i at batch
 size 1, so N samples differ); an MDLM refuses prompts by naming --num-samples; the output holds
 the samples only (no progress bar, no temporary path); pad ids are padding on either side of a
@@ -22,7 +22,7 @@ PROMPTS = ["The king", "O Romeo, wherefore art thou"]
 @pytest.fixture(scope="module")
 def exported(smoke_checkpoint, tmp_path_factory):
     """The smoke BD3-LM checkpoint exported under umask 022."""
-    from checkpoints.export import export
+    from hf.export import export
 
     out = str(tmp_path_factory.mktemp("hf") / "smoke-bd3lm")
     umask = os.umask(0o022)
@@ -56,8 +56,8 @@ def sample_eval_batches_of_one(exported, tmp_path, prompts, num_batches):
 
     import sampling
     from data.vocab import Vocab
-    from models.hf import BD3LM
-    from models.hf.generation import checkpoint_kind, objective_from_config, token_ids
+    from hf import BD3LM
+    from hf.generation import checkpoint_kind, objective_from_config, token_ids
     from sampling import generate as generation
 
     model = BD3LM.from_pretrained(exported).eval()
@@ -97,7 +97,7 @@ def test_cli_jobs_are_sample_eval_samples_at_batch_size_one(exported, tmp_path, 
 def test_cli_on_an_mdlm_names_num_samples_and_draws_distinct_samples(exported, tmp_path, capsys):
     from transformers import AutoTokenizer
 
-    from models.hf import MDLM, MDLMConfig
+    from hf import MDLM, MDLMConfig
     from scripts.generate import main as generate_main
 
     tokenizer = AutoTokenizer.from_pretrained(exported)
@@ -178,7 +178,7 @@ def test_cli_refuses_an_ssdlm_ckpt_in_one_line(tmp_path, data_cache, capsys):
 def tiny_bd3lm():
     """A random BD3-LM (K = 2, V = 11: GPT-2 layout, mask 10, BOS 9) whose pad id is the mask
     id, as data.vocab's added [PAD] is."""
-    from models.hf import BD3LM, BD3LMConfig
+    from hf import BD3LM, BD3LMConfig
 
     config = BD3LMConfig(
         block_size=2, vocab_size=11, model_length=8, hidden_dim=16, cond_dim=8, n_blocks=1,
@@ -257,9 +257,9 @@ def test_readme_prompt_override_composes():
 
 
 def test_pyproject_installs_every_package_and_module():
-    """`pip install -e .` (README "Generating from Python") makes `import models.hf` work from
+    """`pip install -e .` (README "Generating from Python") makes `import hf` work from
     any directory: pyproject.toml names every top-level package and module of the code (not
-    tests/ or benchmarks/), since models.hf imports across them."""
+    tests/ or benchmarks/), since the hf package imports across them."""
     import tomllib
 
     from conftest import ROOT

@@ -1,4 +1,4 @@
-"""models.hf generate(): the samples of sample_eval for the same seed, batch and prompts;
+"""hf generate(): the samples of sample_eval for the same seed, batch and prompts;
 batched prompts of any length (left or right padded, padding never in the output); the
 streamer protocol (TextStreamer unchanged); AutoModelForMaskedLM loading with dtype and
 device_map; the export's tokenizer, model card and absent auto_map; the streaming CLI."""
@@ -62,7 +62,7 @@ def test_generate_reproduces_sample_eval(exported, sample_eval_records):
     continuation); the prompts are given right-padded, with their attention mask."""
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
-    import models.hf  # noqa: F401  (registers the auto classes)
+    import hf  # noqa: F401  (registers the auto classes)
 
     model = AutoModelForMaskedLM.from_pretrained(exported, dtype="float32", device_map="cpu")
     tokenizer = AutoTokenizer.from_pretrained(exported)
@@ -85,7 +85,7 @@ def test_generate_reproduces_sample_eval(exported, sample_eval_records):
 def test_generate_streams_each_block_and_text_streamer_works(exported, capsys):
     from transformers import AutoTokenizer, TextStreamer
 
-    from models.hf import BD3LM
+    from hf import BD3LM
 
     model = BD3LM.from_pretrained(exported)
     tokenizer = AutoTokenizer.from_pretrained(exported)
@@ -111,7 +111,7 @@ def test_generate_puts_drafts_for_diffusion_streamers(exported, capsys):
     samples do not change; TextDiffusionStreamer works unchanged."""
     from transformers import AutoTokenizer, TextDiffusionStreamer
 
-    from models.hf import BD3LM
+    from hf import BD3LM
 
     model = BD3LM.from_pretrained(exported)
     tokenizer = AutoTokenizer.from_pretrained(exported)
@@ -151,7 +151,7 @@ def test_generate_puts_drafts_for_diffusion_streamers(exported, capsys):
 @pytest.mark.e2e
 def test_generate_batched_padding_is_invisible(exported):
     """A row's continuation does not depend on how (or whether) it is padded in the batch."""
-    from models.hf import BD3LM
+    from hf import BD3LM
 
     model = BD3LM.from_pretrained(exported)
     a, b = [5, 6, 7], [8, 9, 10, 11, 12, 13]
@@ -168,7 +168,7 @@ def test_generate_batched_padding_is_invisible(exported):
 def test_device_map_and_dtype_arguments_are_checked(tmp_path):
     from transformers import AutoModelForMaskedLM
 
-    from models.hf import BD3LM, BD3LMConfig
+    from hf import BD3LM, BD3LMConfig
 
     config = BD3LMConfig(
         block_size=2, vocab_size=11, model_length=8, hidden_dim=16, cond_dim=8, n_blocks=1,
@@ -191,7 +191,7 @@ def test_generate_cli_streams_blocks_and_reports_nfe(exported, sample_eval_recor
     prompt with seed 7 at batch size 1 has its own draw, so compare with generate)."""
     from transformers import AutoTokenizer
 
-    from models.hf import BD3LM
+    from hf import BD3LM
     from scripts.generate import main as generate_main
 
     argv = [exported, "--prompt", PROMPTS[0], "--max-new-tokens", "8", "--num-steps", "8"]
@@ -242,8 +242,8 @@ def test_readme_example_on_a_bert_tokenizer_model_gives_sample_eval_samples(
     import dataloader
     import sampling
     from conftest import randomize_, readme_code
-    from models.hf import BD3LM, BD3LMConfig
-    from models.hf.generation import checkpoint_kind, objective_from_config
+    from hf import BD3LM, BD3LMConfig
+    from hf.generation import checkpoint_kind, objective_from_config
     from sampling import generate as generation
 
     vocab = dataloader.get_vocab(
@@ -291,8 +291,8 @@ def test_sedd_export_generates_sample_eval_samples(tmp_path, data_cache):
     """A SEDD run exported to HF (model_type mdlm, parameterization sedd) is sampled by SEDD's
     analytic sampler, not as MDLM: generate(num_samples=2) gives sample_eval's samples."""
     from conftest import random_run_checkpoint
-    from models.hf import MDLM
-    from models.hf.generation import checkpoint_kind
+    from hf import MDLM
+    from hf.generation import checkpoint_kind
     from scripts.export_hf import main as export_main
 
     ckpt = tmp_path / "sedd.ckpt"

@@ -1,4 +1,4 @@
-"""models.hf: the HF-compatible BD3LM / MDLM wrappers of our DiT: config fields and
+"""hf: the HF-compatible BD3LM / MDLM wrappers of our DiT: config fields and
 defaults, state-dict keys, strict loading of HF directories, forward equivalence with
 Diffusion.network, save_pretrained round trips, and the keyed adapter of the no-EOS baselines."""
 
@@ -13,9 +13,9 @@ from safetensors.torch import save_file
 
 from checkpoints.layout import CheckpointError, adapt_backbone_state, detect_kind
 from conftest import randomize_, reference_parameter_order
+from hf import BD3LM, MDLM, BD3LMConfig, MDLMConfig
 from models.attention import MaskCache
 from models.dit import DiT, DiTConfig
-from models.hf import BD3LM, MDLM, BD3LMConfig, MDLMConfig
 
 
 def read_json(path):

@@ -537,11 +537,11 @@ def test_an_old_export_without_parameterization_warns_and_kind_overrides(tmp_pat
     import logging
 
     import checkpoints.layout as layout
-    from checkpoints.export import export
     from conftest import random_run_checkpoint
     from evaluation.lm_harness import BD3LMHarness
-    from models.hf import MDLM
-    from models.hf.generation import checkpoint_kind
+    from hf import MDLM
+    from hf.export import export
+    from hf.generation import checkpoint_kind
 
     ckpt = tmp_path / "mdlm_tc.ckpt"
     random_run_checkpoint(ckpt, "algo=mdlm", "algo.time_conditioning=true")

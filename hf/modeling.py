@@ -28,6 +28,7 @@ from checkpoints.layout import (
     strict_state_check,
     strip_prefixes,
 )
+from hf.configuration import BD3LMConfig, MDLMConfig, resolve_device, resolve_dtype
 from models.attention import (
     AttentionMask,
     BlockCausalMask,
@@ -37,7 +38,6 @@ from models.attention import (
     flash_available,
 )
 from models.dit import DiT, DiTConfig
-from models.hf.configuration import BD3LMConfig, MDLMConfig, resolve_device, resolve_dtype
 from models.kv_cache import KVCache
 
 # config.json keys written by transformers itself (never compared or overridden by name)
@@ -225,7 +225,7 @@ class _DiTWrapper(PreTrainedModel):
         max_new_tokens: int | None = None,
         **kwargs,
     ):
-        """Sample with the project's sampler (models.hf.generation), as `mode=sample_eval` does.
+        """Sample with the project's sampler (`hf.generation`), as `mode=sample_eval` does.
 
         input_ids (B, P): prompts without special tokens (`tokenizer(..., add_special_tokens=
         False)`; a row that starts with the BOS id, as the rows of a tokenizer that adds
@@ -257,7 +257,7 @@ class _DiTWrapper(PreTrainedModel):
         A max_new_tokens that is not a whole number of blocks is sampled to the next block
         boundary and cut. ValueError on options the sampler cannot honour.
         """
-        from models.hf.generation import diffusion_generate
+        from hf.generation import diffusion_generate
 
         return diffusion_generate(self, input_ids, attention_mask, max_new_tokens, **kwargs)
 

@@ -1,15 +1,15 @@
 """HF-compatible models for the released checkpoints.
 
-`from models.hf import BD3LM, BD3LMConfig, MDLM, MDLMConfig`: drop-in replacements for the
+`from hf import BD3LM, BD3LMConfig, MDLM, MDLMConfig`: drop-in replacements for the
 released checkpoints' own classes that wrap our `models.dit.DiT` (never a copy of it). See
 `modeling` for the forward contract; the checkpoint layouts they read are in `checkpoints.layout`.
 """
 
 from __future__ import annotations
 
-from models.hf.configuration import BD3LMConfig, MDLMConfig
-from models.hf.generation import DiffusionGenerateOutput
-from models.hf.modeling import BD3LM, MDLM
+from hf.configuration import BD3LMConfig, MDLMConfig
+from hf.generation import DiffusionGenerateOutput
+from hf.modeling import BD3LM, MDLM
 
 
 def register_auto_classes() -> None:

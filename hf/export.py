@@ -1,4 +1,4 @@
-"""Export: checkpoints -> HF directories (`models.hf` classes; the reference's classes load
+"""Export: checkpoints -> HF directories (this package's classes; the reference's classes load
 them too).
 
 - `export_hf(checkpoint, out_dir)`: a checkpoint dict in our layout -> an HF directory.
@@ -6,7 +6,7 @@ them too).
   (its BOS / EOS / mask / pad ids in config.json; padding_side "left") and a model card
   (scripts/export_hf.py).
 - `loadable(path, tokenizer, stack)`: any checkpoint the project reads (an HF directory, a hub
-  id, our .ckpt, the reference's pickled .ckpt) -> an HF directory that `models.hf` and
+  id, our .ckpt, the reference's pickled .ckpt) -> an HF directory that `hf`'s classes and
   transformers' AutoTokenizer load; .ckpt files are exported to a temporary directory
   (scripts/generate.py and the lm-eval model `bd3lm` load through it).
 """
@@ -26,9 +26,11 @@ from checkpoints.layout import (
     resolve_pretrained,
     split_backbone,
 )
+from hf.configuration import BD3LMConfig, MDLMConfig
+from hf.modeling import BD3LM, MDLM
 from utils import UserError, atomic_path
 
-EXPORTED = ("ar", "subs", "sedd")  # the parameterizations models.hf holds: AR, BD3-LM / MDLM, SEDD
+EXPORTED = ("ar", "subs", "sedd")  # the parameterizations hf/ holds: AR, BD3-LM / MDLM, SEDD
 
 CARD = """---
 library_name: transformers
@@ -46,7 +48,7 @@ Diffusion: Interpolating Between Autoregressive and Diffusion Language Models", 
 This directory has no modeling code (no `auto_map`): load it with the framework's classes.
 
 ```python
-import models.hf  # registers {model_type} with AutoConfig / AutoModelForMaskedLM
+import hf  # registers {model_type} with AutoConfig / AutoModelForMaskedLM
 from transformers import AutoModelForMaskedLM, AutoTokenizer
 
 model = AutoModelForMaskedLM.from_pretrained(PATH)
@@ -72,21 +74,19 @@ def export_hf(
     config.json's `parameterization` (ar, subs or sedd). attn_backend is written as sdpa.
 
     token_ids: {"bos_token_id", "eos_token_id", "mask_token_id", "pad_token_id"} to record in
-    config.json (models.hf generate reads them). No `auto_map` is written: the directory ships
-    no modeling code, so it loads with `models.hf` (or AutoModelForMaskedLM after importing
+    config.json (hf's generate reads them). No `auto_map` is written: the directory ships
+    no modeling code, so it loads with `hf`'s classes (or AutoModelForMaskedLM after importing
     it), never as remote code. extra_files(tmp_dir): called before the directory is moved
     into place, to add files (the tokenizer, a model card). Every file gets the permissions
     of a file created under the process umask (0644 under umask 022)."""
-    from models.hf import BD3LM, MDLM, BD3LMConfig, MDLMConfig
-
     config = checkpoint.get("config")
     if not isinstance(config, dict):
         raise UserError("export: the checkpoint has no run config (not written by this project)")
     algo, model_cfg = config["algo"], config["model"]
     if algo.get("parameterization") not in EXPORTED:
         raise UserError(
-            f"algo={algo.get('name', algo.get('parameterization'))} has no HF model (models.hf "
-            "holds AR, BD3-LM, MDLM and SEDD); valid: ar, bd3lm, mdlm and sedd checkpoints"
+            f"algo={algo.get('name', algo.get('parameterization'))} has no HF model (the hf "
+            "package holds AR, BD3-LM, MDLM and SEDD); valid: ar, bd3lm, mdlm and sedd checkpoints"
         )
     inner, rest = split_backbone(checkpoint["state_dict"])
     ema = checkpoint.get("ema")

@@ -1,4 +1,4 @@
-"""`generate()` for the HF classes (`models.hf.BD3LM`, `models.hf.MDLM`), on the project's own
+"""`generate()` for the HF classes (`hf.BD3LM`, `hf.MDLM`), on the project's own
 sampler (`sampling.build_sampler`): the same objective, block structure, random draws and
 low-entropy retry rule as `mode=sample_eval` (sampling/generate.py), so the same seed, batch
 and prompts give the same samples.
@@ -9,7 +9,7 @@ AR baseline (K = 1), a cross-attention one BD3-LM with its block size, a time-co
 model without cross-attention SEDD (sampled by the analytic sampler), any other MDLM with one
 block of its window.
 Token ids come from the config's `bos_token_id` / `eos_token_id` / `mask_token_id` (which
-`checkpoints.export` writes: scripts/export_hf.py, `loadable`'s temporary exports); a config
+`hf.export` writes: scripts/export_hf.py, `loadable`'s temporary exports); a config
 without them (the released GPT-2 checkpoints) gets the GPT-2 layout: mask = vocab_size - 1,
 BOS = EOS = vocab_size - 2. `pad_token_id` (the tokenizer's, which the export also writes)
 marks padding in input_ids given without an attention_mask.
