@@ -1,11 +1,15 @@
-"""The maths imports neither Lightning nor Hydra, nothing imports main.py, and no production
-module (anything outside tests/ and scripts/, benchmarks/ included) imports from scripts/."""
+"""The maths imports neither Lightning nor Hydra, nothing imports main.py, no production module
+(anything outside tests/ and scripts/, benchmarks/ included) imports from scripts/, and imports
+point one way: models/ <- algorithms/ <- sampling/ <- checkpoints/ <- hf/ and the run's assembly
+(README "Code map")."""
 
 from __future__ import annotations
 
 import ast
 import os
 import pathlib
+
+import pytest
 
 from conftest import ROOT
 
@@ -16,8 +20,19 @@ PURE = [
     "noise_schedule.py",
     "metrics.py",
     "checkpoints",
+    "hf",
 ]
 FORBIDDEN = {"lightning", "pytorch_lightning", "hydra", "omegaconf"}
+
+# What each package of the maths never imports (top-level names): the layers above it. The run's
+# assembly: settings/, evaluation/, diffusion.py, builders.py and main.py
+ASSEMBLY = {"settings", "evaluation", "diffusion", "builders", "main"}
+NOT_IMPORTED = {
+    "models": {"algorithms", "sampling", "checkpoints", "hf"} | ASSEMBLY,
+    "algorithms": {"sampling", "checkpoints", "hf"} | ASSEMBLY,
+    "sampling": {"checkpoints", "hf"} | ASSEMBLY,
+    "checkpoints": {"hf"} | (ASSEMBLY - {"settings"}),
+}
 
 
 def imported_modules(path: pathlib.Path) -> set[str]:
@@ -75,3 +90,64 @@ def test_no_production_module_imports_scripts():
     for path in files:
         bad = imported_modules(path) & scripts
         assert not bad, f"{path.relative_to(root)} imports {sorted(bad)} from scripts/"
+
+
+TYPE_CHECKING = {"TYPE_CHECKING", "typing.TYPE_CHECKING"}  # how `if TYPE_CHECKING:` is spelt
+
+
+def runtime_imports(path: pathlib.Path) -> dict[str, int]:
+    """{top-level module name: first line importing it} of every import `path` can execute:
+    module-level and function-level (lazy) ones alike; not the bodies of `if TYPE_CHECKING:`,
+    which never run (annotations only: checkpoints/ names diffusion.Diffusion that way).
+    Relative imports are left out: they stay inside the file's own top-level package."""
+    found: dict[str, int] = {}
+
+    def visit(node: ast.AST) -> None:
+        if isinstance(node, ast.If) and ast.unparse(node.test) in TYPE_CHECKING:
+            for child in node.orelse:
+                visit(child)
+            return
+        names = []
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names = [node.module]
+        for name in names:
+            found.setdefault(name.split(".")[0], node.lineno)
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(ast.parse(path.read_text()))
+    return found
+
+
+@pytest.mark.parametrize("package", sorted(NOT_IMPORTED))
+def test_imports_point_one_way(package):
+    """`package` imports nothing from the layers above it, lazily inside a function included."""
+    root = pathlib.Path(ROOT)
+    bad = [
+        f"{path.relative_to(root)}:{line} imports {name}"
+        for path in python_files(package)
+        for name, line in runtime_imports(path).items()
+        if name in NOT_IMPORTED[package]
+    ]
+    assert not bad, f"{package}/ must not import {sorted(NOT_IMPORTED[package])}: {bad}"
+
+
+def test_runtime_imports_sees_lazy_imports_and_skips_type_checking(tmp_path):
+    """The walk the rules rely on: a function's import counts, an annotation-only one not."""
+    path = tmp_path / "module.py"
+    path.write_text(
+        "import typing\n"
+        "from typing import TYPE_CHECKING\n"
+        "if TYPE_CHECKING:\n"
+        "    from diffusion import Diffusion\n"
+        "if typing.TYPE_CHECKING:\n"
+        "    import main\n"
+        "else:\n"
+        "    import sampling.block\n"
+        "def f():\n"
+        "    from hf.export import export\n"
+        "from . import sibling\n"
+    )
+    assert runtime_imports(path) == {"typing": 1, "sampling": 8, "hf": 10}
