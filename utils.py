@@ -143,3 +143,14 @@ def quiet_console() -> None:
         warnings.filterwarnings("ignore", message=pattern)
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logging.getLogger(name).addFilter(_DropNoise())
+
+
+def follow_umask(directory: str) -> None:
+    """chmod each file under `directory` to 0666 less the umask: safetensors writes the
+    weights 0600, which would leave an export unreadable to the other users of a shared
+    directory."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for parent, _, files in os.walk(directory):
+        for name in files:
+            os.chmod(os.path.join(parent, name), 0o666 & ~umask)

@@ -28,7 +28,7 @@ from checkpoints.layout import (
 )
 from hf.configuration import BD3LMConfig, MDLMConfig
 from hf.modeling import BD3LM, MDLM
-from utils import UserError, atomic_path
+from utils import UserError, atomic_path, follow_umask
 
 EXPORTED = ("ar", "subs", "sedd")  # the parameterizations hf/ holds: AR, BD3-LM / MDLM, SEDD
 
@@ -141,17 +141,6 @@ def export_hf(
             extra_files(tmp)
         follow_umask(tmp)
     return out_dir
-
-
-def follow_umask(directory: str) -> None:
-    """chmod each file under `directory` to 0666 less the umask: safetensors writes the
-    weights 0600, which would leave an export unreadable to the other users of a shared
-    directory."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for parent, _, files in os.walk(directory):
-        for name in files:
-            os.chmod(os.path.join(parent, name), 0o666 & ~umask)
 
 
 def as_export_input(loaded) -> dict:

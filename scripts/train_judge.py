@@ -38,7 +38,7 @@ for _key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
 
 import torch  # noqa: E402
 
-from hf.export import follow_umask  # noqa: E402
+from utils import follow_umask  # noqa: E402
 
 IGNORE = -100  # the label transformers' causal-LM loss skips
 
