@@ -18,7 +18,7 @@ from algorithms.clip_search import interval_grid
 from dataloader import make_loader
 from diffusion import Diffusion, OptimSettings
 from models import DiT, dit_config
-from sampling.generate import check_prompt_length, prompt_ids
+from sampling.context import check_prompt_length, prompt_ids
 from settings import BatchPlan, Hardware, build_objective, plan_batches
 from training_callbacks import AtomicCheckpointIO, Preemption, ProgressLog, Throughput
 from utils import UserError, without_file_scheme
@@ -51,7 +51,7 @@ def read_prompts(cfg: DictConfig, vocab, block_size: int, window: int) -> list[s
 
 def check_prompts(prompts: list[tuple[str, str]], vocab, block_size: int, window: int) -> None:
     """(prompt, where it comes from) pairs: UserError naming the first too long for the window
-    (sampling.generate.check_prompt_length)."""
+    (sampling.context.check_prompt_length)."""
     ids = prompt_ids([prompt for prompt, _ in prompts], vocab)
     for (_, where), row in zip(prompts, ids, strict=True):
         try:

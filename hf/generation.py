@@ -18,7 +18,7 @@ marks padding in input_ids given without an attention_mask.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -36,6 +36,15 @@ class DiffusionGenerateOutput:
     nfe_denoise: Tensor
     nfe_total: Tensor
     stop_reason: list[str]
+
+
+class _Row(NamedTuple):
+    """One row's new tokens and model calls, summed over its draws."""
+
+    ids: list[int]
+    nfe_denoise: int
+    nfe_total: int
+    stop_reason: str
 
 
 def token_ids(config) -> tuple[int, int, int]:
@@ -87,29 +96,6 @@ def objective_from_config(config, mask_id: int, kind: str):
         antithetic=True,
         var_min=bool(getattr(config, "var_min", False)),
     )
-
-
-def left_pad_prompts(
-    rows: list[list[int]], bos_id: int, block_size: int, window: int
-) -> tuple[Tensor, Tensor]:
-    """[BOS] + each row's ids, left-padded (with BOS, marked invalid) to a common multiple of
-    the block size, as sampling.generate.encode_prompts lays out sample_eval's prompts.
-    -> tokens (B, P) int64 and validity (B, P) bool. ValueError when a prompt plus one block
-    exceeds the window."""
-    ids = [[bos_id, *row] for row in rows]
-    longest = max(len(i) for i in ids)
-    if longest + block_size > window:
-        raise ValueError(
-            f"input_ids: a prompt of {longest} tokens (BOS included) plus one block of "
-            f"{block_size} exceeds the model's window of {window} tokens"
-        )
-    width = -(-longest // block_size) * block_size
-    tokens = torch.full((len(ids), width), bos_id, dtype=torch.long)
-    valid = torch.zeros(len(ids), width, dtype=torch.bool)
-    for row, seq in enumerate(ids):
-        tokens[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
-        valid[row, width - len(seq) :] = True
-    return tokens, valid
 
 
 class BlockStream:
@@ -240,7 +226,8 @@ def diffusion_generate(
             "(torch.Generator().manual_seed(S)), as sample_eval does"
         )
     from sampling import TokenIds, build_sampler
-    from sampling.generate import MAX_RETRIES
+    from sampling.context import left_pad_prompts
+    from sampling.generate import redraw_low_entropy
 
     if max_new_tokens is None or int(max_new_tokens) < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens}: give a number of tokens >= 1")
@@ -278,10 +265,14 @@ def diffusion_generate(
     if generator is None:  # sample_eval's rank-0 generator
         generator = torch.Generator().manual_seed(0 if seed is None else int(seed))
 
-    def draw(subset: list[int]):
+    def draw(subset: list[int]) -> list[_Row]:
         prompt = valid = None
         if rows[0] is not None:
-            prompt, valid = left_pad_prompts([rows[i] for i in subset], bos, cfg.block_size, window)
+            ids = [[bos, *rows[i]] for i in subset]
+            try:
+                prompt, valid = left_pad_prompts(ids, bos, cfg.block_size, window)
+            except ValueError as err:
+                raise ValueError(f"input_ids: {err}") from None
         progress = None
         if streamer is not None:
             streamer.put(_streamed_prompt(input_ids, rows, subset))
@@ -289,27 +280,28 @@ def diffusion_generate(
         result = sample_fn(len(subset), cfg, generator, device, prompt, valid, progress)
         if streamer is not None:
             streamer.end()
-        return result
+        start = result.tokens.shape[1] - cfg.length if rows[0] is not None else 0
+        return [
+            _Row(
+                result.tokens[j, start : int(result.lengths[j])][:max_new].tolist(),
+                int(result.nfe_denoise[j]),
+                int(result.nfe_total[j]),
+                result.stop_reason[j],
+            )
+            for j in range(len(subset))
+        ]
+
+    def summed(previous: _Row, new: _Row) -> _Row:  # a redrawn row's NFEs count every draw
+        return new._replace(
+            nfe_denoise=previous.nfe_denoise + new.nfe_denoise,
+            nfe_total=previous.nfe_total + new.nfe_total,
+        )
 
     B = len(rows)
-    samples: list[tuple[list[int], int, int, str]] = [None] * B  # type: ignore[list-item]
     was_training = model.training
     model.eval()
     try:
-        todo = list(range(B))
-        for attempt in range(MAX_RETRIES + 1):
-            result = draw(todo)
-            for j, i in enumerate(todo):
-                start = result.tokens.shape[1] - cfg.length if rows[0] is not None else 0
-                end = int(result.lengths[j])
-                prev = samples[i]
-                nfe_d = int(result.nfe_denoise[j]) + (prev[1] if prev else 0)
-                nfe_t = int(result.nfe_total[j]) + (prev[2] if prev else 0)
-                ids = result.tokens[j, start:end][:max_new].tolist()
-                samples[i] = (ids, nfe_d, nfe_t, result.stop_reason[j])
-            todo = [i for i in todo if samples[i][3] == "rejected_low_entropy"]
-            if not todo or attempt == MAX_RETRIES:
-                break
+        samples = redraw_low_entropy(draw(list(range(B))), draw, summed)
     finally:
         model.train(was_training)
     pad = eos if pad_token_id is None else int(pad_token_id)
@@ -327,7 +319,7 @@ def diffusion_generate(
     return DiffusionGenerateOutput(
         sequences=out,
         lengths=lengths,
-        nfe_denoise=torch.tensor([s[1] for s in samples]),
-        nfe_total=torch.tensor([s[2] for s in samples]),
-        stop_reason=[s[3] for s in samples],
+        nfe_denoise=torch.tensor([s.nfe_denoise for s in samples]),
+        nfe_total=torch.tensor([s.nfe_total for s in samples]),
+        stop_reason=[s.stop_reason for s in samples],
     )

@@ -4,14 +4,16 @@
   draws.py          uniforms, the categorical (exponential race), inverse-CDF, nucleus
   denoiser.py       Denoiser (the protocol the samplers call) and ModelDenoiser (a DiT and an
                     objective behind it: masks, positions, KV cache, SUBS / next-token)
-  context.py        the starting context: left-padded prompts and their commit to the cache
+  context.py        the starting context: the prompt layout (left-padded prompts, shared with
+                    hf's generate()) and its commit to the cache
   block.py          the semi-autoregressive block sampler (BD3-LM, MDLM): DDPM caching update
   first_hitting.py  first-hitting per block, and the parallel-decoding rules
   ar.py             next-token sampling (AR)
   analytic.py       SEDD's analytic (Tweedie tau-leaping) sampler
   ssdlm.py          SSD-LM's semi-autoregressive simplex sampler (its own network)
   stops.py          the per-sequence stop rules
-  generate.py       the sample_eval loop: batches, prompts, retries, records, summaries
+  generate.py       the sample_eval loop: batches, the low-entropy retry rule (shared with hf's
+                    generate()), records, summaries
 
 The objective decides the sampler kind (`objective.sampler`) and the block structure
 (`objective.sampling_blocks`); everything below takes plain arguments, no config.

@@ -19,17 +19,39 @@ import json
 import math
 import os
 import secrets
-from collections.abc import Iterator
-from typing import NamedTuple, TextIO
+from collections.abc import Callable, Iterator
+from typing import NamedTuple, TextIO, TypeVar
 
 import torch
-from torch import Tensor
 
 from metrics import GenerativePerplexity, plot_lengths, summarize_samples, unigram_entropy
 from sampling.config import SampleOutput, SamplerConfig
+from sampling.context import encode_prompts
 from utils import atomic_path
 
 MAX_RETRIES = 10  # the reference's retries for rejected (low-entropy) samples
+
+Row = TypeVar("Row")  # one sample of a batch, with a `stop_reason`
+
+
+def redraw_low_entropy(
+    samples: list[Row],
+    draw: Callable[[list[int]], list[Row]],
+    keep: Callable[[Row, Row], Row] = lambda previous, new: new,
+) -> list[Row]:
+    """The reference's retry rule: the rows of `samples` (a batch's first draw) whose
+    stop_reason is "rejected_low_entropy" are drawn again, `draw(indices)` giving one new row
+    per index (in the order given), up to MAX_RETRIES times; the last draw is kept, flagged if
+    still rejected. keep(previous, new) is what a redrawn row becomes (default: the new draw).
+    -> the batch's rows, in place of `samples` (a new list)."""
+    samples = list(samples)
+    for _ in range(MAX_RETRIES):
+        redo = [i for i, s in enumerate(samples) if s.stop_reason == "rejected_low_entropy"]
+        if not redo:
+            break
+        for i, new in zip(redo, draw(redo), strict=True):
+            samples[i] = keep(samples[i], new)
+    return samples
 
 
 RANK_SEED_STRIDE = 1_000_003
@@ -83,40 +105,6 @@ def _samples_file(job: GenerationJob) -> Iterator[TextIO]:
             os.remove(partial)
 
 
-def prompt_ids(prompts: list[str], vocab) -> list[list[int]]:
-    """[BOS] + the ids of each prompt (no special tokens of the tokenizer's own)."""
-    return [[vocab.bos_id, *vocab.tokenizer.encode(p, add_special_tokens=False)] for p in prompts]
-
-
-def check_prompt_length(length: int, block_size: int, window: int) -> None:
-    """ValueError unless a prompt of `length` ids (BOS included) leaves room for one block of
-    `block_size` tokens in the model's window of `window` tokens."""
-    if length + block_size > window:
-        raise ValueError(
-            f"a prompt of {length} tokens (BOS included) plus one block of {block_size} exceeds "
-            f"the model's window of {window} tokens (at most {window - block_size - 1} prompt "
-            "tokens fit)"
-        )
-
-
-def encode_prompts(
-    prompts: list[str], vocab, block_size: int, window: int
-) -> tuple[Tensor, Tensor]:
-    """[BOS] + prompt ids, left-padded to a common multiple of the block size.
-    -> tokens (B, P) and validity (B, P) (False at padding). ValueError for a prompt that
-    leaves no room for a block (`check_prompt_length`)."""
-    ids = prompt_ids(prompts, vocab)
-    longest = max(len(i) for i in ids)
-    check_prompt_length(longest, block_size, window)
-    width = math.ceil(longest / block_size) * block_size
-    tokens = torch.full((len(ids), width), vocab.bos_id, dtype=torch.long)
-    valid = torch.zeros(len(ids), width, dtype=torch.bool)
-    for row, seq in enumerate(ids):
-        tokens[row, width - len(seq) :] = torch.tensor(seq)
-        valid[row, width - len(seq) :] = True
-    return tokens, valid
-
-
 def _rows(job: GenerationJob) -> list[list[str | None]]:
     """This rank's batches: prompt strings (or None) per row."""
     if job.prompts is None:
@@ -162,10 +150,10 @@ def generate(
     is appended to) the rank's jsonl file when all are done (`_samples_file`).
 
     sample_fn(batch_size, cfg, generator, device, prompt, prompt_valid, progress) is
-    a sampler of sampling.build_sampler. Fixed-length
-    samples flagged low-entropy are redrawn up to 10 times (the reference's rule); the last
-    draw is kept with stop_reason "rejected_low_entropy". autocast: a context manager factory
-    for the sampler's precision (e.g. Fabric.autocast); the judge always scores outside it, in
+    a sampler of sampling.build_sampler. Fixed-length samples flagged low-entropy are redrawn
+    (`redraw_low_entropy`); a redrawn sample records its last draw's NFEs only (the HF
+    generate() sums them over the draws). autocast: a context manager factory for the
+    sampler's precision (e.g. Fabric.autocast); the judge always scores outside it, in
     float32 (the paper's protocol)."""
     generator = torch.Generator().manual_seed(job.seed + RANK_SEED_STRIDE * job.rank)
     os.makedirs(job.out_dir, exist_ok=True)
@@ -174,19 +162,13 @@ def generate(
     with _samples_file(job) as out:
         for batch_index, rows in enumerate(_rows(job)):
             progress = None if bar is None else (lambda n, committed=None: bar.update(n))
-            samples = _sample_rows(
-                sample_fn, rows, vocab, cfg, generator, device, progress, autocast
-            )
-            for _ in range(MAX_RETRIES):
-                redo = [i for i, s in enumerate(samples) if s.stop_reason == "rejected_low_entropy"]
-                if not redo:
-                    break
-                redone = [rows[i] for i in redo]
-                again = _sample_rows(
-                    sample_fn, redone, vocab, cfg, generator, device, None, autocast
-                )
-                for i, sample in zip(redo, again, strict=True):
-                    samples[i] = sample
+
+            def draw(subset, rows=rows, progress=None):  # redraws advance no progress bar
+                picked = [rows[i] for i in subset]
+                args = (vocab, cfg, generator, device, progress, autocast)
+                return _sample_rows(sample_fn, picked, *args)
+
+            samples = redraw_low_entropy(draw(range(len(rows)), progress=progress), draw)
             for row, sample in enumerate(samples):
                 index = (batch_index * job.world_size + job.rank) * job.batch_size + row
                 record = _record(sample, vocab, evaluator, rows[row], index, job)
