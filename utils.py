@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 
@@ -52,8 +53,6 @@ def atomic_path(path: str) -> Iterator[str]:
         yield target
         os.replace(target, path)
     finally:
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -112,8 +111,6 @@ def local_copy_if_exists(path: str, key: str, directory: str) -> Iterator[str | 
         fs.get_file(target, local)
         yield local
     finally:
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
 
 

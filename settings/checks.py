@@ -29,7 +29,7 @@ from models.attention import flash_available, flex_available
 from noise_schedule import build_noise
 from sampling import SamplerConfig, sampler_config
 from settings.hardware import Hardware
-from utils import UserError, get_logger
+from utils import UserError, filesystem, get_logger
 
 log = get_logger("bd3lms")
 
@@ -121,7 +121,7 @@ def check_run(cfg: DictConfig, hw: Hardware) -> None:
         check_writable("checkpointing.save_dir", str(cfg.checkpointing.save_dir))
         resume = cfg.checkpointing.resume_ckpt_path
         if cfg.checkpointing.resume_from_ckpt and resume is not None and "://" in str(resume):
-            check_url("checkpointing.resume_ckpt_path", str(resume))
+            filesystem(str(resume), "checkpointing.resume_ckpt_path")  # its backend installed
         check_callbacks(cfg)
         if cfg.wandb is not None:
             check_wandb_credentials(cfg.wandb)
@@ -539,7 +539,7 @@ def check_writable(key: str, path: str) -> None:
     URLs are not probed): a probe directory is made and removed in `path` or its nearest
     existing parent (permission bits do not tell: root may create nothing under /proc)."""
     if "://" in path:
-        check_url(key, path)
+        filesystem(path, key)  # an fsspec backend serves it; nothing written or listed
         return
     existing = os.path.abspath(os.path.expanduser(path))
     while not os.path.exists(existing):
@@ -552,20 +552,6 @@ def check_writable(key: str, path: str) -> None:
         except OSError as err:
             why = f"nothing can be created in {existing}: {err.strerror}"
     raise UserError(f"{key}={path} cannot be written ({why}); give a writable directory")
-
-
-def check_url(key: str, path: str) -> None:
-    """An fsspec URL whose filesystem can be had here (its backend installed, e.g. s3fs for
-    s3://); nothing is written or listed."""
-    import fsspec
-
-    try:
-        fsspec.core.url_to_fs(path)
-    except (ImportError, ValueError) as err:
-        raise UserError(
-            f"{key}={path}: no fsspec filesystem for it ({str(err).splitlines()[0][:120]}); "
-            "give a local path or a URL whose fsspec backend is installed (s3fs for s3://)"
-        ) from None
 
 
 def check_creatable(key: str, path: str) -> None:
