@@ -233,6 +233,7 @@ GROUPS: dict[str, dict[str, Spec]] = {
     },
     "model": {
         "name": TEXT,
+        "backbone": Choice("dit", "roberta"),
         "hidden_size": POSITIVE,
         "cond_dim": POSITIVE,
         "length": POSITIVE,
