@@ -12,6 +12,7 @@ directory. The figures are printed with 10 significant digits: a diff is a chang
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import glob
 import json
@@ -27,6 +28,14 @@ os.environ.update(
 )
 
 ALGORITHMS = ("ar", "mdlm", "bd3lm", "sedd", "ssdlm")
+# more sample_eval runs: the KV cache, a prompt, parallel decoding, ppl_eval's Monte-Carlo draws
+EXTRA_SAMPLES = {
+    "ar": [("sampling.kv_cache=true", "sampling.prefix=ROMEO:")],
+    "bd3lm": [
+        ("sampling.kv_cache=true", "sampling.prefix=ROMEO:"),
+        ("sampling.tokens_per_step=2", "sampling.first_hitting=true"),
+    ],
+}
 
 
 def _g(x: float) -> str:
@@ -37,7 +46,8 @@ def _run(run_dir: str, *overrides: str) -> None:
     import main
 
     cfg = main.compose(["experiment=smoke", *overrides], run_dir)
-    main.run(cfg, run_dir)
+    with contextlib.redirect_stdout(sys.stderr):  # the runs' own prints; stdout: the JSON
+        main.run(cfg, run_dir)
 
 
 def _losses(run_dir: str) -> dict:
@@ -76,17 +86,19 @@ def fingerprint(algo: str, work: str) -> dict:
         with open(os.path.join(ppl_dir, "ppl_eval.json")) as f:
             ppl = json.load(f)
         result["ppl_eval"] = {k: _g(v) for k, v in ppl.items() if isinstance(v, float)}
-    sample_dir = os.path.join(work, algo, "sample")
-    _run(sample_dir, f"algo={algo}", "mode=sample_eval", f"eval.checkpoint_path={ckpt}")
-    with open(os.path.join(sample_dir, "samples.jsonl")) as f:
-        records = [json.loads(line) for line in f]
-    ids = [r["token_ids"] for r in records]
-    result["samples"] = {
-        "n": len(records),
-        "crc32": zlib.crc32(json.dumps(ids).encode()),
-        "lengths": [r["length"] for r in records],
-        "nfe": [r.get("nfe_total") for r in records],
-    }
+    for index, extra in enumerate([(), *EXTRA_SAMPLES.get(algo, [])]):
+        sample_dir = os.path.join(work, algo, f"sample{index}")
+        overrides = [f"algo={algo}", "mode=sample_eval", f"eval.checkpoint_path={ckpt}", *extra]
+        _run(sample_dir, *overrides)
+        with open(os.path.join(sample_dir, "samples.jsonl")) as f:
+            records = [json.loads(line) for line in f]
+        ids = [r["token_ids"] for r in records]
+        result[" ".join(["samples", *extra])] = {
+            "n": len(records),
+            "crc32": zlib.crc32(json.dumps(ids).encode()),
+            "lengths": [r["length"] for r in records],
+            "nfe": [r.get("nfe_total") for r in records],
+        }
     return result
 
 
