@@ -41,8 +41,10 @@ The algo=ar baseline reads plain next-token logits: build it with token_shift=Fa
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -251,7 +253,7 @@ class HFCausalLM(nn.Module):
         self.clean_attention = clean_attention
         self.attn_backend = attn_backend
         self.masks = MaskCache(attn_backend)
-        self._kv_cache: HFKVCache | None = None
+        self.kv_cache: HFKVCache | None = None
         config = model.config
         self.softcap = getattr(config, "final_logit_softcapping", None)
         key = ABSOLUTE_POSITIONS.get(config.model_type)
@@ -278,7 +280,19 @@ class HFCausalLM(nn.Module):
         return {type(m) for m in self.model.modules() if type(m).__name__ in names}
 
     def prepare_inference(self) -> None:
-        """Nothing to precompute (the contract's hook)."""
+        """No inference-only caches: None (the contract's snapshot)."""
+        return None
+
+    @contextlib.contextmanager
+    def inference(self, kv_cache: HFKVCache | None = None, snapshot: Any = None) -> Iterator[None]:
+        """Calls inside attend over kv_cache (if any); the cache before is restored on exit.
+        snapshot: unused (prepare_inference takes none)."""
+        before = self.kv_cache
+        self.set_kv_cache(kv_cache)
+        try:
+            yield
+        finally:
+            self.kv_cache = before
 
     def new_kv_cache(self, batch_size: int, window: int, block_size: int, device) -> HFKVCache:
         """A cache with `window` tokens visible (committed + current block); keys of every
@@ -298,7 +312,7 @@ class HFCausalLM(nn.Module):
         remove it (None)."""
         if cache is not None and not isinstance(cache, HFKVCache):
             raise TypeError("HFCausalLM needs its own cache: make it with new_kv_cache")
-        self._kv_cache = cache
+        self.kv_cache = cache
 
     # --- forward -----------------------------------------------------------------------------
     def forward(
@@ -316,12 +330,14 @@ class HFCausalLM(nn.Module):
         """tokens (B, S) -> logits at `outputs`.
 
         positions: (S,) positions (0..L-1 twice for [x_t ; x_0]; absolute with a cache).
-        mask: the attention predicate (models.attention): BlockDiffusionMask(L, K) for the 2L
-        input [x_t ; x_0]; BlockCausalMask / BandedBlockCausalMask for [clean ; noisy block]
-        sampled without a cache (the last block is the noisy one); None for full attention over
-        x_t (MDLM); CausalMask for plain next-token logits (algo=ar, token_shift=False). With
-        clean_attention="causal" the clean rows become token-causal (CleanCausal). Ignored
-        with a cache installed. sigma: unused (no time conditioning).
+        mask: the attention predicate (models.attention), or a materialised AttentionMask that
+        names it (see predicate_of): BlockDiffusionMask(L, K) for the 2L input [x_t ; x_0];
+        BlockCausalMask / BandedBlockCausalMask for [clean ; noisy block] sampled without a
+        cache (the last block is the noisy one); None for full attention over x_t (MDLM);
+        CausalMask for plain next-token logits (algo=ar, token_shift=False). The backbone
+        materialises it itself: with clean_attention="causal" the clean rows become
+        token-causal (CleanCausal). Ignored with a cache installed. sigma: unused (no time
+        conditioning).
         outputs: None (all, (B, S, V)), a slice ((B, S', V)), a boolean (B, S') selection
         ((N, V), row-major; S' <= S) or long (B, k) positions ((B * k, V), row-major).
         With a cache installed (set_kv_cache): tokens are the current block (B, K) or, with
@@ -332,10 +348,13 @@ class HFCausalLM(nn.Module):
         del sigma
         B, S = tokens.shape
         device = tokens.device
-        cache = self._kv_cache
+        cache = self.kv_cache
+        if cache is None and (commit or block_valid is not None):
+            raise ValueError("commit and block_valid need a KV cache installed (set_kv_cache)")
         if cache is not None:
             position_ids, call = self._cached_call(positions, commit, block_valid, B, S)
         else:
+            mask = predicate_of(mask)
             position_ids, call = self._uncached_call(mask, positions, key_valid, B, S, device)
         hidden = self.model.base_model(
             input_ids=tokens, position_ids=position_ids, use_cache=False, **{CALL_KEYWORD: call}
@@ -369,7 +388,7 @@ class HFCausalLM(nn.Module):
         return position_ids, _Call(materialised, self.attn_backend)
 
     def _cached_call(self, positions, commit, block_valid, B, S) -> tuple[Tensor, _Call]:
-        cache = self._kv_cache
+        cache = self.kv_cache
         position_ids = positions.expand(B, S) - cache.pad_count[:, None]
         if block_valid is not None:
             position_ids = (position_ids - torch.cumsum(~block_valid, dim=1)).clamp(min=0)
@@ -443,6 +462,27 @@ class HFCausalLM(nn.Module):
         return logits
 
 
+def predicate_of(mask: Any) -> Any:
+    """The predicate behind a call's mask: a predicate or None (full attention) as given; an
+    AttentionMask by its `predicate` attribute when it has one, else by what it says without
+    a matrix (causal, full) or its block-diffusion `structure`. The token shift and the clean
+    stream need the block structure, which a bare matrix does not name."""
+    if not isinstance(mask, AttentionMask):
+        return mask
+    if hasattr(mask, "predicate"):
+        return mask.predicate
+    if mask.causal:
+        return CausalMask()
+    if mask.structure is not None:
+        return mask.structure
+    if mask.dense is None and mask.block_mask is None:
+        return None
+    raise ValueError(
+        "hf_causal reads the attention predicate, not a materialised matrix: pass the "
+        "predicate (models.attention) or an AttentionMask with a `predicate` field"
+    )
+
+
 def check_supported(model: nn.Module) -> None:
     """Refuse, in one line, a model this backbone cannot run exactly."""
     name = type(model).__name__
@@ -467,6 +507,27 @@ def check_supported(model: nn.Module) -> None:
 # ----------------------------------------------------------------------------------------------
 # Tokens
 # ----------------------------------------------------------------------------------------------
+def from_pretrained(
+    name_or_path: str,
+    *,
+    gguf_file: str | None = None,
+    cache_dir: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    key: str = "model.pretrained",
+    **options,
+) -> tuple[HFCausalLM, Any, int]:
+    """-> (backbone, tokenizer, mask_id): the model models.pretrained.load_causal_lm loads
+    (a directory, hub id, .gguf file or packaged name), its tokenizer with the mask token
+    (ensure_mask_token), wrapped as HFCausalLM(model, **options)."""
+    from models.pretrained import load_causal_lm
+
+    model, tokenizer = load_causal_lm(
+        name_or_path, gguf_file=gguf_file, cache_dir=cache_dir, dtype=dtype, key=key
+    )
+    mask_id = ensure_mask_token(model, tokenizer)
+    return HFCausalLM(model, **options), tokenizer, mask_id
+
+
 def ensure_mask_token(model: nn.Module, tokenizer) -> int:
     """The mask id: the tokenizer's mask token; else a new MASK_TOKEN, which takes the first
     spare embedding row when the embedding has rows beyond len(tokenizer) (Qwen), else a new

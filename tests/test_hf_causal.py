@@ -30,12 +30,14 @@ from transformers import (
 from algorithms.base import subs_log_probs
 from conftest import randomize_
 from models.attention import (
+    AttentionMask,
     BandedBlockCausalMask,
     BlockCausalMask,
     BlockDiffusionMask,
     CausalMask,
+    MaskCache,
 )
-from models.hf_causal import HFCausalLM, bos_id, ensure_mask_token
+from models.hf_causal import HFCausalLM, bos_id, ensure_mask_token, from_pretrained
 
 V = 64
 MASK = V - 1
@@ -489,3 +491,39 @@ def test_mask_token_spare_row_or_tokenizer_mask():
     assert ensure_mask_token(model, tok) == 5
     assert bos_id(tok) == 2
     assert bos_id(tokenizer(60, eos_token="w1")) == 1  # no BOS: EOS
+
+
+def test_from_a_saved_directory(tmp_path):
+    """A model directory with its tokenizer: the mask token is added (a new row, tied), the
+    logits are the saved model's."""
+    torch.manual_seed(0)
+    model = randomize_(_llama(), seed=3, scale=0.3).eval()
+    model.save_pretrained(tmp_path)
+    tokenizer(V, eos_token="w1").save_pretrained(tmp_path)
+    net, tok, mask_id = from_pretrained(str(tmp_path), token_shift=False)
+    assert mask_id == V == tok.mask_token_id and net.vocab_size == V + 1
+    x0, _ = data()
+    with torch.no_grad():
+        got = net.eval()(x0, positions=torch.arange(L), mask=CausalMask())
+    torch.testing.assert_close(got[..., :V], model(x0).logits, **TOL)
+
+
+@torch.no_grad()
+def test_materialised_masks_name_their_predicate(family):
+    """Through the backbone contract a mask arrives materialised (models.network); the
+    backbone reads the predicate it names and refuses a bare matrix."""
+    _, model = family
+    net = wrap(model)
+    x0, xt = data()
+    masks = MaskCache("sdpa")
+    want = net(xt, positions=torch.arange(L), mask=None)
+    full = masks.get(None, L, L, xt.device)
+    torch.testing.assert_close(net(xt, positions=torch.arange(L), mask=full), want)
+    structured = masks.get(BlockDiffusionMask(L, 2), 2 * L, 2 * L, xt.device)
+    got = net(torch.cat([xt, x0], 1), positions=torch.arange(L).repeat(2), mask=structured,
+              outputs=slice(0, L))  # fmt: skip
+    torch.testing.assert_close(got, two_stream(net, xt, x0, 2))
+    with pytest.raises(ValueError, match="predicate"):
+        net(xt, positions=torch.arange(L), mask=AttentionMask(dense=torch.ones(L, L).bool()))
+    with pytest.raises(ValueError, match="KV cache installed"):
+        net(xt, positions=torch.arange(L), mask=None, commit=True)
