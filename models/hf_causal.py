@@ -100,11 +100,12 @@ class CleanCausal:
 @dataclasses.dataclass
 class _Call:
     """What the attention function needs from one forward: the materialised mask (no cache) or
-    the cache with its commit flag and the block's validity; the backend; a dense mask for
-    attention dropout (training with dropout > 0)."""
+    the cache with its commit flag and the block's validity; the backend; span, the most
+    positions one query sees (checked against a layer's sliding window)."""
 
     mask: AttentionMask | None
     backend: str
+    span: int
     cache: KVCache | None = None
     commit: bool = False
     block_valid: Tensor | None = None
@@ -135,13 +136,16 @@ def hf_attention(
 
     query: (B, H, S, d); key, value: (B, H_kv, S, d) after rotary -> ((B, S, H, d), None).
     The mask or cache comes in kwargs[CALL_KEYWORD] (a _Call); transformers' own mask must be
-    None (it builds none for this name)."""
+    None (it builds none for this name). A sliding-window layer (kwargs["sliding_window"], as
+    Gemma3, Qwen2 and Mistral pass it) is exact only while no query sees more positions than
+    its window: refused beyond."""
     call = kwargs.get(CALL_KEYWORD)
     if call is None or attention_mask is not None:
         raise RuntimeError(
             f"attention {ATTENTION_NAME!r} runs only inside HFCausalLM.forward, which passes "
             "its mask; call the wrapped model through HFCausalLM"
         )
+    check_window(call.span, kwargs.get("sliding_window"), "model.length")
     groups = query.shape[1] // key.shape[1]
     if groups > 1:
         key = key.repeat_interleave(groups, dim=1)
@@ -157,6 +161,15 @@ def hf_attention(
     else:
         out = attend(query, key, value, call.mask, call.backend)
     return out.transpose(1, 2).contiguous(), None
+
+
+def check_window(span: int, window: int | None, key: str) -> None:
+    """Refuse a call in which a query sees `span` positions, beyond a sliding `window`."""
+    if window is not None and span > window:
+        raise ValueError(
+            f"{key}: a query would see {span} positions, beyond the model's sliding window of "
+            f"{window} (hf_causal is exact only within it); use at most {window}"
+        )
 
 
 def _register() -> None:
@@ -243,7 +256,6 @@ class HFCausalLM(nn.Module):
         if attn_backend not in ATTN_BACKENDS:
             raise ValueError(f"model.attn_backend={attn_backend!r}: valid values {ATTN_BACKENDS}")
         model.set_attn_implementation(ATTENTION_NAME)
-        model.config.use_cache = False
         if gradient_checkpointing:
             model.activation_checkpointing_enable(
                 activation_checkpointing_kwargs={"use_reentrant": False}
@@ -258,6 +270,7 @@ class HFCausalLM(nn.Module):
         self.softcap = getattr(config, "final_logit_softcapping", None)
         key = ABSOLUTE_POSITIONS.get(config.model_type)
         self.max_positions = getattr(config, key) if key else None
+        # for an early refusal in new_kv_cache; every call checks the window each layer gets
         windows = [
             w for m in model.modules() if isinstance(w := getattr(m, "sliding_window", None), int)
         ]
@@ -297,7 +310,7 @@ class HFCausalLM(nn.Module):
     def new_kv_cache(self, batch_size: int, window: int, block_size: int, device) -> HFKVCache:
         """A cache with `window` tokens visible (committed + current block); keys of every
         attention head (KV heads repeated), post-rotary, at positions counting real tokens."""
-        self._check_span(window, "sampling window")
+        check_window(window, self.sliding_window, "sampling window")
         config = self.model.config
         layers = config.num_hidden_layers
         heads = config.num_attention_heads
@@ -372,7 +385,6 @@ class HFCausalLM(nn.Module):
                 "token_shift=False for algo=ar"
             )
         predicate = self._clean_mask(mask, S)
-        self._check_span(self._span(mask, S), "model.length")
         materialised = self.masks.get(predicate, S, S, device)
         position_ids = positions.expand(B, S)
         if key_valid is not None and not bool(key_valid.all()):
@@ -385,7 +397,7 @@ class HFCausalLM(nn.Module):
             pad_before = torch.cumsum(~key_valid, dim=1)
             position_ids = (position_ids - pad_before).clamp(min=0)
         self._check_positions(S // (2 if isinstance(mask, BlockDiffusionMask) else 1))
-        return position_ids, _Call(materialised, self.attn_backend)
+        return position_ids, _Call(materialised, self.attn_backend, self._span(mask, S))
 
     def _cached_call(self, positions, commit, block_valid, B, S) -> tuple[Tensor, _Call]:
         cache = self.kv_cache
@@ -393,7 +405,8 @@ class HFCausalLM(nn.Module):
         if block_valid is not None:
             position_ids = (position_ids - torch.cumsum(~block_valid, dim=1)).clamp(min=0)
         self._check_positions(cache.num_committed * cache.block_size + S)
-        call = _Call(None, self.attn_backend, cache, commit, block_valid)
+        window = cache.capacity + cache.block_size
+        call = _Call(None, self.attn_backend, window, cache, commit, block_valid)
         return position_ids, call
 
     def _clean_mask(self, mask, S: int):
@@ -415,14 +428,6 @@ class HFCausalLM(nn.Module):
         if isinstance(mask, BandedBlockCausalMask):
             return min(S, mask.block_size * mask.window_blocks)
         return S
-
-    def _check_span(self, span: int, key: str) -> None:
-        if self.sliding_window is not None and span > self.sliding_window:
-            raise ValueError(
-                f"{key}: a query would see {span} positions, beyond the model's sliding window "
-                f"of {self.sliding_window} (hf_causal is exact only within it); use at most "
-                f"{self.sliding_window}"
-            )
 
     def _check_positions(self, length: int) -> None:
         if self.max_positions is not None and length > self.max_positions:

@@ -527,3 +527,31 @@ def test_materialised_masks_name_their_predicate(family):
         net(xt, positions=torch.arange(L), mask=AttentionMask(dense=torch.ones(L, L).bool()))
     with pytest.raises(ValueError, match="KV cache installed"):
         net(xt, positions=torch.arange(L), mask=None, commit=True)
+
+
+@pytest.mark.parametrize("clean_attention", ["causal", "block"])
+@torch.no_grad()
+def test_flex_backend_equals_sdpa(clean_attention):
+    """Flex attention (the GPU backend; forward-only on CPU) computes the same 2L logits."""
+    model = randomize_(_llama(), seed=4, scale=0.3).eval()
+    x0, xt = data(length=16)
+    sdpa = wrap(model, clean_attention=clean_attention)
+    flex = wrap(model, clean_attention=clean_attention, attn_backend="flex")
+    for K in (1, 4):
+        torch.testing.assert_close(two_stream(flex, xt, x0, K), two_stream(sdpa, xt, x0, K), **TOL)
+
+
+def test_attention_dropout_keeps_the_mask():
+    """GPT-2 trains with attention dropout (SDPA with a dense mask): block 0 of x_t still sees
+    nothing of x_0 (same dropout draws, x_0 changed beyond block 0: block 0 rows unchanged)."""
+    net = HFCausalLM(randomize_(_gpt2(), seed=5, scale=0.3)).train()
+    x0, xt = data()
+    other = x0.clone()
+    other[:, 2:] = (other[:, 2:] + 1) % MASK
+    runs = []
+    for clean in (x0, other):
+        torch.manual_seed(7)
+        runs.append(two_stream(net, xt, clean, 2, outputs=slice(0, 2)))
+    torch.testing.assert_close(runs[0], runs[1])
+    torch.manual_seed(8)
+    assert not torch.allclose(two_stream(net, xt, x0, 2, outputs=slice(0, 2)), runs[0])
