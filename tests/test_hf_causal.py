@@ -28,6 +28,7 @@ from transformers import (
 )
 
 from algorithms.base import subs_log_probs
+from algorithms.masked_diffusion import MaskedDiffusion
 from conftest import randomize_
 from models.attention import (
     AttentionMask,
@@ -38,6 +39,7 @@ from models.attention import (
     MaskCache,
 )
 from models.hf_causal import HFCausalLM, bos_id, ensure_mask_token, from_pretrained
+from noise_schedule import LogLinear
 
 V = 64
 MASK = V - 1
@@ -189,6 +191,43 @@ def test_block_size_one_is_the_causal_lm_nll(family):
         logits = two_stream(wrap(model, clean_attention=clean_attention), xt, x0, 1)
         nll = -logits[:, 1:].log_softmax(-1).gather(-1, x0[:, 1:, None])
         torch.testing.assert_close(nll.mean(), want, **TOL)
+
+
+def objective(block_size: int, seq_len: int = L) -> MaskedDiffusion:
+    return MaskedDiffusion(
+        noise=LogLinear(), mask_id=MASK, seq_len=seq_len, block_size=block_size,
+        cross_attn=True, ignore_bos=True, time_conditioning=False, antithetic=False,
+    )  # fmt: skip
+
+
+def network(backbone: HFCausalLM):
+    """network(tokens, sigma, layout) as the objectives call it (models.network's role)."""
+
+    def call(tokens, sigma, layout):
+        S = tokens.shape[1]
+        positions = torch.arange(S // layout.halves).repeat(layout.halves)
+        return backbone(tokens, positions=positions, mask=layout.mask, outputs=layout.outputs)
+
+    return call
+
+
+@torch.no_grad()
+def test_block_size_one_nelbo_is_the_causal_lm_nll(family):
+    """BD3-LM's validation loss at K = 1 (the exact NLL, every token masked) through this
+    backbone is the causal LM's next-token NLL with the mask column excluded (SUBS never
+    predicts the mask; the mask token's logit is removed from the plain model's softmax too),
+    position 0 ignored (ignore_bos)."""
+    _, model = family
+    algo = objective(1)
+    x0, _ = data()
+    eps = [torch.tensor(e) for e in algo.eval_interval()]
+    for clean_attention in ("causal", "block"):
+        net = network(wrap(model, clean_attention=clean_attention))
+        nelbo = algo.loss(net, x0, torch.ones_like(x0), *eps, train=False).loss
+        logits = model(x0).logits
+        logits[..., MASK] = -float("inf")
+        want = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), x0[:, 1:].flatten())
+        torch.testing.assert_close(nelbo, want, **TOL)
 
 
 @torch.no_grad()
