@@ -102,16 +102,8 @@ class BaselineDenoiser(ModelDenoiser):
     recomputed at every call, the output projection reading its (V, D) weight."""
 
     def prepare_inference(self) -> None:
-        super().prepare_inference()
-        self._head_t = None
+        self._snapshot = None  # the backbone computes everything at every call
         self.subs = subs_log_probs_reference
-
-    def _conditioning(self, t: Tensor, x: Tensor):
-        if self.backbone.sigma_map is None:
-            return None
-        if not self.is_ar and self.algorithm.time_conditioning:
-            return super()._conditioning(t, x)
-        return self.backbone.condition(torch.zeros(x.shape[0], device=x.device))
 
 
 def first_hitting_gumbel_race(

@@ -30,7 +30,6 @@ from checkpoints.layout import (
 )
 from hf.configuration import BD3LMConfig, MDLMConfig, resolve_device, resolve_dtype
 from models.attention import (
-    AttentionMask,
     BlockCausalMask,
     BlockDiffusionMask,
     CausalMask,
@@ -88,17 +87,16 @@ class _DiTWrapper(PreTrainedModel):
     # Forward helpers
     # ------------------------------------------------------------------------------------------
     def _sigma(self, timesteps: Tensor | None, batch: int, device: torch.device) -> Tensor | None:
-        if self.backbone.sigma_map is None:
+        """The DiT's sigma (B,) for `timesteps`, or None (sigma = 0): no timesteps, a config
+        without time_conditioning (adaLN stays on with sigma zeroed) or a DiT without adaLN."""
+        conditioned = self.config.time_conditioning and self.backbone.time_conditioned
+        if timesteps is None or not conditioned:
             return None
-        if timesteps is None:
-            return torch.zeros(batch, device=device)
         sigma = torch.as_tensor(timesteps, device=device, dtype=torch.float32)
         if sigma.ndim == 0:
             sigma = sigma.expand(batch)
         elif sigma.ndim == 2:
             sigma = sigma.mean(-1)
-        if not self.config.time_conditioning:  # adaLN stays on with sigma zeroed
-            sigma = torch.zeros_like(sigma)
         return sigma
 
     def _positions_for(self, length: int, halves: int, device: torch.device) -> Tensor:
@@ -133,7 +131,9 @@ class _DiTWrapper(PreTrainedModel):
                 m.register_forward_hook(lambda _m, _i, out: hidden.append(out)) for m in modules
             ]
         try:
-            logits = self.backbone(input_ids, sigma, positions, attention, outputs)
+            logits = self.backbone(
+                input_ids, positions=positions, mask=attention, sigma=sigma, outputs=outputs
+            )
         finally:
             for hook in hooks:
                 hook.remove()
@@ -303,9 +303,10 @@ class _DiTWrapper(PreTrainedModel):
         start = cache.num_committed * K
         positions = torch.arange(start, start + K, device=input_ids.device)
         sigma = self._sigma(timesteps, input_ids.shape[0], input_ids.device)
-        logits = self.backbone(
-            input_ids, sigma, positions, AttentionMask(), None, cache, commit=store_kv
-        )
+        with self.backbone.inference(cache):
+            logits = self.backbone(
+                input_ids, positions=positions, mask=None, sigma=sigma, commit=store_kv
+            )
         if store_kv:
             cache.advance()
         if return_dict if return_dict is not None else self.config.return_dict:

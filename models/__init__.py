@@ -1,4 +1,5 @@
-"""Networks: the DiT backbone, attention helpers and parameter EMA.
+"""Networks: the backbone contract and registry (models.backbone), the DiT backbone, attention
+helpers and parameter EMA.
 
 `dit_config` is the one place where a `model` config node becomes a typed `DiTConfig` (its keys
 and their types were checked by the settings boundary).
@@ -9,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from models.backbone import BACKBONES, Backbone, BackboneSpec, backbone_spec
 from models.dit import DiT, DiTConfig
 
 
@@ -28,4 +30,12 @@ def dit_config(model_cfg: Mapping[str, Any], vocab_size: int, causal: bool) -> D
     )
 
 
-__all__ = ["DiT", "DiTConfig", "dit_config"]
+__all__ = [
+    "BACKBONES",
+    "Backbone",
+    "BackboneSpec",
+    "DiT",
+    "DiTConfig",
+    "backbone_spec",
+    "dit_config",
+]

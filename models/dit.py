@@ -1,9 +1,11 @@
 """The DiT backbone of BD3-LM / MDLM / AR.
 
-A plain ``nn.Module`` with a small typed config. It maps tokens (B, S) and a noise level sigma
-(B,) to logits (B, S, V), given integer rotary positions (S,) and a materialised attention mask.
-It knows nothing of blocks, x_t/x_0 halves or samplers: callers pass the positions (both halves
-of the training input share 0..L-1) and the mask.
+A plain ``nn.Module`` with a small typed config, registered as the `dit` backbone
+(models.backbone, whose `Backbone` contract it implements). It maps tokens (B, S) and a noise
+level sigma (B,) to logits (B, S, V), given integer rotary positions (S,) and a materialised
+attention mask, or, with a KV cache installed, the newest block at absolute positions. It knows
+nothing of blocks, x_t/x_0 halves or samplers: callers pass the positions (both halves of the
+training input share 0..L-1) and the mask.
 
 Parameter names follow the released checkpoints and modules are registered in the
 reference's order (vocab_embed, sigma_map, rotary_emb, blocks, output_layer).
@@ -20,6 +22,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from models.attention import BACKENDS, AttentionMask, Rotary, apply_rotary, attend
+from models.backbone import InferenceScope
 from models.kv_cache import KVCache
 
 FREQ_EMBED_DIM = 256  # sinusoidal features fed to sigma_map
@@ -285,13 +288,21 @@ class DiTFinalLayer(nn.Module):
         return torch.addmm(bias, flat, head_t).view(*h.shape[:-1], weight.shape[0])
 
 
-class DiT(nn.Module):
-    """Diffusion transformer. See the module docstring for the contract."""
+@dataclasses.dataclass
+class InferenceSnapshot:
+    """What DiT.prepare_inference() takes from the weights for calls with autograd off inside
+    `DiT.inference(..., snapshot)`. head_t: the output projection's weight transposed, (D, V)
+    contiguous, on CPU (None elsewhere; DiTFinalLayer._project). constant: the adaLN
+    modulation at sigma = 0 (a call with sigma=None) by (batch, device, autocast), computed at
+    its first use. Stale once the weights change: take a new one then."""
 
-    def new_kv_cache(self, batch_size: int, window: int, block_size: int, device) -> KVCache:
-        """A cache sized for this network: `window` tokens visible (committed + current block)."""
-        c = self.config
-        return KVCache(c.n_blocks, batch_size, c.n_heads, c.head_dim, window, block_size, device)
+    head_t: Tensor | None
+    constant: dict[tuple, Conditioning] = dataclasses.field(default_factory=dict)
+
+
+class DiT(InferenceScope, nn.Module):
+    """Diffusion transformer: a token backbone (models.backbone.Backbone). See the module
+    docstring for what it computes."""
 
     def __init__(self, config: DiTConfig):
         super().__init__()
@@ -303,6 +314,29 @@ class DiT(nn.Module):
         self.output_layer = DiTFinalLayer(config)
         self._compiled_blocks: list | None = None  # see compile_blocks
 
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    @property
+    def time_conditioned(self) -> bool:
+        """sigma reaches the logits: the adaLN modulation exists (not for AR without adaLN)."""
+        return self.sigma_map is not None
+
+    @property
+    def attn_backend(self) -> str:
+        return self.config.attn_backend
+
+    def new_kv_cache(self, batch_size: int, window: int, block_size: int, device) -> KVCache:
+        """A cache sized for this network: `window` tokens visible (committed + current block)."""
+        c = self.config
+        return KVCache(c.n_blocks, batch_size, c.n_heads, c.head_dim, window, block_size, device)
+
+    def prepare_inference(self) -> InferenceSnapshot:
+        """The inference-only caches of the current weights (InferenceSnapshot), for
+        `inference(kv_cache, snapshot)`."""
+        return InferenceSnapshot(self.transposed_head())
+
     def compile_blocks(self, **options) -> None:
         """torch.compile every DiTBlock (`options` go to torch.compile). The compiled blocks
         serve calls with autograd on (training steps), whose shapes are fixed; calls without
@@ -312,42 +346,38 @@ class DiT(nn.Module):
 
     def forward(
         self,
-        x: Tensor,
-        sigma: Tensor | None,
+        tokens: Tensor,
+        *,
         positions: Tensor,
-        mask: AttentionMask,
+        mask: AttentionMask | None,
+        sigma: Tensor | None = None,
         outputs: slice | Tensor | None = None,
-        kv_cache: KVCache | None = None,
         commit: bool = False,
         block_valid: Tensor | None = None,
-        conditioning: Conditioning | None = None,
-        head_t: Tensor | None = None,
     ) -> Tensor:
-        """x: (B, S) token ids; sigma: (B,) processed noise level (zeros when time conditioning
-        is off; ignored without adaLN); positions: (S,) rotary positions; mask: materialised
-        attention mask over the S positions. `outputs` selects where logits are needed:
-        None (all, (B, S, V)), a slice ((B, S', V)), a boolean (B, S) mask ((N, V), rows in
-        row-major order; a boolean (B, S') with S' < S selects among the first S' positions)
-        or a long (B, k) tensor of positions per sequence ((B * k, V), row-major).
-        The output projection runs only there (and, for a prefix of positions, the last block).
-        kv_cache: x is the current block (B, K) at absolute `positions`; it attends over the
-        cache's committed tokens and itself (`mask` is ignored). commit: store this block's
-        keys/values in the cache (the caller then calls kv_cache.advance()); with x of 2K
-        tokens, the first K are a clean block committed in the same call and the last K the
-        block being denoised (see models/kv_cache.py). block_valid: (B, K) bool, False at
-        prompt padding (see KVCache.attend). conditioning: self.condition(sigma) computed
-        beforehand (then sigma is not read), e.g. reused across calls with the same sigma.
-        head_t: self.transposed_head() taken beforehand (CPU inference only).
-        """
-        h = self.vocab_embed(x)
-        c = None
-        if conditioning is None and self.sigma_map is not None:
+        """tokens (B, S) -> logits; the contract of models.backbone.Backbone. sigma: (B,)
+        processed noise level, None for 0 (ignored without adaLN). The output projection runs
+        only where `outputs` asks (and, for a prefix of positions, the last block)."""
+        kv_cache = self.kv_cache
+        if kv_cache is None and (mask is None or commit or block_valid is not None):
+            raise ValueError(
+                "DiT.forward: mask=None, commit and block_valid need an installed KV cache "
+                "(set_kv_cache or inference)"
+            )
+        snapshot = None if torch.is_grad_enabled() else self.snapshot
+        h = self.vocab_embed(tokens)
+        c, conditioning = None, None
+        if self.sigma_map is not None and sigma is None and snapshot is not None:
+            conditioning = self._constant(snapshot, tokens)
+        elif self.sigma_map is not None:
+            if sigma is None:
+                sigma = torch.zeros(tokens.shape[0], device=tokens.device)
             # each block turns c into its modulation inside its own forward (so that a block
             # sharded as an FSDP unit has its weights gathered when it needs them)
             c = F.silu(self.sigma_map(sigma))
         cos, sin = self.rotary_emb(positions, h.dtype)
         last = len(self.blocks) - 1
-        needed = self._needed_prefix(outputs, x.shape[1], mask, kv_cache)
+        needed = self._needed_prefix(outputs, tokens.shape[1], mask, kv_cache)
         blocks = self.blocks
         if self._compiled_blocks is not None and kv_cache is None and torch.is_grad_enabled():
             blocks = self._compiled_blocks
@@ -358,18 +388,18 @@ class DiT(nn.Module):
         final = conditioning.final if conditioning is not None else None
         if c is not None:
             final = self.output_layer.modulation(c)
+        head_t = None if snapshot is None else snapshot.head_t
         return self.output_layer(h, final, outputs, head_t)
 
     def transposed_head(self) -> Tensor | None:
         """A (D, V) contiguous copy of the vocabulary projection's weight for CPU inference
-        (`head_t` of forward), or None off CPU. A snapshot of the current weight: whoever
-        keeps it (sampling.denoiser.ModelDenoiser) takes a new one after the weights change."""
+        (InferenceSnapshot.head_t), or None off CPU. A copy of the current weight."""
         weight = self.output_layer.linear.weight
         if weight.device.type != "cpu":
             return None
         return weight.detach().t().contiguous()
 
-    def condition(self, sigma: Tensor | None) -> Conditioning | None:
+    def condition(self, sigma: Tensor) -> Conditioning | None:
         """sigma (B,) -> the adaLN modulation of every block and the output layer; None for a
         backbone without adaLN (AR)."""
         if self.sigma_map is None:
@@ -378,7 +408,17 @@ class DiT(nn.Module):
         mods = tuple(block.modulation(c) for block in self.blocks)
         return Conditioning(mods, self.output_layer.modulation(c))
 
-    def _needed_prefix(self, outputs, S: int, mask: AttentionMask, kv_cache) -> int | None:
+    def _constant(self, snapshot: InferenceSnapshot, tokens: Tensor) -> Conditioning:
+        """The modulation at sigma = 0 for this batch size, device and autocast mode, computed
+        once per snapshot (it is the same at every call while the weights stay)."""
+        device = tokens.device
+        mode = (tokens.shape[0], str(device), torch.is_autocast_enabled(device.type))
+        if mode not in snapshot.constant:
+            zeros = torch.zeros(tokens.shape[0], dtype=torch.float32, device=device)
+            snapshot.constant[mode] = self.condition(zeros)
+        return snapshot.constant[mode]
+
+    def _needed_prefix(self, outputs, S: int, mask: AttentionMask | None, kv_cache) -> int | None:
         """The number of leading positions whose logits are asked for, when the last block may
         stop there (decided on the host from shapes alone: no device sync)."""
         if kv_cache is not None or mask.block_mask is not None:

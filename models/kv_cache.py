@@ -1,4 +1,5 @@
-"""An explicit, preallocated KV cache for block-by-block sampling (passed to DiT.forward).
+"""An explicit, preallocated KV cache for block-by-block sampling, installed on a token backbone
+(models.backbone: `set_kv_cache`, `inference`) for the calls that read it.
 
 Per layer it holds the post-rotary keys and values of committed (clean) tokens in a ring of
 `capacity` = window - block_size slots, plus scratch slots: K for the block being denoised and

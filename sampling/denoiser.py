@@ -1,5 +1,6 @@
 """The denoiser: the network as the samplers see it. `Denoiser` is the protocol the samplers
-call; `ModelDenoiser` implements it over a DiT and an objective.
+call; `ModelDenoiser` implements it over a token backbone (models.backbone.Backbone: the DiT)
+and an objective.
 
   logprobs(x (B, S), t (B,), num_last, key_valid, cache, commit, commit_previous, rows)
       -> (B, num_last, V) log-probabilities for the last `num_last` positions of x (SUBS for
@@ -19,7 +20,8 @@ through this one class.
 Without a cache the network reads the whole sequence so far under the objective's sampling mask
 (banded to `window` tokens), or, with `reencode` and for MDLM, only the last `window` tokens
 re-encoded from position 0 (the reference's behaviour). With a cache it reads just the newest
-block at its absolute positions (two blocks for a fused commit, see models/kv_cache.py).
+block at its absolute positions (two blocks for a fused commit, see models/kv_cache.py),
+installed on the backbone for the call (`Backbone.inference`).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from torch import Tensor
 from algorithms.ar import Autoregressive, ar_log_probs
 from algorithms.base import process_sigma, sigma_from_p, subs_log_probs
 from models.attention import AttentionMask, dense_mask
-from models.dit import Conditioning, DiT
+from models.backbone import Backbone
 from models.kv_cache import KVCache
 from models.network import BackboneNetwork
 
@@ -56,17 +58,18 @@ class Denoiser(Protocol):
 
 
 class ModelDenoiser:
-    """Implements Denoiser. algorithm: MaskedDiffusion or Autoregressive.
+    """Implements Denoiser over a token backbone (models.backbone.Backbone) and an objective
+    (MaskedDiffusion or Autoregressive).
 
-    A denoiser is a snapshot of the network for inference: its caches (the transposed output
-    projection on CPU, the constant adaLN modulation of a model without time conditioning)
-    are made from the weights as they are at construction or at the last `prepare_inference()`.
-    Call prepare_inference() (or build a new denoiser) after changing the weights; with
-    autograd on the caches are never used."""
+    A denoiser is a snapshot of the network for inference: its backbone's inference-only
+    caches (the DiT's transposed output projection on CPU and constant adaLN modulation) are
+    taken from the weights as they are at construction or at the last `prepare_inference()`,
+    and read by this denoiser's calls only. Call prepare_inference() (or build a new denoiser)
+    after changing the weights; with autograd on the caches are never used."""
 
     def __init__(
         self,
-        backbone: DiT,
+        backbone: Backbone,
         algorithm,
         window: int,
         reencode: bool = False,
@@ -78,16 +81,16 @@ class ModelDenoiser:
         # t reaches the network only through the adaLN modulation of a time-conditioned
         # diffusion objective (AR and models without adaLN never read it)
         self.time_conditioned = bool(
-            not self.is_ar and algorithm.time_conditioning and backbone.sigma_map is not None
+            not self.is_ar and algorithm.time_conditioning and backbone.time_conditioned
         )
         self.reencode = reencode or (not self.is_ar and not algorithm.cross_attn)
         self.subs = subs_log_probs
         self.prepare_inference()
 
     def prepare_inference(self) -> None:
-        """(Re)build the inference caches from the current weights (see the class docstring)."""
-        self._head_t = self.backbone.transposed_head()
-        self._constant: dict[tuple, Conditioning] = {}  # by (batch, device, autocast)
+        """(Re)take the backbone's inference snapshot from the current weights (see the class
+        docstring)."""
+        self._snapshot = self.backbone.prepare_inference()
 
     def new_cache(self, batch_size: int, block_size: int) -> KVCache:
         """A KV cache for this network. Refused with time conditioning: the cached keys of the
@@ -128,10 +131,10 @@ class ModelDenoiser:
             mask = _with_padding(mask, predicate, key_valid)
         positions = self.network.positions(S, 1, x.device)
         outputs = self._outputs(S, num_last, rows)
-        logits = self.backbone(
-            x, None, positions, mask, outputs, conditioning=self._conditioning(t, x),
-            head_t=self._head_t,
-        )  # fmt: skip
+        with self.backbone.inference(None, self._snapshot):
+            logits = self.backbone(
+                x, positions=positions, mask=mask, sigma=self._sigma(t), outputs=outputs
+            )
         return self._to_logprobs(logits, x[:, -num_last:], rows)
 
     def commit(self, x, key_valid, cache) -> None:
@@ -147,23 +150,13 @@ class ModelDenoiser:
         positions among the S inputs)."""
         return slice(S - num_last, None) if rows is None else rows + (S - num_last)
 
-    def _conditioning(self, t: Tensor, x: Tensor) -> Conditioning | None:
-        """The backbone's adaLN modulation at t (B,). Without time conditioning sigma is 0 at
-        every call, so the modulation is a constant: without autograd it is computed once per
-        batch size, device and autocast mode (prepare_inference() drops it)."""
-        if self.backbone.sigma_map is None:
+    def _sigma(self, t: Tensor) -> Tensor | None:
+        """The network's noise level at t (B,), or None (sigma = 0: the backbone serves the
+        constant modulation from its snapshot) without time conditioning."""
+        if not self.time_conditioned:
             return None
-        device = x.device
-        if self.time_conditioned:
-            sigma = sigma_from_p(t[:, None].float(), self.algorithm.noise_sigma_max)
-            return self.backbone.condition(process_sigma(sigma, True).to(device))
-        if torch.is_grad_enabled():  # no graph kept across calls
-            return self.backbone.condition(torch.zeros(x.shape[0], device=device))
-        mode = (x.shape[0], str(device), torch.is_autocast_enabled(device.type))
-        if mode not in self._constant:
-            zeros = torch.zeros(x.shape[0], dtype=torch.float32, device=device)
-            self._constant[mode] = self.backbone.condition(zeros)
-        return self._constant[mode]
+        sigma = sigma_from_p(t[:, None].float(), self.algorithm.noise_sigma_max)
+        return process_sigma(sigma, True).to(t.device)
 
     def _to_logprobs(self, logits: Tensor, x_last: Tensor, rows: Tensor | None) -> Tensor:
         if rows is not None:  # (B * k, V) in row-major order -> (B, k, V)
@@ -180,10 +173,11 @@ class ModelDenoiser:
         if key_valid is not None and not bool(key_valid[:, -span:].all()):
             block_valid = key_valid[:, -span:]
         positions = torch.arange(S - span, S, device=x.device)
-        return self.backbone(
-            x[:, -span:], None, positions, AttentionMask(), outputs, cache, commit, block_valid,
-            self._conditioning(t, x), self._head_t,
-        )  # fmt: skip
+        with self.backbone.inference(cache, self._snapshot):
+            return self.backbone(
+                x[:, -span:], positions=positions, mask=None, sigma=self._sigma(t),
+                outputs=outputs, commit=commit, block_valid=block_valid,
+            )  # fmt: skip
 
 
 def _with_padding(mask: AttentionMask, predicate, key_valid: Tensor) -> AttentionMask:

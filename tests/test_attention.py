@@ -83,9 +83,13 @@ def test_flex_matches_sdpa_forward_on_cpu(tiny_dit, L, K):
     positions = torch.arange(L).repeat(2)
     sigma = torch.zeros(2)
     predicate = BlockDiffusionMask(L, K)
+
+    def masks(backend):
+        return MaskCache(backend).get(predicate, 2 * L, 2 * L, "cpu")
+
     with torch.no_grad():
-        ref = sdpa_model(x, sigma, positions, MaskCache("sdpa").get(predicate, 2 * L, 2 * L, "cpu"))
-        out = flex_model(x, sigma, positions, MaskCache("flex").get(predicate, 2 * L, 2 * L, "cpu"))
+        ref = sdpa_model(x, positions=positions, mask=masks("sdpa"), sigma=sigma)
+        out = flex_model(x, positions=positions, mask=masks("flex"), sigma=sigma)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 

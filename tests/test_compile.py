@@ -33,7 +33,10 @@ def test_compiled_blocks_match_eager_and_sampling_never_compiles():
     def loss_and_grads():
         module.zero_grad()
         generator = torch.Generator().manual_seed(5)
-        loss = module.algorithm.loss(module.network, x0, torch.ones(4, 32), *eps, True, generator)
+        ones = torch.ones(4, 32)
+        loss = module.algorithm.loss(
+            module.network, x0, ones, *eps, train=True, generator=generator
+        )
         loss.loss.backward()
         return loss.loss.detach(), [p.grad.clone() for p in module.backbone.parameters()]
 

@@ -118,10 +118,10 @@ def test_hf_directory_loads_strictly_and_matches_the_dit(tmp_path):
         got = model(x, torch.zeros(2))
         want = dit(
             x,
-            torch.zeros(2),
-            torch.arange(8).repeat(2),
-            masks.get(BlockDiffusionMask(8, 4), 16, 16, "cpu"),
-            slice(0, 8),
+            positions=torch.arange(8).repeat(2),
+            mask=masks.get(BlockDiffusionMask(8, 4), 16, 16, "cpu"),
+            sigma=torch.zeros(2),
+            outputs=slice(0, 8),
         )
     assert got.shape == (2, 8, 37)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
@@ -250,8 +250,8 @@ def test_keyed_adapter_for_the_noeos_baselines(kind):
     sigma = torch.rand(2)
     with torch.no_grad():
         torch.testing.assert_close(
-            rebuilt(x, sigma, torch.arange(8), mask),
-            dit(x, sigma, torch.arange(8), mask),
+            rebuilt(x, positions=torch.arange(8), mask=mask, sigma=sigma),
+            dit(x, positions=torch.arange(8), mask=mask, sigma=sigma),
             rtol=0,
             atol=0,
         )

@@ -30,7 +30,8 @@ def test_ar_model_has_no_adaln():
 def test_fresh_model_gives_zero_logits(tiny_dit):
     model = tiny_dit(randomized=False)
     x = torch.randint(0, 37, (2, 8))
-    logits = model(x, torch.zeros(2), torch.arange(8), MaskCache("sdpa").get(None, 8, 8, "cpu"))
+    full = MaskCache("sdpa").get(None, 8, 8, "cpu")
+    logits = model(x, positions=torch.arange(8), mask=full, sigma=torch.zeros(2))
     assert logits.shape == (2, 8, 37)
     assert torch.equal(logits, torch.zeros_like(logits))
 
@@ -38,10 +39,10 @@ def test_fresh_model_gives_zero_logits(tiny_dit):
 def test_output_slice_equals_slicing_full_logits(tiny_dit):
     model = tiny_dit()
     x = torch.randint(0, 37, (2, 8))
-    args = (x, torch.zeros(2), torch.arange(8), MaskCache("sdpa").get(None, 8, 8, "cpu"))
+    call = dict(positions=torch.arange(8), mask=MaskCache("sdpa").get(None, 8, 8, "cpu"))
     with torch.no_grad():
-        full = model(*args)
-        torch.testing.assert_close(model(*args, outputs=slice(-3, None)), full[:, -3:])
+        full = model(x, **call)
+        torch.testing.assert_close(model(x, **call, outputs=slice(-3, None)), full[:, -3:])
 
 
 def test_rotary_depends_on_positions_not_on_order(tiny_dit):
@@ -51,9 +52,9 @@ def test_rotary_depends_on_positions_not_on_order(tiny_dit):
     x = torch.randint(0, 37, (1, 6))
     mask = MaskCache("sdpa").get(None, 6, 6, "cpu")
     with torch.no_grad():
-        a = model(x, torch.zeros(1), torch.arange(6), mask)
+        a = model(x, positions=torch.arange(6), mask=mask, sigma=torch.zeros(1))
         perm = torch.tensor([3, 1, 5, 0, 2, 4])
-        b = model(x[:, perm], torch.zeros(1), perm, mask)
+        b = model(x[:, perm], positions=perm, mask=mask, sigma=torch.zeros(1))
     torch.testing.assert_close(b, a[:, perm], rtol=1e-5, atol=1e-5)
 
 

@@ -56,7 +56,7 @@ def network_for(model, structured: bool = True):
         S = tokens.shape[1]
         positions = torch.arange(S // layout.halves).repeat(layout.halves)
         mask = served(cache.get(layout.mask, S, S, "cpu"), structured)
-        return model(tokens, sigma, positions, mask, layout.outputs)
+        return model(tokens, positions=positions, mask=mask, sigma=sigma, outputs=layout.outputs)
 
     return network
 
@@ -71,7 +71,8 @@ def test_dit_switches_keep_logits_and_gradients(L, K):
     for structured, prune in SWITCHES:
         model = dit(prune)
         for outputs in (select, slice(0, L)):
-            logits = model(x, sigma, positions, served(mask, structured), outputs)
+            served_mask = served(mask, structured)
+            logits = model(x, positions=positions, mask=served_mask, sigma=sigma, outputs=outputs)
             logits.square().mean().backward()
             grads = [p.grad.clone() for p in model.parameters()]
             model.zero_grad()
@@ -95,7 +96,8 @@ def test_nelbo_is_the_same_with_and_without_the_switches(K, cross_attn):
     for (structured, prune), masked_outputs in itertools.product(SWITCHES, (True, False)):
         net = network_for(dit(prune), structured)
         algo = MaskedDiffusion(**fields) if masked_outputs else baselines.DenseNELBO(**fields)
-        out = algo.loss(net, x0, torch.ones(3, L), *eps, True, torch.Generator().manual_seed(5))
+        gen = torch.Generator().manual_seed(5)
+        out = algo.loss(net, x0, torch.ones(3, L), *eps, train=True, generator=gen)
         losses.append(out.loss)
         out.loss.backward()
     assert losses[0] > 0
@@ -125,10 +127,10 @@ def test_pruned_last_layer_matches_full_outputs_sliced():
     L, K = 16, 4
     x = torch.randint(0, V - 1, (2, 2 * L), generator=torch.Generator().manual_seed(1))
     mask = MaskCache("sdpa").get(BlockDiffusionMask(L, K), 2 * L, 2 * L, "cpu")
-    args = (x, torch.zeros(2), torch.arange(L).repeat(2), mask)
+    call = dict(positions=torch.arange(L).repeat(2), mask=mask, sigma=torch.zeros(2))
     with torch.no_grad():
-        full = dit(False)(*args, None)[:, :L]
-        pruned = dit(True)(*args, slice(0, L))
+        full = dit(False)(x, **call)[:, :L]
+        pruned = dit(True)(x, **call, outputs=slice(0, L))
     torch.testing.assert_close(pruned, full, rtol=1e-5, atol=1e-5)
 
 

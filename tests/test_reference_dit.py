@@ -86,7 +86,8 @@ def test_dit_equals_an_independent_implementation(tiny_dit, sigma):
     sigmas = torch.full((2,), sigma)
     predicate = BlockDiffusionMask(L, K)
     with torch.no_grad():
-        ours = model(x, sigmas, positions, MaskCache("sdpa").get(predicate, 2 * L, 2 * L, "cpu"))
+        mask = MaskCache("sdpa").get(predicate, 2 * L, 2 * L, "cpu")
+        ours = model(x, positions=positions, mask=mask, sigma=sigmas)
         state = {k: v.float() for k, v in model.state_dict().items()}
         allowed = dense_mask(predicate, 2 * L, 2 * L)
         expected = reference_forward(state, x, sigmas, positions, allowed, 4, 2)
