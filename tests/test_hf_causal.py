@@ -594,3 +594,24 @@ def test_attention_dropout_keeps_the_mask():
     torch.testing.assert_close(runs[0], runs[1])
     torch.manual_seed(8)
     assert not torch.allclose(two_stream(net, xt, x0, 2, outputs=slice(0, 2)), runs[0])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("clean_attention", ["causal", "block"])
+def test_cuda_flex_equals_sdpa_in_bf16_with_gradients(clean_attention):
+    """The GPU training path: flex attention (compiled) and SDPA give the same 2L logits and
+    gradients under bf16 autocast."""
+    model = randomize_(_llama(), seed=6, scale=0.3).cuda()
+    x0, xt = (t.cuda() for t in data(length=64))
+    results = []
+    for backend in ("sdpa", "flex"):
+        net = HFCausalLM(copy.deepcopy(model), clean_attention=clean_attention,
+                         attn_backend=backend).train()  # fmt: skip
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = two_stream(net, xt, x0, 16)
+        logits.float().logsumexp(-1).mean().backward()
+        grad = net.model.get_input_embeddings().weight.grad
+        results.append((logits.float(), grad.float()))
+    (a, ga), (b, gb) = results
+    torch.testing.assert_close(a, b, atol=3e-2, rtol=3e-2)
+    torch.testing.assert_close(ga, gb, atol=3e-2, rtol=3e-2)
