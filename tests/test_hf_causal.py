@@ -120,7 +120,7 @@ def two_stream(net, xt, x0, K, outputs=None):
     Lx = xt.shape[1]
     return net(
         torch.cat([xt, x0], dim=1),
-        positions=torch.arange(Lx).repeat(2),
+        positions=torch.arange(Lx, device=xt.device).repeat(2),
         mask=BlockDiffusionMask(Lx, K),
         outputs=slice(0, Lx) if outputs is None else outputs,
     )
