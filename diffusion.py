@@ -13,11 +13,11 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from algorithms import Autoregressive, MaskedDiffusion
 from algorithms.base import (
     DEFAULT_EPS_MAX,
     DEFAULT_EPS_MIN,
     Loss,
+    Objective,
     Shard,
 )
 from algorithms.clip_search import VarianceRecorder, per_block_means, select_interval
@@ -88,7 +88,8 @@ def dropout_seed(key: int, rank: int) -> int:
 
 
 class Diffusion(L.LightningModule):
-    """backbone: the DiT; algorithm: a MaskedDiffusion (bd3lm, mdlm) or Autoregressive objective.
+    """backbone: the DiT (SSD-LM: its models.ssdlm network); algorithm: the objective
+    (algorithms.base.Objective).
 
     run_config: the resolved config as plain containers, stored in every checkpoint.
     var_min: register the learned clip interval buffers `sampling_eps_min/max` (BD3-LM).
@@ -102,7 +103,7 @@ class Diffusion(L.LightningModule):
     def __init__(
         self,
         backbone: DiT,
-        algorithm: MaskedDiffusion | Autoregressive,
+        algorithm: Objective,
         optim: OptimSettings,
         run_config: dict,
         var_min: bool = False,
@@ -180,8 +181,9 @@ class Diffusion(L.LightningModule):
             )
         eps_min, eps_max = self.clip_interval()
         out = self.algorithm.loss(
-            self.network, x0, attention_mask, eps_min, eps_max, True, generator, shard
-        )
+            self.network, x0, attention_mask, eps_min, eps_max,
+            train=True, generator=generator, shard=shard,
+        )  # fmt: skip
         self.log("trainer/loss", out.loss, on_step=True, prog_bar=True)
         return out.loss
 
@@ -221,7 +223,7 @@ class Diffusion(L.LightningModule):
     def exact_eval(self, interval: tuple[float, float]) -> bool:
         """Whether the reported loss is deterministic: block size 1 at t = 1 (AR, and BD3-LM
         K = 1 in NLL mode, where every token is masked), so extra draws would repeat it."""
-        return getattr(self.algorithm, "block_size", None) == 1 and tuple(interval) == (1.0, 1.0)
+        return self.algorithm.block_size == 1 and tuple(interval) == (1.0, 1.0)
 
     def _eval_loss(self, batch: dict, batch_idx: int, interval: tuple[float, float], draw: int = 0):
         """One NELBO estimate of `batch` at `interval` (draw `draw`). Evaluation loaders (data
@@ -237,8 +239,9 @@ class Diffusion(L.LightningModule):
         key = self.eval_key(batch_idx, draw) + (0 if shard is not None else self.global_rank)
         generator = torch.Generator(device=self.device).manual_seed(key)
         out = self.algorithm.loss(
-            self.network, x0, attention_mask, eps_min, eps_max, False, generator, shard
-        )
+            self.network, x0, attention_mask, eps_min, eps_max,
+            train=False, generator=generator, shard=shard,
+        )  # fmt: skip
         if "real" in batch:
             real = batch["real"].to(out.nlls.dtype)[:, None]
             out = Loss(out.loss, out.nlls * real, out.token_mask * real)
@@ -251,9 +254,9 @@ class Diffusion(L.LightningModule):
         same noise: common random numbers make the intervals' variances comparable).
         With mc_samples = N > 1 (and an estimate that is not exact) each row's NELBO is the mean
         of N independent draws, and their spread gives the error (metrics.nll_stderr)."""
-        try:
+        if self.algorithm.capabilities.ppl_eval:
             report = self.algorithm.eval_interval()
-        except NotImplementedError:  # no bound (SSD-LM): its training loss on validation data
+        else:  # no bound (SSD-LM): its training loss on validation data
             report = tuple(float(e) for e in self.clip_interval())
         draws = 1 if self.exact_eval(report) else self.mc_samples
         outs = [self._eval_loss(batch, batch_idx, report, d) for d in range(draws)]
@@ -275,10 +278,8 @@ class Diffusion(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         sums = self.trainer.strategy.reduce(self._eval_sums, reduce_op="sum")
         nll = (sums[0] / sums[1]).item()
-        try:
-            report = self.algorithm.eval_interval()
-        except NotImplementedError:
-            report = (0.0, 0.0)
+        bound = self.algorithm.capabilities.ppl_eval  # none (SSD-LM): its training loss
+        report = self.algorithm.eval_interval() if bound else (0.0, 0.0)
         exact = self.exact_eval(report)
         draws = 1 if exact else self.mc_samples
         stderr, method = nll_stderr(nll, sums[1].item(), sums[2:], draws, exact)

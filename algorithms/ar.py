@@ -11,10 +11,12 @@ from torch import Tensor
 
 from algorithms.base import (
     NEG_INF,
+    Capabilities,
     DoubleLengthCrop,
     Layout,
     Loss,
     Network,
+    Objective,
     SamplingKeys,
     Shard,
     reduce_loss,
@@ -29,7 +31,7 @@ def ar_log_probs(logits: Tensor, mask_id: int) -> Tensor:
 
 
 @dataclasses.dataclass
-class Autoregressive:
+class Autoregressive(Objective):
     mask_id: int
     seq_len: int
     block_size: int = 1
@@ -38,13 +40,21 @@ class Autoregressive:
 
     train_layout = Layout(mask=CausalMask())
     sampler = "ar"  # next-token sampling
-    # one token per call: no first-hitting, parallel decoding or separate commit (each call
-    # caches its token)
-    sampling_keys = SamplingKeys(
-        frozenset({"var_length", "reject_low_entropy", "nucleus_p", "reencode_context"})
+    capabilities = Capabilities(
+        kv_cache=True,
+        prompts=True,
+        ppl_eval=True,
+        clip_interval=False,
+        two_stream=False,
+        time_conditioned=False,
+        reencodes_window=False,
+        # one token per call: no first-hitting, parallel decoding or separate commit (each
+        # call caches its token)
+        sampling_keys=SamplingKeys(
+            frozenset({"var_length", "reject_low_entropy", "nucleus_p", "reencode_context"})
+        ),
     )
-    supports_kv_cache = True
-    supports_prompts = True
+    sampling_keys = capabilities.sampling_keys
 
     def sampling_blocks(self, window: int, length: int) -> tuple[int, int | None]:
         """(K, stride) of the sampler: one token at a time, a sliding window."""
@@ -55,6 +65,7 @@ class Autoregressive:
         return CausalMask() if reencode else BandedBlockCausalMask(1, window)
 
     def eval_interval(self) -> tuple[float, float]:
+        """The exact NLL: no diffusion time (reported as t = 1, like BD3-LM's K = 1)."""
         return 1.0, 1.0
 
     def loss(
@@ -64,18 +75,24 @@ class Autoregressive:
         attention_mask: Tensor,
         eps_min: Tensor,
         eps_max: Tensor,
+        *,
         train: bool,
         generator: torch.Generator | None = None,
         shard: Shard | None = None,
     ) -> Loss:
-        """Input x0[:, :-1], target x0[:, 1:], weights attention_mask[:, 1:]. eps are unused."""
-        if self.crop is not None and x0.shape[1] == 2 * self.seq_len:
-            inputs, target, attention_mask = self.crop(x0, attention_mask, self.seq_len, generator)
-            attention_mask = torch.cat([attention_mask[:, :1], attention_mask], dim=1)
+        """Input x0[:, :-1], target x0[:, 1:], weights attention_mask[:, 1:] (with crop and rows
+        of 2L: the window's input, target and mask). eps are unused."""
+        window = self.crop_rows(x0, attention_mask, generator)
+        if window is None:
+            inputs, target, weights = x0[:, :-1], x0[:, 1:], attention_mask[:, 1:]
         else:
-            inputs, target = x0[:, :-1], x0[:, 1:]
+            inputs, target, weights = window
         logits = network(inputs, None, self.train_layout).float()
         logits = logits.index_fill(-1, torch.tensor([self.mask_id], device=x0.device), NEG_INF)
         # cross_entropy = -log_softmax gathered at the target, with a fused backward
         nll = F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none")
-        return reduce_loss(nll.view_as(target), attention_mask[:, 1:], self.ignore_bos, train)
+        return reduce_loss(nll.view_as(target), weights, self.ignore_bos, train)
+
+    def log_probs(self, logits: Tensor, x_last: Tensor) -> Tensor:
+        """Next-token log-probabilities (ar_log_probs); x_last is not read."""
+        return ar_log_probs(logits, self.mask_id)

@@ -1,5 +1,6 @@
-"""Pieces shared by the objectives: the forward process (per-block antithetic t, masking,
-clipped-interval resampling), the SUBS parameterisation and the loss reduction (paper Secs. 3-4).
+"""The objective contract (`Objective`, `Capabilities`) and the pieces the objectives share:
+the forward process (per-block antithetic t, masking, clipped-interval resampling), the SUBS
+parameterisation and the loss reduction (paper Secs. 3-4).
 
 Pure torch: no Lightning, no Hydra, no nn.Module state. Random draws use torch's global RNG
 unless a `generator` is given.
@@ -7,6 +8,7 @@ unless a `generator` is given.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import functools
 from collections.abc import Callable
@@ -23,9 +25,8 @@ DEFAULT_EPS_MAX = 1.0
 MAX_RESAMPLE_ROUNDS = 10_000
 
 
-# sample_eval's sampler options (`sampling.*` keys, in configs/config.yaml's order): the
-# SamplerConfig fields that shape the draws, and the uncached variant. KV caching and prompts
-# are capabilities of their own (an objective's `supports_kv_cache`, `supports_prompts`).
+# sample_eval's sampler options (`sampling.*` keys, configs/config.yaml's order): SamplerConfig's
+# fields that shape the draws, and the uncached variant (KV cache, prompts: Capabilities).
 SAMPLER_OPTIONS = (
     "var_length", "reject_low_entropy", "nucleus_p", "first_hitting", "reencode_context",
     "fuse_commit", "tokens_per_step", "confidence_threshold", "entropy_bound", "eb_gamma",
@@ -35,7 +36,7 @@ SAMPLER_OPTIONS = (
 
 @dataclasses.dataclass(frozen=True)
 class SamplingKeys:
-    """What an objective declares of its sampler (its class attribute `sampling_keys`):
+    """What an objective declares of its sampler (Capabilities.sampling_keys):
     `reads`, the SAMPLER_OPTIONS it reads; settings refuse the others when set away from their
     defaults. `instead`: (option, the key that does its job here) pairs, named in that
     refusal."""
@@ -300,3 +301,100 @@ def reduce_loss(nll: Tensor, attention_mask: Tensor, ignore_bos: bool, train: bo
         token_mask[:, 0] = 0
     nlls = nll * token_mask
     return Loss(loss=nlls.sum() / token_mask.sum(), nlls=nlls, token_mask=token_mask)
+
+
+@dataclasses.dataclass(frozen=True)
+class Capabilities:
+    """What an objective supports; validation and the samplers read this, never names."""
+
+    kv_cache: bool  # clean keys can be cached across sampling steps
+    prompts: bool  # samples can continue a prompt
+    ppl_eval: bool  # has a likelihood bound (eval_interval), so mode=ppl_eval applies
+    clip_interval: bool  # draws t from [eps_min, eps_max] (the clip interval, var_min's search)
+    two_stream: bool  # the training input is [x_t ; x_0] (BD3-LM's cross_attn)
+    time_conditioned: bool  # the network reads sigma (t)
+    reencodes_window: bool  # uncached sampling always re-encodes its last window (MDLM)
+    sampling_keys: SamplingKeys  # the sampler options it reads
+
+
+class Objective(abc.ABC):
+    """What every training objective provides (algorithms/ar.py, masked_diffusion.py, sedd.py,
+    ssdlm.py); the run, validation, the samplers and the evaluation harness see only this.
+    Subclasses are dataclasses of plain fields (no nn.Module): the network is passed in.
+
+    block_size: K, the tokens sharing one diffusion time (AR 1, MDLM and SEDD L). seq_len: L,
+    a training row's length, and mask_id (AR, MDLM / BD3-LM, SEDD). crop: the text8-crop of
+    rows of 2L tokens (`crop_rows`), None when rows have L. train_layout: how the network (a
+    `Network`; not SSD-LM's, which reads (context, simplex, t)) sees a training input.
+    """
+
+    block_size: int
+    seq_len: int
+    mask_id: int
+    crop: DoubleLengthCrop | None = None
+    train_layout: Layout
+
+    @property
+    @abc.abstractmethod
+    def capabilities(self) -> Capabilities:
+        """What the objective supports (a class attribute where it does not depend on fields)."""
+
+    @abc.abstractmethod
+    def sampling_blocks(self, window: int, length: int) -> tuple[int, int | None]:
+        """(K, stride) of the sampler for `length` tokens on a network of `window` positions:
+        K tokens drawn together; stride: the window's move per round beyond the first, None
+        for one block after another."""
+
+    @abc.abstractmethod
+    def sample_mask(self, window: int, reencode: bool):
+        """Uncached sampling's attention predicate (models.attention; None: full attention) over
+        the sequence so far, or over its last `window` tokens re-encoded (`reencode`)."""
+
+    @abc.abstractmethod
+    def eval_interval(self) -> tuple[float, float]:
+        """(eps_min, eps_max) of the bound validation and ppl_eval report (when ppl_eval)."""
+
+    @abc.abstractmethod
+    def loss(
+        self,
+        network: Network,
+        x0: Tensor,
+        attention_mask: Tensor,
+        eps_min: Tensor,
+        eps_max: Tensor,
+        *,
+        train: bool,
+        generator: torch.Generator | None = None,
+        shard: Shard | None = None,
+    ) -> Loss:
+        """One Monte-Carlo estimate on clean rows x0 (B, L) (or (B, 2L) with `crop`), weighted
+        by attention_mask of x0's shape. eps_min / eps_max: float32 0-d tensors, the interval
+        of t (read where capabilities.clip_interval). train: reduce_loss's flag; generator:
+        the noise's RNG (None: torch's global RNG); shard: this process's rows."""
+
+    def check_rows(self, seq_len: int) -> None:
+        """ValueError unless training rows of `seq_len` tokens suit the objective (any do here)."""
+        return None
+
+    @abc.abstractmethod
+    def log_probs(self, logits: Tensor, x_last: Tensor) -> Tensor:
+        """The sampler's float32 log-probabilities (B, n, V) from the network's logits
+        (B, n, V) at n positions whose current tokens are x_last (B, n)."""
+
+    def crop_rows(
+        self, x0: Tensor, attention_mask: Tensor, generator: torch.Generator | None
+    ) -> tuple[Tensor, Tensor, Tensor] | None:
+        """The text8-crop step: with `crop` set and rows of 2L tokens, DoubleLengthCrop's
+        random window (input, target, mask), each (B, L); None when rows are used as given."""
+        if self.crop is None or x0.shape[1] != 2 * self.seq_len:
+            return None
+        return self.crop(x0, attention_mask, self.seq_len, generator)
+
+    # names from before Capabilities, read until their readers move to `capabilities`
+    @property
+    def supports_kv_cache(self) -> bool:
+        return self.capabilities.kv_cache
+
+    @property
+    def supports_prompts(self) -> bool:
+        return self.capabilities.prompts

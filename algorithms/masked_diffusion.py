@@ -15,6 +15,7 @@ from torch import Tensor
 
 from algorithms.base import (
     SAMPLER_OPTIONS,
+    Capabilities,
     DoubleLengthCrop,
     Layout,
     Loss,
@@ -22,18 +23,17 @@ from algorithms.base import (
     SamplingKeys,
     Shard,
     process_sigma,
-    q_xt,
     reduce_loss,
-    sample_t,
-    sigma_from_p,
     subs_log_prob_of,
+    subs_log_probs,
 )
+from algorithms.masking import MaskingObjective
 from models.attention import BandedBlockCausalMask, BlockCausalMask, BlockDiffusionMask
-from noise_schedule import LogLinear, NoiseSchedule
+from noise_schedule import NoiseSchedule
 
 
 @dataclasses.dataclass
-class MaskedDiffusion:
+class MaskedDiffusion(MaskingObjective):
     noise: NoiseSchedule
     mask_id: int
     seq_len: int  # L
@@ -53,8 +53,7 @@ class MaskedDiffusion:
             raise ValueError(
                 f"block_size={self.block_size} must divide model.length={self.seq_len}"
             )
-        if self.mdlm_loss_scale and not isinstance(self.noise, LogLinear):
-            raise ValueError("algo.mdlm_loss_scale needs noise.type=loglinear")
+        self.check_noise()
 
     @property
     def train_layout(self) -> Layout:
@@ -69,14 +68,20 @@ class MaskedDiffusion:
     sampling_keys = SamplingKeys(frozenset(SAMPLER_OPTIONS))
 
     @property
-    def supports_kv_cache(self) -> bool:
-        """BD3-LM without time conditioning: cached keys of a clean block are what any later
-        call would compute (MDLM re-encodes its window; a time-conditioned model its context)."""
-        return self.cross_attn and not self.time_conditioning
-
-    @property
-    def supports_prompts(self) -> bool:
-        return self.cross_attn
+    def capabilities(self) -> Capabilities:
+        """KV cache: BD3-LM without time conditioning (cached keys of a clean block are what any
+        later call would compute; MDLM re-encodes its window, a time-conditioned model its
+        context). Prompts: BD3-LM."""
+        return Capabilities(
+            kv_cache=self.cross_attn and not self.time_conditioning,
+            prompts=self.cross_attn,
+            ppl_eval=True,
+            clip_interval=True,
+            two_stream=self.cross_attn,
+            time_conditioned=self.time_conditioning,
+            reencodes_window=not self.cross_attn,
+            sampling_keys=self.sampling_keys,
+        )
 
     def sampling_blocks(self, window: int, length: int) -> tuple[int, int | None]:
         """(K, stride) of the sampler. BD3-LM: its blocks. MDLM: one block of its window, then
@@ -114,45 +119,16 @@ class MaskedDiffusion:
         generator: torch.Generator | None = None,
         shard: Shard | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """Draw t per block and x_t ~ q(x_t | x_0) (paper Algorithm 1).
+        """Draw t per block and x_t ~ q(x_t | x_0) (paper Algorithm 1; `forward_process`).
 
         x0: (B, L); eps_min/eps_max: float32 0-d tensors (the clip interval).
         Returns x_t (B, L), loss_scale (B, L) or (B, 1) (= -1/t) and sigma (B, k).
         """
-        if x0.shape[1] != self.seq_len:
-            raise ValueError(f"batch length {x0.shape[1]} != model.length={self.seq_len}")
-        t = sample_t(
-            x0.shape[0],
-            self.seq_len,
-            self.block_size,
-            eps_min,
-            eps_max,
-            self.antithetic,
-            x0.device,
-            generator,
-            shard,
-        )
-        loss_scale, move_chance = self.noise(t)
-        sigma = sigma_from_p(move_chance[:, 0:1], self.noise_sigma_max)  # first block's t
+        xt, t, loss_scale, sigma = self.forward_process(x0, eps_min, eps_max, generator, shard)
         if self.mdlm_loss_scale:
-            sigma = self.noise.total_noise(t)
-            move_chance = 1 - torch.exp(-sigma)
             loss_scale = -self.noise.rate_noise(t) / torch.expm1(sigma)
-        xt = q_xt(
-            x0,
-            move_chance,
-            self.mask_id,
-            self.block_size,
-            eps_min,
-            eps_max,
-            self.resample,
-            generator,
-            shard,
-        )
         if eps_min > 0.5:  # NLL mode (K = 1, t = 1): weight -1 (fires for any eps_min > 0.5)
             loss_scale = -torch.ones_like(loss_scale)
-        if self.ignore_bos:
-            xt[:, 0] = x0[:, 0]
         return xt, loss_scale, sigma
 
     def nelbo(
@@ -191,16 +167,18 @@ class MaskedDiffusion:
         attention_mask: Tensor,
         eps_min: Tensor,
         eps_max: Tensor,
+        *,
         train: bool,
         generator: torch.Generator | None = None,
         shard: Shard | None = None,
     ) -> Loss:
         """One Monte-Carlo NELBO estimate. x0, attention_mask: (B, L) (or (B, 2L) with crop)."""
-        if self.crop is not None and x0.shape[1] == 2 * self.seq_len:
-            x0, _, attention_mask = self.crop(x0, attention_mask, self.seq_len, generator)
+        window = self.crop_rows(x0, attention_mask, generator)
+        if window is not None:
+            x0, _, attention_mask = window
         xt, loss_scale, sigma = self.corrupt(x0, eps_min, eps_max, generator, shard)
         return self.nelbo(network, x0, xt, loss_scale, sigma, attention_mask, train)
 
-    @property
-    def noise_sigma_max(self) -> float:
-        return getattr(self.noise, "sigma_max", float("inf"))
+    def log_probs(self, logits: Tensor, x_last: Tensor) -> Tensor:
+        """SUBS (subs_log_probs): unmasked positions of x_last keep their token."""
+        return subs_log_probs(logits, x_last, self.mask_id)

@@ -22,6 +22,7 @@ from torch import Tensor
 from algorithms.base import (
     DEFAULT_EPS_MAX,
     DEFAULT_EPS_MIN,
+    Capabilities,
     DoubleLengthCrop,
     Layout,
     Loss,
@@ -29,12 +30,10 @@ from algorithms.base import (
     SamplingKeys,
     Shard,
     process_sigma,
-    q_xt,
     reduce_loss,
-    sample_t,
-    sigma_from_p,
 )
-from noise_schedule import LogLinear, NoiseSchedule
+from algorithms.masking import MaskingObjective
+from noise_schedule import NoiseSchedule
 
 EXPM1_BELOW = 0.5  # e^sigma - 1 is computed with expm1 below this sigma, as exp - 1 above
 
@@ -80,8 +79,15 @@ def score_entropy(log_score: Tensor, x0: Tensor, sigma: Tensor, mask_id: int) ->
     return positive - negative + constant
 
 
+def dsigma_of(loss_scale: Tensor, sigma: Tensor) -> Tensor:
+    """SEDD's weight (B, 1) = -loss_scale * expm1(sigma) (= expm1(sigma) / t for log-linear)
+    from the schedule's loss_scale (B, L) or (B, 1), read at each row's first t, and sigma
+    (B, 1)."""
+    return -loss_scale[:, 0:1] * torch.expm1(sigma)
+
+
 @dataclasses.dataclass
-class SEDD:
+class SEDD(MaskingObjective):
     """The SEDD objective. block_size is always seq_len (one t per sequence)."""
 
     noise: NoiseSchedule
@@ -99,9 +105,17 @@ class SEDD:
     train_layout = Layout()
     sampler = "analytic"  # every position at once, T steps (sampling/analytic.py)
     # T tau-leaping steps over the whole sequence, through the score alone (no denoiser)
-    sampling_keys = SamplingKeys(frozenset({"var_length", "reject_low_entropy", "nucleus_p"}))
-    supports_kv_cache = False
-    supports_prompts = False
+    capabilities = Capabilities(
+        kv_cache=False,
+        prompts=False,
+        ppl_eval=True,
+        clip_interval=True,
+        two_stream=False,
+        time_conditioned=True,
+        reencodes_window=True,  # no denoiser: unused
+        sampling_keys=SamplingKeys(frozenset({"var_length", "reject_low_entropy", "nucleus_p"})),
+    )
+    sampling_keys = capabilities.sampling_keys
 
     def sampling_blocks(self, window: int, length: int) -> tuple[int, int | None]:
         """(K, stride) of the sampler: no blocks; SEDD never goes beyond its context."""
@@ -117,16 +131,11 @@ class SEDD:
                 "algo.time_conditioning=false: SEDD's log score divides by e^sigma - 1 of the "
                 "processed sigma, which time conditioning off would zero; use true"
             )
-        if self.mdlm_loss_scale and not isinstance(self.noise, LogLinear):
-            raise ValueError("algo.mdlm_loss_scale needs noise.type=loglinear")
+        self.check_noise()
 
     @property
     def block_size(self) -> int:
         return self.seq_len
-
-    @property
-    def noise_sigma_max(self) -> float:
-        return getattr(self.noise, "sigma_max", float("inf"))
 
     def sample_mask(self, window: int, reencode: bool):
         """Full attention over the (at most L-token) sequence: SEDD never goes beyond L."""
@@ -151,39 +160,24 @@ class SEDD:
         and the mask probability is 1 - e^-sigma. The NLL-mode weight override of the SUBS
         loss (eps_min > 0.5) touches only loss_scale, so it never reaches dsigma.
         """
-        if x0.shape[1] != self.seq_len:
-            raise ValueError(f"batch length {x0.shape[1]} != model.length={self.seq_len}")
-        t = sample_t(
-            x0.shape[0],
-            self.seq_len,
-            self.seq_len,
-            eps_min,
-            eps_max,
-            self.antithetic,
-            x0.device,
-            generator,
-            shard,
-        )  # (B, 1)
-        loss_scale, move_chance = self.noise(t)
-        sigma = sigma_from_p(move_chance[:, 0:1], self.noise_sigma_max)
-        dsigma = -loss_scale * torch.expm1(sigma)
-        if self.mdlm_loss_scale:
-            sigma, dsigma = self.noise.total_noise(t), self.noise.rate_noise(t)
-            move_chance = 1 - torch.exp(-sigma)
-        xt = q_xt(
-            x0,
-            move_chance,
-            self.mask_id,
-            self.seq_len,
-            eps_min,
-            eps_max,
-            self.resample,
-            generator,
-            shard,
-        )
-        if self.ignore_bos:
-            xt[:, 0] = x0[:, 0]
+        xt, t, loss_scale, sigma = self.forward_process(x0, eps_min, eps_max, generator, shard)
+        mdlm = self.mdlm_loss_scale
+        dsigma = self.noise.rate_noise(t) if mdlm else dsigma_of(loss_scale, sigma)
         return xt, dsigma, sigma
+
+    def nelbo(
+        self,
+        network: Network,
+        x0: Tensor,
+        xt: Tensor,
+        loss_scale: Tensor,
+        sigma: Tensor,
+        attention_mask: Tensor,
+        train: bool,
+    ) -> Loss:
+        """score_entropy_loss with dsigma from the schedule's loss_scale (`dsigma_of`)."""
+        dsigma = dsigma_of(loss_scale, sigma)
+        return self.score_entropy_loss(network, x0, xt, dsigma, sigma, attention_mask, train)
 
     def score_entropy_loss(
         self,
@@ -219,16 +213,24 @@ class SEDD:
         attention_mask: Tensor,
         eps_min: Tensor,
         eps_max: Tensor,
+        *,
         train: bool,
         generator: torch.Generator | None = None,
         shard: Shard | None = None,
     ) -> Loss:
         """One Monte-Carlo estimate of the score-entropy bound per token. x0, attention_mask:
         (B, L) (or (B, 2L) with crop)."""
-        if self.crop is not None and x0.shape[1] == 2 * self.seq_len:
-            x0, _, attention_mask = self.crop(x0, attention_mask, self.seq_len, generator)
+        window = self.crop_rows(x0, attention_mask, generator)
+        if window is not None:
+            x0, _, attention_mask = window
         xt, dsigma, sigma = self.corrupt(x0, eps_min, eps_max, generator, shard)
         return self.score_entropy_loss(network, x0, xt, dsigma, sigma, attention_mask, train)
+
+    def log_probs(self, logits: Tensor, x_last: Tensor) -> Tensor:
+        """SEDD's network gives scores, not probabilities (see score_fn)."""
+        raise NotImplementedError(
+            "SEDD has no denoiser log-probabilities: its analytic sampler reads score_fn"
+        )
 
     def score_fn(self, network: Network) -> ScoreFn:
         """The analytic sampler's view of the network: (x (B, S), sigma (B,)) -> log score

@@ -29,7 +29,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from algorithms.base import Loss, SamplingKeys, Shard, draw_uniform, reduce_loss
+from algorithms.base import (
+    Capabilities,
+    Loss,
+    Objective,
+    SamplingKeys,
+    Shard,
+    draw_uniform,
+    reduce_loss,
+)
 
 SCHEDULE_S = 1e-4
 SIMPLEX_VALUE = 5.0
@@ -66,7 +74,7 @@ def noisy_simplex(
 
 
 @dataclasses.dataclass
-class SSDLM:
+class SSDLM(Objective):
     """block_size: K tokens diffused per block (25); num_steps: T of training (5000 in the
     public run); simplex_value: K of the +-K simplex (5); min_context: the smallest context
     length drawn (1, as the public code, whose comment says 0 may hang distributed runs);
@@ -89,13 +97,21 @@ class SSDLM:
 
     sampler = "ssdlm"  # sampling.ssdlm.ssdlm_sample, options from the fields above
     backbone = "roberta"  # models.ssdlm.SSDLMNetwork, not the DiT
-    supports_kv_cache = False
-    supports_prompts = False
-    # fixed lengths; no first-hitting, parallel decoding or nucleus_p: each step projects one
-    # token drawn from its own top-p (algo.top_p)
-    sampling_keys = SamplingKeys(
-        frozenset({"reject_low_entropy"}), instead=(("nucleus_p", "algo.top_p"),)
+    capabilities = Capabilities(
+        kv_cache=False,
+        prompts=False,
+        ppl_eval=False,
+        clip_interval=False,
+        two_stream=False,
+        time_conditioned=True,
+        reencodes_window=False,
+        # fixed lengths; no first-hitting, parallel decoding or nucleus_p: each step projects
+        # one token drawn from its own top-p (algo.top_p)
+        sampling_keys=SamplingKeys(
+            frozenset({"reject_low_entropy"}), instead=(("nucleus_p", "algo.top_p"),)
+        ),
     )
+    sampling_keys = capabilities.sampling_keys
 
     def sampling_blocks(self, window: int, length: int) -> tuple[int, int | None]:
         """(K, stride K): every round appends one block of `block_size` new tokens; the
@@ -114,6 +130,16 @@ class SSDLM:
     def eval_interval(self) -> tuple[float, float]:
         """SSD-LM has no likelihood bound here: perplexity evaluation is not offered."""
         raise NotImplementedError("SSD-LM has no NELBO evaluation; ppl_eval is not supported")
+
+    def sample_mask(self, window: int, reencode: bool):
+        """SSD-LM's sampler (sampling.ssdlm) runs its own encoder, without attention masks."""
+        raise NotImplementedError("SSD-LM samples through sampling.ssdlm, not a denoiser mask")
+
+    def log_probs(self, logits: Tensor, x_last: Tensor) -> Tensor:
+        """SSD-LM's sampler projects simplexes (sampling.ssdlm), not a denoiser's output."""
+        raise NotImplementedError(
+            "SSD-LM has no denoiser log-probabilities: it samples through sampling.ssdlm"
+        )
 
     def draw(
         self,
@@ -166,6 +192,7 @@ class SSDLM:
         attention_mask: Tensor,
         eps_min: Tensor,
         eps_max: Tensor,
+        *,
         train: bool,
         generator: torch.Generator | None = None,
         shard: Shard | None = None,

@@ -69,15 +69,13 @@ class Estimators:
     def _score_ar(self, items: list[tuple[list[int], int]]) -> list[tuple[float, bool, Tensor]]:
         """Exact: the AR log-probabilities (mask token excluded) of the continuation tokens,
         rows padded after their end (causal attention: padding is never seen)."""
-        from algorithms.ar import ar_log_probs
-
         width = max(len(ids) for ids, _ in items)
         x0 = torch.full((len(items), width), self.eos, dtype=torch.long)
         for row, (ids, _) in enumerate(items):
             x0[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         x0 = x0.to(self.device)
         logits = self.network(x0[:, :-1], None, self.objective.train_layout)
-        log_p = ar_log_probs(logits, self.mask)  # (n, width - 1, V)
+        log_p = self.objective.log_probs(logits, x0[:, :-1])  # (n, width - 1, V)
         target = x0[:, 1:]
         token_lp = log_p.gather(-1, target[..., None])[..., 0].double()
         argmax = log_p.argmax(-1)
@@ -92,18 +90,8 @@ class Estimators:
     def _nelbo_terms(self, x0: Tensor, xt: Tensor, t: Tensor) -> Tensor:
         """(M, S) per-token NELBO terms of x_t (only masked positions are non-zero), from the
         objective's own loss with the per-token times t (M, S)."""
-        from algorithms.base import sigma_from_p
-
-        objective = self.objective
         ones = torch.ones_like(x0)
-        loss_scale, move_chance = objective.noise(t.float())
-        sigma = sigma_from_p(move_chance[:, 0:1], objective.noise_sigma_max)
-        if self.kind == "sedd":
-            dsigma = -loss_scale[:, 0:1] * torch.expm1(sigma)
-            loss = objective.score_entropy_loss(self.network, x0, xt, dsigma, sigma, ones, False)
-        else:
-            loss = objective.nelbo(self.network, x0, xt, loss_scale, sigma, ones, False)
-        return loss.nlls
+        return self.objective.nelbo_at(self.network, x0, xt, t.float(), ones).nlls
 
     def _greedy(self, x0: Tensor, hidden: Tensor, cont: Tensor) -> list[bool]:
         """Per row of x0 (n, S): whether every continuation token (cont, (n, S)) is the argmax
@@ -111,9 +99,10 @@ class Estimators:
         from algorithms.base import NEG_INF
 
         xt = torch.where(hidden, self.mask, x0)
-        tokens = torch.cat([xt, x0], dim=1) if self.objective.cross_attn else xt
+        capabilities = self.objective.capabilities
+        tokens = torch.cat([xt, x0], dim=1) if capabilities.two_stream else xt
         layout = dataclasses.replace(self.objective.train_layout, outputs=cont)
-        level = self.objective.noise_sigma_max if self.objective.time_conditioning else 0.0
+        level = self.objective.noise_sigma_max if capabilities.time_conditioned else 0.0
         sigma = torch.full((x0.shape[0],), level, device=x0.device)  # t = 1: hidden masked
         logits = self.network(tokens, sigma, layout).float()  # (cont.sum(), V), row-major
         logits[:, self.mask] = NEG_INF
