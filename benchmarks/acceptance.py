@@ -340,7 +340,7 @@ def section_flex_vs_sdpa(ctx: Context) -> dict:
             backward = not (ctx.cpu and backend == "flex")
             autocast = torch.autocast(device.type, torch.bfloat16, enabled=dtype == "bfloat16")
             with autocast, torch.set_grad_enabled(backward):
-                loss = algorithm.loss(network, x0, ones, *eps, True, step_gen).loss
+                loss = algorithm.loss(network, x0, ones, *eps, train=True, generator=step_gen).loss
             losses[backend] = loss.item()
             if backward:
                 loss.backward()

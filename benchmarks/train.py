@@ -89,7 +89,7 @@ class Runner:
         common.sync(self.device)
         start = common.now()
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            out = self.algo.loss(self.network, self.x0, self.attn, *self.eps, True)
+            out = self.algo.loss(self.network, self.x0, self.attn, *self.eps, train=True)
         out.loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)

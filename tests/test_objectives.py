@@ -145,7 +145,7 @@ def test_block_size_one_at_t_one_is_ar_style_nll(tiny_dit):
     x0 = torch.randint(0, MASK, (2, L), generator=gen)
     algo = masked_diffusion(L, 1)
     with torch.no_grad():
-        out = algo.loss(net, x0, torch.ones(2, L), f32(1.0), f32(1.0), True, gen)
+        out = algo.loss(net, x0, torch.ones(2, L), f32(1.0), f32(1.0), train=True, generator=gen)
         expected = torch.zeros(2, L)
         cache = MaskCache("sdpa")
         for i in range(1, L):
@@ -166,7 +166,7 @@ def test_ar_loss_is_next_token_nll_over_prefixes(tiny_dit):
     x0 = torch.randint(0, MASK, (2, 9), generator=torch.Generator().manual_seed(2))
     ar = Autoregressive(mask_id=MASK, seq_len=9)
     with torch.no_grad():
-        out = ar.loss(net, x0, torch.ones(2, 9), f32(1.0), f32(1.0), True)
+        out = ar.loss(net, x0, torch.ones(2, 9), f32(1.0), f32(1.0), train=True)
         expected = torch.zeros(2, 8)
         for i in range(8):
             tril = AttentionMask(dense=torch.ones(i + 1, i + 1).tril().bool())
@@ -214,11 +214,10 @@ def test_double_length_rows_are_cropped_for_text8(tiny_dit):
     net = network_for(tiny_dit())
     algo = masked_diffusion(8, 4, crop=crop)
     with torch.no_grad():
-        out = algo.loss(net, x % MASK, torch.ones(2, 16), f32(1e-3), f32(1.0), True)
+        out = algo.loss(net, x % MASK, torch.ones(2, 16), f32(1e-3), f32(1.0), train=True)
     assert out.nlls.shape == (2, 8) and torch.isfinite(out.loss)
     ar = Autoregressive(mask_id=MASK, seq_len=8, crop=crop)
     with torch.no_grad():
-        out = ar.loss(
-            network_for(tiny_dit(causal=True)), x % MASK, torch.ones(2, 16), *[f32(1)] * 2, True
-        )
+        ar_net = network_for(tiny_dit(causal=True))
+        out = ar.loss(ar_net, x % MASK, torch.ones(2, 16), *[f32(1)] * 2, train=True)
     assert out.nlls.shape == (2, 8) and torch.isfinite(out.loss)

@@ -237,7 +237,7 @@ def test_sigma_is_the_first_blocks_and_averaged_per_sequence():
 
 def test_mdlm_loss_scale_masks_with_one_minus_eps_times_t(monkeypatch):
     """mdlm_loss_scale: the chance is 1 - exp(-sigma(t)) = (1 - eps) t, the weight -1/t."""
-    import algorithms.masked_diffusion as md
+    import algorithms.masking as masking
 
     seen = {}
 
@@ -245,7 +245,7 @@ def test_mdlm_loss_scale_masks_with_one_minus_eps_times_t(monkeypatch):
         seen["move"] = move_chance
         return x0.clone()
 
-    monkeypatch.setattr(md, "q_xt", capture)
+    monkeypatch.setattr(masking, "q_xt", capture)
     algo = MaskedDiffusion(
         LogLinear(), MASK, 16, 4, cross_attn=True, ignore_bos=False, time_conditioning=False,
         antithetic=True, mdlm_loss_scale=True,
@@ -276,7 +276,7 @@ def test_ar_weights_are_the_targets_attention_mask(tiny_dit):
     mask[0, 6:] = 0  # the last 3 tokens are padding
     ar = Autoregressive(mask_id=MASK, seq_len=9)
     with torch.no_grad():
-        out = ar.loss(net, x0, mask, torch.tensor(1.0), torch.tensor(1.0), False)
+        out = ar.loss(net, x0, mask, torch.tensor(1.0), torch.tensor(1.0), train=False)
     assert (out.nlls[0, 5:] == 0).all() and (out.nlls[0, :5] > 0).all()
     assert out.token_mask.sum() == 5
 

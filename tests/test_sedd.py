@@ -100,11 +100,11 @@ def test_loss_zero_for_perfect_score_and_nonnegative_for_random_dit(tiny_dit):
     gen = torch.Generator().manual_seed(0)
     x0 = torch.randint(0, MASK, (B, L), generator=gen)
     attn = torch.ones(B, L)
-    out = algo.loss(perfect_network(x0), x0, attn, f32(1e-3), f32(1.0), True, gen)
+    out = algo.loss(perfect_network(x0), x0, attn, f32(1e-3), f32(1.0), train=True, generator=gen)
     assert out.nlls.abs().max().item() < 1e-4  # float32 rounding of r log r (r up to 1e3)
     random_net = network_for(tiny_dit(vocab_size=V))
     with torch.no_grad():
-        out = algo.loss(random_net, x0, attn, f32(1e-3), f32(1.0), True, gen)
+        out = algo.loss(random_net, x0, attn, f32(1e-3), f32(1.0), train=True, generator=gen)
     assert (out.nlls >= 0).all() and out.loss > 1.0
 
 
@@ -117,7 +117,15 @@ def test_loss_matches_the_dense_score_entropy(tiny_dit):
     x0 = torch.randint(0, MASK, (B, L), generator=torch.Generator().manual_seed(1))
     attn = torch.ones(B, L)
     with torch.no_grad():
-        got = algo.loss(net, x0, attn, f32(1e-3), f32(1.0), False, torch.Generator().manual_seed(2))
+        got = algo.loss(
+            net,
+            x0,
+            attn,
+            f32(1e-3),
+            f32(1.0),
+            train=False,
+            generator=torch.Generator().manual_seed(2),
+        )
         xt, dsigma, sigma = algo.corrupt(x0, f32(1e-3), f32(1.0), torch.Generator().manual_seed(2))
         processed = process_sigma(sigma, True)
         log_s = sedd_log_score(net(xt, processed, Layout()), xt, processed[:, None])
@@ -134,7 +142,13 @@ def test_loss_matches_the_dense_score_entropy(tiny_dit):
     torch.testing.assert_close(got.loss, got.nlls.sum() / (B * (L - 1)))
     with torch.no_grad():
         train = algo.loss(
-            net, x0, attn, f32(1e-3), f32(1.0), True, torch.Generator().manual_seed(2)
+            net,
+            x0,
+            attn,
+            f32(1e-3),
+            f32(1.0),
+            train=True,
+            generator=torch.Generator().manual_seed(2),
         )
     torch.testing.assert_close(train.loss, train.nlls.sum() / (B * L))
     torch.testing.assert_close(train.nlls, got.nlls)

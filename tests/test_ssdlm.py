@@ -212,7 +212,9 @@ def test_training_loss_matches_brute_force_and_has_gradients():
     mask[1, 8:] = 0
     c, t, eps = obj.draw(3, 16, 50, "cpu", torch.Generator().manual_seed(7))
     assert 1 <= c <= 11 and t.min() >= 1 and t.max() <= 100 and eps.shape == (3, 5, 50)
-    out = obj.loss(net, x0, mask, None, None, True, generator=torch.Generator().manual_seed(7))
+    out = obj.loss(
+        net, x0, mask, None, None, train=True, generator=torch.Generator().manual_seed(7)
+    )
     assert torch.isfinite(out.loss) and out.nlls.shape == (3, 5)
     expected = brute_force_loss(net, obj, x0, mask, c, t, eps)
     torch.testing.assert_close(out.loss, expected, rtol=1e-5, atol=1e-5)
@@ -222,7 +224,7 @@ def test_training_loss_matches_brute_force_and_has_gradients():
     grads = [p.grad for p in net.mlm.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
     with pytest.raises(ValueError, match="no room"):
-        obj.loss(net, x0[:, :5], mask[:, :5], None, None, True)
+        obj.loss(net, x0[:, :5], mask[:, :5], None, None, train=True)
 
 
 def test_sharded_draws_equal_the_global_batch():
@@ -246,7 +248,7 @@ def test_max_context_truncates_the_context():
     net = StubNetwork(20, rule=rule)
     obj = SSDLM(block_size=4, num_steps=10, max_context=3)
     for seed in range(20):
-        obj.loss(net, torch.randint(20, (2, 30)), torch.ones(2, 30), None, None, True,
+        obj.loss(net, torch.randint(20, (2, 30)), torch.ones(2, 30), None, None, train=True,
                  generator=torch.Generator().manual_seed(seed))  # fmt: skip
     assert max(seen) == 3 and min(seen) >= 1
 
@@ -282,7 +284,7 @@ def test_tiny_training_lowers_the_loss():
     def eval_loss():
         with torch.no_grad():
             return sum(
-                float(obj.loss(net, x0, mask, None, None, False,
+                float(obj.loss(net, x0, mask, None, None, train=False,
                                generator=torch.Generator().manual_seed(100 + s)).loss)
                 for s in range(4)
             ) / 4  # fmt: skip
@@ -292,7 +294,7 @@ def test_tiny_training_lowers_the_loss():
     gen = torch.Generator().manual_seed(0)
     for _ in range(60):
         opt.zero_grad()
-        obj.loss(net, x0, mask, None, None, True, generator=gen).loss.backward()
+        obj.loss(net, x0, mask, None, None, train=True, generator=gen).loss.backward()
         opt.step()
     after = eval_loss()
     assert after < 0.7 * before, (before, after)
