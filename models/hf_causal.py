@@ -41,10 +41,8 @@ The algo=ar baseline reads plain next-token logits: build it with token_shift=Fa
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -61,6 +59,7 @@ from models.attention import (
     attend,
     dense_mask,
 )
+from models.backbone import InferenceScope
 from models.kv_cache import KVCache
 
 ATTENTION_NAME = "bd3lm_hf_causal"
@@ -226,8 +225,9 @@ class HFKVCache(KVCache):
 # ----------------------------------------------------------------------------------------------
 # The backbone
 # ----------------------------------------------------------------------------------------------
-class HFCausalLM(nn.Module):
-    """A transformers causal LM run through the project's layouts (see the module docstring).
+class HFCausalLM(InferenceScope, nn.Module):
+    """A transformers causal LM run through the project's layouts (see the module docstring);
+    a token backbone (models.backbone.Backbone).
 
     model: a built transformers causal LM (PreTrainedModel with an output embedding), switched
     to ATTENTION_NAME here. token_shift, clean_attention: see the module docstring.
@@ -236,7 +236,6 @@ class HFCausalLM(nn.Module):
     """
 
     time_conditioned = False  # sigma never reaches the network
-    sigma_map = None
 
     def __init__(
         self,
@@ -265,7 +264,6 @@ class HFCausalLM(nn.Module):
         self.clean_attention = clean_attention
         self.attn_backend = attn_backend
         self.masks = MaskCache(attn_backend)
-        self.kv_cache: HFKVCache | None = None
         config = model.config
         self.softcap = getattr(config, "final_logit_softcapping", None)
         key = ABSOLUTE_POSITIONS.get(config.model_type)
@@ -282,30 +280,11 @@ class HFCausalLM(nn.Module):
         """V: rows of the input embedding (may exceed len(tokenizer), e.g. Qwen's padding)."""
         return self.model.get_input_embeddings().num_embeddings
 
-    @property
-    def hidden_size(self) -> int:
-        return self.model.get_input_embeddings().embedding_dim
-
     def fsdp_units(self) -> set[type]:
         """The decoder-layer classes (transformers' `_no_split_modules`): one FSDP unit each;
         embeddings and a tied head stay in the root unit."""
         names = set(getattr(self.model, "_no_split_modules", None) or ())
         return {type(m) for m in self.model.modules() if type(m).__name__ in names}
-
-    def prepare_inference(self) -> None:
-        """No inference-only caches: None (the contract's snapshot)."""
-        return None
-
-    @contextlib.contextmanager
-    def inference(self, kv_cache: HFKVCache | None = None, snapshot: Any = None) -> Iterator[None]:
-        """Calls inside attend over kv_cache (if any); the cache before is restored on exit.
-        snapshot: unused (prepare_inference takes none)."""
-        before = self.kv_cache
-        self.set_kv_cache(kv_cache)
-        try:
-            yield
-        finally:
-            self.kv_cache = before
 
     def new_kv_cache(self, batch_size: int, window: int, block_size: int, device) -> HFKVCache:
         """A cache with `window` tokens visible (committed + current block); keys of every
@@ -325,7 +304,7 @@ class HFCausalLM(nn.Module):
         remove it (None)."""
         if cache is not None and not isinstance(cache, HFKVCache):
             raise TypeError("HFCausalLM needs its own cache: make it with new_kv_cache")
-        self.kv_cache = cache
+        super().set_kv_cache(cache)
 
     # --- forward -----------------------------------------------------------------------------
     def forward(

@@ -38,6 +38,7 @@ from models.attention import (
     CausalMask,
     MaskCache,
 )
+from models.backbone import Backbone
 from models.hf_causal import HFCausalLM, bos_id, ensure_mask_token, from_pretrained
 from noise_schedule import LogLinear
 
@@ -564,6 +565,7 @@ def test_materialised_masks_name_their_predicate(family):
     torch.testing.assert_close(got, two_stream(net, xt, x0, 2))
     with pytest.raises(ValueError, match="predicate"):
         net(xt, positions=torch.arange(L), mask=AttentionMask(dense=torch.ones(L, L).bool()))
+    assert isinstance(net, Backbone)
     with pytest.raises(ValueError, match="KV cache installed"):
         net(xt, positions=torch.arange(L), mask=None, commit=True)
 
