@@ -103,7 +103,9 @@ class BaselineDenoiser(ModelDenoiser):
 
     def prepare_inference(self) -> None:
         self._snapshot = None  # the backbone computes everything at every call
-        self.subs = subs_log_probs_reference
+        if isinstance(self.algorithm, MaskedDiffusion):
+            mask_id = self.algorithm.mask_id
+            self.log_probs = lambda logits, xt: subs_log_probs_reference(logits, xt, mask_id)
 
 
 def first_hitting_gumbel_race(

@@ -31,8 +31,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from algorithms.ar import Autoregressive, ar_log_probs
-from algorithms.base import process_sigma, sigma_from_p, subs_log_probs
+from algorithms.base import process_sigma, sigma_from_p
 from models.attention import AttentionMask, dense_mask
 from models.backbone import Backbone
 from models.kv_cache import KVCache
@@ -59,7 +58,8 @@ class Denoiser(Protocol):
 
 class ModelDenoiser:
     """Implements Denoiser over a token backbone (models.backbone.Backbone) and an objective
-    (MaskedDiffusion or Autoregressive).
+    (algorithms.base.Objective: its capabilities and its log_probs read-out; MaskedDiffusion
+    or Autoregressive).
 
     A denoiser is a snapshot of the network for inference: its backbone's inference-only
     caches (the DiT's transposed output projection on CPU and constant adaLN modulation) are
@@ -77,14 +77,13 @@ class ModelDenoiser:
     ):
         self.backbone, self.algorithm, self.window = backbone, algorithm, window
         self.network = network or BackboneNetwork(backbone)
-        self.is_ar = isinstance(algorithm, Autoregressive)
-        # t reaches the network only through the adaLN modulation of a time-conditioned
-        # diffusion objective (AR and models without adaLN never read it)
-        self.time_conditioned = bool(
-            not self.is_ar and algorithm.time_conditioning and backbone.time_conditioned
-        )
-        self.reencode = reencode or (not self.is_ar and not algorithm.cross_attn)
-        self.subs = subs_log_probs
+        capabilities = algorithm.capabilities
+        # t reaches the network only for a time-conditioned objective on a backbone that reads
+        # sigma (AR, and models without adaLN, never do)
+        self.time_conditioned = capabilities.time_conditioned and backbone.time_conditioned
+        self.reencode = reencode or capabilities.reencodes_window
+        # the objective's read-out of the logits (SUBS, next-token): (logits, x_last) -> log p
+        self.log_probs = algorithm.log_probs
         self.prepare_inference()
 
     def prepare_inference(self) -> None:
@@ -96,7 +95,7 @@ class ModelDenoiser:
         """A KV cache for this network. Refused with time conditioning: the cached keys of the
         clean context would be computed at another t than the recomputation (and training)
         uses, which conditions the context on the current block's t."""
-        if not self.is_ar and self.algorithm.time_conditioning:
+        if self.algorithm.capabilities.time_conditioned:
             raise ValueError(
                 "sampling.kv_cache=true needs algo.time_conditioning=false: a time-conditioned "
                 "model re-encodes its context at every step's t; sample without the cache"
@@ -162,9 +161,7 @@ class ModelDenoiser:
         if rows is not None:  # (B * k, V) in row-major order -> (B, k, V)
             logits = logits.view(rows.shape[0], rows.shape[1], -1)
             x_last = x_last.gather(1, rows)
-        if self.is_ar:
-            return ar_log_probs(logits, self.algorithm.mask_id)
-        return self.subs(logits, x_last, self.algorithm.mask_id)
+        return self.log_probs(logits, x_last)
 
     def _run_cached(self, x, t, key_valid, cache, commit, outputs, span):
         """The last `span` tokens of x (K, or 2K for a fused commit) through the cache."""

@@ -68,7 +68,7 @@ def test_time_conditioned_bd3lm_refuses_the_cache_and_samples_without_it():
         run_cfg = compose("config", overrides=["experiment=smoke", "mode=sample_eval",
                           "algo.time_conditioning=true", "sampling.kv_cache=true",
                           "checkpointing.save_dir=/tmp/x"])  # fmt: skip
-    with pytest.raises(UserError, match="sampling.kv_cache=true: .*time_conditioning=True"):
+    with pytest.raises(UserError, match="sampling.kv_cache=true: .*time_conditioning=[Tt]rue"):
         settings.validate(run_cfg, settings.resolve_hardware(run_cfg.trainer))
 
 
