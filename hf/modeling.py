@@ -36,6 +36,7 @@ from models.attention import (
     MaskCache,
     flash_available,
 )
+from models.backbone import BACKBONES
 from models.dit import DiT, DiTConfig
 from models.kv_cache import KVCache
 
@@ -48,7 +49,7 @@ class _DiTWrapper(PreTrainedModel):
 
     base_model_prefix = "backbone"
     main_input_name = "input_ids"
-    _no_split_modules = ["DiTBlock"]
+    _no_split_modules = sorted(cls.__name__ for cls in BACKBONES["dit"].fsdp_units())
 
     def __init__(self, config):
         super().__init__(config)

@@ -1,5 +1,7 @@
 """The SSD-LM network (Han, Kumar, Tsvetkov, ACL 2023, Sec. 3): a RoBERTa masked LM that reads
 clean context tokens and a noisy block of "simplex logits", and returns the block's logits.
+Registered as the `roberta` backbone (models.backbone.BACKBONES: `build_network`, FSDP units
+RobertaLayer); not a token backbone: its call contract is SSDLMNetwork.forward below.
 
 Inputs, as the public xhan77/ssd-lm code builds them (ssd_model_train.py, training loop;
 ssd_model_decode_alt.py, `decode`):
