@@ -335,7 +335,8 @@ class HFCausalLM(InferenceScope, nn.Module):
         With a cache installed (set_kv_cache): tokens are the current block (B, K) or, with
         commit, a clean block then the next block (B, 2K) (models/kv_cache.py); commit stores
         the clean block; block_valid (B, K) is False at prompt padding.
-        key_valid: (B, S) False at prompt padding (no cache): real tokens never attend it.
+        key_valid: (B, S) False at prompt padding (no cache): real tokens never attend it;
+        by default the mask's `key_valid` attribute when it has one.
         """
         del sigma
         B, S = tokens.shape
@@ -346,6 +347,8 @@ class HFCausalLM(InferenceScope, nn.Module):
         if cache is not None:
             position_ids, call = self._cached_call(positions, commit, block_valid, B, S)
         else:
+            if key_valid is None:  # prompt padding, when the materialised mask carries it
+                key_valid = getattr(mask, "key_valid", None)
             mask = predicate_of(mask)
             position_ids, call = self._uncached_call(mask, positions, key_valid, B, S, device)
         hidden = self.model.base_model(
@@ -448,13 +451,14 @@ class HFCausalLM(InferenceScope, nn.Module):
 
 def predicate_of(mask: Any) -> Any:
     """The predicate behind a call's mask: a predicate or None (full attention) as given; an
-    AttentionMask by its `predicate` attribute when it has one, else by what it says without
+    AttentionMask by its `predicate` attribute when it names one, else by what it says without
     a matrix (causal, full) or its block-diffusion `structure`. The token shift and the clean
-    stream need the block structure, which a bare matrix does not name."""
+    stream need the block structure, which a bare matrix (or flex BlockMask) does not name."""
     if not isinstance(mask, AttentionMask):
         return mask
-    if hasattr(mask, "predicate"):
-        return mask.predicate
+    predicate = getattr(mask, "predicate", None)
+    if predicate is not None:
+        return predicate
     if mask.causal:
         return CausalMask()
     if mask.structure is not None:
