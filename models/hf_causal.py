@@ -65,7 +65,7 @@ from models.kv_cache import KVCache
 ATTENTION_NAME = "bd3lm_hf_causal"
 CALL_KEYWORD = "bd3lm_call"  # the forward keyword that carries a call's mask or cache
 CLEAN_ATTENTION = ("causal", "block")
-ATTN_BACKENDS = ("sdpa", "flex")
+ATTN_BACKENDS = ("sdpa", "flex")  # flash-attention cannot express the block-diffusion mask
 # families with a learned absolute-position table: the config key of its length
 ABSOLUTE_POSITIONS = {"gpt2": "n_positions"}
 MASK_TOKEN = "<|mask|>"
