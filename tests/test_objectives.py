@@ -151,7 +151,8 @@ def test_block_size_one_at_t_one_is_ar_style_nll(tiny_dit):
         for i in range(1, L):
             prefix = torch.cat([x0[:, :i], torch.full((2, 1), MASK)], dim=1)
             mask = cache.get(algo.sample_mask(L, reencode=True), i + 1, i + 1, "cpu")
-            logits = model(prefix, torch.zeros(2), torch.arange(i + 1), mask)[:, -1]
+            sigma, positions = torch.zeros(2), torch.arange(i + 1)
+            logits = model(prefix, positions=positions, mask=mask, sigma=sigma)[:, -1]
             log_p = subs_log_probs(logits[:, None], prefix[:, -1:], MASK)[:, 0]
             expected[:, i] = -log_p.gather(-1, x0[:, i : i + 1]).squeeze(-1)
     torch.testing.assert_close(out.nlls, expected, rtol=1e-5, atol=1e-5)
@@ -170,7 +171,7 @@ def test_ar_loss_is_next_token_nll_over_prefixes(tiny_dit):
         expected = torch.zeros(2, 8)
         for i in range(8):
             tril = AttentionMask(dense=torch.ones(i + 1, i + 1).tril().bool())
-            logits = model(x0[:, : i + 1], None, torch.arange(i + 1), tril)[:, -1]
+            logits = model(x0[:, : i + 1], positions=torch.arange(i + 1), mask=tril)[:, -1]
             logits[:, MASK] = NEG_INF
             expected[:, i] = -logits.log_softmax(-1).gather(-1, x0[:, i + 1 : i + 2])[:, 0]
     torch.testing.assert_close(out.nlls, expected, rtol=1e-5, atol=1e-5)

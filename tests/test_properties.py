@@ -63,7 +63,8 @@ def test_bd3lm_nelbo_equals_a_per_block_brute_force(tiny_dit, L, K):
             tokens = torch.cat([x0[:, : b * K], xt[:, block]], dim=1)
             S = tokens.shape[1]
             mask = masks.get(BlockCausalMask(K), S, S, "cpu")
-            logits = model(tokens, torch.zeros(3), torch.arange(S), mask)[:, -K:]
+            sigma, positions = torch.zeros(3), torch.arange(S)
+            logits = model(tokens, positions=positions, mask=mask, sigma=sigma)[:, -K:]
             log_p = subs_log_probs(logits, xt[:, block], MASK)
             terms = scale.expand(3, L)[:, block] * log_p.gather(-1, x0[:, block, None])[..., 0]
             expected[:, block] = terms
@@ -101,7 +102,7 @@ def test_sampler_conditional_equals_the_training_forward_block_by_block(tiny_dit
 def _logits(model, x, positions):
     mask = MaskCache("sdpa").get(None, x.shape[1], x.shape[1], "cpu")
     with torch.no_grad():
-        return model(x, torch.zeros(x.shape[0]), positions, mask)
+        return model(x, positions=positions, mask=mask, sigma=torch.zeros(x.shape[0]))
 
 
 def test_moving_a_token_changes_the_other_positions_logits(tiny_dit):
