@@ -230,7 +230,7 @@ class HFCausalLM(InferenceScope, nn.Module):
 
     def _readout(self, hidden: Tensor, mask, cache: HFKVCache | None) -> Tensor:
         """(B, S, D) hidden states aligned with the output positions: position i's logit is
-        read from readout[:, i] (see the module docstring for the token shift)."""
+        read from readout[:, i] (see the package docstring for the token shift)."""
         if not self.token_shift:
             return hidden
         S = hidden.shape[1]
