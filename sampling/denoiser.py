@@ -132,7 +132,7 @@ class ModelDenoiser:
         outputs = self._outputs(S, num_last, rows)
         with self.backbone.inference(None, self._snapshot):
             logits = self.backbone(
-                x, positions=positions, mask=mask, sigma=self._sigma(t), outputs=outputs
+                x, positions=positions, mask=mask, sigma=self._sigma(t, x), outputs=outputs
             )
         return self._to_logprobs(logits, x[:, -num_last:], rows)
 
@@ -149,13 +149,13 @@ class ModelDenoiser:
         positions among the S inputs)."""
         return slice(S - num_last, None) if rows is None else rows + (S - num_last)
 
-    def _sigma(self, t: Tensor) -> Tensor | None:
-        """The network's noise level at t (B,), or None (sigma = 0: the backbone serves the
-        constant modulation from its snapshot) without time conditioning."""
+    def _sigma(self, t: Tensor, x: Tensor) -> Tensor | None:
+        """The network's noise level at t (B,), on x's device; None (sigma = 0: the backbone
+        serves the constant modulation from its snapshot) without time conditioning."""
         if not self.time_conditioned:
             return None
         sigma = sigma_from_p(t[:, None].float(), self.algorithm.noise_sigma_max)
-        return process_sigma(sigma, True).to(t.device)
+        return process_sigma(sigma, True).to(x.device)
 
     def _to_logprobs(self, logits: Tensor, x_last: Tensor, rows: Tensor | None) -> Tensor:
         if rows is not None:  # (B * k, V) in row-major order -> (B, k, V)
@@ -172,7 +172,7 @@ class ModelDenoiser:
         positions = torch.arange(S - span, S, device=x.device)
         with self.backbone.inference(cache, self._snapshot):
             return self.backbone(
-                x[:, -span:], positions=positions, mask=None, sigma=self._sigma(t),
+                x[:, -span:], positions=positions, mask=None, sigma=self._sigma(t, x),
                 outputs=outputs, commit=commit, block_valid=block_valid,
             )  # fmt: skip
 
