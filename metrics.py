@@ -94,6 +94,9 @@ def ppl_interval(nll: float, stderr: float | None, z: float = Z_95) -> list[floa
 # ----------------------------------------------------------------------------------------------
 # Generative perplexity
 # ----------------------------------------------------------------------------------------------
+JUDGE_KEY = "eval.gen_ppl_eval_model_name_or_path"  # the setting that names the judge (messages)
+
+
 def sliding_windows(length: int, window: int, stride: int) -> list[tuple[int, int, int]]:
     """(start, end, first_scored) per window: window 0 scores targets 1..end-1, window j >= 1
     covers [j stride, j stride + window) and scores targets from j stride + window - stride,
@@ -108,30 +111,53 @@ def sliding_windows(length: int, window: int, stride: int) -> list[tuple[int, in
 
 
 class GenerativePerplexity:
-    """A causal LM judge (hub id or local directory), loaded on first use, never at training
-    time. `score` retokenises a generated text with the judge's tokenizer and scores it after
-    the judge's own BOS (when its tokenizer has one) and an optional context; targets equal to
-    its EOS id (which also pads) are not scored."""
+    """A causal LM judge, loaded on first use (never at training time) by
+    models.pretrained.load_causal_lm: a hub id, a local directory, a `.gguf` file or the packaged
+    `smollm2-135m` (a GGUF model is rebuilt once as a float32 model and cached under `cache_dir`,
+    default the data cache directory). `score` retokenises a generated text with the judge's
+    tokenizer and scores it after the judge's own BOS (when its tokenizer has one) and an
+    optional context; targets that are one of the judge's special tokens (BOS, EOS, UNK, PAD
+    and the added special tokens; GPT-2 has only <|endoftext|>) are not scored."""
 
-    def __init__(self, name_or_path: str, device: torch.device, window: int = 1024):
+    def __init__(
+        self,
+        name_or_path: str,
+        device: torch.device,
+        window: int = 1024,
+        cache_dir: str | None = None,
+    ):
         self.name_or_path = name_or_path
         self.device = device
         self.max_window = window
+        self.cache_dir = cache_dir
         self._model = None
         self._tokenizer = None
+        self._unscored = None
 
     def check(self) -> None:
-        """Fail early (before sampling) if the judge cannot be loaded."""
-        from transformers import AutoConfig
+        """Fail early (before sampling) if the judge cannot be loaded: UserError naming the key
+        for a packaged model or GGUF file that is missing (or a missing `gguf` package),
+        OSError / ValueError for a directory or hub id whose config transformers cannot read."""
+        from models.pretrained import resolve
 
-        AutoConfig.from_pretrained(self.name_or_path)
+        source = resolve(self.name_or_path, key=JUDGE_KEY)
+        if source.kind in ("directory", "hub"):
+            from transformers import AutoConfig
+
+            AutoConfig.from_pretrained(source.location)
 
     def _load(self) -> None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from models.pretrained import load_causal_lm
 
-        self._tokenizer = AutoTokenizer.from_pretrained(self.name_or_path)
-        model = AutoModelForCausalLM.from_pretrained(self.name_or_path, dtype=torch.float32)
+        model, self._tokenizer = load_causal_lm(
+            self.name_or_path, cache_dir=self.cache_dir, dtype=torch.float32, key=JUDGE_KEY
+        )
         self._model = model.to(self.device).eval()
+        tokenizer = self._tokenizer
+        special = {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+        self._unscored = torch.tensor(
+            sorted(special | set(tokenizer.all_special_ids)), dtype=torch.long, device=self.device
+        )
         limit = getattr(model.config, "n_positions", None) or getattr(
             model.config, "max_position_embeddings", self.max_window
         )
@@ -143,12 +169,15 @@ class GenerativePerplexity:
         float32 whatever autocast the caller runs under (the paper's protocol).
 
         The judge reads [its BOS] + context + text, each part retokenised on its own without
-        special tokens, and scores the tokens of `text` only (not its EOS tokens): `text` is
+        special tokens, and scores the tokens of `text` only (not its special tokens): `text` is
         what a model generated, without the model's own BOS, whose string the judge would
         otherwise score as text; `context` (a prompt) conditions it unscored. With the GPT-2
         judge the BOS is <|endoftext|>, so an OpenWebText sample scores as the reference
-        scores "<|endoftext|>" + text. A judge without a BOS and no context leaves the first
-        token of `text` unscored (it has nothing to condition on)."""
+        scores "<|endoftext|>" + text; `smollm2-135m` reads <|endoftext|> first too (its
+        pretraining separator, models.pretrained.PACKAGED). Special tokens inside `text` (a
+        document boundary of a sample) condition the judge where they occur and are not scored.
+        A judge without a BOS and no context leaves the first token of `text` unscored (it has
+        nothing to condition on)."""
         if self._model is None:
             self._load()
         ids, first = self._encode(text, context)
@@ -166,7 +195,6 @@ class GenerativePerplexity:
         return torch.tensor(ids, dtype=torch.long, device=self.device), max(len(prefix), 1)
 
     def _score(self, ids: Tensor, first_target: int) -> tuple[float, int]:
-        eos = self._tokenizer.eos_token_id
         total, count = 0.0, 0
         for start, end, first in sliding_windows(len(ids), self.window, self.window // 2):
             chunk = ids[start:end]
@@ -176,9 +204,7 @@ class GenerativePerplexity:
             targets = chunk[1:]
             nll = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
             positions = torch.arange(start + 1, end, device=self.device)
-            keep = (positions >= max(first, first_target)) & (
-                targets != eos if eos is not None else True
-            )
+            keep = (positions >= max(first, first_target)) & ~torch.isin(targets, self._unscored)
             total += float(nll[keep].sum())
             count += int(keep.sum())
         return total, count
@@ -187,23 +213,48 @@ class GenerativePerplexity:
 # ----------------------------------------------------------------------------------------------
 # Summaries of samples.jsonl records
 # ----------------------------------------------------------------------------------------------
+def gen_ppl_statistics(records: list[dict]) -> dict:
+    """Generative perplexity of scored texts, with 95% intervals over the texts.
+
+    records: dicts with `gen_nll_sum` (nats), `gen_num_tokens` and `gen_ppl` (= exp(sum /
+    count); None for a text nothing of which was scored, left out). Returns num_scored;
+    gen_ppl_token_weighted = exp(sum of NLL / sum of tokens) and its interval [lo, hi] =
+    exp(nll -+ 1.96 se), se the delta-method error of that ratio over the texts (nll_stderr's
+    "between_rows"); gen_ppl_mean_per_sample = the mean of the texts' gen_ppl and the half-width
+    1.96 sd / sqrt(n) of its interval. Intervals are None below two scored texts."""
+    scored = [r for r in records if r.get("gen_ppl") is not None]
+    n = len(scored)
+    total = sum(r["gen_num_tokens"] for r in scored)
+    nll = sum(r["gen_nll_sum"] for r in scored) / total if total else None
+    token_interval = per_sample_half = None
+    if n > 1:
+        sums = torch.tensor([r["gen_nll_sum"] for r in scored], dtype=torch.float64)
+        counts = torch.tensor([r["gen_num_tokens"] for r in scored], dtype=torch.float64)
+        stderr, _ = nll_stderr(nll, total, row_statistics(sums[None], counts), 1, exact=False)
+        token_interval = ppl_interval(nll, stderr)
+        ppls = torch.tensor([r["gen_ppl"] for r in scored], dtype=torch.float64)
+        per_sample_half = Z_95 * float(ppls.std()) / math.sqrt(n)
+    return {
+        "num_scored": n,
+        "gen_ppl_token_weighted": math.exp(nll) if nll is not None else None,
+        "gen_ppl_token_weighted_ci95": token_interval,
+        "gen_ppl_mean_per_sample": sum(r["gen_ppl"] for r in scored) / n if n else None,
+        "gen_ppl_mean_per_sample_ci95": per_sample_half,
+    }
+
+
 def summarize_samples(records: list[dict], evaluator: str | None) -> dict:
-    """The sample_eval.json fields from per-sample records (see sampling/generate.py)."""
+    """The sample_eval.json fields from per-sample records (see sampling/generate.py); the
+    generative perplexity fields are `gen_ppl_statistics`'."""
     n = len(records)
     lengths = sorted(r["length"] for r in records)
-    scored = [r for r in records if r.get("gen_ppl") is not None]
-    nll = sum(r["gen_nll_sum"] for r in scored)
-    count = sum(r["gen_num_tokens"] for r in scored)
 
     def mean(key: str) -> float | None:
         return sum(r[key] for r in records) / n if n else None
 
     return {
         "num_samples": n,
-        "gen_ppl_token_weighted": math.exp(nll / count) if count else None,
-        "gen_ppl_mean_per_sample": sum(r["gen_ppl"] for r in scored) / len(scored)
-        if scored
-        else None,
+        **gen_ppl_statistics(records),
         "entropy_mean": mean("entropy"),
         "length_mean": mean("length"),
         "length_median": (lengths[(n - 1) // 2] + lengths[n // 2]) / 2 if n else None,
