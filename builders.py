@@ -17,9 +17,10 @@ from algorithms.base import DoubleLengthCrop
 from algorithms.clip_search import interval_grid
 from dataloader import make_loader
 from diffusion import Diffusion, OptimSettings
-from models import DiT, dit_config
+from models.backbone import backbone_spec
+from registry import settings_from
 from sampling.context import check_prompt_length, prompt_ids
-from settings import BatchPlan, Hardware, build_objective, plan_batches
+from settings import BatchPlan, Hardware, build_objective, objective_spec, plan_batches
 from training_callbacks import AtomicCheckpointIO, Preemption, ProgressLog, Throughput
 from utils import UserError, without_file_scheme
 
@@ -91,24 +92,24 @@ def build_module(
     """The LightningModule for `cfg`, freshly initialised (seed before calling). seq_len: the
     training context L when `model.length` means something else (the generation length).
     bos_eos: the inserted BOS/EOS ids, needed by the text8-crop path (2L training rows).
-    network: a loaded SSD-LM network (models.ssdlm.load_ssdlm, a released checkpoint) to use
-    instead of a fresh one; objectives whose `backbone` is "roberta" (SSD-LM) run on a
-    models.ssdlm.SSDLMNetwork sized by the model keys for rows of seq_len, the others on
-    the DiT."""
+    network: a network loaded from a released format (registry.ReleasedFormat) to use instead
+    of a fresh `model.backbone` (models.backbone.BACKBONES) sized by the model keys for rows
+    of seq_len."""
     seq_len = seq_len or int(cfg.model.length)
     crop = None
     if cfg.data.train == "text8-crop" and bos_eos is not None:
         insert = bool(cfg.data.get("insert_train_special", True))
         crop = DoubleLengthCrop(bos_eos[0], bos_eos[1], insert)
+    spec = objective_spec(cfg)
     algorithm = build_objective(cfg, seq_len, mask_id, crop)
-    if getattr(algorithm, "backbone", None) == "roberta":
-        from models.ssdlm import build_network
-
-        backbone = network if network is not None else build_network(cfg.model, vocab_size, seq_len)
-        network = backbone  # the objective calls the network itself
+    backbone_entry = backbone_spec(str(cfg.model.backbone))
+    if network is not None:  # a loaded network (a released format its objective read)
+        backbone = network
     else:
-        causal = cfg.algo.parameterization == "ar"
-        backbone = DiT(dit_config(cfg.model, vocab_size, causal))
+        backbone = backbone_entry.build(cfg.model, vocab_size, seq_len, spec.causal)
+    # a token backbone is called through models.network.BackboneNetwork; any other network
+    # (SSD-LM's) is the callable its objective calls itself
+    network = None if backbone_entry.token_network else backbone
     schedule = cfg.lr_scheduler
     optim = OptimSettings(
         lr=float(cfg.optim.lr),
@@ -124,7 +125,7 @@ def build_module(
         lr_min=float(schedule.get("lr_min", 1e-6)),
         ema=float(cfg.training.ema),
     )
-    return Diffusion(
+    module = Diffusion(
         backbone,
         algorithm,
         optim,
@@ -143,6 +144,8 @@ def build_module(
         seed=int(cfg.seed),
         network=network,
     )
+    module.family = spec.family(settings_from(spec.settings, cfg.algo))
+    return module
 
 
 def compile_for_training(module: Diffusion, cfg: DictConfig) -> None:
@@ -222,7 +225,7 @@ def build_strategy(cfg: DictConfig, hw: Hardware):
     if cfg.strategy.name == "fsdp":
         return L.pytorch.strategies.FSDPStrategy(
             sharding_strategy=cfg.strategy.get("sharding_strategy", "SHARD_GRAD_OP"),
-            auto_wrap_policy=fsdp_wrap_policy(),
+            auto_wrap_policy=fsdp_wrap_policy(str(cfg.model.backbone)),
             mixed_precision=fsdp_mixed_precision(hw.precision),
         )
     if hw.world_size == 1 and not cfg.strategy.force:
@@ -243,16 +246,14 @@ def fsdp_mixed_precision(precision: str):
     return MixedPrecision(param_dtype=dtype, reduce_dtype=torch.float32, buffer_dtype=torch.float32)
 
 
-def fsdp_wrap_policy():
-    """FSDP auto-wrap policy: every transformer block is a unit of its own (parameters gathered
-    one block at a time): the DiT's DiTBlock, and SSD-LM's RobertaLayer; embeddings, timestep
-    layers and output layers (tied to the embeddings in RoBERTa) stay with the root."""
+def fsdp_wrap_policy(backbone: str = "dit"):
+    """FSDP auto-wrap policy of `model.backbone` `backbone`: every transformer block is a unit
+    of its own (parameters gathered one block at a time), as the backbone's registry entry
+    declares them (models.backbone.BackboneSpec.fsdp_units); embeddings, timestep layers and
+    output layers stay with the root."""
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
-    from transformers.models.roberta.modeling_roberta import RobertaLayer
 
-    from models.dit import DiTBlock
-
-    return ModuleWrapPolicy({DiTBlock, RobertaLayer})
+    return ModuleWrapPolicy(backbone_spec(backbone).fsdp_units())
 
 
 def build_callbacks(cfg: DictConfig) -> list:

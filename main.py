@@ -220,17 +220,16 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 import builders
 import dataloader
 import provenance
+import registry
 import sampling
 import settings
 from checkpoints import (
     LoadedCheckpoint,
     check_state,
     load_checkpoint_into,
-    load_weights,
     ppl_threshold,
     read_any_checkpoint,
     read_checkpoint,
-    read_eval_checkpoint,
     trained_length,
 )
 from sampling import generate
@@ -427,7 +426,7 @@ def load_for_eval(cfg: DictConfig, loaded: LoadedCheckpoint, seq_len: int | None
     strictly by name; EMA weights are swapped in by the caller's mode."""
     key = "eval.checkpoint_path"
     vocab = dataloader.get_vocab(cfg.data)
-    if loaded.format == "ssdlm":  # a released SSD-LM directory: the network is loaded
+    if loaded.format == "network":  # a released format its objective read: the network is built
         dataloader.check_vocab_size(vocab, loaded.meta["vocab_size"], key)
         network = loaded.raw["network"]
         return vocab, builders.build_module(
@@ -437,10 +436,7 @@ def load_for_eval(cfg: DictConfig, loaded: LoadedCheckpoint, seq_len: int | None
     if size is not None:
         dataloader.check_vocab_size(vocab, size, key)
     module = builders.build_module(cfg, vocab.size, vocab.mask_id, seq_len)
-    if cfg.algo.backbone == "roberta":  # an SSD-LM run's .ckpt: no DiT to compare configs of
-        load_weights(module, loaded.raw, key)
-    else:
-        load_checkpoint_into(module, loaded, key, for_training=False)
+    load_checkpoint_into(module, loaded, key, for_training=False)
     return vocab, module
 
 
@@ -491,10 +487,10 @@ def sample_eval(
     module.to(fabric.device).eval()
     ids = sampling.TokenIds(bos=vocab.bos_id, mask=vocab.mask_id, eos=vocab.eos_id)
     try:
-        sampler_cfg, sample_fn = sampling.build_sampler(
-            module.algorithm, module.backbone, window, int(cfg.model.length), ids,
-            settings.sampling_options(cfg), reencode=bool(cfg.sampling.reencode_context),
-            network=module.network,
+        sampler_cfg, sample_fn = registry.build_sampler(
+            settings.objective_spec(cfg), module.algorithm, module.backbone, window,
+            int(cfg.model.length), ids, settings.sampling_options(cfg),
+            reencode=bool(cfg.sampling.reencode_context), network=module.network,
         )  # fmt: skip
     except ValueError as err:
         raise UserError(str(err)) from None
@@ -552,8 +548,9 @@ def run(cfg: DictConfig, run_dir: str | None = None) -> None:
         builders.build_evaluator(cfg, "cpu")  # a judge that cannot be loaded fails first
     loaded = None
     if cfg.mode in EVAL_MODES:
+        spec, key = settings.objective_spec(cfg), "eval.checkpoint_path"
         path = cfg.eval.checkpoint_path
-        loaded = read_eval_checkpoint(path, "eval.checkpoint_path", n_heads(cfg), cfg.algo.backbone)
+        loaded = registry.read_for_eval(spec, path, key, n_heads(cfg), cfg.model.backbone)
     if cfg.mode == "sample_eval":
         settings.check_sampling(cfg, trained_length(loaded, cfg.model.length), command_line)
     if settings.evaluates_released(cfg, loaded):  # float32 unless a precision is set

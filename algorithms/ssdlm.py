@@ -94,6 +94,7 @@ class SSDLM(Objective):
     vocab_size: int | None = None
     top_p: float = 0.95
     sample_context: str = "previous_block"
+    seq_len: int | None = None  # L of the training rows, when known (recorded, not read)
 
     sampler = "ssdlm"  # sampling.ssdlm.ssdlm_sample, options from the fields above
     backbone = "roberta"  # models.ssdlm.SSDLMNetwork, not the DiT

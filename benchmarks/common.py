@@ -1,12 +1,13 @@
 """Shared pieces of the training and sampling benchmarks.
 
-Imports only torch and the model code (models/, algorithms/, sampling/, noise_schedule.py),
-so the GPU machine (torch only: no Lightning, Hydra or datasets) can run it.
+Imports only torch and the model code (models/, algorithms/, sampling/, registry/,
+noise_schedule.py), so the GPU machine (torch only: no Lightning, Hydra or datasets) can run it.
 Sampling goes through `sampling.denoiser.ModelDenoiser` (torch only as well).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import statistics
@@ -23,8 +24,7 @@ if ROOT not in sys.path:
 import baselines  # noqa: E402
 import torch  # noqa: E402
 
-from algorithms.ar import Autoregressive  # noqa: E402
-from algorithms.masked_diffusion import MaskedDiffusion  # noqa: E402
+import registry  # noqa: E402
 from models.dit import DiT, DiTConfig  # noqa: E402
 from noise_schedule import LogLinear  # noqa: E402
 
@@ -71,20 +71,19 @@ def build_dit(
 def build_algorithm(
     name: str, seq_len: int, block: int | None, mask_id: int, optimised: bool = True
 ):
-    """optimised=False: the masked-diffusion loss computes logits and SUBS at every position
-    (the reference's dense path) instead of at the masked x_t positions only."""
-    if name == "ar":
-        return Autoregressive(mask_id=mask_id, seq_len=seq_len)
-    return (MaskedDiffusion if optimised else baselines.DenseNELBO)(
-        noise=LogLinear(),
-        mask_id=mask_id,
-        seq_len=seq_len,
-        block_size=seq_len if block is None else block,
-        cross_attn=name == "bd3lm",
-        ignore_bos=False,
-        time_conditioning=False,
-        antithetic=True,
+    """The objective `name` (ar, mdlm or bd3lm with K = block) by its registry entry, without
+    BOS handling or time conditioning. optimised=False: the masked-diffusion loss computes
+    logits and SUBS at every position (the reference's dense path, baselines.DenseNELBO)
+    instead of at the masked x_t positions only."""
+    algo = {"name": name, "cross_attn": name == "bd3lm"}
+    training = {"antithetic_sampling": True, "resample": False, "eval_nll": True}
+    objective = registry.build_objective(
+        algo, training, LogLinear(), mask_id, seq_len, seq_len if block is None else block
     )
+    if optimised or name == "ar":
+        return objective
+    fields = {f.name: getattr(objective, f.name) for f in dataclasses.fields(objective)}
+    return baselines.DenseNELBO(**fields)
 
 
 def median_ms(samples: list[float]) -> float:

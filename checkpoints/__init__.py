@@ -7,8 +7,9 @@
 - `reference`: the reference's pickled `.ckpt` (through `unpickle`, a restricted unpickler).
 - `load`: the one entry point, `read_any_checkpoint` + `load_checkpoint_into` (evaluation
   refuses a checkpoint of another objective family, `check_family`; fine-tuning may cross
-  families), `read_eval_checkpoint` (also released SSD-LM directories, models.ssdlm) and
-  `trained_length` (the window a checkpoint was trained with).
+  families), `check_backbone` (the checkpoint's network is the run's `model.backbone`) and
+  `trained_length` (the window a checkpoint was trained with). A released format that only
+  one objective reads is that objective's registry entry's (`registry.ReleasedFormat`).
 - `sanity`: the loading sanity check.
 
 Exporting a checkpoint as an HF directory is `hf.export`'s (the HF classes live in `hf`, above
@@ -17,9 +18,9 @@ this package).
 
 from checkpoints.layout import CheckpointError, LoadedCheckpoint
 from checkpoints.load import (
+    check_backbone,
     load_checkpoint_into,
     read_any_checkpoint,
-    read_eval_checkpoint,
     trained_length,
 )
 from checkpoints.ours import check_state, load_pretrained, load_weights, read_checkpoint
@@ -35,7 +36,7 @@ __all__ = [
     "ppl_threshold",
     "read_any_checkpoint",
     "read_checkpoint",
-    "read_eval_checkpoint",
+    "check_backbone",
     "sanity_check_perplexity",
     "trained_length",
 ]

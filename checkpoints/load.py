@@ -13,7 +13,6 @@ import dataclasses
 import os
 from typing import TYPE_CHECKING
 
-from algorithms import SEDD, SSDLM, Autoregressive, MaskedDiffusion
 from checkpoints.layout import (
     CLIP_BUFFERS,
     INV_FREQ,
@@ -37,7 +36,6 @@ from checkpoints.ours import (
 )
 from checkpoints.reference import is_reference_format, read_reference
 from checkpoints.unpickle import restricted_load
-from models import ssdlm
 from models.dit import DiTConfig
 from utils import UserError, get_logger
 
@@ -118,7 +116,7 @@ def read_hf(directory: str, source: str, n_heads: int | None) -> LoadedCheckpoin
 
 @dataclasses.dataclass(frozen=True)
 class Family:
-    """The objective family of a checkpoint or a run (`algo=` name, layout.FAMILIES; None: the
+    """The objective family of a checkpoint or a run (an `algo=` name; None: the
     checkpoint does not record it) with the block size K and length L that decide whether a
     BD3-LM trains MDLM's objective."""
 
@@ -144,9 +142,8 @@ class Family:
             "ar": "an AR (causal, no adaLN) model",
             "mdlm": "an MDLM model",
             "sedd": "a SEDD model",
-            "ssdlm": "an SSD-LM model",
             "bd3lm": "a BD3-LM model",
-        }[self.name]
+        }.get(self.name, f"a model of the {self.name} family")
         if self.one_block:
             what += f" with block_size {self.block_size} = {length_name}, the MDLM objective"
         elif self.name == "bd3lm" and self.block_size is not None:
@@ -161,13 +158,10 @@ class Family:
 
 
 def run_family(module: Diffusion) -> Family:
-    """The family of the module's objective (`module.algorithm`)."""
+    """The family of the module's objective: `module.family` (its registry entry's answer for
+    the run's settings), with the objective's K and L where it has blocks."""
     algorithm = module.algorithm
-    if isinstance(algorithm, MaskedDiffusion):
-        name = objective_family("subs", algorithm.cross_attn)
-        return Family(name, algorithm.block_size, algorithm.seq_len)
-    names = {Autoregressive: "ar", SEDD: "sedd", SSDLM: "ssdlm"}
-    return Family(names[type(algorithm)])
+    return Family(module.family, algorithm.block_size, algorithm.seq_len)
 
 
 def checkpoint_family(loaded: LoadedCheckpoint, key: str) -> Family:
@@ -175,18 +169,15 @@ def checkpoint_family(loaded: LoadedCheckpoint, key: str) -> Family:
     algo.cross_attn, block_size, model.length), an HF directory's config.json (detect_kind), the
     reference's pickled run config (its parameterization; without one only AR is certain, from
     its keys: nothing else lacks adaLN)."""
-    if loaded.format == "ssdlm":
-        return Family("ssdlm")
+    if loaded.format == "network":  # a released format its objective's entry read
+        return Family(loaded.meta["family"])
     if loaded.format == "ours":
         config = loaded.raw.get("config") or {}
         algo = config.get("algo") or {}
         length = (config.get("model") or {}).get("length")
         if "parameterization" not in algo:
             return Family(None)
-        try:
-            name = objective_family(algo["parameterization"], bool(algo.get("cross_attn")))
-        except CheckpointError as err:
-            raise UserError(f"{key}: the checkpoint's stored config: {err}") from None
+        name = objective_family(algo["parameterization"], bool(algo.get("cross_attn")))
         return Family(name, config.get("block_size"), length)
     meta = loaded.meta
     stated = loaded.format == "hf" or "parameterization" in meta or loaded.kind == "ar"
@@ -337,12 +328,9 @@ def load_checkpoint_into(
     The learned clip interval: the file's when evaluating and both sides have one, else the
     run's own, none when the run has none (`checkpoints.ours.clip_buffers`, which logs which).
     """
-    n_heads = module.backbone.config.n_heads
-    loaded = (
-        source
-        if isinstance(source, LoadedCheckpoint)
-        else read_any_checkpoint(source, key, n_heads)
-    )
+    loaded = source
+    if not isinstance(source, LoadedCheckpoint):
+        loaded = read_any_checkpoint(source, key, module.backbone.config.n_heads)
     if not for_training:
         check_family(module, loaded, key)
     if loaded.format == "ours":
@@ -395,37 +383,27 @@ def trained_length(loaded: LoadedCheckpoint, default: int) -> int:
     return int(stored) if stored else int(default)
 
 
-def read_eval_checkpoint(
-    path: str, key: str, n_heads: int | None, backbone: str
-) -> LoadedCheckpoint:
-    """`eval.checkpoint_path` read before any module exists: a released SSD-LM directory
-    (models.ssdlm layout: a RoBERTa MLM + embed_sum_layer.pt + timestep_layer.pt, read with
-    weights_only; format "ssdlm", its network in raw["network"]) or what read_any_checkpoint
-    reads. SSD-LM runs (backbone "roberta", the run's algo.backbone) take that directory or
-    our .ckpt of an SSD-LM run only; the DiT runs refuse an SSD-LM directory."""
-    roberta = backbone == "roberta"
-    if ssdlm.is_released_layout(path):
-        if not roberta:
-            raise UserError(
-                f"{key}={path} is an SSD-LM checkpoint ({ssdlm.EMBED_SUM_FILE}, "
-                f"{ssdlm.TIMESTEP_FILE}); sample it with algo=ssdlm"
-            )
-        try:
-            vocab_size, max_tokens = ssdlm.released_shape(path)
-            network = ssdlm.load_ssdlm(path)
-        except (OSError, ValueError) as err:
-            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-            raise UserError(f"{key}={path}: {reason[:200]}") from None
-        meta = {"model_length": max_tokens, "vocab_size": vocab_size}
-        return LoadedCheckpoint(source=path, format="ssdlm", raw={"network": network}, meta=meta)
-    loaded = read_any_checkpoint(path, key, n_heads)
-    stored = ((loaded.raw or {}).get("config") or {}).get("algo") or {}
-    dit = loaded.format != "ours" or stored.get("backbone", "roberta") != "roberta"
-    if roberta and dit:
-        what = f"algo={stored['name']}" if stored.get("name") else loaded.format
-        raise UserError(
-            f"{key}={path} is a DiT checkpoint ({what}); algo=ssdlm reads an SSD-LM "
-            f"run's .ckpt or a released SSD-LM directory (RoBERTa MLM + {ssdlm.EMBED_SUM_FILE} "
-            f"+ {ssdlm.TIMESTEP_FILE})"
-        )
-    return loaded
+def stored_backbone(loaded: LoadedCheckpoint) -> str:
+    """The `model.backbone` of a checkpoint's network: our .ckpt's stored run config says it
+    (older SSD-LM runs: algo.backbone=roberta); HF directories and the reference's .ckpt hold
+    DiTs."""
+    if loaded.format != "ours":
+        return "dit"
+    config = loaded.raw.get("config") or {}
+    model, algo = config.get("model") or {}, config.get("algo") or {}
+    return model.get("backbone") or ("roberta" if algo.get("backbone") == "roberta" else "dit")
+
+
+def check_backbone(loaded: LoadedCheckpoint, backbone: str, key: str, run: str) -> None:
+    """UserError unless the checkpoint's network is the run's `model.backbone` (`run`: what
+    the run is, for the message)."""
+    stored = stored_backbone(loaded)
+    if stored == backbone:
+        return
+    config = (loaded.raw or {}).get("config") or {}
+    name = (config.get("algo") or {}).get("name")
+    what = f"algo={name}" if name else loaded.format
+    raise UserError(
+        f"{key}={loaded.source} is a model.backbone={stored} checkpoint ({what}); {run} runs "
+        f"on model.backbone={backbone}"
+    )

@@ -61,7 +61,7 @@ def sanity_check_perplexity(
             mask = batch["attention_mask"][: max_rows - rows].to(module.device)
             rows += x0.shape[0]
             out = module.algorithm.loss(
-                module.network, x0, mask, eps_min, eps_max, False, generator=generator
+                module.network, x0, mask, eps_min, eps_max, train=False, generator=generator
             )
             nll_sum += float(out.nlls.sum())
             count += float(out.token_mask.sum())

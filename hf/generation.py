@@ -73,29 +73,25 @@ def checkpoint_kind(model) -> str:
 
 
 def objective_from_config(config, mask_id: int, kind: str):
-    """The objective (algorithms.MaskedDiffusion, SEDD or Autoregressive) of family `kind`
-    (checkpoint_kind's answer) for an HF config's trained window `model_length`, under the
-    log-linear schedule."""
-    from algorithms import SEDD, Autoregressive, MaskedDiffusion
+    """The objective of family `kind` (checkpoint_kind's answer: "ar", "bd3lm", "mdlm" or
+    "sedd") for an HF config's trained window `model_length`, under the log-linear schedule,
+    built by its registry entry with the settings the config records (block size, time
+    conditioning, learned clip interval) and the training defaults."""
     from noise_schedule import build_noise
+    from registry import build_objective
 
+    algo = {
+        "name": kind,
+        "cross_attn": kind == "bd3lm",
+        "ignore_bos": kind != "ar",
+        # SEDD's score needs t: its released configs may not say so
+        "time_conditioning": kind == "sedd" or bool(getattr(config, "time_conditioning", False)),
+        "var_min": bool(getattr(config, "var_min", False)),
+    }
+    training = {"antithetic_sampling": True, "resample": False, "eval_nll": True}
     window = int(config.model_length)
-    if kind == "ar":
-        return Autoregressive(mask_id=mask_id, seq_len=window)
-    if kind == "sedd":
-        return SEDD(noise=build_noise("loglinear"), mask_id=mask_id, seq_len=window)
-    bd3lm = kind == "bd3lm"
-    return MaskedDiffusion(
-        noise=build_noise("loglinear"),
-        mask_id=mask_id,
-        seq_len=window,
-        block_size=int(config.block_size) if bd3lm else window,
-        cross_attn=bd3lm,
-        ignore_bos=True,
-        time_conditioning=bool(config.time_conditioning),
-        antithetic=True,
-        var_min=bool(getattr(config, "var_min", False)),
-    )
+    block_size = int(getattr(config, "block_size", window) or window)
+    return build_objective(algo, training, build_noise("loglinear"), mask_id, window, block_size)
 
 
 class BlockStream:
@@ -225,7 +221,8 @@ def diffusion_generate(
             f"generator on {generator.device}: the samplers draw from a CPU torch.Generator "
             "(torch.Generator().manual_seed(S)), as sample_eval does"
         )
-    from sampling import TokenIds, build_sampler
+    from registry import build_sampler, objective_spec
+    from sampling import TokenIds
     from sampling.context import left_pad_prompts
     from sampling.generate import redraw_low_entropy
 
@@ -234,10 +231,11 @@ def diffusion_generate(
     max_new = int(max_new_tokens)
     config = model.config
     bos, mask, eos = token_ids(config)
-    objective = objective_from_config(config, mask, checkpoint_kind(model))
+    kind = checkpoint_kind(model)
+    objective = objective_from_config(config, mask, kind)
     window = int(config.model_length)
     if input_ids is not None:
-        if not objective.supports_prompts:
+        if not objective.capabilities.prompts:
             raise ValueError(
                 f"input_ids: {type(model).__name__} with cross_attn=False (MDLM) samples without "
                 "a prompt; call generate(num_samples=N, max_new_tokens=...)"
@@ -258,8 +256,8 @@ def diffusion_generate(
     )  # fmt: skip
     length = max(length, block)
     cfg, sample_fn = build_sampler(
-        objective, model.backbone, window, length, TokenIds(bos, mask, eos), options,
-        reencode=bool(reencode_context),
+        objective_spec(kind), objective, model.backbone, window, length,
+        TokenIds(bos, mask, eos), options, reencode=bool(reencode_context),
     )  # fmt: skip
     device = next(model.parameters()).device
     if generator is None:  # sample_eval's rank-0 generator

@@ -15,14 +15,14 @@
   generate.py       the sample_eval loop: batches, the low-entropy retry rule (shared with hf's
                     generate()), records, summaries
 
-The objective decides the sampler kind (`objective.sampler`) and the block structure
-(`objective.sampling_blocks`); everything below takes plain arguments, no config.
+The objective's registry entry picks its sampler (registry.build_sampler), the objective gives
+the block structure (`objective.sampling_blocks`); everything here takes plain arguments, no
+config.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -31,7 +31,6 @@ from sampling.ar import ar_sample
 from sampling.block import semi_ar_sample
 from sampling.config import SampleOutput, SamplerConfig
 from sampling.denoiser import Denoiser, ModelDenoiser
-from sampling.ssdlm import SSDLMSamplerOptions, ssdlm_sample
 
 # sample_fn(batch_size, cfg, generator, device, prompt, prompt_valid, progress) -> SampleOutput
 SampleFn = Callable[..., SampleOutput]
@@ -58,44 +57,6 @@ def sampler_config(
     )  # fmt: skip
 
 
-def build_sampler(
-    objective: Any,
-    backbone,
-    window: int,
-    length: int,
-    ids: TokenIds,
-    options: dict,
-    reencode: bool = False,
-    network=None,
-) -> tuple[SamplerConfig, SampleFn]:
-    """The sampler of `objective` (its `sampler` kind) and its config (`sampler_config`).
-
-    network: the callable network of the objectives (models.network.BackboneNetwork), made
-    here when None; for SSD-LM (sampler "ssdlm") the models.ssdlm.SSDLMNetwork (`backbone`
-    when None), sampled with the objective's top_p, simplex value and context (its
-    sampling_blocks give stride K, so the trained window does not constrain the tiling).
-    Raises ValueError on settings the sampler cannot honour.
-    """
-    from models.network import BackboneNetwork
-
-    cfg = sampler_config(objective, window, length, ids, options)
-    if objective.sampler == "ssdlm":  # the network is SSD-LM's own (models.ssdlm)
-        ssdlm_options = SSDLMSamplerOptions(
-            simplex_value=objective.simplex_value,
-            top_p=objective.top_p,
-            context=objective.sample_context,
-            max_context=objective.max_context,
-        )
-        return cfg, functools.partial(ssdlm_sample, network or backbone, options=ssdlm_options)
-    network = network or BackboneNetwork(backbone)
-    if objective.sampler == "analytic":
-        score_fn = objective.score_fn(network)
-        return cfg, functools.partial(analytic_sample, score_fn, noise=objective.noise)
-    denoiser = ModelDenoiser(backbone, objective, window, reencode, network)
-    sampler = ar_sample if objective.sampler == "ar" else semi_ar_sample
-    return cfg, functools.partial(sampler, denoiser)
-
-
 __all__ = [
     "Denoiser",
     "ModelDenoiser",
@@ -105,8 +66,6 @@ __all__ = [
     "TokenIds",
     "analytic_sample",
     "ar_sample",
-    "build_sampler",
     "sampler_config",
     "semi_ar_sample",
-    "ssdlm_sample",
 ]

@@ -22,6 +22,7 @@ from settings.checks import (
     check_run,
     check_sampling,
     check_writable,
+    objective_spec,
     sampling_options,
     settle_block_size,
 )
@@ -69,6 +70,7 @@ __all__ = [
     "check_writable",
     "configure_float32_matmul",
     "evaluates_released",
+    "objective_spec",
     "plan_batches",
     "resolve_hardware",
     "sampling_options",

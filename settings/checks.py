@@ -15,7 +15,7 @@ from collections.abc import Collection, Mapping
 
 from omegaconf import DictConfig, OmegaConf
 
-from algorithms import build_algorithm
+import registry
 from algorithms.base import (
     DEFAULT_EPS_MAX,
     DEFAULT_EPS_MIN,
@@ -34,34 +34,19 @@ from utils import UserError, filesystem, get_logger
 log = get_logger("bd3lms")
 
 
-def fixed_block_size(algo: DictConfig, context: int) -> int | None:
-    """K when the objective of `algo` fixes it for a context of `context` tokens: 1 for AR
-    (one token at a time), the whole context for MDLM and SEDD (one block, K = L); None where
-    `block_size` is the objective's own parameter (BD3-LM, SSD-LM)."""
-    if algo.parameterization == "ar":
-        return 1
-    if algo.parameterization == "sedd" or (algo.parameterization == "subs" and not algo.cross_attn):
-        return context
-    return None
-
-
-FIXED_K = {
-    "ar": "predicts one token at a time",
-    "mdlm": "denoises its whole context as one block",
-    "sedd": "diffuses its whole context at once",
-}
-
-
 def settle_block_size(
     cfg: DictConfig, context: int, context_name: str, command_line: Collection[str] = ()
 ) -> None:
     """Set `block_size` to the K the run uses, so that config_resolved.yaml and checkpoints
-    record it: an objective that fixes K (`fixed_block_size`) takes its own, with a log line
-    when the composed config said otherwise (an experiment's K for BD3-LM); UserError when
-    the command line (`command_line`: the keys it sets) asked for another K, or when a block
-    is longer than the context (`context` tokens, `context_name` in messages)."""
-    given, K = int(cfg.block_size), fixed_block_size(cfg.algo, context)
-    if K is None:
+    record it: an objective that fixes K (its registry entry's `block_size`: AR 1, MDLM and
+    SEDD the context) takes its own, with a log line when the composed config said otherwise
+    (an experiment's K for BD3-LM); UserError when the command line (`command_line`: the keys
+    it sets) asked for another K, or when a block is longer than the context (`context`
+    tokens, `context_name` in messages)."""
+    spec = objective_spec(cfg)
+    given = int(cfg.block_size)
+    K = registry.block_size_of(cfg.algo, context, given=-1)
+    if K == -1:  # K is the objective's own parameter
         if given > context:
             raise UserError(
                 f"block_size={given} exceeds {context_name} ({context} tokens): a block is at "
@@ -70,24 +55,29 @@ def settle_block_size(
         return
     if given == K:
         return
-    name = cfg.algo.name
     equation = "K = 1" if K == 1 else f"K = {context_name} = {K}"
-    why = f"algo={name} {FIXED_K.get(str(name), 'fixes its block size')} ({equation})"
+    why = f"algo={spec.name} {spec.fixed_k_reason} ({equation})"
     if "block_size" in command_line:
         raise UserError(f"block_size={given}: {why}; leave block_size out or set it to {K}")
     log.info("block_size %d of the config -> %d: %s", given, K, why)
     cfg.block_size = K
 
 
+def objective_spec(cfg: DictConfig) -> registry.ObjectiveSpec:
+    """The registry entry of `algo=` (the schema checked the name)."""
+    return registry.objective_spec(str(cfg.algo.name))
+
+
 def build_objective(cfg: DictConfig, seq_len: int, mask_id: int = 0, crop=None):
-    """The objective of `cfg` for a context of `seq_len` tokens. `block_size` reaches it here
-    and nowhere else: AR uses K = 1, MDLM and SEDD K = seq_len (`fixed_block_size`, whatever
-    `block_size` says: `settle_block_size` records it), BD3-LM and SSD-LM `block_size`."""
-    fixed = fixed_block_size(cfg.algo, seq_len)
-    block_size = int(cfg.block_size) if fixed is None else fixed
+    """The objective of `cfg` for a context of `seq_len` tokens, built by its registry entry.
+    `block_size` reaches it here and nowhere else: an objective that fixes K takes its own
+    (whatever `block_size` says: `settle_block_size` records it), BD3-LM and SSD-LM
+    `block_size`."""
     try:
         noise = build_noise(cfg.noise.type)
-        return build_algorithm(cfg.algo, cfg.training, noise, mask_id, seq_len, block_size, crop)
+        return registry.build_objective(
+            cfg.algo, cfg.training, noise, mask_id, seq_len, int(cfg.block_size), crop
+        )
     except ValueError as err:
         raise UserError(str(err)) from None
 
@@ -97,12 +87,12 @@ def check_run(cfg: DictConfig, hw: Hardware) -> None:
     # sample_eval: model.length is the generation length, checked against the trained window
     # once the checkpoint is read (check_sampling); the capabilities do not depend on it.
     seq_len = int(cfg.block_size) if cfg.mode == "sample_eval" else int(cfg.model.length)
-    objective = build_objective(cfg, seq_len)
+    objective, spec = build_objective(cfg, seq_len), objective_spec(cfg)
     try:
-        dit_config(cfg.model, vocab_size=1, causal=cfg.algo.parameterization == "ar")
+        dit_config(cfg.model, vocab_size=1, causal=spec.causal)
     except ValueError as err:
         raise UserError(str(err)) from None
-    check_network(cfg, objective)
+    check_network(cfg, spec, objective)
     check_backend(cfg, hw, objective)
     training = cfg.training
     if float(training.sampling_eps_min) > float(training.sampling_eps_max):
@@ -142,7 +132,7 @@ def check_clip_intervals(cfg: DictConfig, objective) -> None:
     training, algo = cfg.training, cfg.algo
     eps_min, eps_max = float(training.sampling_eps_min), float(training.sampling_eps_max)
     default = f32_equal(eps_min, DEFAULT_EPS_MIN) and f32_equal(eps_max, DEFAULT_EPS_MAX)
-    if not (algo.var_min and hasattr(objective, "corrupt")):  # no learned clip interval
+    if not (algo.var_min and objective.capabilities.clip_interval):  # no learned interval
         which = f"algo={algo.name} with algo.var_min={_yaml(algo.var_min)}"
         if not default:
             raise UserError(
@@ -230,47 +220,33 @@ def check_callbacks(cfg: DictConfig) -> None:
             raise UserError(f"callbacks.{name}: {reason}") from None
 
 
-def check_network(cfg: DictConfig, objective) -> None:
-    """The network the objective runs on (`objective.backbone`, the DiT when it names none),
-    what its training rows need (`objective.check_rows`) and whether it has a likelihood
-    bound for ppl_eval (`objective.eval_interval`)."""
-    name, backbone = cfg.algo.name, cfg.algo.backbone
-    wanted = getattr(objective, "backbone", None)
-    if wanted is not None and backbone != wanted:
-        raise UserError(f"algo.backbone={backbone}: algo={name} runs on algo.backbone={wanted}")
-    if wanted is None and backbone == "roberta":
+def check_network(cfg: DictConfig, spec: registry.ObjectiveSpec, objective) -> None:
+    """The network the objective runs on (its entry's `backbones`), what its training rows
+    need (`objective.check_rows`), whether it has a likelihood bound for ppl_eval
+    (capabilities.ppl_eval) and its entry's own rules (`spec.check`)."""
+    name, backbone = cfg.algo.name, cfg.model.backbone
+    if cfg.algo.parameterization != spec.parameterization:  # what checkpoints record
         raise UserError(
-            f"algo.backbone=roberta is SSD-LM's network; algo={name} takes dit or hf_dit"
+            f"algo.parameterization={cfg.algo.parameterization}: algo={name} is "
+            f"algo.parameterization={spec.parameterization}"
         )
-    if cfg.mode == "ppl_eval":
-        try:
-            objective.eval_interval()
-        except NotImplementedError:
-            raise UserError(
-                f"mode=ppl_eval: algo={name} has no likelihood bound to evaluate; use "
-                "mode=sample_eval (generative perplexity)"
-            ) from None
-    if cfg.mode == "train" and hasattr(objective, "check_rows"):
+    if backbone not in spec.backbones:
+        raise UserError(
+            f"model.backbone={backbone}: algo={name} runs on model.backbone="
+            f"{' or '.join(spec.backbones)}"
+        )
+    if cfg.mode == "ppl_eval" and not objective.capabilities.ppl_eval:
+        raise UserError(
+            f"mode=ppl_eval: algo={name} has no likelihood bound to evaluate; use "
+            "mode=sample_eval (generative perplexity)"
+        )
+    if cfg.mode == "train":
         try:
             objective.check_rows(int(cfg.model.length))
         except ValueError as err:
             raise UserError(str(err)) from None
-    if wanted == "roberta":
-        if cfg.model.attn_backend != "sdpa":
-            raise UserError(
-                f"model.attn_backend={cfg.model.attn_backend}: the RoBERTa network of "
-                f"algo={name} uses transformers' attention; set model.attn_backend=sdpa"
-            )
-        if cfg.training.compile:
-            raise UserError(
-                f"training.compile=true compiles DiT blocks; algo={name} has none, set "
-                "training.compile=false"
-            )
-        if cfg.mode == "train" and cfg.training.from_pretrained:
-            raise UserError(
-                f"training.from_pretrained={cfg.training.from_pretrained}: algo={name} trains "
-                "from scratch or resumes its own run (checkpointing.resume_ckpt_path); set null"
-            )
+    if spec.check is not None:
+        spec.check(cfg, objective)
 
 
 def check_backend(cfg: DictConfig, hw: Hardware, objective) -> None:
@@ -289,7 +265,7 @@ def check_backend(cfg: DictConfig, hw: Hardware, objective) -> None:
                 "model.attn_backend=flash_attn needs CUDA and the flash-attn package "
                 "(pip install -r requirements-gpu.txt); use sdpa or flex"
             )
-        if getattr(objective, "cross_attn", False):
+        if objective.capabilities.two_stream:
             raise UserError(
                 f"model.attn_backend=flash_attn cannot express the block-diffusion masks of "
                 f"algo={cfg.algo.name}; use sdpa or flex"
@@ -359,17 +335,15 @@ def check_sampling_keys(cfg: DictConfig, objective) -> None:
     except ValueError as err:
         raise UserError(str(err)) from None
     length = int(cfg.model.length)
-    if (
-        getattr(objective, "cross_attn", False) and length % objective.block_size
-    ):  # known before any checkpoint
+    if objective.capabilities.two_stream and length % objective.block_size:  # no checkpoint needed
         raise UserError(
             f"block_size={objective.block_size} must divide the generation length "
             f"model.length={length}"
         )
-    if sampling.kv_cache and not objective.supports_kv_cache:
+    if sampling.kv_cache and not objective.capabilities.kv_cache:
         which = f"algo={cfg.algo.name}"
-        if hasattr(objective, "time_conditioning"):
-            which += f" with algo.time_conditioning={cfg.algo.time_conditioning}"
+        if objective.capabilities.time_conditioned:
+            which += f" with algo.time_conditioning={_yaml(cfg.algo.time_conditioning)}"
         raise UserError(
             f"sampling.kv_cache=true: {which} recomputes its context at every step (only bd3lm "
             "without time conditioning and ar keep clean keys); set sampling.kv_cache=false"
@@ -381,7 +355,7 @@ def check_sampling_keys(cfg: DictConfig, objective) -> None:
     if sampling.prefix is not None and sampling.prefix_file is not None:
         raise UserError("give sampling.prefix or sampling.prefix_file, not both")
     has_prompt = sampling.prefix is not None or sampling.prefix_file is not None
-    if has_prompt and not objective.supports_prompts:
+    if has_prompt and not objective.capabilities.prompts:
         raise UserError(
             f"sampling.prefix: algo={cfg.algo.name} samples without a prompt; prompts need "
             "algo=bd3lm or ar"
@@ -423,7 +397,7 @@ def check_unread_sampling_keys(cfg: DictConfig, objective) -> None:
     """The sampler options (algorithms.base.SAMPLER_OPTIONS) that the objective's sampler does
     not read (`objective.sampling_keys`), refused when set away from their defaults
     (`sampling_defaults`)."""
-    keys, name = objective.sampling_keys, cfg.algo.name
+    keys, name = objective.capabilities.sampling_keys, cfg.algo.name
     defaults = sampling_defaults(str(name))
     for key in SAMPLER_OPTIONS:
         value, default = cfg.sampling.get(key, defaults[key]), defaults[key]

@@ -57,11 +57,11 @@ def auto_precision(accelerator: str, released_checkpoint: bool) -> tuple[str, st
 
 def evaluates_released(cfg: DictConfig, loaded) -> bool:
     """An evaluation of a released checkpoint: an HF-format one (directory or hub id), a
-    released SSD-LM directory, or any checkpoint with `algo.backbone=hf_dit` (the reference's
-    switch for them)."""
+    released format an objective's registry entry reads (format "network"), or any checkpoint
+    with `algo.backbone=hf_dit` (the reference's switch for them)."""
     if loaded is None or cfg.mode not in ("ppl_eval", "sample_eval"):
         return False
-    return cfg.algo.backbone == "hf_dit" or loaded.format in ("hf", "ssdlm")
+    return cfg.algo.get("backbone") == "hf_dit" or loaded.format in ("hf", "network")
 
 
 def resolve_hardware(trainer: DictConfig, released_checkpoint: bool = False) -> Hardware:

@@ -17,9 +17,9 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from algorithms import ALGORITHMS, PARAMETERIZATIONS
 from models.attention import BACKENDS
 from noise_schedule import SCHEDULES
+from registry import OBJECTIVES
 from sampling.config import UNMASK_ORDERS
 from utils import UserError
 
@@ -211,9 +211,10 @@ GROUPS: dict[str, dict[str, Spec]] = {
         "keep_last_k": POSITIVE_OR_NULL,
     },
     "algo": {
-        "name": Choice(*ALGORITHMS),
-        "backbone": Choice("dit", "hf_dit", "roberta"),
-        "parameterization": Choice(*PARAMETERIZATIONS),
+        "name": Choice(*OBJECTIVES),
+        # hf_dit: evaluating a released HF checkpoint (float32 unless trainer.precision says)
+        "backbone": Choice("dit", "hf_dit", null=True),
+        "parameterization": Choice(*dict.fromkeys(s.parameterization for s in OBJECTIVES.values())),
         "time_conditioning": BOOL,
         "T": Int(0),
         "ignore_bos": BOOL,

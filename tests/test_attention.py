@@ -121,7 +121,7 @@ def test_flex_model_cached_sampling_equals_its_uncached_flex_sampling(tiny_dit):
     the window."""
     pytest.importorskip("torch.nn.attention.flex_attention")
     import sampling
-    from algorithms import MaskedDiffusion
+    from algorithms.masked_diffusion import MaskedDiffusion
     from noise_schedule import LogLinear
     from sampling import ModelDenoiser
 

@@ -54,6 +54,7 @@ def sample_eval_batches_of_one(exported, tmp_path, prompts, num_batches):
     8 new tokens per prompt, or num_batches unconditional samples of 8 tokens."""
     from transformers import AutoTokenizer
 
+    import registry
     import sampling
     from data.vocab import Vocab
     from hf import BD3LM
@@ -66,9 +67,9 @@ def sample_eval_batches_of_one(exported, tmp_path, prompts, num_batches):
     vocab = Vocab(tokenizer=tokenizer, mask_id=mask, size=model.config.vocab_size, bos_id=bos,
                   eos_id=eos)  # fmt: skip
     objective = objective_from_config(model.config, mask, checkpoint_kind(model))
-    cfg, sample_fn = sampling.build_sampler(
-        objective, model.backbone, model.config.model_length, 8,
-        sampling.TokenIds(bos, mask, eos), {"num_steps": 8},
+    cfg, sample_fn = registry.build_sampler(
+        registry.objective_spec(checkpoint_kind(model)), objective, model.backbone,
+        model.config.model_length, 8, sampling.TokenIds(bos, mask, eos), {"num_steps": 8},
     )  # fmt: skip
     job = generation.GenerationJob(1, num_batches, 7, str(tmp_path), prompts=prompts,
                                    show_progress=False)  # fmt: skip

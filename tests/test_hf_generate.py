@@ -240,6 +240,7 @@ def test_readme_example_on_a_bert_tokenizer_model_gives_sample_eval_samples(
     from omegaconf import OmegaConf
 
     import dataloader
+    import registry
     import sampling
     from conftest import randomize_, readme_code
     from hf import BD3LM, BD3LMConfig
@@ -268,9 +269,10 @@ def test_readme_example_on_a_bert_tokenizer_model_gives_sample_eval_samples(
 
     kind = checkpoint_kind(model)
     options = {"num_steps": 1000, "kv_cache": True}  # generate()'s defaults and the example's
-    cfg, sample_fn = sampling.build_sampler(
-        objective_from_config(config, ids.mask, kind), model.backbone, 16, 64, ids, options
-    )
+    cfg, sample_fn = registry.build_sampler(
+        registry.objective_spec(kind), objective_from_config(config, ids.mask, kind),
+        model.backbone, 16, 64, ids, options,
+    )  # fmt: skip
     job = generation.GenerationJob(2, 1, 0, str(tmp_path / "samples"), prompts=prompts,
                                    show_progress=False)  # fmt: skip
     records = generation.generate(sample_fn, cfg, job, vocab, None, "cpu")

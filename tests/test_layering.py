@@ -1,7 +1,7 @@
 """The maths imports neither Lightning nor Hydra, nothing imports main.py, no production module
 (anything outside tests/ and scripts/, benchmarks/ included) imports from scripts/, and imports
-point one way: models/ <- algorithms/ <- sampling/ <- checkpoints/ <- hf/ and the run's assembly
-(README "Code map")."""
+point one way: models/ <- algorithms/ <- sampling/ <- checkpoints/ <- registry/ <- hf/ and the
+run's assembly (README "Code map")."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ PURE = [
     "noise_schedule.py",
     "metrics.py",
     "checkpoints",
+    "registry",
     "hf",
 ]
 FORBIDDEN = {"lightning", "pytorch_lightning", "hydra", "omegaconf"}
@@ -28,10 +29,11 @@ FORBIDDEN = {"lightning", "pytorch_lightning", "hydra", "omegaconf"}
 # assembly: settings/, evaluation/, diffusion.py, builders.py and main.py
 ASSEMBLY = {"settings", "evaluation", "diffusion", "builders", "main"}
 NOT_IMPORTED = {
-    "models": {"algorithms", "sampling", "checkpoints", "hf"} | ASSEMBLY,
-    "algorithms": {"sampling", "checkpoints", "hf"} | ASSEMBLY,
-    "sampling": {"checkpoints", "hf"} | ASSEMBLY,
-    "checkpoints": {"hf"} | (ASSEMBLY - {"settings"}),
+    "models": {"algorithms", "sampling", "checkpoints", "registry", "hf"} | ASSEMBLY,
+    "algorithms": {"sampling", "checkpoints", "registry", "hf"} | ASSEMBLY,
+    "sampling": {"checkpoints", "registry", "hf"} | ASSEMBLY,
+    "checkpoints": {"registry", "hf"} | (ASSEMBLY - {"settings"}),
+    "registry": {"hf"} | ASSEMBLY,
 }
 
 

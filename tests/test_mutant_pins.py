@@ -39,7 +39,7 @@ def test_ssdlm_training_input_is_the_forward_process():
     objective = SSDLM(block_size=K, num_steps=T)
     x0 = torch.randint(V, (64, L), generator=torch.Generator().manual_seed(0))
     net = InputSpy(V)
-    objective.loss(net, x0, torch.ones_like(x0), None, None, True,
+    objective.loss(net, x0, torch.ones_like(x0), None, None, train=True,
                    generator=torch.Generator().manual_seed(1))  # fmt: skip
     c, t, eps = objective.draw(64, L, V, "cpu", torch.Generator().manual_seed(1))
     ((context, xt, t_frac),) = net.calls
@@ -132,9 +132,9 @@ def test_is_greedy_reads_a_time_conditioned_network_at_t_1():
     hidden = torch.tensor([[False, False, True, True, True]])
     cont = torch.tensor([[False, False, True, True, False]])
     for conditioned, level in ((True, 7.5), (False, 0.0)):
+        capabilities = types.SimpleNamespace(two_stream=False, time_conditioned=conditioned)
         harness.objective = types.SimpleNamespace(
-            cross_attn=False, train_layout=Layout(), time_conditioning=conditioned,
-            noise_sigma_max=7.5,
-        )  # fmt: skip
+            capabilities=capabilities, train_layout=Layout(), noise_sigma_max=7.5
+        )
         assert harness._greedy(x0, hidden, cont) == [True]
         assert seen[-1].tolist() == [level]

@@ -11,8 +11,7 @@ import inspect
 import pytest
 import torch
 
-from algorithms import SEDD, SSDLM, Autoregressive, MaskedDiffusion
-from algorithms.ar import ar_log_probs
+from algorithms.ar import Autoregressive, ar_log_probs
 from algorithms.base import (
     SAMPLER_OPTIONS,
     Capabilities,
@@ -24,6 +23,9 @@ from algorithms.base import (
     sigma_from_p,
     subs_log_probs,
 )
+from algorithms.masked_diffusion import MaskedDiffusion
+from algorithms.sedd import SEDD
+from algorithms.ssdlm import SSDLM
 from models.network import BackboneNetwork
 from noise_schedule import LogLinear
 

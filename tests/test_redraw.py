@@ -61,7 +61,7 @@ def test_hf_generate_sums_a_redrawn_rows_nfe_over_its_draws(monkeypatch):
     the first, and reports every draw's model calls (sample_eval records the last draw's)."""
     import torch
 
-    import sampling
+    import registry
     from hf import BD3LM, BD3LMConfig
     from sampling import SampleOutput
 
@@ -70,7 +70,7 @@ def test_hf_generate_sums_a_redrawn_rows_nfe_over_its_draws(monkeypatch):
         n_heads=2, dropout=0.0, attn_backend="sdpa",
     )  # fmt: skip
     model = BD3LM(config).eval()
-    build, sizes = sampling.build_sampler, []
+    build, sizes = registry.build_sampler, []
 
     def build_fake(*args, **kwargs):
         cfg, _ = build(*args, **kwargs)
@@ -90,7 +90,7 @@ def test_hf_generate_sums_a_redrawn_rows_nfe_over_its_draws(monkeypatch):
 
         return cfg, sample_fn
 
-    monkeypatch.setattr(sampling, "build_sampler", build_fake)
+    monkeypatch.setattr(registry, "build_sampler", build_fake)
     out = model.generate(num_samples=2, max_new_tokens=4, return_dict_in_generate=True)
     assert sizes == [2, 1, 1]
     assert out.nfe_denoise.tolist() == [5, 15] and out.nfe_total.tolist() == [7, 21]

@@ -10,6 +10,7 @@ import dataclasses
 import pytest
 import torch
 
+import registry
 import sampling
 from conftest import BOS_TINY, MASK_TINY, module_denoiser, tiny_module
 from sampling import SamplerConfig, semi_ar_sample
@@ -115,8 +116,9 @@ def test_the_time_conditioning_of_the_objective_reaches_the_sampler():
     assert not module_denoiser(tiny_module("ar"), 16).time_conditioned
     ids = sampling.TokenIds(BOS_TINY, MASK_TINY, BOS_TINY)
     options = dict(num_steps=16, first_hitting=False, reject_low_entropy=False)
-    cfg, sample_fn = sampling.build_sampler(
-        conditioned.algorithm, conditioned.backbone, 16, 8, ids, options
+    spec = registry.objective_spec("bd3lm")
+    cfg, sample_fn = registry.build_sampler(
+        spec, conditioned.algorithm, conditioned.backbone, 16, 8, ids, options
     )
     denoiser = sample_fn.args[0]
     assert denoiser.time_conditioned

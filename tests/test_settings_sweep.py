@@ -14,9 +14,12 @@ import torch
 from omegaconf import OmegaConf
 
 import settings
-from algorithms import SEDD, SSDLM, Autoregressive, MaskedDiffusion
+from algorithms.ar import Autoregressive
 from algorithms.base import SAMPLER_OPTIONS, q_xt
 from algorithms.clip_search import interval_grid
+from algorithms.masked_diffusion import MaskedDiffusion
+from algorithms.sedd import SEDD
+from algorithms.ssdlm import SSDLM
 from conftest import ROOT, compose_cfg
 from noise_schedule import LogLinear
 from settings import checks, schema
@@ -252,9 +255,13 @@ def samplers(tiny_dit):
     ]
 
 
+SPEC = {Autoregressive: "ar", SEDD: "sedd", SSDLM: "ssdlm"}  # the registry entry of each
+
+
 def sample(objective, backbone, network, length, *changed: str) -> torch.Tensor | str:
     """Tokens of 2 samples with the default options but the `changed` ones (OTHER_VALUE), or
     the sampler's refusal."""
+    import registry
     import sampling
 
     options = {k: OTHER_VALUE[k] for k in changed}
@@ -262,9 +269,9 @@ def sample(objective, backbone, network, length, *changed: str) -> torch.Tensor 
     options.setdefault("reject_low_entropy", True)
     ids = sampling.TokenIds(BOS, MASK, BOS)
     try:
-        cfg, fn = sampling.build_sampler(
-            objective, backbone, WINDOW, length, ids, {"num_steps": 3, **options}, reencode,
-            network,
+        cfg, fn = registry.build_sampler(
+            registry.objective_spec(SPEC[type(objective)]), objective, backbone, WINDOW, length,
+            ids, {"num_steps": 3, **options}, reencode, network,
         )  # fmt: skip
         return fn(2, cfg, torch.Generator().manual_seed(0), torch.device("cpu")).tokens
     except ValueError as err:

@@ -35,7 +35,7 @@ def read_records(run_dir) -> list[dict]:
 
 def test_ssdlm_config_defaults():
     cfg = compose_cfg("algo=ssdlm")
-    assert cfg.algo.backbone == "roberta" and cfg.algo.parameterization == "ssdlm"
+    assert cfg.model.backbone == "roberta" and cfg.algo.parameterization == "ssdlm"
     assert cfg.block_size == 4  # the smoke experiment's K wins over ssdlm.yaml's 25
     assert cfg.sampling.first_hitting is False and cfg.algo.top_p == 0.95
     from main import compose
@@ -46,7 +46,7 @@ def test_ssdlm_config_defaults():
 def test_table7_tiling_with_the_released_window():
     """roberta-large holds 512 positions, not a multiple of 25: the tiling does not depend on
     it (stride K); L = 1025 is 41 blocks after the BOS."""
-    from algorithms import SSDLM
+    from algorithms.ssdlm import SSDLM
     from sampling import sampler_config
 
     cfg = sampler_config(SSDLM(block_size=25), 512, 1025, None, {"num_steps": 1000})
@@ -133,7 +133,8 @@ def test_ssdlm_refuses_a_dit_checkpoint(smoke_checkpoint, tmp_path):
     message = bad_run(
         tmp_path, "algo=ssdlm", SAMPLE, "algo.T=2", f"eval.checkpoint_path={smoke_checkpoint}"
     )
-    assert "is a DiT checkpoint (algo=bd3lm); algo=ssdlm reads an SSD-LM run's .ckpt" in message
+    expected = "is a model.backbone=dit checkpoint (algo=bd3lm); algo=ssdlm runs on model.backbone"
+    assert expected in message, message
 
 
 # (overrides, a fragment of the expected one-line message)
@@ -149,7 +150,8 @@ REFUSALS = [
     ([SAMPLE, "sampling.nucleus_p=0.9"], "set algo.top_p instead"),
     ([SAMPLE, "sampling.var_length=true"], "sampling.var_length=true: algo=ssdlm"),
     ([SAMPLE, "sampling.prefix=a"], "sampling.prefix: algo=ssdlm samples without a prompt"),
-    (["algo.backbone=dit"], "algo.backbone=dit: algo=ssdlm runs on algo.backbone=roberta"),
+    (["model.backbone=dit"], "model.backbone=dit: algo=ssdlm runs on model.backbone=roberta"),
+    (["algo.parameterization=subs"], "algo.parameterization=subs: algo=ssdlm is"),
     (["block_size=32"], "block_size=32 leaves no context in rows of model.length=32"),
     (["model.attn_backend=flex"], "model.attn_backend=flex: the RoBERTa network"),
     (["training.compile=true"], "training.compile=true"),
@@ -166,5 +168,5 @@ def test_refusals_are_one_line(tmp_path, data_cache, overrides, expected):
 
 
 def test_roberta_backbone_is_ssdlms_only(tmp_path, data_cache):
-    message = bad_run(tmp_path, "algo.backbone=roberta")
-    assert message == "algo.backbone=roberta is SSD-LM's network; algo=bd3lm takes dit or hf_dit"
+    message = bad_run(tmp_path, "model.backbone=roberta")
+    assert message == "model.backbone=roberta: algo=bd3lm runs on model.backbone=dit"

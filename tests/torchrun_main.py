@@ -61,7 +61,9 @@ def fsdp_check(out_path: str) -> None:
 
     def loss_of(network):
         generator = torch.Generator().manual_seed(5)
-        return module.algorithm.loss(network, x0, torch.ones(4, 32), *eps, True, generator).loss
+        return module.algorithm.loss(
+            network, x0, torch.ones(4, 32), *eps, train=True, generator=generator
+        ).loss
 
     plain = loss_of(module.network)
     plain.backward()
@@ -131,7 +133,9 @@ def fsdp_ssdlm_check() -> dict:
 
     def loss_of(module, network):
         generator = torch.Generator().manual_seed(5)
-        return module.algorithm.loss(network, x0, torch.ones(4, 32), *eps, True, generator).loss
+        return module.algorithm.loss(
+            network, x0, torch.ones(4, 32), *eps, train=True, generator=generator
+        ).loss
 
     module = fresh()
     plain = loss_of(module, module.backbone)

@@ -1,0 +1,72 @@
+"""The entries of BD3-LM and MDLM, one objective (algorithms/masked_diffusion.py): BD3-LM
+trains blocks of `block_size` on the two-stream input [x_t ; x_0]; MDLM is K = L on x_t alone
+(configs/algo/bd3lm.yaml, mdlm.yaml). Both sample blocks left to right (sampling/block.py)."""
+
+from __future__ import annotations
+
+import functools
+
+from algorithms.masked_diffusion import MaskedDiffusion
+from registry.spec import AlgoSettings, BuildContext, ObjectiveSpec
+from sampling.block import semi_ar_sample
+from sampling.denoiser import ModelDenoiser
+
+
+def build(settings: AlgoSettings, context: BuildContext) -> MaskedDiffusion:
+    return MaskedDiffusion(
+        noise=context.noise,
+        mask_id=context.mask_id,
+        seq_len=context.seq_len,
+        block_size=context.block_size,
+        cross_attn=settings.cross_attn,
+        ignore_bos=settings.ignore_bos,
+        time_conditioning=settings.time_conditioning,
+        antithetic=context.antithetic,
+        mdlm_loss_scale=settings.mdlm_loss_scale,
+        resample=context.resample,
+        eval_nll=context.eval_nll,
+        var_min=settings.var_min,
+        crop=context.crop,
+    )
+
+
+def block_size(settings: AlgoSettings, context: int) -> int | None:
+    """Without the two-stream input the x_0 half is never attended: one block of the whole
+    context (MDLM); with it, `block_size` is BD3-LM's parameter."""
+    return None if settings.cross_attn else context
+
+
+def sampler(objective, backbone, network, window: int, reencode: bool):
+    return functools.partial(
+        semi_ar_sample, ModelDenoiser(backbone, objective, window, reencode, network)
+    )
+
+
+def family(settings: AlgoSettings) -> str:
+    return "bd3lm" if settings.cross_attn else "mdlm"
+
+
+BD3LM = ObjectiveSpec(
+    name="bd3lm",
+    parameterization="subs",
+    label="a BD3-LM model",
+    settings=AlgoSettings,
+    build=build,
+    block_size=block_size,
+    fixed_k_reason="denoises its whole context as one block without algo.cross_attn",
+    backbones=("dit",),
+    sampler=sampler,
+    family_of=family,
+)
+MDLM = ObjectiveSpec(
+    name="mdlm",
+    parameterization="subs",
+    label="an MDLM model",
+    settings=AlgoSettings,
+    build=build,
+    block_size=block_size,
+    fixed_k_reason="denoises its whole context as one block",
+    backbones=("dit",),
+    sampler=sampler,
+    family_of=family,
+)

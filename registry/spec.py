@@ -1,0 +1,100 @@
+"""The records of the objective registry: `ObjectiveSpec` (one per objective), the `algo`
+settings every objective reads (`AlgoSettings`, extended per objective) and `BuildContext`,
+what a run knows besides the settings when it builds an objective."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from algorithms.base import DoubleLengthCrop
+from noise_schedule import NoiseSchedule
+
+if TYPE_CHECKING:
+    from algorithms.base import Objective
+
+
+@dataclasses.dataclass(frozen=True)
+class AlgoSettings:
+    """The `algo` group's keys every objective has (configs/algo/*.yaml). An objective whose
+    entry needs more extends it (registry/ssdlm.py)."""
+
+    name: str
+    backbone: str = "dit"  # dit | hf_dit (released HF checkpoints) | roberta (SSD-LM)
+    parameterization: str = "subs"  # recorded in checkpoints: ar | subs | sedd | ssdlm
+    time_conditioning: bool = False
+    T: int = 0  # sampling steps
+    ignore_bos: bool = False
+    cross_attn: bool = False
+    var_min: bool = False
+    clip_search_delta: float = 0.05
+    clip_search_widths: tuple[float, ...] = ()
+    clip_search_batches: int = 100
+    fix_clipping: bool = False
+    mdlm_loss_scale: bool = False
+
+
+def settings_from(cls: type[AlgoSettings], node: Mapping[str, Any]) -> AlgoSettings:
+    """`cls` from a config node or plain mapping (its keys were checked by the settings
+    schema); keys `cls` does not declare are left out, lists become tuples."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    values = {}
+    for key in names & set(node.keys()):
+        value = node[key]
+        if isinstance(value, (list, tuple)) or type(value).__name__ == "ListConfig":
+            value = tuple(value)
+        values[key] = value
+    return cls(**values)
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildContext:
+    """What building an objective needs besides its settings: the noise schedule, the mask
+    id, the context L, the K the run uses (settled: registry.block_size_of), the `training`
+    flags objectives read, and the text8-crop step for 2L training rows (or None)."""
+
+    noise: NoiseSchedule
+    mask_id: int
+    seq_len: int
+    block_size: int
+    antithetic: bool = True
+    resample: bool = False
+    eval_nll: bool = True
+    crop: DoubleLengthCrop | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ReleasedFormat:
+    """A released checkpoint format that one objective reads (SSD-LM's directory): `matches`
+    (path) -> whether a path is one, cheaply; `read(path, key)` -> a
+    checkpoints.LoadedCheckpoint of format "network" (meta: model_length, vocab_size,
+    family), UserError on a bad file; `describe`: how messages name it."""
+
+    describe: str
+    matches: Callable[[str], bool]
+    read: Callable[[str, str], Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectiveSpec:
+    """One objective's record (see registry/__init__.py)."""
+
+    name: str
+    label: str
+    parameterization: str  # what checkpoints record of it (algo.parameterization)
+    settings: type[AlgoSettings]
+    build: Callable[[AlgoSettings, BuildContext], Objective]
+    block_size: Callable[[AlgoSettings, int], int | None]
+    backbones: tuple[str, ...]
+    sampler: Callable[..., Callable]
+    causal: bool = False
+    fixed_k_reason: str = "fixes its block size"  # "predicts one token at a time"
+    released: ReleasedFormat | None = None
+    check: Callable[[Any, Objective], None] | None = None
+    family_of: Callable[[AlgoSettings], str] | None = None
+
+    def family(self, settings: AlgoSettings) -> str:
+        """The checkpoint family (an `algo=` name) these settings train: `family_of`'s answer
+        (BD3-LM without its two-stream input trains MDLM), else the entry's name."""
+        return self.family_of(settings) if self.family_of is not None else self.name
