@@ -47,11 +47,18 @@ class MaskedDiffusion(MaskingObjective):
     eval_nll: bool = True
     var_min: bool = False  # BD3-LM: learned clip interval, validation over interval keys
     crop: DoubleLengthCrop | None = None  # text8-crop: 2L training rows
+    # training only: + ar_loss_weight x the next-token NLL of the clean stream (`nelbo`)
+    ar_loss_weight: float = 0.0
 
     def __post_init__(self):
         if self.seq_len % self.block_size:
             raise ValueError(
                 f"block_size={self.block_size} must divide model.length={self.seq_len}"
+            )
+        if self.ar_loss_weight and not self.cross_attn:
+            raise ValueError(
+                f"algo.ar_loss_weight={self.ar_loss_weight} reads the clean stream x_0 of the "
+                "two-stream input: it needs algo=bd3lm (algo.cross_attn=true)"
             )
         self.check_noise()
 
@@ -146,19 +153,42 @@ class MaskedDiffusion(MaskingObjective):
         Only masked positions of x_t go through the output layer: elsewhere SUBS gives
         log p = 0, so their terms are exactly 0 (as in the reference) at no cost (the
         reference's dense version: benchmarks/baselines.DenseNELBO).
+
+        With ar_loss_weight (training only) the same call also reads the clean stream's rows
+        0..L-2, row L + i being the network's next-token logits for x_0[i + 1] (a backbone
+        whose clean stream is token-causal: models/hf_causal), and `loss` gains
+        ar_loss_weight x their mean next-token NLL (mask column excluded, weighted by
+        attention_mask[:, 1:]); `nlls` and `token_mask` stay the NELBO's.
         """
         masked = xt == self.mask_id  # (B, L)
         tokens = torch.cat([xt, x0], dim=1) if self.cross_attn else xt
         sigma = process_sigma(sigma, self.time_conditioning)
         # a (B, L) selection over (B, 2L) tokens: logits only for x_t positions, which also
         # tells the network that its last block can skip the x_0 queries
-        layout = dataclasses.replace(self.train_layout, outputs=masked)
-        logits = network(tokens, sigma, layout)  # (N, V)
+        clean_rows = None
+        if train and self.ar_loss_weight:
+            clean_rows = torch.zeros_like(masked)
+            clean_rows[:, :-1] = True
+        selection = masked if clean_rows is None else torch.cat([masked, clean_rows], dim=1)
+        layout = dataclasses.replace(self.train_layout, outputs=selection)
+        logits = network(tokens, sigma, layout)  # (N, V), rows of `selection` row-major
+        ar_logits = None
+        if clean_rows is not None:
+            in_xt = torch.zeros_like(selection)
+            in_xt[:, : self.seq_len] = True
+            in_xt = in_xt[selection]
+            logits, ar_logits = logits[in_xt], logits[~in_xt]
         log_p = subs_log_prob_of(logits, x0[masked], self.mask_id)
         weight = loss_scale.expand_as(xt)[masked]
         nll = torch.zeros(xt.shape, dtype=log_p.dtype, device=xt.device)
         nll = nll.masked_scatter(masked, weight * log_p)
-        return reduce_loss(nll, attention_mask, self.ignore_bos, train)
+        loss = reduce_loss(nll, attention_mask, self.ignore_bos, train)
+        if ar_logits is not None:
+            next_nll = -subs_log_prob_of(ar_logits, x0[:, 1:].flatten(), self.mask_id)
+            ar_weight = attention_mask[:, 1:].flatten().to(next_nll.dtype)
+            ar_mean = (next_nll * ar_weight).sum() / ar_weight.sum()
+            loss.loss = loss.loss + self.ar_loss_weight * ar_mean
+        return loss
 
     def loss(
         self,
