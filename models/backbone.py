@@ -131,16 +131,25 @@ class BackboneSpec:
     """One registered backbone.
 
     name: its `model.backbone` value. build(model_cfg, vocab_size, seq_len, causal) -> the
-    randomly initialised nn.Module for the `model` config group (keys checked by settings),
-    vocab_size ids, training rows of seq_len tokens, token-causal attention (AR) or not; raises
-    ValueError on shapes it cannot take. fsdp_units() -> the module classes FSDP wraps one
-    unit each (builders.fsdp_wrap_policy). token_network: it implements `Backbone`.
+    nn.Module for the `model` config group (keys checked by settings), vocab_size ids, training
+    rows of seq_len tokens, token-causal attention (AR) or not: randomly initialised, or a
+    pretrained model's weights (hf_causal); raises ValueError on shapes it cannot take.
+    fsdp_units(backbone) -> the module classes of the built `backbone` that FSDP wraps one unit
+    each (builders.fsdp_wrap_policy). token_network: it implements `Backbone`.
+    time_conditioned: it can read sigma (a time-conditioned objective needs it).
+    vocab_rows(state) -> V of a checkpoint's backbone-level state dict (embedding rows), None
+    when the names do not say. vocab(model_cfg, cache_dir) -> data.vocab.Vocab: the tokenizer
+    a pretrained backbone brings (its mask token and V as `build` makes them); None: the data
+    tokenizer (data.tokenizer_name_or_path) decides V.
     """
 
     name: str
     build: Callable[[Mapping[str, Any], int, int, bool], nn.Module]
-    fsdp_units: Callable[[], set[type]]
+    fsdp_units: Callable[[nn.Module], set[type]]
     token_network: bool
+    time_conditioned: bool = True
+    vocab_rows: Callable[[Mapping[str, Tensor]], int | None] = lambda state: None
+    vocab: Callable[[Mapping[str, Any], str], Any] | None = None
 
 
 def _build_dit(model_cfg: Mapping[str, Any], vocab_size: int, seq_len: int, causal: bool):
@@ -150,10 +159,20 @@ def _build_dit(model_cfg: Mapping[str, Any], vocab_size: int, seq_len: int, caus
     return DiT(dit_config(model_cfg, vocab_size, causal))
 
 
-def _dit_units() -> set[type]:
+def _dit_units(backbone: nn.Module | None = None) -> set[type]:
     from models.dit import DiTBlock
 
     return {DiTBlock}
+
+
+def _rows_of(*names: str, dim: int = 0) -> Callable[[Mapping[str, Tensor]], int | None]:
+    """vocab_rows reading dimension `dim` of the first tensor whose name ends with one of
+    `names`."""
+
+    def rows(state: Mapping[str, Tensor]) -> int | None:
+        return next((int(t.shape[dim]) for k, t in state.items() if k.endswith(names)), None)
+
+    return rows
 
 
 def _build_roberta(model_cfg: Mapping[str, Any], vocab_size: int, seq_len: int, causal: bool):
@@ -162,16 +181,60 @@ def _build_roberta(model_cfg: Mapping[str, Any], vocab_size: int, seq_len: int, 
     return build_network(model_cfg, vocab_size, seq_len)
 
 
-def _roberta_units() -> set[type]:
+def _roberta_units(backbone: nn.Module | None = None) -> set[type]:
     from transformers.models.roberta.modeling_roberta import RobertaLayer
 
     return {RobertaLayer}
 
 
+def _build_hf_causal(model_cfg: Mapping[str, Any], vocab_size: int, seq_len: int, causal: bool):
+    """The pretrained model `model.pretrained` (models.pretrained.load_causal_lm) with its mask
+    token row, run through the project's layouts (models.hf_causal); AR reads plain
+    next-token logits (no token shift). V must be the vocab's (`_hf_causal_vocab`)."""
+    from models.hf_causal import from_pretrained
+
+    backbone, _, _ = from_pretrained(
+        str(model_cfg["pretrained"]),
+        token_shift=bool(model_cfg["token_shift"]) and not causal,
+        clean_attention=str(model_cfg["clean_attention"]),
+        attn_backend=str(model_cfg["attn_backend"]),
+        gradient_checkpointing=bool(model_cfg["gradient_checkpointing"]),
+    )
+    if backbone.vocab_size != vocab_size:
+        raise ValueError(
+            f"model.pretrained={model_cfg['pretrained']}: {backbone.vocab_size} embedding rows, "
+            f"but the run's vocabulary has {vocab_size}"
+        )
+    return backbone
+
+
+def _hf_causal_units(backbone: nn.Module | None = None) -> set[type]:
+    if backbone is None:
+        raise ValueError("model.backbone=hf_causal: its FSDP units are read from the built model")
+    return backbone.fsdp_units()
+
+
+def _hf_causal_vocab(model_cfg: Mapping[str, Any], cache_dir: str):
+    from models.hf_causal import pretrained_vocab
+
+    return pretrained_vocab(str(model_cfg["pretrained"]), cache_dir)
+
+
 BACKBONES: dict[str, BackboneSpec] = {
-    "dit": BackboneSpec("dit", _build_dit, _dit_units, token_network=True),
-    "roberta": BackboneSpec("roberta", _build_roberta, _roberta_units, token_network=False),
-}
+    "dit": BackboneSpec(
+        "dit", _build_dit, _dit_units, token_network=True,
+        vocab_rows=_rows_of("vocab_embed.embedding"),
+    ),
+    "roberta": BackboneSpec(
+        "roberta", _build_roberta, _roberta_units, token_network=False,
+        vocab_rows=_rows_of("embed_sum_layer.weight", dim=1),  # (hidden, V)
+    ),
+    "hf_causal": BackboneSpec(
+        "hf_causal", _build_hf_causal, _hf_causal_units, token_network=True,
+        time_conditioned=False, vocab_rows=_rows_of("embed_tokens.weight", "wte.weight"),
+        vocab=_hf_causal_vocab,
+    ),
+}  # fmt: skip
 
 
 def backbone_spec(name: str) -> BackboneSpec:

@@ -42,10 +42,17 @@ The algo=ar baseline reads plain next-token logits: build it with token_shift=Fa
 from models.hf_causal.attention import ATTENTION_NAME, CleanCausal, hf_attention, predicate_of
 from models.hf_causal.backbone import CLEAN_ATTENTION, HFCausalLM, check_supported
 from models.hf_causal.cache import HFKVCache
-from models.hf_causal.tokens import MASK_TOKEN, bos_id, ensure_mask_token, from_pretrained
+from models.hf_causal.tokens import (
+    MASK_TOKEN,
+    bos_id,
+    ensure_mask_token,
+    from_pretrained,
+    mask_token_id,
+    pretrained_vocab,
+)
 
 __all__ = [
     "ATTENTION_NAME", "CLEAN_ATTENTION", "MASK_TOKEN", "CleanCausal", "HFCausalLM", "HFKVCache",
     "bos_id", "check_supported", "ensure_mask_token", "from_pretrained", "hf_attention",
-    "predicate_of",
+    "mask_token_id", "predicate_of", "pretrained_vocab",
 ]  # fmt: skip
