@@ -6,10 +6,11 @@
 - `ours`: our Lightning `.ckpt` (read with `weights_only`), strict loading, fine-tuning start.
 - `reference`: the reference's pickled `.ckpt` (through `unpickle`, a restricted unpickler).
 - `load`: the one entry point, `read_any_checkpoint` + `load_checkpoint_into` (evaluation
-  refuses a checkpoint of another objective family, `check_family`; fine-tuning may cross
-  families), `check_backbone` (the checkpoint's network is the run's `model.backbone`) and
+  refuses a checkpoint of another objective family; fine-tuning may cross families),
+  `check_backbone` (the checkpoint's network is the run's `model.backbone`) and
   `trained_length` (the window a checkpoint was trained with). A released format that only
   one objective reads is that objective's registry entry's (`registry.ReleasedFormat`).
+- `family`: the objective family of a checkpoint and of a run (`Family`) and `check_family`.
 - `sanity`: the loading sanity check.
 
 Exporting a checkpoint as an HF directory is `hf.export`'s (the HF classes live in `hf`, above
