@@ -7,13 +7,15 @@ attention mask, or, with a KV cache installed, the newest block at absolute posi
 nothing of blocks, x_t/x_0 halves or samplers: callers pass the positions (both halves of the
 training input share 0..L-1) and the mask.
 
+Its records (`DiTConfig`, `Conditioning`, `InferenceSnapshot`) live in models.dit_types;
+callers import them from here.
+
 Parameter names follow the released checkpoints and modules are registered in the
 reference's order (vocab_embed, sigma_map, rotary_emb, blocks, output_layer).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import torch
@@ -21,50 +23,12 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from models.attention import BACKENDS, AttentionMask, Rotary, apply_rotary, attend
+from models.attention import AttentionMask, Rotary, apply_rotary, attend
 from models.backbone import InferenceScope
+from models.dit_types import Conditioning, DiTConfig, InferenceSnapshot
 from models.kv_cache import KVCache
 
 FREQ_EMBED_DIM = 256  # sinusoidal features fed to sigma_map
-
-
-@dataclasses.dataclass(frozen=True)
-class DiTConfig:
-    """Shape and behaviour of the backbone.
-
-    adaln: adaLN modulation layers exist (always for diffusion; absent for AR unless asked).
-    causal: token-causal attention (AR).
-
-    Work the network skips without changing its function (the "before" versions are oracles in
-    benchmarks/baselines.py): under the block-diffusion training mask (sdpa backend) each query
-    chunk attends to the keys it can see (models.attention.block_diffusion_attend; about a
-    third of the dense (2L)^2 score entries; on GPU attn_backend=flex skips masked-out tiles);
-    when only the first S' positions need logits, the last block computes queries, attention
-    output and MLP for those positions only (keys/values still for all).
-    """
-
-    vocab_size: int
-    hidden_size: int = 768
-    cond_dim: int = 128
-    n_blocks: int = 12
-    n_heads: int = 12
-    dropout: float = 0.1
-    causal: bool = False
-    adaln: bool = True
-    attn_backend: str = "sdpa"
-
-    def __post_init__(self):
-        if self.hidden_size % self.n_heads:
-            raise ValueError(
-                f"model.hidden_size={self.hidden_size} must be divisible by "
-                f"model.n_heads={self.n_heads}"
-            )
-        if self.attn_backend not in BACKENDS:
-            raise ValueError(f"model.attn_backend={self.attn_backend!r}: valid are {BACKENDS}")
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.n_heads
 
 
 class LayerNorm(nn.Module):
@@ -84,16 +48,6 @@ class LayerNorm(nn.Module):
 def modulate(x: Tensor, shift: Tensor, one_plus_scale: Tensor) -> Tensor:
     """adaLN: x * (1 + scale) + shift, with 1 + scale formed once in Conditioning."""
     return x * one_plus_scale + shift
-
-
-@dataclasses.dataclass(frozen=True)
-class Conditioning:
-    """The adaLN modulation for one sigma (DiT.condition). blocks: per block (shift_msa,
-    1 + scale_msa, gate_msa, shift_mlp, 1 + scale_mlp, gate_mlp); final: the output layer's
-    (shift, 1 + scale). Every tensor is (B, 1, D)."""
-
-    blocks: tuple[tuple[Tensor, ...], ...]
-    final: tuple[Tensor, Tensor]
 
 
 class EmbeddingLayer(nn.Module):
@@ -286,18 +240,6 @@ class DiTFinalLayer(nn.Module):
             return self.linear(h)
         flat = h.reshape(-1, h.shape[-1])
         return torch.addmm(bias, flat, head_t).view(*h.shape[:-1], weight.shape[0])
-
-
-@dataclasses.dataclass
-class InferenceSnapshot:
-    """What DiT.prepare_inference() takes from the weights for calls with autograd off inside
-    `DiT.inference(..., snapshot)`. head_t: the output projection's weight transposed, (D, V)
-    contiguous, on CPU (None elsewhere; DiTFinalLayer._project). constant: the adaLN
-    modulation at sigma = 0 (a call with sigma=None) by (batch, device, autocast), computed at
-    its first use. Stale once the weights change: take a new one then."""
-
-    head_t: Tensor | None
-    constant: dict[tuple, Conditioning] = dataclasses.field(default_factory=dict)
 
 
 class DiT(InferenceScope, nn.Module):
