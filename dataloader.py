@@ -1,8 +1,9 @@
 """The data pipeline's public API; the code lives in the `data/` package.
 
 Public API:
-  * `get_vocab(data_cfg) -> Vocab`: the tokenizer plus the ids the model and pipeline use.
-  * `get_dataset(data_cfg, vocab, split, seq_len) -> TokenDataset` (or a `StreamingTokenDataset`
+  * `get_vocab(data) -> Vocab`: the tokenizer plus the ids the model and pipeline use; `data`
+    is the run's data settings (`DataSettings`) or any mapping of data keys.
+  * `get_dataset(data, vocab, split, seq_len) -> TokenDataset` (or a `StreamingTokenDataset`
     with `data.streaming=true`) with items {"input_ids": LongTensor (n,), "attention_mask":
     FloatTensor (n,)}; n = seq_len, or 2 * seq_len for the text8-crop train split (
     the objective crops L of the 2L tokens).
@@ -14,7 +15,8 @@ Public API:
   * `DATASETS`: the dataset registry, by `data.train` / `data.valid` name.
 
 The pieces (`data/`, imports point down the list):
-  * `config.py`: required `data.*` keys, installed data packages, the HF offline flags.
+  * `config.py`: the `data.*` keys (`DataSettings`), installed data packages, the HF offline
+    flags.
   * `detokenizers.py`: the text clean-ups.
   * `shakespeare.py`: the embedded corpus and its deterministic validation hold-out.
   * `registry.py`: `DatasetSpec` and `DATASETS`.
@@ -52,6 +54,7 @@ packages are only read through importlib.metadata, never imported.
 from __future__ import annotations
 
 from data.cache import TokenDataset
+from data.config import DataSettings
 from data.detokenizers import DETOKENIZERS
 from data.loaders import ResumableDataLoader, ResumableSampler, make_loader
 from data.pipeline import get_dataset
@@ -61,6 +64,7 @@ from data.vocab import Vocab, check_vocab_size, decode, get_vocab
 
 __all__ = [
     "DATASETS",
+    "DataSettings",
     "DETOKENIZERS",
     "ResumableDataLoader",
     "ResumableSampler",

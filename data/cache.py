@@ -19,7 +19,7 @@ import fsspec
 import numpy as np
 import torch
 
-from data.config import require
+from data.config import DataSettings, require
 from utils import UserError, atomic_path, get_logger
 
 LOG = get_logger(__name__)
@@ -186,14 +186,14 @@ def _upload_dir(local: str, url: str) -> None:
         fs.put_file(os.path.join(local, entry), f"{root}/{entry}")
 
 
-def hf_cache_dir(data_cfg: Any) -> str | None:
+def hf_cache_dir(data: DataSettings) -> str | None:
     """Where `datasets` keeps downloads: data.cache_dir/hf when local, else its default."""
-    cache_dir = str(require(data_cfg, "cache_dir"))
+    cache_dir = require(data, "cache_dir")
     return None if _is_remote(cache_dir) else os.path.join(_local_path(cache_dir), "hf")
 
 
-def local_cache_dir(data_cfg: Any) -> str:
+def local_cache_dir(data: DataSettings) -> str:
     """Absolute local directory for tokenizer files: data.cache_dir, or the local mirror of an
     fsspec URL cache_dir."""
-    path = str(require(data_cfg, "cache_dir"))
+    path = require(data, "cache_dir")
     return _local_mirror(path) if _is_remote(path) else _local_path(path)

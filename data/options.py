@@ -1,6 +1,6 @@
 """The options of one split read from the data config, and the cache name they give.
 
-`PipelineOptions.from_cfg(data_cfg, split, seq_len)` validates every key (UserError naming it);
+`PipelineOptions.from_cfg(data, split, seq_len)` validates every key (UserError naming it);
 `cache_name(opts, vocab)` encodes every token-changing option plus the tokenizer's fingerprint,
 so two configs share a cache only when they yield the same rows.
 """
@@ -12,12 +12,13 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import transformers
 
 from data.cache import CACHE_FORMAT_VERSION
-from data.config import require
+from data.config import DataSettings, data_settings, require
 from data.detokenizers import DETOKENIZER_VERSION
 from data.registry import DATASETS, OWT_HELD_OUT_DOCS, TEXT8_HELD_OUT_CHARS, DatasetSpec
 from data.shakespeare import num_valid_docs
@@ -55,22 +56,26 @@ class PipelineOptions:
         return DATASETS[self.name]
 
     @classmethod
-    def from_cfg(cls, data_cfg: Any, split: str, seq_len: int) -> PipelineOptions:
-        """Read and validate the options; UserError naming the key on a bad value."""
+    def from_cfg(
+        cls, data: DataSettings | Mapping[str, Any], split: str, seq_len: int
+    ) -> PipelineOptions:
+        """Read and validate the options of `data` (the data settings, or a mapping of data
+        keys); UserError naming the key on a bad value."""
+        data = data_settings(data)
         key = f"data.{split}"
-        name = str(require(data_cfg, split))
+        name = require(data, split)
         if name not in DATASETS:
             raise UserError(
                 f"{key}={name!r} is not a known dataset: use one of {', '.join(DATASETS)}"
             )
         spec = DATASETS[name]
-        streaming = bool(data_cfg.get("streaming", False))
+        streaming = data.streaming
         if streaming and spec.kind not in ("hub", "local"):
             raise UserError(
                 f"data.streaming=True works for hub datasets and data.source copies, not "
                 f"{key}={name} ({spec.kind}): set data.streaming=False"
             )
-        insert_special = bool(data_cfg.get(f"insert_{split}_special", True))
+        insert_special = getattr(data, f"insert_{split}_special")
         row_len = 2 * seq_len if name == "text8-crop" and split == "train" else seq_len
         if row_len < (3 if insert_special else 1):
             raise UserError(f"model.length={seq_len} is too short: BOS+EOS need model.length >= 3")
@@ -79,8 +84,8 @@ class PipelineOptions:
             spec.train_split if split == "train" else spec.valid_split,
         )
         if spec.kind == "local":
-            column = str(data_cfg.get("text_column") or column)
-            source_split = str(data_cfg.get(f"{split}_split") or source_split)
+            column = data.text_column or column
+            source_split = getattr(data, f"{split}_split") or source_split
         return cls(
             key=key,
             name=name,
@@ -88,16 +93,16 @@ class PipelineOptions:
             source_split=source_split,
             seq_len=seq_len,
             row_len=row_len,
-            tokenizer=_sanitise(str(require(data_cfg, "tokenizer_name_or_path"))),
-            wrap=bool(require(data_cfg, "wrap")),
-            insert_eos=bool(data_cfg.get(f"insert_{split}_eos", True)),
+            tokenizer=_sanitise(require(data, "tokenizer_name_or_path")),
+            wrap=require(data, "wrap"),
+            insert_eos=getattr(data, f"insert_{split}_eos"),
             insert_special=insert_special,
-            source=_source_for(data_cfg, split, name),
+            source=_source_for(data, split, name),
             column=column,
-            held_out=_held_out(data_cfg, spec),
-            num_valid_docs=num_valid_docs(data_cfg) if spec.kind == "embedded" else None,
+            held_out=_held_out(data, spec),
+            num_valid_docs=num_valid_docs(data) if spec.kind == "embedded" else None,
             streaming=streaming,
-            num_proc=_num_proc(data_cfg),
+            num_proc=_num_proc(data),
         )
 
     def identity(self) -> dict[str, Any]:
@@ -111,34 +116,33 @@ class PipelineOptions:
         return fields
 
 
-def _source_for(data_cfg: Any, split: str, name: str) -> str | None:
+def _source_for(data: DataSettings, split: str, name: str) -> str | None:
     """`data.source` for the train dataset and for a valid dataset of the same family (same hub
     id, e.g. openwebtext-train/-valid); `data.valid_source`, when set, for the valid one."""
-    if split == "valid" and data_cfg.get("valid_source"):
-        return str(data_cfg.get("valid_source"))
-    source = data_cfg.get("source")
-    if source is None:
+    if split == "valid" and data.valid_source:
+        return data.valid_source
+    if data.source is None:
         return None
     if split == "valid":
-        train = DATASETS.get(str(data_cfg.get("train")))
+        train = DATASETS.get(data.train)
         mine = DATASETS[name]
         if train is None or _family(train) != _family(mine):
             return None
-    return str(source)
+    return data.source
 
 
 def _family(spec: DatasetSpec) -> tuple:
     return (spec.hub, spec.config, spec.url, spec.kind)
 
 
-def _held_out(data_cfg: Any, spec: DatasetSpec) -> int | None:
+def _held_out(data: DataSettings, spec: DatasetSpec) -> int | None:
     if spec.held_out:
         key, default = "held_out_docs", OWT_HELD_OUT_DOCS
     elif spec.kind == "text8":
         key, default = "held_out_chars", TEXT8_HELD_OUT_CHARS
     else:
         return None
-    value = data_cfg.get(key, default)
+    value = getattr(data, key)
     if value is None:
         value = default
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -146,8 +150,8 @@ def _held_out(data_cfg: Any, spec: DatasetSpec) -> int | None:
     return value
 
 
-def _num_proc(data_cfg: Any) -> int:
-    value = data_cfg.get("num_proc")
+def _num_proc(data: DataSettings) -> int:
+    value = data.num_proc
     if value is None:
         affinity = getattr(os, "sched_getaffinity", None)
         return len(affinity(0)) if affinity else os.cpu_count() or 1

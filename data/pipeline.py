@@ -12,6 +12,7 @@ import json
 import math
 import os
 import shutil
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -19,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from data.cache import CACHE_FORMAT_VERSION, TokenDataset, hf_cache_dir, load_or_build
-from data.config import import_datasets, require
+from data.config import DataSettings, data_settings, import_datasets, require
 from data.options import MAP_BATCH_SIZE, PipelineOptions, cache_name, no_rows
 from data.processing import TokenizeBatch, check_pad, pad_rows, wrap_flat
 from data.registry import SPLITS
@@ -32,9 +33,10 @@ if TYPE_CHECKING:  # imported where used: an existing token cache loads without 
 
 
 def get_dataset(
-    data_cfg: Any, vocab: Vocab, split: str, seq_len: int
+    data: DataSettings | Mapping[str, Any], vocab: Vocab, split: str, seq_len: int
 ) -> TokenDataset | StreamingTokenDataset:
-    """The tokenized `split` ("train"/"valid") of `data.<split>` as (N, n) rows.
+    """The tokenized `split` ("train"/"valid") of `data.<split>` as (N, n) rows. data: the
+    data settings, or a mapping of data keys (data.config.data_settings).
 
     n = seq_len, or 2 * seq_len for the text8-crop train split. Loaded from `data.cache_dir`
     when a complete cache with the same options exists, else built there (atomically, by one
@@ -43,18 +45,19 @@ def get_dataset(
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    opts = PipelineOptions.from_cfg(data_cfg, split, seq_len)
+    data = data_settings(data)
+    opts = PipelineOptions.from_cfg(data, split, seq_len)
     if opts.streaming:
-        return StreamingTokenDataset(opts, vocab, hf_cache_dir(data_cfg), data_cfg)
+        return StreamingTokenDataset(opts, vocab, hf_cache_dir(data), data)
     name = cache_name(opts, vocab)
     return load_or_build(
-        str(require(data_cfg, "cache_dir")), name, lambda out: _build(opts, vocab, data_cfg, out)
+        require(data, "cache_dir"), name, lambda out: _build(opts, vocab, data, out)
     )
 
 
-def _build(opts: PipelineOptions, vocab: Vocab, data_cfg: Any, out_dir: str) -> None:
+def _build(opts: PipelineOptions, vocab: Vocab, data: DataSettings, out_dir: str) -> None:
     """Load the texts, tokenize them in parallel and write the rows and meta.json to out_dir."""
-    texts = load_texts(data_cfg, opts)
+    texts = load_texts(data, opts)
     work = os.path.join(out_dir, ".work")
     os.makedirs(work)
     tokenized = _tokenize_dataset(texts, opts, vocab, work)

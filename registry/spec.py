@@ -1,14 +1,16 @@
 """The records of the objective registry: `ObjectiveSpec` (one per objective), the `algo`
-settings every objective reads (`AlgoSettings`, extended per objective) and `BuildContext`,
-what a run knows besides the settings when it builds an objective."""
+settings every objective reads (`AlgoSettings`, extended per objective; settings/ derives the
+group's schema from them) and `BuildContext`, what a run knows besides the settings when it
+builds an objective."""
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from algorithms.base import DoubleLengthCrop
+from config_keys import from_mapping, setting
 from noise_schedule import NoiseSchedule
 
 if TYPE_CHECKING:
@@ -16,36 +18,45 @@ if TYPE_CHECKING:
 
 
 @dataclasses.dataclass(frozen=True)
+class ClipSearch:
+    """BD3-LM's search of the clip interval (with algo.var_min): every interval of the grid
+    (algorithms.clip_search.interval_grid of `widths`, step `delta`) is measured on
+    `batches` validation batches, and the one of least variance is trained on unless
+    `fix_clipping`."""
+
+    delta: float
+    widths: tuple[float, ...]
+    batches: int
+    fix_clipping: bool
+
+
+@dataclasses.dataclass(frozen=True)
 class AlgoSettings:
-    """The `algo` group's keys every objective has (configs/algo/*.yaml). An objective whose
-    entry needs more extends it (registry/ssdlm.py)."""
+    """The `algo` group's keys every objective has (configs/algo/*.yaml; config_keys says how
+    a field declares a key). An objective whose entry needs more extends it (BD3-LM's
+    registry/masked_diffusion.py, SSD-LM's registry/ssdlm.py)."""
 
     name: str
-    backbone: str = "dit"  # dit | hf_dit (released HF checkpoints) | roberta (SSD-LM)
-    parameterization: str = "subs"  # recorded in checkpoints: ar | subs | sedd | ssdlm
+    # hf_dit: evaluating a released HF checkpoint (float32 unless trainer.precision says)
+    backbone: Literal["dit", "hf_dit"] | None = "dit"
+    parameterization: str = "subs"  # recorded in checkpoints; its entry says which one
     time_conditioning: bool = False
-    T: int = 0  # sampling steps
+    T: int = setting(0, lo=0)  # sampling steps
     ignore_bos: bool = False
     cross_attn: bool = False
-    var_min: bool = False
-    clip_search_delta: float = 0.05
-    clip_search_widths: tuple[float, ...] = ()
-    clip_search_batches: int = 100
-    fix_clipping: bool = False
+    var_min: bool = False  # train on the clip interval [eps_min, eps_max] (learned by BD3-LM)
     mdlm_loss_scale: bool = False
 
+    def clip_search(self) -> ClipSearch | None:
+        """The clip-interval search these settings ask for (None: none; BD3-LM's settings
+        have one)."""
+        return None
 
-def settings_from(cls: type[AlgoSettings], node: Mapping[str, Any]) -> AlgoSettings:
-    """`cls` from a config node or plain mapping (its keys were checked by the settings
-    schema); keys `cls` does not declare are left out, lists become tuples."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    values = {}
-    for key in names & set(node.keys()):
-        value = node[key]
-        if isinstance(value, (list, tuple)) or type(value).__name__ == "ListConfig":
-            value = tuple(value)
-        values[key] = value
-    return cls(**values)
+
+def settings_from(cls: type[AlgoSettings], node: Mapping[str, Any] | AlgoSettings) -> AlgoSettings:
+    """`cls` from a config node or plain mapping (config_keys.from_mapping: keys `cls` does
+    not declare are left out, lists become tuples); an instance of `cls` as it is."""
+    return from_mapping(cls, node)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Literal
 
 from algorithms.ssdlm import SSDLM
 from checkpoints.layout import LoadedCheckpoint
+from config_keys import setting
 from registry.spec import AlgoSettings, BuildContext, ObjectiveSpec, ReleasedFormat
 from sampling.ssdlm import SSDLMSamplerOptions, ssdlm_sample
 from utils import UserError
@@ -19,11 +21,11 @@ from utils import UserError
 class SSDLMSettings(AlgoSettings):
     """SSD-LM's own `algo` keys; None takes algorithms.ssdlm.SSDLM's default."""
 
-    diffusion_steps: int | None = None  # T of the training forward process (5000)
-    simplex_value: float | None = None  # k of the +-k simplex (5)
-    top_p: float | None = None  # the sampling projection's nucleus (0.95)
-    context: str | None = None  # previous_block | all
-    max_context: int | None = None  # at most this many context tokens (train and sample)
+    diffusion_steps: int | None = setting(None, lo=1)  # T of the training forward process (5000)
+    simplex_value: float | None = setting(None, lo=0, lo_open=True)  # k of the +-k simplex (5)
+    top_p: float | None = setting(None, lo=0, hi=1, lo_open=True)  # the sampling nucleus (0.95)
+    context: Literal["previous_block", "all"] | None = None  # the sampler's context
+    max_context: int | None = setting(None, lo=1)  # context tokens at most (train and sample)
 
 
 def build(settings: SSDLMSettings, context: BuildContext) -> SSDLM:
