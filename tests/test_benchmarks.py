@@ -28,10 +28,16 @@ def test_acceptance_cpu_dry_run(tmp_path, data_cache):
             assert record["status"].startswith("skipped: "), (name, record)
         else:
             assert record["status"] == "ok", (name, record)
-    assert len(report["sections"]) == 12
+    assert len(report["sections"]) == 13
     sections = {name: record.get("result") for name, record in report["sections"].items()}
     flex = sections["flex_vs_sdpa"]["float32"]
     assert flex["loss_rel_diff"] < 1e-4 and flex["grad_rel_diff"].startswith("skipped: ")
+    hf_causal = sections["hf_causal"]
+    assert set(hf_causal["flex_vs_sdpa"]) == {"causal_float32", "causal_bfloat16",
+                                              "block_float32", "block_bfloat16"}  # fmt: skip
+    assert hf_causal["flex_vs_sdpa"]["block_float32"]["logits_rel_diff"] < 1e-4
+    assert hf_causal["train_step_bf16"]["checkpointing_grad_rel_diff"] < 1e-3
+    assert hf_causal["fsdp_units"] == {"classes": ["LlamaDecoderLayer"], "count": 2}
     assert sections["kv_cache"]["bd3lm4_bfloat16"]["cache_dtype"] == "torch.bfloat16"
     assert sections["pipeline"]["ppl_eval"]["precision"] == "bf16-mixed"
 

@@ -17,7 +17,7 @@ import main
 import sampling
 import settings
 from algorithms.base import DoubleLengthCrop
-from benchmarks.acceptance import SameTrajectory
+from benchmarks.acceptance_numerics import SameTrajectory
 from conftest import compose_cfg as compose
 from conftest import module_denoiser, run_inprocess, tiny_module
 from metrics import GenerativePerplexity
