@@ -29,6 +29,7 @@ Sections (GPU: each in a process of its own with its time box; --cpu: in process
 The bundle (scripts for it: benchmarks/gpu_bundle.sh) holds the wheels the GPU machine may lack
 (hydra-core, omegaconf, antlr4) and, under DIR/cache, the tokenizer and token caches these
 sections read (so `datasets` is never needed there), a tiny judge and a synthetic text8.
+transformers is not in it: the judge, the pipeline and hf_causal use the GPU image's own.
 Numbers in the JSON are what each section measured; `ok` is false when a check failed; a
 section that cannot run here says why in its `skipped: ...` status.
 
