@@ -138,13 +138,16 @@ def run_in_process(section: Section, ctx: Context, seconds: int) -> dict:
     start = time.perf_counter()
     try:
         record = {"status": "ok", "result": section.run(ctx)}
-    except SectionTimeout as err:
-        record = {"status": "timeout", "error": str(err)}
     except SectionSkipped as err:
         record = {"status": f"skipped: {err}"}
     except Exception as err:  # noqa: BLE001 - every failure is recorded, the run goes on
-        lines = traceback.format_exception(type(err), err, err.__traceback__)
-        record = {"status": "failed", "error": "".join(lines)[-4000:]}
+        if isinstance(err, SectionTimeout):
+            record = {"status": "timeout", "error": str(err)}
+        else:
+            lines = traceback.format_exception(type(err), err, err.__traceback__)
+            record = {"status": "failed", "error": "".join(lines)[-4000:]}
+        if getattr(err, "partial", None):  # what the section measured before it stopped
+            record["result"] = err.partial
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
