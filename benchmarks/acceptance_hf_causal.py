@@ -1,18 +1,19 @@
 """The acceptance run's section for the pretrained-causal-LM backbone (models.hf_causal,
 `HFCausalLM`) on the GPU, on a tiny random Llama built here (transformers' LlamaConfig and
-LlamaForCausalLM; nothing downloaded):
+LlamaForCausalLM; nothing downloaded), checked in this order (a failure keeps the results
+before it):
 
+- its FSDP units (the registry's `fsdp_units`, read from the built model): exactly the decoder
+  layer class, one unit per layer;
 - the 2L pass [x_t ; x_0] (BD3-LM's block-diffusion mask, both clean-stream modes): logits and
   every parameter's gradient, flex attention against SDPA, float32 and bf16 autocast;
 - one bf16 training step of the BD3-LM objective through `BackboneNetwork` (the training
-  path; flex on the GPU): the loss and the gradients finite, gradient checkpointing gives the
-  same gradients, the AdamW step leaves the weights finite;
-- its FSDP units (the registry's `fsdp_units`, read from the built model): exactly the decoder
-  layer class, one unit per layer.
+  path; flex on the GPU): the loss and the gradients finite, the AdamW step leaves the weights
+  finite; then the same step with gradient checkpointing: the same loss and gradients.
 
 --cpu: the same at toy size, flex forward only (flex attention has no CPU backward), the
-training step on SDPA. transformers is not in the bundle (the GPU image has it); where it is
-missing the section is skipped, saying so.
+training step on SDPA. transformers is not in the bundle (the GPU image has its own, which
+may be older than requirements.txt's); where it is missing the section is skipped, saying so.
 """
 
 from __future__ import annotations
