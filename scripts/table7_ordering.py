@@ -2,12 +2,13 @@
 with the same budget, sampled at equal NFE with the same seed, judged by SmolLM2-135M.
 
     python scripts/table7_ordering.py [RUN] [--samples 64] [--seed 1] [--judge smollm2-135m]
-        [--quick]
+        [--steps N] [--quick]
 
 RUN (default outputs/table7):
   1. RUN/train/NAME: `main.py experiment=demo` with the variant's algo (and block size), the
-     demo's budget for each (800 steps of 16 x 128 tokens, the same learning rate and schedule);
-     a variant whose final step checkpoint is there is not retrained;
+     same budget for each: the demo's (800 steps of 16 x 128 tokens, its learning rate and
+     schedule), or `--steps N` steps; a variant whose final step checkpoint is there is not
+     retrained;
   2. RUN/samples/NAME: `main.py experiment=demo mode=sample_eval` from its last.ckpt (EMA
      weights), `--samples` samples of L = 128 tokens in one batch, seed `--seed`, nucleus 0.9,
      one token per model call (exact first-hitting for the diffusion models, so NFE = 127
@@ -51,10 +52,10 @@ VARIANTS = {
 }
 
 
-def ensure_trained(run: str, name: str, experiment: str, timings: dict) -> str:
+def ensure_trained(run: str, name: str, args, timings: dict) -> str:
     """Train variant `name` into RUN/train/NAME unless its final checkpoint is there; ->
     its last.ckpt."""
-    overrides = VARIANTS[name][2]
+    experiment, overrides = args.experiment, [*VARIANTS[name][2], *budget(args)]
     run_dir = os.path.join(run, "train", name)
     steps = int(study.compose(experiment, overrides).trainer.max_steps)
     final = os.path.join(run_dir, "checkpoints", f"step_{steps:08d}.ckpt")
@@ -67,6 +68,15 @@ def ensure_trained(run: str, name: str, experiment: str, timings: dict) -> str:
         log = os.path.join(run, "logs", f"train_{name}.log")
         timings[f"train_{name}_s"] = study.run_logged(cmd, log, f"train {name}")
     return last
+
+
+def budget(args) -> list[str]:
+    """Overrides giving every variant `--steps` training steps (checkpoints at the last)."""
+    if args.steps is None:
+        return []
+    every = [f"trainer.val_check_interval={args.steps}"]
+    every += [f"callbacks.checkpoint_every_n_steps.every_n_train_steps={args.steps}"]
+    return [f"trainer.max_steps={args.steps}", *every]
 
 
 def ensure_sampled(run: str, name: str, ckpt: str, args, timings: dict) -> str:
@@ -150,7 +160,7 @@ def render(results: list[dict], reference: dict, judge: str, args) -> list[str]:
     lines += [
         "",
         f"Paper (per-sample mean, L = 1024): {paper_order}. Ours (L = {args.length}, "
-        f"{args.samples} "
+        f"{args.steps_run} training steps each, {args.samples} "
         f"samples, seed {args.seed}): the ordering {'holds' if holds else 'does NOT hold'}; "
         f"neighbours by their 95% intervals: {', '.join(notes)}.",
     ]
@@ -163,12 +173,14 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--samples", type=int, help="samples per model (default 64; quick 2)")
     parser.add_argument("--seed", type=int, default=1, help="sampling seed (every model)")
     parser.add_argument("--judge", default="smollm2-135m", help="the Gen PPL judge")
+    parser.add_argument("--steps", type=int, help="training steps per model (default: demo's)")
     parser.add_argument("--quick", action="store_true", help="a tiny smoke version")
     args = parser.parse_args(argv)
     args.run = args.run or ("outputs/table7_quick" if args.quick else "outputs/table7")
     args.samples = args.samples or (2 if args.quick else 64)
     args.experiment = "smoke" if args.quick else "demo"
     args.length = int(study.compose(args.experiment, []).model.length)
+    args.steps_run = args.steps or int(study.compose(args.experiment, []).trainer.max_steps)
     if args.samples < 2:
         parser.error("--samples must be >= 2 (the intervals need two samples)")
     return args
@@ -183,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     numbers = paper_tables.load_numbers()
     dirs = {}
     for name in VARIANTS:
-        ckpt = ensure_trained(run, name, args.experiment, timings)
+        ckpt = ensure_trained(run, name, args, timings)
         dirs[name] = ensure_sampled(run, name, ckpt, args, timings)
     results = []
     for name, directory in dirs.items():
