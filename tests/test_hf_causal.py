@@ -279,7 +279,9 @@ def test_ar_layout_is_the_plain_model(family):
 def test_gradients_flow_with_checkpointing(family):
     name, model = family
     net = HFCausalLM(copy.deepcopy(model), gradient_checkpointing=True).train()
-    assert net.model.is_activation_checkpointing
+    assert getattr(net.model, "is_activation_checkpointing", None) or getattr(
+        net.model, "is_gradient_checkpointing", False
+    )
     for module in net.modules():  # dropout off: the two passes must agree
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0

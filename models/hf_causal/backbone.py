@@ -64,9 +64,13 @@ class HFCausalLM(InferenceScope, nn.Module):
             raise ValueError(f"model.attn_backend={attn_backend!r}: valid values {ATTN_BACKENDS}")
         model.set_attn_implementation(ATTENTION_NAME)
         if gradient_checkpointing:
-            model.activation_checkpointing_enable(
-                activation_checkpointing_kwargs={"use_reentrant": False}
-            )
+            enable = getattr(model, "activation_checkpointing_enable", None)
+            if enable is not None:
+                enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:  # transformers before 5.24 (the GPU image's 5.17) names it differently
+                model.gradient_checkpointing_enable(
+                    gradient_checkpointing_kwargs={"use_reentrant": False}
+                )
         self.model = model
         self.token_shift = token_shift
         self.clean_attention = clean_attention
