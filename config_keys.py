@@ -31,7 +31,8 @@ METADATA = "config_key"
 @dataclasses.dataclass(frozen=True)
 class KeyInfo:
     """What a field's annotation cannot say. lo / hi: bounds of a number (lo_open / hi_open:
-    strict). required: the run must set it although the field has a default. choose: for a
+    strict). required: the run must set it although the field has a default. choices: () ->
+    the valid values of a str field where a registry knows them. choose: for a
     nested settings field, () -> {value: settings class}, the class picked by the node's
     `choose_by` key. extras: a Mapping field that takes the group's undeclared keys; `keys`:
     () -> the valid ones (None: any); `listing`: how messages name them."""
@@ -41,6 +42,7 @@ class KeyInfo:
     lo_open: bool = False
     hi_open: bool = False
     required: bool = False
+    choices: Callable[[], tuple[str, ...]] | None = None
     choose: Callable[[], Mapping[str, type]] | None = None
     choose_by: str = "name"
     extras: bool = False

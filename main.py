@@ -1,11 +1,12 @@
-"""Hydra entry point: compose and validate the config, build tokenizer, data, module and
+"""Hydra entry point: compose and check the config, build tokenizer, objective, data, module and
 trainer, and dispatch on `mode` (train | ppl_eval | sample_eval). No maths here.
 
 Every output goes under the run directory (`hydra.run.dir=DIR`; under `-m`, one directory per
 sweep point). Bad input exits with code 2 and one `error:` line on stderr (also in the run's
 main.log), before anything is written: the command line's group options and keys are checked
-before torch and Lightning are imported (`check_command_line`), every other check before the
-run writes its first file (`run`). `compose(overrides, run_dir)` + `run(cfg, run_dir)` is the
+before torch and Lightning are imported (command_line.py), every other check before the run
+writes its first file (`run`). The config becomes typed settings (settings.RunSettings) once;
+below this module nothing reads it. `compose(overrides, run_dir)` + `run(cfg, run_dir)` is the
 same run in process (tests, scripts).
 """
 
@@ -13,22 +14,20 @@ same run in process (tests, scripts).
 from __future__ import annotations
 
 import contextlib
-import difflib
+import dataclasses
 import json
-import logging
 import os
-import re
 import signal
 import sys
 import time
 import warnings
-from collections.abc import Sequence
-from typing import NoReturn
+from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
+from command_line import check_command_line, command_line_keys, compose, fail
 from utils import (
     UserError,
     atomic_path,
@@ -38,174 +37,8 @@ from utils import (
     quiet_console,
 )
 
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
-GROUPS = ("algo", "model", "data", "noise", "lr_scheduler", "strategy", "experiment")
 EVAL_MODES = ("ppl_eval", "sample_eval")
-SWEEP_FUNCTION = re.compile(r"^(\w+)\((.*)\)$")  # choice(a,b), range(...), glob(...)
-OTHER_PRIMARY_CONFIG = ("-cn", "--config-name", "-cp", "--config-path", "-cd", "--config-dir")
 log = get_logger("bd3lms")
-
-
-def group_values(value: str) -> list[str] | None:
-    """The config names a `group=value` override asks for: one name, a comma-separated sweep
-    list (`-m algo=ar,mdlm`) or `choice(...)`; None for values that are not names
-    (`glob(...)`, `range(...)`, interpolations), which Hydra checks itself."""
-    function = SWEEP_FUNCTION.match(value)
-    if function:
-        if function[1] != "choice":
-            return None
-        value = function[2]
-    if "${" in value:
-        return None
-    return [v.strip().strip("'\"") for v in value.split(",")]
-
-
-def check_group_choices(argv: Sequence[str]) -> None:
-    """Fail in one line on `group=name` overrides whose config file does not exist (Hydra's own
-    message spans many lines)."""
-    for arg in argv:
-        key, sep, value = arg.lstrip("+~").partition("=")
-        if not sep or key not in GROUPS or value in ("null", ""):
-            continue
-        choices = sorted(f[:-5] for f in os.listdir(os.path.join(CONFIG_DIR, key)))
-        for name in group_values(value) or []:
-            if name not in choices:
-                raise UserError(f"{key}={name}: unknown; valid are {', '.join(choices)}")
-
-
-def check_override_keys(overrides: Sequence[str]) -> None:
-    """Fail in one line on a `key=value` override of a key that the composed config does not
-    have, with the schema's "did you mean" hint (Hydra's own message advises `+key=`, which the
-    schema then refuses). The config is composed from the overrides that shape it (groups,
-    `+key=` additions, `~key` deletions), once per option of a swept group (`-m
-    lr_scheduler=constant,cosine_decay_warmup`). Additions, deletions and Hydra's own keys are
-    left to Hydra and the schema, and so is a command line Hydra cannot parse or compose."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.core.override_parser.types import OverrideType
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    try:
-        parsed = OverridesParser.create().parse_overrides(list(overrides))
-    except HydraException:
-        return
-    changes, shaping = [], []
-    for override in parsed:
-        if override.is_hydra_override():
-            continue
-        key = override.key_or_group
-        plain = override.type == OverrideType.CHANGE and override.package is None
-        is_group = os.path.isdir(os.path.join(CONFIG_DIR, key))
-        (changes if plain and not is_group else shaping).append(override)
-    if not changes:
-        return
-    for variant, note in _shaping_variants(shaping):
-        try:
-            with initialize_config_dir(CONFIG_DIR, version_base=None):
-                cfg = hydra_compose("config", overrides=variant)
-        except (HydraException, OmegaConfBaseException):
-            return
-        config = OmegaConf.to_container(cfg, resolve=False)
-        for override in changes:
-            problem = unknown_key(config, override.key_or_group, note)
-            if problem is not None:
-                raise UserError(problem)
-
-
-def _shaping_variants(shaping: list) -> list[tuple[list[str], str]]:
-    """(overrides, note) to compose, from Hydra's parsed overrides: each swept override at its
-    first option, then each of its other options in turn (note: " with KEY=OPTION"); [] when a
-    sweep is not a list of options (glob, range), which Hydra expands itself."""
-    from hydra.core.override_parser.types import OverrideType
-
-    prefix = {OverrideType.ADD: "+", OverrideType.FORCE_ADD: "++", OverrideType.DEL: "~"}
-    options = []
-    for override in shaping:
-        if not override.is_sweep_override():
-            options.append([override.input_line])
-            continue
-        if not override.is_discrete_sweep():
-            return []
-        head = prefix.get(override.type, "") + override.get_key_element()
-        options.append([f"{head}={value}" for value in override.sweep_string_iterator()])
-    base = [choices[0] for choices in options]
-    variants = [(base, "")]
-    for index, choices in enumerate(options):
-        for choice in choices[1:]:
-            variants.append(([*base[:index], choice, *base[index + 1 :]], f" with {choice}"))
-    return variants
-
-
-def unknown_key(config: dict, key: str, note: str = "") -> str | None:
-    """Why the dotted `key` is not a key of the composed `config` (a plain dict; `note` says
-    which composition), naming the closest key and the keys beside it; None when it is one, or
-    when a list lies on its path (Hydra's to judge)."""
-    parts, node = key.split("."), config
-    for depth, part in enumerate(parts):
-        parent = ".".join(parts[:depth])
-        if node is None:
-            return f"{key}: {parent} is null here{note}; add the key with +{key}=VALUE"
-        if not isinstance(node, dict):
-            return None
-        if part not in node:
-            hint = _closest(config, node, parent, part)
-            listing = ", ".join(map(str, node))
-            if parent == "trainer":  # the schema also takes Lightning's other Trainer keywords
-                listing += ", or another keyword of lightning.Trainer as +trainer.KEYWORD=VALUE"
-            where = f" in {parent}" if parent else ""
-            return f"{key} is not a known key{note} ({hint}valid{where}: {listing})"
-        node = node[part]
-    return None
-
-
-def _closest(config: dict, node: dict, parent: str, name: str) -> str:
-    """ "did you mean KEY? " for the key of `node` (at `parent`) closest to `name`, else for the
-    closest key of that name anywhere in `config` (a key given in the wrong group), else ""."""
-    close = difflib.get_close_matches(name, [str(k) for k in node], n=1)
-    if close:
-        return f"did you mean {parent + '.' if parent else ''}{close[0]}? "
-    paths = _key_paths(config)
-    close = difflib.get_close_matches(name, [p.rsplit(".", 1)[-1] for p in paths], n=1)
-    if close:
-        return f"did you mean {next(p for p in paths if p.rsplit('.', 1)[-1] == close[0])}? "
-    return ""
-
-
-def _key_paths(node: dict, prefix: str = "") -> list[str]:
-    """Every dotted key of a nested dict, inner nodes included."""
-    paths = []
-    for name, value in node.items():
-        path = f"{prefix}{name}"
-        paths.append(path)
-        if isinstance(value, dict):
-            paths += _key_paths(value, path + ".")
-    return paths
-
-
-def check_command_line(argv: Sequence[str]) -> None:
-    """The overrides of `python main.py ARGV` (its arguments with `=`, and `~key` deletions):
-    group options (check_group_choices), then keys (check_override_keys), unless a flag names
-    another primary config."""
-    if any(arg.split("=")[0] in OTHER_PRIMARY_CONFIG for arg in argv):
-        return
-    overrides = [a for a in argv if not a.startswith("-") and ("=" in a or a.startswith("~"))]
-    check_group_choices(overrides)
-    check_override_keys(overrides)
-
-
-def fail(err: UserError) -> NoReturn:
-    """The one line of bad input: `error: ...` on stderr and in the run's log files (Hydra's
-    main.log, once it exists); exit code 2."""
-    line = f"error: {err}"
-    if global_rank() == 0:
-        record = logging.LogRecord(log.name, logging.ERROR, __file__, 0, line, None, None)
-        for handler in logging.getLogger().handlers:
-            if isinstance(handler, logging.FileHandler):
-                handler.handle(record)
-    print(line, file=sys.stderr)
-    sys.exit(2)
 
 
 if __name__ == "__main__":  # a bad command line fails in a second, not after torch loads
@@ -235,38 +68,62 @@ from checkpoints import (
 from sampling import generate
 from training_callbacks import LoadingSanityCheck, Preemption
 
-
-def compose(overrides: Sequence[str], run_dir: str) -> DictConfig:
-    """The config that `python main.py OVERRIDES hydra.run.dir=RUN_DIR` runs, for in-process
-    runs (tests, scripts): Hydra's compose API, with `${hydra:runtime.output_dir}` = run_dir.
-    Bad group options and unknown keys are one UserError line, as on the command line."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.errors import ConfigCompositionException
-
-    check_group_choices(overrides)
-    try:
-        with initialize_config_dir(CONFIG_DIR, version_base=None):
-            cfg = hydra_compose("config", overrides=list(overrides), return_hydra_config=True)
-    except ConfigCompositionException:
-        check_override_keys(overrides)  # an unknown key: our line; else Hydra's error
-        raise
-    with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = os.path.abspath(run_dir)
-        cfg.hydra.job.name = "main"
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        del cfg["hydra"]
-    return cfg
+__all__ = ["compose", "main", "run"]
 
 
-def command_line_keys() -> frozenset[str]:
-    """The config keys this run's command line (or compose's overrides) sets, additions
-    included; none outside Hydra."""
-    if not HydraConfig.initialized():
-        return frozenset()
-    task = HydraConfig.get().overrides.task
-    return frozenset(o.split("=", 1)[0].lstrip("+") for o in task if "=" in o and o[0] != "~")
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """A checked run, what its mode works with: the typed settings, the resolved config as it
+    is recorded (config_resolved.yaml, checkpoints, provenance), the machine, the batch plan,
+    the run directory, the vocabulary, the objective (built once, for the trained window when
+    sampling, and checked) and the evaluated checkpoint (None when training)."""
+
+    settings: settings.RunSettings
+    record: dict[str, Any]
+    hw: settings.Hardware
+    plan: settings.BatchPlan
+    run_dir: str
+    vocab: dataloader.Vocab
+    objective: Any
+    loaded: LoadedCheckpoint | None = None
+
+
+def prepare(cfg: DictConfig, run_dir: str) -> Job:
+    """Every check of `cfg` that does not need the mode's data or module: the settings, the
+    objective's capabilities, the evaluated checkpoint and, for sample_eval, its trained
+    window. Writes nothing but the data package's tokenizer cache; sets `block_size` in `cfg`
+    to the K the objective uses."""
+    command_line = command_line_keys()
+    run, hw, plan = settings.check(cfg, command_line=command_line)
+    settings.configure_float32_matmul(run.trainer)
+    if run.mode == "sample_eval":
+        builders.build_evaluator(run.eval, "cpu")  # a judge that cannot be loaded fails first
+    vocab = dataloader.get_vocab(run.data)
+    crop = settings.text8_crop(run, vocab.bos_id, vocab.eos_id) if run.mode == "train" else None
+    # sample_eval: model.length is the generation length; the capabilities do not depend on
+    # the context, checked now, before the checkpoint gives the trained window
+    seq_len = run.block_size if run.mode == "sample_eval" else run.model.length
+    objective = settings.build_objective(run, seq_len, vocab.mask_id, crop)
+    settings.check_objective(run, objective, hw)
+    loaded = None
+    if run.mode in EVAL_MODES:
+        spec, key = settings.objective_spec(run), "eval.checkpoint_path"
+        heads = run.model.reference_heads()
+        loaded = registry.read_for_eval(
+            spec, run.eval.checkpoint_path, key, heads, run.model.backbone
+        )
+    if run.mode == "sample_eval":  # the objective of the checkpoint's trained window
+        window = trained_length(loaded, run.model.length)
+        where = "the checkpoint's trained window"
+        run = settings.settle_block_size(cfg, run, window, where, command_line)
+        objective = settings.build_objective(run, window, vocab.mask_id)
+        settings.check_sampler(run, objective, window)
+    if settings.evaluates_released(run, loaded):  # float32 unless a precision is set
+        hw = settings.resolve_hardware(run.trainer, released_checkpoint=True)
+    if hw.precision_choice is not None:
+        log.info("trainer.precision=auto -> %s (%s)", hw.precision, hw.precision_choice)
+    record = OmegaConf.to_container(cfg, resolve=True)
+    return Job(run, record, hw, plan, run_dir, vocab, objective, loaded)
 
 
 def write_json(path: str, payload: dict) -> None:
@@ -275,16 +132,17 @@ def write_json(path: str, payload: dict) -> None:
         f.write("\n")
 
 
-def write_resolved_config(cfg: DictConfig, run_dir: str) -> None:
+def write_resolved_config(cfg: DictConfig, job: Job) -> None:
     """RUN_DIR/config_resolved.yaml (and a sampling.logdir's, which scripts/paper_tables.py
     matches samples by), written by global rank 0; printed with verbose=true."""
     if global_rank() != 0:
         return
     resolved = OmegaConf.to_yaml(cfg, resolve=True)
-    if cfg.verbose:
+    run = job.settings
+    if run.verbose:
         log.info("resolved config:\n%s", resolved)
-    logdir = cfg.sampling.logdir if cfg.mode == "sample_eval" else None
-    for directory in dict.fromkeys(d for d in (run_dir, logdir) if d):
+    logdir = run.sampling.logdir if run.mode == "sample_eval" else None
+    for directory in dict.fromkeys(d for d in (job.run_dir, logdir) if d):
         os.makedirs(directory, exist_ok=True)
         with (
             atomic_path(os.path.join(directory, "config_resolved.yaml")) as tmp,
@@ -293,13 +151,15 @@ def write_resolved_config(cfg: DictConfig, run_dir: str) -> None:
             f.write(resolved)
 
 
-def run_provenance(cfg: DictConfig, hw, run_dir: str, datasets: dict, checkpoint=None) -> dict:
+def run_provenance(job: Job, datasets: dict, checkpoint=None) -> dict:
     """provenance.record of this run (the token caches of `datasets`, {split: dataset}, and
     `checkpoint`), also written to RUN_DIR/provenance.json by global rank 0."""
     caches = {split: provenance.cache_name_of(ds) for split, ds in datasets.items()}
-    prov = provenance.record(cfg, hw, run_dir=run_dir, data_cache=caches, checkpoint=checkpoint)
+    prov = provenance.record(
+        job.record, job.hw, run_dir=job.run_dir, data_cache=caches, checkpoint=checkpoint
+    )
     if global_rank() == 0:
-        provenance.write(run_dir, prov)
+        provenance.write(job.run_dir, prov)
     return prov
 
 
@@ -313,21 +173,24 @@ def without_provenance(result: dict) -> dict:
 # fail on user input (UserError) and writes nothing; `run` then writes the resolved config and
 # resumes it to do the work. A mode that finds nothing to do returns before its yield.
 # ----------------------------------------------------------------------------------------------
-def train(cfg: DictConfig, hw: settings.Hardware, plan: settings.BatchPlan, run_dir: str, _):
+def train(job: Job):
     """Train, resuming from checkpointing.resume_ckpt_path when resume_from_ckpt is on and the
     file exists (a local path or an fsspec URL: a remote one is read through a local copy in
     the run directory, removed after the fit)."""
-    path = cfg.checkpointing.resume_ckpt_path if cfg.checkpointing.resume_from_ckpt else None
+    checkpointing = job.settings.checkpointing
+    path = checkpointing.resume_ckpt_path if checkpointing.resume_from_ckpt else None
     key = "checkpointing.resume_ckpt_path"
-    with local_copy_if_exists(path, key, run_dir) if path else contextlib.nullcontext() as resume:
-        yield from fit(cfg, hw, plan, run_dir, resume, path)
+    with (
+        local_copy_if_exists(path, key, job.run_dir) if path else contextlib.nullcontext()
+    ) as resume:
+        yield from fit(job, resume, path)
 
 
-def check_resume(cfg: DictConfig, local: str, path: str) -> dict:
+def check_resume(record: dict, local: str, path: str) -> dict:
     """The resume checkpoint `path` (read from its local copy `local`), after checking that
-    the run changes no key of the config it was trained with that cannot change mid-run
-    (settings.check_resume_config); UserError otherwise. Its names and shapes are checked
-    against the module once that is built (check_state)."""
+    the run (`record`: its resolved config) changes no key of the config it was trained with
+    that cannot change mid-run (settings.check_resume_config); UserError otherwise. Its names
+    and shapes are checked against the module once that is built (check_state)."""
     key = "checkpointing.resume_ckpt_path"
     try:
         last = read_checkpoint(local, key)
@@ -335,19 +198,19 @@ def check_resume(cfg: DictConfig, local: str, path: str) -> dict:
         raise UserError(str(err).replace(local, path)) from None
     stored = last.get("config")
     if isinstance(stored, dict):
-        run_config = OmegaConf.to_container(cfg, resolve=True)
-        settings.check_resume_config(stored, run_config, f"{key}={path}")
+        settings.check_resume_config(stored, record, f"{key}={path}")
     return last
 
 
-def fit(cfg, hw, plan, run_dir: str, resume: str | None, resume_path: str | None):
+def fit(job: Job, resume: str | None, resume_path: str | None):
     """Build and fit; `resume`: the local copy of the checkpoint `resume_path` to resume from,
     None to start afresh (or from training.from_pretrained). A resume whose checkpoint has
     reached trainer.max_steps has nothing to do: one log line, nothing built or written."""
+    run, hw, plan, vocab = job.settings, job.hw, job.plan, job.vocab
     last = None
     if resume is not None:
-        last = check_resume(cfg, resume, resume_path)
-        step, max_steps = int(last.get("global_step", 0)), int(cfg.trainer.max_steps)
+        last = check_resume(job.record, resume, resume_path)
+        step, max_steps = last.get("global_step", 0), run.trainer.max_steps
         if step >= max_steps:
             log.info(
                 "resumed at step %d from %s: trainer.max_steps=%d is reached, nothing left to "
@@ -355,44 +218,43 @@ def fit(cfg, hw, plan, run_dir: str, resume: str | None, resume_path: str | None
                 step, resume_path, max_steps,
             )  # fmt: skip
             return
-    pretrained = None
+    pretrained, source = None, run.training.from_pretrained
     key = "training.from_pretrained"
-    if resume is None and cfg.training.from_pretrained:
-        pretrained = read_any_checkpoint(cfg.training.from_pretrained, key, n_heads(cfg))
-    vocab = dataloader.get_vocab(cfg.data)
-    bos_eos = (vocab.bos_id, vocab.eos_id)
-    module = builders.build_module(cfg, vocab.size, vocab.mask_id, bos_eos=bos_eos)
-    length = int(cfg.model.length)
-    train_set = dataloader.get_dataset(cfg.data, vocab, "train", length)
-    valid_set = dataloader.get_dataset(cfg.data, vocab, "valid", length)
+    if resume is None and source:
+        pretrained = read_any_checkpoint(source, key, run.model.reference_heads())
+    module = builders.build_module(run, job.objective, vocab.size, job.record)
+    length = run.model.length
+    train_set = dataloader.get_dataset(run.data, vocab, "train", length)
+    valid_set = dataloader.get_dataset(run.data, vocab, "valid", length)
     valid_loader = builders.build_loader(
-        valid_set, plan.eval_batch_size, False, cfg.seed, cfg, hw, evaluation=True
+        valid_set, plan.eval_batch_size, False, run, hw, evaluation=True
     )
     callbacks = []
     if pretrained is not None:
-        dataloader.check_vocab_size(vocab, checkpoint_vocab_size(pretrained), key)
+        dataloader.check_vocab_size(vocab, builders.checkpoint_vocab_size(pretrained), key)
         load_checkpoint_into(module, pretrained, key, for_training=True)
-        log.info("fine-tuning from %s", cfg.training.from_pretrained)
-        threshold = ppl_threshold(cfg.training.from_pretrained, cfg.eval.sanity_ppl_max)
-        what = cfg.training.from_pretrained
-        callbacks.append(LoadingSanityCheck(valid_loader, threshold, what))
-    trainer = builders.build_trainer(cfg, hw, plan, run_dir, fit=True, extra_callbacks=callbacks)
+        log.info("fine-tuning from %s", source)
+        threshold = ppl_threshold(source, run.eval.sanity_ppl_max)
+        callbacks.append(LoadingSanityCheck(valid_loader, threshold, source))
+    trainer = builders.build_trainer(
+        run, hw, plan, job.run_dir, record=job.record, extra_callbacks=callbacks
+    )
     if last is not None:
         check_state(module, last, "checkpointing.resume_ckpt_path")  # same model shape?
         log.info("resumed at step %d from %s", last.get("global_step", 0), resume_path)
         del last  # Lightning reads the file again in fit; not held through training
-    source = cfg.training.from_pretrained if pretrained is not None else None
     datasets = {"train": train_set, "valid": valid_set}
     yield
-    module.provenance = run_provenance(cfg, hw, run_dir, datasets, source)  # -> checkpoints
-    builders.compile_for_training(module, cfg)
+    origin = source if pretrained is not None else None
+    module.provenance = run_provenance(job, datasets, origin)  # -> checkpoints
+    builders.compile_for_training(module, run)
     with warnings.catch_warnings():
         if resume is not None:  # the directory holds the checkpoints resumed from
             warnings.filterwarnings("ignore", "Checkpoint directory .* exists and is not empty")
         try:
             trainer.fit(
                 module,
-                builders.build_loader(train_set, plan.batch_size, True, cfg.seed, cfg, hw),
+                builders.build_loader(train_set, plan.batch_size, True, run, hw),
                 valid_loader,
                 ckpt_path=resume,
                 weights_only=True,
@@ -404,59 +266,22 @@ def fit(cfg, hw, plan, run_dir: str, resume: str | None, resume_path: str | None
         raise SystemExit(stopper.exit_code)  # a signal stopped training: `train && eval` stops
 
 
-def n_heads(cfg: DictConfig) -> int:
-    return int(cfg.model.n_heads)
-
-
-def checkpoint_vocab_size(loaded: LoadedCheckpoint) -> int | None:
-    """Embedding rows of a checkpoint (its V), or None when it cannot be read."""
-    if loaded.dit is not None:
-        return loaded.dit.vocab_size
-    state = (loaded.raw or {}).get("state_dict", {})
-    for name, tensor in state.items():
-        if name.endswith("vocab_embed.embedding"):
-            return int(tensor.shape[0])
-        if name.endswith("embed_sum_layer.weight"):  # SSD-LM: (hidden, V)
-            return int(tensor.shape[1])
-    return None
-
-
-def load_for_eval(cfg: DictConfig, loaded: LoadedCheckpoint, seq_len: int | None = None):
-    """Tokenizer and module for `eval.checkpoint_path` (any supported format), weights loaded
-    strictly by name; EMA weights are swapped in by the caller's mode."""
-    key = "eval.checkpoint_path"
-    vocab = dataloader.get_vocab(cfg.data)
-    if loaded.format == "network":  # a released format its objective read: the network is built
-        dataloader.check_vocab_size(vocab, loaded.meta["vocab_size"], key)
-        network = loaded.raw["network"]
-        return vocab, builders.build_module(
-            cfg, vocab.size, vocab.mask_id, seq_len, network=network
-        )
-    size = checkpoint_vocab_size(loaded)
-    if size is not None:
-        dataloader.check_vocab_size(vocab, size, key)
-    module = builders.build_module(cfg, vocab.size, vocab.mask_id, seq_len)
-    load_checkpoint_into(module, loaded, key, for_training=False)
-    return vocab, module
-
-
-def ppl_eval(
-    cfg: DictConfig, hw: settings.Hardware, plan: settings.BatchPlan, run_dir: str, loaded
-):
-    path = cfg.eval.checkpoint_path
-    vocab, module = load_for_eval(cfg, loaded)
-    valid_set = dataloader.get_dataset(cfg.data, vocab, "valid", int(cfg.model.length))
-    loader = builders.build_loader(
-        valid_set, plan.eval_batch_size, True, cfg.seed, cfg, hw, evaluation=True
+def ppl_eval(job: Job):
+    run, hw, plan = job.settings, job.hw, job.plan
+    path = run.eval.checkpoint_path
+    module = builders.build_eval_module(
+        job.settings, job.objective, job.vocab, job.record, job.loaded
     )
-    trainer = builders.build_trainer(cfg, hw, plan, run_dir, fit=False)
-    module.mc_samples = int(cfg.eval.mc_samples)
+    valid_set = dataloader.get_dataset(run.data, job.vocab, "valid", run.model.length)
+    loader = builders.build_loader(valid_set, plan.eval_batch_size, True, run, hw, evaluation=True)
+    trainer = builders.build_trainer(run, hw, plan, job.run_dir)
+    module.mc_samples = run.eval.mc_samples
     yield
     trainer.validate(module, loader, verbose=False)
     if trainer.is_global_zero:
         result = {**module.eval_result, "checkpoint": path, "precision": hw.precision}
-        result["provenance"] = run_provenance(cfg, hw, run_dir, {"valid": valid_set}, path)
-        threshold = ppl_threshold(path, cfg.eval.sanity_ppl_max)
+        result["provenance"] = run_provenance(job, {"valid": valid_set}, path)
+        threshold = ppl_threshold(path, run.eval.sanity_ppl_max)
         if threshold is not None and result["ppl"] > threshold:
             log.warning(
                 "perplexity %.2f exceeds %.2f for %s: check the checkpoint, tokenizer "
@@ -465,13 +290,12 @@ def ppl_eval(
                 threshold,
                 path,
             )
-        write_json(os.path.join(run_dir, "ppl_eval.json"), result)
+        write_json(os.path.join(job.run_dir, "ppl_eval.json"), result)
         print(json.dumps(without_provenance(result)))
 
 
-def sample_eval(
-    cfg: DictConfig, hw: settings.Hardware, plan: settings.BatchPlan, run_dir: str, loaded
-):
+def sample_eval(job: Job):
+    run, hw, plan, vocab = job.settings, job.hw, job.plan, job.vocab
     fabric = L.Fabric(
         accelerator=hw.accelerator,
         devices=hw.devices,
@@ -480,43 +304,44 @@ def sample_eval(
         precision=hw.precision,
     )
     fabric.launch()
-    evaluator = builders.build_evaluator(cfg, fabric.device)
-    window = trained_length(loaded, cfg.model.length)
-    vocab, module = load_for_eval(cfg, loaded, seq_len=window)
+    evaluator = builders.build_evaluator(run.eval, fabric.device)
+    window = job.objective.seq_len  # the checkpoint's trained window
+    module = builders.build_eval_module(run, job.objective, vocab, job.record, job.loaded)
     module.apply_ema()
     module.to(fabric.device).eval()
     ids = sampling.TokenIds(bos=vocab.bos_id, mask=vocab.mask_id, eos=vocab.eos_id)
     try:
         sampler_cfg, sample_fn = registry.build_sampler(
-            settings.objective_spec(cfg), module.algorithm, module.backbone, window,
-            int(cfg.model.length), ids, settings.sampling_options(cfg),
-            reencode=bool(cfg.sampling.reencode_context), network=module.network,
+            settings.objective_spec(run), module.algorithm, module.backbone, window,
+            run.model.length, ids, settings.sampling_options(run),
+            reencode=run.sampling.reencode_context, network=module.network,
         )  # fmt: skip
     except ValueError as err:
         raise UserError(str(err)) from None
-    prompts = builders.read_prompts(cfg, vocab, sampler_cfg.block_size, sampler_cfg.context)
-    out_dir = cfg.sampling.logdir or run_dir
-    job = generate.GenerationJob(
+    prompts = builders.read_prompts(run, vocab, sampler_cfg.block_size, sampler_cfg.context)
+    out_dir = run.sampling.logdir or job.run_dir
+    generation = generate.GenerationJob(
         batch_size=plan.eval_batch_size,
-        num_batches=int(cfg.sampling.num_sample_batches),
-        seed=int(cfg.seed),
+        num_batches=run.sampling.num_sample_batches,
+        seed=run.seed,
         out_dir=out_dir,
         rank=fabric.global_rank,
         world_size=fabric.world_size,
         prompts=prompts,
-        append=cfg.sampling.logdir is not None,
+        append=run.sampling.logdir is not None,
         show_progress=sys.stderr.isatty(),  # no carriage-return bars in slurm logs
     )
     yield
     # the sampler runs in the run's precision; the judge scores in float32 outside it
     start = time.perf_counter()
     records = generate.generate(
-        sample_fn, sampler_cfg, job, vocab, evaluator, fabric.device, autocast=fabric.autocast
-    )
+        sample_fn, sampler_cfg, generation, vocab, evaluator, fabric.device,
+        autocast=fabric.autocast,
+    )  # fmt: skip
     fabric.barrier()
     if fabric.global_rank == 0:
-        prov = run_provenance(cfg, hw, run_dir, {}, cfg.eval.checkpoint_path)
-        judge = cfg.eval.gen_ppl_eval_model_name_or_path
+        prov = run_provenance(job, {}, run.eval.checkpoint_path)
+        judge = run.eval.gen_ppl_eval_model_name_or_path
         summary = generate.write_summary(out_dir, judge, extra={"provenance": prov})
         seconds, tokens = time.perf_counter() - start, sum(r["length"] for r in records)
         log.info(
@@ -538,31 +363,15 @@ NOTHING_TO_DO = object()  # what next() gives for a mode that returned before it
 def run(cfg: DictConfig, run_dir: str | None = None) -> None:
     """One run of `cfg` in `run_dir` (default: the Hydra job's output directory). Every check
     that can fail on user input (UserError) runs before anything is written: the settings, the
-    evaluated checkpoint, then the mode's own up to its yield (see Modes); then the resolved
-    config is written and the mode does its work."""
-    run_dir = run_dir or HydraConfig.get().runtime.output_dir
-    command_line = command_line_keys()
-    hw, plan = settings.validate(cfg, command_line=command_line)
-    settings.configure_float32_matmul(cfg.trainer)
-    if cfg.mode == "sample_eval":
-        builders.build_evaluator(cfg, "cpu")  # a judge that cannot be loaded fails first
-    loaded = None
-    if cfg.mode in EVAL_MODES:
-        spec, key = settings.objective_spec(cfg), "eval.checkpoint_path"
-        path = cfg.eval.checkpoint_path
-        loaded = registry.read_for_eval(spec, path, key, n_heads(cfg), cfg.model.backbone)
-    if cfg.mode == "sample_eval":
-        settings.check_sampling(cfg, trained_length(loaded, cfg.model.length), command_line)
-    if settings.evaluates_released(cfg, loaded):  # float32 unless a precision is set
-        hw = settings.resolve_hardware(cfg.trainer, released_checkpoint=True)
-    if hw.precision_choice is not None:
-        log.info("trainer.precision=auto -> %s (%s)", hw.precision, hw.precision_choice)
-    L.seed_everything(int(cfg.seed), verbose=False)
-    steps = MODES[cfg.mode](cfg, hw, plan, run_dir, loaded)
+    objective, the evaluated checkpoint (`prepare`), then the mode's own up to its yield (see
+    Modes); then the resolved config is written and the mode does its work."""
+    job = prepare(cfg, run_dir or HydraConfig.get().runtime.output_dir)
+    L.seed_everything(job.settings.seed, verbose=False)
+    steps = MODES[job.settings.mode](job)
     with contextlib.closing(steps):
         if next(steps, NOTHING_TO_DO) is NOTHING_TO_DO:
             return
-        write_resolved_config(cfg, run_dir)
+        write_resolved_config(cfg, job)
         next(steps, None)
 
 

@@ -140,16 +140,6 @@ def checkpoint_identity(path: str | None) -> dict[str, Any] | None:
     return out
 
 
-def _plain(config: Any) -> Any:
-    if isinstance(config, Mapping) and not isinstance(config, dict):
-        from omegaconf import DictConfig, OmegaConf
-
-        if isinstance(config, DictConfig):
-            return OmegaConf.to_container(config, resolve=True)
-        return dict(config)
-    return config
-
-
 def _relative_to_run_dir(value: Any, run_dir: str | None) -> Any:
     """Strings equal to or under run_dir become `${run_dir}` + the rest, recursively."""
     if run_dir is None:
@@ -163,15 +153,16 @@ def _relative_to_run_dir(value: Any, run_dir: str | None) -> Any:
     return value
 
 
-def config_hash(config: Any, run_dir: str | None = None) -> str:
-    """sha256 of the resolved config as sorted-key compact JSON (non-JSON leaves as str).
+def config_hash(config: Mapping[str, Any], run_dir: str | None = None) -> str:
+    """sha256 of the resolved config (plain containers) as sorted-key compact JSON (non-JSON
+    leaves as str).
 
     Paths under `run_dir` (checkpointing.save_dir = the Hydra run directory, and the keys
     derived from it: resume_ckpt_path, the default eval.checkpoint_path) are hashed relative
     to it, so one config run in two directories hashes the same; every other value counts,
     `mode` and `seed` included.
     """
-    plain = _plain(config)
+    plain = dict(config)
     if run_dir is not None:
         plain = _relative_to_run_dir(plain, os.path.abspath(run_dir).rstrip(os.sep))
     text = json.dumps(plain, sort_keys=True, separators=(",", ":"), default=str)
@@ -191,7 +182,7 @@ def device_name(accelerator: str) -> str:
 
 
 def record(
-    config: Any,
+    config: Mapping[str, Any],
     hardware: Any = None,
     *,
     run_dir: str | None = None,
@@ -199,13 +190,12 @@ def record(
     checkpoint: str | None = None,
     repo_dir: str = ROOT,
 ) -> dict[str, Any]:
-    """The provenance record of a run of `config` (DictConfig or plain, resolved).
+    """The provenance record of a run of `config` (the resolved config, plain containers).
 
     hardware: a settings.Hardware (accelerator, precision, world_size) or None; data_cache:
     {split: cache name or None} of the token caches the run reads; checkpoint: the evaluated
     (or fine-tuned from) checkpoint path, directory or hub id; repo_dir: where to ask git.
     """
-    plain = _plain(config)
     return {
         "git": git_state(repo_dir),
         "version": project_version(),
@@ -215,8 +205,8 @@ def record(
         "world_size": hardware.world_size if hardware is not None else None,
         "data_cache": dict(data_cache) if data_cache is not None else {},
         "checkpoint": checkpoint_identity(checkpoint),
-        "seed": plain.get("seed") if isinstance(plain, Mapping) else None,
-        "config_sha256": config_hash(plain, run_dir),
+        "seed": config["seed"],
+        "config_sha256": config_hash(config, run_dir),
     }
 
 

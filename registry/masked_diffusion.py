@@ -17,7 +17,7 @@ from sampling.denoiser import ModelDenoiser
 @dataclasses.dataclass(frozen=True)
 class BD3LMSettings(AlgoSettings):
     """BD3-LM's own `algo` keys: the search of its clip interval (algo.var_min; paper Sec. 5.2,
-    docs/clip_search.md) and the weight of the auxiliary AR loss of the clean stream."""
+    algorithms/clip_search.py) and the weight of the auxiliary AR loss of the clean stream."""
 
     clip_search_delta: float = setting(0.05, lo=0, hi=1, lo_open=True)
     clip_search_widths: tuple[float, ...] = setting((), lo=0, hi=1, lo_open=True)

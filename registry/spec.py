@@ -39,7 +39,7 @@ class AlgoSettings:
     name: str
     # hf_dit: evaluating a released HF checkpoint (float32 unless trainer.precision says)
     backbone: Literal["dit", "hf_dit"] | None = "dit"
-    parameterization: str = "subs"  # recorded in checkpoints; its entry says which one
+    parameterization: str = setting("subs", choices=lambda: parameterizations())  # recorded
     time_conditioning: bool = False
     T: int = setting(0, lo=0)  # sampling steps
     ignore_bos: bool = False
@@ -51,6 +51,14 @@ class AlgoSettings:
         """The clip-interval search these settings ask for (None: none; BD3-LM's settings
         have one)."""
         return None
+
+
+def parameterizations() -> tuple[str, ...]:
+    """The `algo.parameterization` values of the registered objectives (each entry's own is
+    checked against its `parameterization` by settings)."""
+    from registry import OBJECTIVES  # the registry's entries import this module
+
+    return tuple(dict.fromkeys(spec.parameterization for spec in OBJECTIVES.values()))
 
 
 def settings_from(cls: type[AlgoSettings], node: Mapping[str, Any] | AlgoSettings) -> AlgoSettings:

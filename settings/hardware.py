@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import TYPE_CHECKING
 
 import torch
-from omegaconf import DictConfig
 
 from utils import UserError
+
+if TYPE_CHECKING:
+    from settings.groups import LoaderSettings, RunSettings, TrainerSettings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,19 +58,19 @@ def auto_precision(accelerator: str, released_checkpoint: bool) -> tuple[str, st
     return "16-mixed", "the GPU has no native bf16"
 
 
-def evaluates_released(cfg: DictConfig, loaded) -> bool:
+def evaluates_released(run: RunSettings, loaded) -> bool:
     """An evaluation of a released checkpoint: an HF-format one (directory or hub id), a
     released format an objective's registry entry reads (format "network"), or any checkpoint
     with `algo.backbone=hf_dit` (the reference's switch for them)."""
-    if loaded is None or cfg.mode not in ("ppl_eval", "sample_eval"):
+    if loaded is None or run.mode not in ("ppl_eval", "sample_eval"):
         return False
-    return cfg.algo.get("backbone") == "hf_dit" or loaded.format in ("hf", "network")
+    return run.algo.backbone == "hf_dit" or loaded.format in ("hf", "network")
 
 
-def resolve_hardware(trainer: DictConfig, released_checkpoint: bool = False) -> Hardware:
+def resolve_hardware(trainer: TrainerSettings, released_checkpoint: bool = False) -> Hardware:
     """`auto` values: CUDA when available (all visible GPUs), else 1 CPU; the precision as
     `auto_precision` picks it (the reason in `precision_choice`, which main.run logs). The
-    values' types and choices were checked by settings.check_schema."""
+    values' types and choices were checked by the settings schema."""
     cuda = torch.cuda.is_available()
     accelerator = {"auto": "gpu" if cuda else "cpu", "cuda": "gpu"}.get(
         trainer.accelerator, trainer.accelerator
@@ -77,7 +80,7 @@ def resolve_hardware(trainer: DictConfig, released_checkpoint: bool = False) -> 
     devices = trainer.devices
     if devices == "auto":
         devices = torch.cuda.device_count() if accelerator == "gpu" else 1
-    precision = PRECISIONS[str(trainer.precision)]
+    precision = PRECISIONS[trainer.precision]
     why = None
     if precision == "auto":
         precision, why = auto_precision(accelerator, released_checkpoint)
@@ -86,13 +89,13 @@ def resolve_hardware(trainer: DictConfig, released_checkpoint: bool = False) -> 
             "trainer.precision=16-mixed needs a GPU (no float16 autocast training on CPU); "
             "use bf16-mixed or 32-true"
         )
-    return Hardware(accelerator, devices, int(trainer.num_nodes), precision, why)
+    return Hardware(accelerator, devices, trainer.num_nodes, precision, why)
 
 
-def configure_float32_matmul(trainer: DictConfig) -> None:
+def configure_float32_matmul(trainer: TrainerSettings) -> None:
     """`trainer.float32_matmul_precision`: highest (exact float32 matmuls, torch's default),
     high (TF32 tensor cores on Ampere and newer) or medium (bf16); float32 work only."""
-    torch.set_float32_matmul_precision(trainer.get("float32_matmul_precision") or "highest")
+    torch.set_float32_matmul_precision(trainer.float32_matmul_precision)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,13 +105,15 @@ class BatchPlan:
     accumulate: int  # micro-batches per optimizer step
 
 
-def plan_batches(loader: DictConfig, world_size: int, accumulate: int | None = None) -> BatchPlan:
+def plan_batches(
+    loader: LoaderSettings, world_size: int, accumulate: int | None = None
+) -> BatchPlan:
     """global_batch_size = batch_size x devices x nodes x accumulation, exactly.
 
     A null per-device size is ceil(global / world_size) (the evaluation one must split exactly);
     `accumulate` (if given) must agree.
     """
-    global_bs, eval_global = int(loader.global_batch_size), int(loader.eval_global_batch_size)
+    global_bs, eval_global = loader.global_batch_size, loader.eval_global_batch_size
     batch_size = loader.batch_size or math.ceil(global_bs / world_size)
     per_step = batch_size * world_size
     if global_bs % per_step:
@@ -129,4 +134,4 @@ def plan_batches(loader: DictConfig, world_size: int, accumulate: int | None = N
             f"trainer.accumulate_grad_batches={accumulate} disagrees with loader.global_batch_size"
             f"={global_bs} / ({batch_size} x {world_size}) = {derived}; leave it null"
         )
-    return BatchPlan(int(batch_size), int(eval_batch_size), derived)
+    return BatchPlan(batch_size, eval_batch_size, derived)

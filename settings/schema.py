@@ -1,12 +1,15 @@
-"""Every key a user can set, with its type and range: `check_schema(cfg)` walks the composed
+"""The schema of every key a user can set, derived from the typed settings (settings/groups.py,
+the registry's algo settings, the data package's): `check_schema(cfg)` walks the composed
 config and fails on the first unknown key or bad value with one line naming the key and what
-would be valid. Cross-key rules (capabilities of the objective, backends, strategies, paths)
-are in settings/checks.py.
+would be valid; `typed(cfg)` then builds the RunSettings. Cross-key rules (capabilities of the
+objective, backends, strategies, paths) are in settings/checks.py.
 
-A group whose meaning depends on its choice (`strategy`, `lr_scheduler`) has one table per
-choice. `trainer` also takes any other keyword of `lightning.Trainer`, `wandb` any keyword of
-Lightning's WandbLogger or `wandb.init`; `callbacks` nodes are checked by instantiating them
-(settings.checks.check_callbacks). Every number, in the tables or not, is finite.
+A field's annotation and metadata (config_keys) become a `Spec` here; the tables TOP, GROUPS
+and BY_CHOICE list them by key. A group whose keys depend on a choice (`algo`, `model`,
+`strategy`, `lr_scheduler`) has one table per choice. `trainer` also takes any other keyword
+of `lightning.Trainer`, `wandb` any keyword of Lightning's WandbLogger or `wandb.init`;
+`callbacks` nodes are checked by instantiating them (settings.checks.check_callbacks). Every
+number, in the tables or not, is finite.
 """
 
 from __future__ import annotations
@@ -14,19 +17,22 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import typing
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
-from models.attention import BACKENDS
-from noise_schedule import SCHEDULES
-from registry import OBJECTIVES
-from sampling.config import UNMASK_ORDERS
+from config_keys import (
+    chosen_class,
+    extras_field,
+    fields_of,
+    from_mapping,
+    has_default,
+    hints,
+    key_info,
+    split_optional,
+)
+from settings.groups import RunSettings
 from utils import UserError
-
-PRECISION_NAMES = (
-    "auto", "32-true", "32", "bf16-mixed", "bf16", "16-mixed", "16", "bf16-true", "16-true",
-    "64-true", "64",
-)  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,231 +114,144 @@ def _num(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else str(x)
 
 
-def Int(lo=None, hi=None, **kw) -> Spec:  # noqa: N802 (spec constructors read as types)
-    return Spec("int", lo, hi, **kw)
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
 
 
-def Real(lo=None, hi=None, **kw) -> Spec:  # noqa: N802
-    return Spec("real", lo, hi, **kw)
+def spec_of(cls: type, name: str) -> Spec:
+    """The Spec of `cls`'s field `name`, from its annotation and metadata (config_keys)."""
+    field = fields_of(cls)[name]
+    info = key_info(field)
+    base, null = split_optional(hints(cls)[name])
+    null = null and not info.required
+    bounds = dict(lo=info.lo, hi=info.hi, lo_open=info.lo_open, hi_open=info.hi_open)
+    if base is Any:
+        return Spec("any", null=True)
+    if info.choices is not None:
+        return Spec("choice", choices=info.choices(), null=null)
+    parts = typing.get_args(base) if _is_union(base) else (base,)
+    extra = tuple(v for p in parts if typing.get_origin(p) is Literal for v in typing.get_args(p))
+    types = {p for p in parts if typing.get_origin(p) is not Literal}
+    if not types:
+        return Spec("choice", choices=extra, null=null)
+    if types == {int, float}:
+        return Spec("batches", info.lo, null=null)
+    (kind,) = types
+    if typing.get_origin(kind) is tuple:
+        return Spec("reals", **bounds, null=null)
+    names = {bool: "bool", int: "int", float: "real", str: "text"}
+    return Spec(names[kind], **bounds, null=null, extra=extra)
 
 
-def Choice(*choices: str, **kw) -> Spec:  # noqa: N802
-    return Spec("choice", choices=choices, **kw)
+def _is_union(hint: Any) -> bool:
+    return typing.get_origin(hint) in (typing.Union, type(int | str))
 
 
-BOOL, TEXT = Spec("bool"), Spec("text")
-TEXT_OR_NULL = Spec("text", null=True)
-POSITIVE, POSITIVE_OR_NULL = Int(1), Int(1, null=True)
-POSITIVE_OR_NULL_OR_UNLIMITED = Int(1, null=True, extra=(-1,))  # Lightning's -1: no limit
+def is_required(field: dataclasses.Field) -> bool:
+    return not has_default(field) or key_info(field).required
 
-TOP = {
-    "mode": Choice("train", "ppl_eval", "sample_eval"),
-    "seed": Int(0, 2**32 - 1),  # Lightning's seed_everything takes numpy's range (else 0)
-    "block_size": POSITIVE,
-    "verbose": BOOL,  # console: the resolved config and the model summary
+
+def table(cls: type) -> dict[str, Spec]:
+    """{key: Spec} of `cls`'s plain keys (not its sub-groups, mappings or extras)."""
+    return {
+        f.name: spec_of(cls, f.name)
+        for f in dataclasses.fields(cls)
+        if not _is_group(cls, f) and not _is_mapping(cls, f)
+    }
+
+
+def _is_group(cls: type, field: dataclasses.Field) -> bool:
+    base, _ = split_optional(hints(cls)[field.name])
+    return key_info(field).choose is not None or dataclasses.is_dataclass(base)
+
+
+def _is_mapping(cls: type, field: dataclasses.Field) -> bool:
+    base, _ = split_optional(hints(cls)[field.name])
+    return typing.get_origin(base) is Mapping or base is Mapping
+
+
+def choice_tables(cls: type, name: str) -> dict[str, type]:
+    """{choice: settings class} of `cls`'s sub-group `name` whose class depends on a key."""
+    return key_info(fields_of(cls)[name]).choose()
+
+
+def group_table(group: str, choice: str | None = None) -> dict[str, Spec]:
+    """The table of RunSettings' sub-group `group` (for `choice` where its class depends on
+    one)."""
+    field = fields_of(RunSettings)[group]
+    if key_info(field).choose is None:
+        return table(split_optional(hints(RunSettings)[group])[0])
+    return table(choice_tables(RunSettings, group)[choice])
+
+
+TOP = table(RunSettings)
+GROUPS = {
+    f.name: group_table(f.name)
+    for f in dataclasses.fields(RunSettings)
+    if _is_group(RunSettings, f) and key_info(f).choose is None
 }
-
-GROUPS: dict[str, dict[str, Spec]] = {
-    "loader": {
-        "global_batch_size": POSITIVE,
-        "eval_global_batch_size": POSITIVE,
-        "batch_size": POSITIVE_OR_NULL,
-        "eval_batch_size": POSITIVE_OR_NULL,
-        "num_workers": Int(0, null=True),
-        "pin_memory": BOOL,
-    },
-    "sampling": {  # the sampler's options (sampling.SamplerConfig checks the same ranges)
-        "num_sample_batches": POSITIVE,
-        "var_length": BOOL,
-        "reject_low_entropy": BOOL,
-        "logdir": TEXT_OR_NULL,
-        "nucleus_p": Real(0, 1, lo_open=True),  # (0, 1]
-        "first_hitting": BOOL,
-        "kv_cache": BOOL,
-        "reencode_context": BOOL,
-        "prefix": Spec("any", null=True),
-        "prefix_file": TEXT_OR_NULL,
-        "fuse_commit": BOOL,
-        "tokens_per_step": POSITIVE,
-        "confidence_threshold": Real(0, 1, lo_open=True, null=True),
-        "entropy_bound": Real(0, lo_open=True, null=True),
-        "eb_gamma": Real(0, null=True),
-        "unmask_order": Choice(*UNMASK_ORDERS),
-    },
-    "training": {
-        "ema": Real(0, 1, hi_open=True),
-        "antithetic_sampling": BOOL,
-        "resample": BOOL,
-        "sampling_eps_min": Real(0, 1, lo_open=True),
-        "sampling_eps_max": Real(0, 1, lo_open=True),
-        "from_pretrained": TEXT_OR_NULL,
-        "eval_nll": BOOL,
-        "compile": BOOL,
-    },
-    "eval": {
-        "checkpoint_path": TEXT,
-        "disable_ema": BOOL,
-        "gen_ppl_eval_model_name_or_path": TEXT_OR_NULL,
-        "sanity_ppl_max": Real(1, null=True),
-        "mc_samples": POSITIVE,  # ppl_eval: NELBO draws averaged per row (docs/error_bars.md)
-    },
-    "optim": {
-        "weight_decay": Real(0),
-        "lr": Real(0, lo_open=True),
-        "beta1": Real(0, 1, hi_open=True),
-        "beta2": Real(0, 1, hi_open=True),
-        "eps": Real(0, lo_open=True),
-    },
-    "trainer": {
-        "accelerator": Choice("auto", "cpu", "gpu", "cuda"),
-        "num_nodes": POSITIVE,
-        "devices": Int(1, extra=("auto",)),
-        "accumulate_grad_batches": POSITIVE_OR_NULL,
-        "gradient_clip_val": Real(0, null=True),
-        "gradient_clip_algorithm": Choice("norm", "value", null=True),
-        "precision": Choice(*PRECISION_NAMES),
-        "num_sanity_val_steps": Int(-1),
-        "max_steps": POSITIVE,
-        "log_every_n_steps": POSITIVE,
-        "limit_train_batches": Spec("batches", 1),  # 0 would train on nothing
-        "limit_val_batches": Spec("batches", 0),  # 0: no validation
-        "val_check_interval": Spec("batches", 1),
-        "check_val_every_n_epoch": POSITIVE_OR_NULL,
-        "deterministic": Spec("bool", null=True, extra=("warn",)),
-        "float32_matmul_precision": Choice("highest", "high", "medium"),
-        "enable_progress_bar": BOOL,
-        "enable_model_summary": BOOL,
-        "max_epochs": POSITIVE_OR_NULL_OR_UNLIMITED,  # 0 would train nothing
-    },
-    "checkpointing": {
-        "save_dir": TEXT,
-        "resume_from_ckpt": BOOL,
-        "resume_ckpt_path": TEXT,
-        "keep_last_k": POSITIVE_OR_NULL,
-    },
-    "algo": {
-        "name": Choice(*OBJECTIVES),
-        # hf_dit: evaluating a released HF checkpoint (float32 unless trainer.precision says)
-        "backbone": Choice("dit", "hf_dit", null=True),
-        "parameterization": Choice(*dict.fromkeys(s.parameterization for s in OBJECTIVES.values())),
-        "time_conditioning": BOOL,
-        "T": Int(0),
-        "ignore_bos": BOOL,
-        "cross_attn": BOOL,
-        "var_min": BOOL,
-        "clip_search_delta": Real(0, 1, lo_open=True),
-        "clip_search_widths": Spec("reals", 0, 1, lo_open=True),
-        "clip_search_batches": POSITIVE,
-        "fix_clipping": BOOL,
-        "mdlm_loss_scale": BOOL,
-        # SSD-LM only (configs/algo/ssdlm.yaml, docs/ssdlm.md)
-        "diffusion_steps": POSITIVE_OR_NULL,  # T of the training forward process (5000)
-        "simplex_value": Real(0, lo_open=True, null=True),  # k of the +-k simplex (5)
-        "top_p": Real(0, 1, lo_open=True, null=True),  # the sampling projection's top-p (0.95)
-        "context": Choice("previous_block", "all", null=True),  # the sampler's context
-        "max_context": POSITIVE_OR_NULL,  # at most this many context tokens (train and sample)
-    },
-    "model": {
-        "name": TEXT,
-        "backbone": Choice("dit", "roberta"),
-        "hidden_size": POSITIVE,
-        "cond_dim": POSITIVE,
-        "length": POSITIVE,
-        "n_blocks": POSITIVE,
-        "n_heads": POSITIVE,
-        "dropout": Real(0, 1, hi_open=True),
-        "adaln": BOOL,
-        "attn_backend": Choice(*BACKENDS),
-    },
-    "noise": {"type": Choice(*SCHEDULES)},
-    "data": {
-        "train": TEXT,
-        "valid": TEXT,
-        "tokenizer_name_or_path": TEXT,
-        "cache_dir": TEXT,
-        "wrap": BOOL,
-        "streaming": BOOL,
-        "source": TEXT_OR_NULL,
-        "valid_source": TEXT_OR_NULL,
-        "num_proc": POSITIVE_OR_NULL,
-        "held_out_docs": POSITIVE_OR_NULL,
-        "held_out_chars": POSITIVE_OR_NULL,
-        "num_valid_docs": POSITIVE,
-        "text_column": TEXT,
-        "train_split": TEXT,
-        "valid_split": TEXT,
-        "insert_train_eos": BOOL,
-        "insert_valid_eos": BOOL,
-        "insert_train_special": BOOL,
-        "insert_valid_special": BOOL,
-    },
+BY_CHOICE = {
+    f.name: {choice: group_table(f.name, choice) for choice in key_info(f).choose()}
+    for f in dataclasses.fields(RunSettings)
+    if key_info(f).choose is not None
 }
-
-BY_CHOICE: dict[str, dict[str, dict[str, Spec]]] = {
-    "strategy": {
-        "ddp": {"name": TEXT, "find_unused_parameters": BOOL, "force": BOOL},
-        "fsdp": {
-            "name": TEXT,
-            "sharding_strategy": Choice("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD"),
-        },
-    },
-    "lr_scheduler": {
-        "constant": {"name": TEXT},
-        "constant_warmup": {"name": TEXT, "num_warmup_steps": Int(0)},
-        "cosine_decay_warmup": {
-            "name": TEXT,
-            "warmup_t": Int(0, null=True),
-            "warmup_lr_init": Real(0),
-            "lr_min": Real(0),
-        },
-    },
-}
-
-# Trainer keywords the run sets itself (from other keys, or its own objects)
-TRAINER_OWNED = (
-    "strategy",
-    "callbacks",
-    "logger",
-    "plugins",
-    "default_root_dir",
-    "enable_checkpointing",
-)
-WANDB_KEYS = (
-    "project", "name", "id", "notes", "group", "job_type", "tags", "entity", "offline", "mode",
-    "anonymous", "log_model", "prefix", "checkpoint_name", "version", "dir", "resume", "reinit",
-    "settings", "save_code", "allow_val_change", "monitor_gym", "sync_tensorboard", "fork_from",
-    "resume_from", "config_exclude_keys", "config_include_keys", "force", "magic",
-    "add_file_policy",
-)  # fmt: skip
-PLAIN = (*TOP, "callbacks", "wandb", "strategy", "lr_scheduler", *GROUPS)
 
 
 def check_schema(cfg: Mapping[str, Any]) -> None:
     """Raise UserError on the first unknown key or bad value of the resolved config `cfg` (a
     plain dict, `hydra` removed)."""
-    _known(cfg, "", PLAIN)
-    for key, spec in TOP.items():
-        _check(key, cfg.get(key), spec)
-    for group, table in GROUPS.items():
-        _check_group(
-            group, cfg.get(group), table, extra=_trainer_keys() if group == "trainer" else ()
-        )
-    for group, tables in BY_CHOICE.items():
-        node = cfg.get(group) or {}
-        name = node.get("name")
-        if name not in tables:
-            raise UserError(f"{group}={name}: valid are {', '.join(tables)}")
-        _check_group(group, node, tables[name])
-    wandb = cfg.get("wandb")
-    if wandb is not None:
-        if not isinstance(wandb, Mapping):
-            raise UserError(f"wandb={wandb!r}: give null or keys of the wandb group")
-        _known(wandb, "wandb.", WANDB_KEYS)
-    callbacks = cfg.get("callbacks") or {}
-    for name, node in callbacks.items():
+    _check_node(cfg, RunSettings, "")
+    for name, node in (cfg.get("callbacks") or {}).items():
         if not isinstance(node, Mapping) or "_target_" not in node:
             raise UserError(f"callbacks.{name}: needs a _target_ (a callback class to build)")
     _check_finite(cfg, "")
+
+
+def typed(cfg: Mapping[str, Any]) -> RunSettings:
+    """The RunSettings of the resolved config `cfg` (check_schema passed)."""
+    return from_mapping(RunSettings, cfg)
+
+
+def _check_node(node: Mapping[str, Any], cls: type, prefix: str) -> None:
+    """The keys of one group `node` (a mapping; `prefix` names it, "" at the top level)
+    against the settings class `cls`: unknown keys, then each field in order."""
+    extras = extras_field(cls)
+    valid = [f.name for f in dataclasses.fields(cls) if f is not extras]
+    if extras is not None:
+        valid += key_info(extras).keys()
+    _known(node, prefix, valid, key_info(extras).listing if extras is not None else None)
+    for field in dataclasses.fields(cls):
+        name, key = field.name, f"{prefix}{field.name}"
+        if field is extras:
+            continue
+        if _is_group(cls, field):
+            _check_group(node.get(name), cls, name, key)
+        elif _is_mapping(cls, field):
+            _check_mapping(node.get(name), field, key)
+        elif name in node:
+            _check(key, node[name], spec_of(cls, name))
+        elif is_required(field):
+            raise UserError(f"{key} is missing; it must be {spec_of(cls, name).describe()}")
+
+
+def _check_group(node: Any, owner: type, name: str, key: str) -> None:
+    if not isinstance(node, Mapping):
+        raise UserError(f"{key}={node!r}: the {key} group must be a mapping of keys")
+    info = key_info(fields_of(owner)[name])
+    if info.choose is not None:
+        choices = tuple(info.choose())
+        _check(f"{key}.{info.choose_by}", node.get(info.choose_by), Spec("choice", choices=choices))
+    _check_node(node, chosen_class(owner, name, node), f"{key}.")
+
+
+def _check_mapping(value: Any, field: dataclasses.Field, key: str) -> None:
+    if value is None and has_default(field):
+        return
+    if not isinstance(value, Mapping):
+        raise UserError(f"{key}={value!r}: give null or keys of the {key} group")
+    info = key_info(field)
+    if info.keys is not None:
+        _known(value, f"{key}.", info.keys())
 
 
 def _check_finite(node: Any, key: str) -> None:
@@ -348,42 +267,17 @@ def _check_finite(node: Any, key: str) -> None:
         raise UserError(f"{key}={node}: must be a finite number")
 
 
-def _check_group(group: str, node: Any, table: dict[str, Spec], extra: tuple = ()) -> None:
-    if not isinstance(node, Mapping):
-        raise UserError(f"{group}={node!r}: the {group} group must be a mapping of keys")
-    _known(node, f"{group}.", (*table, *extra))
-    for key, spec in table.items():
-        if key in node:
-            _check(f"{group}.{key}", node[key], spec)
-        elif not spec.null and group not in ("trainer", "data") and spec.kind != "any":
-            raise UserError(f"{group}.{key} is missing; it must be {spec.describe()}")
-
-
 def _check(key: str, value: Any, spec: Spec) -> None:
     problem = spec.problem(value)
     if problem is not None:
         raise UserError(f"{key}={value!r}: {problem}")
 
 
-def _known(node: Mapping[str, Any], prefix: str, valid) -> None:
+def _known(node: Mapping[str, Any], prefix: str, valid, listing: str | None = None) -> None:
     for key in node:
         if key in valid:
             continue
         close = difflib.get_close_matches(str(key), [str(v) for v in valid], n=1)
         hint = f"did you mean {prefix}{close[0]}? " if close else ""
-        if prefix == "trainer.":
-            listing = "the keywords of lightning.Trainer, except those the run sets: "
-            listing += ", ".join(TRAINER_OWNED)
-        else:
-            listing = ", ".join(map(str, valid))
+        listing = listing or ", ".join(map(str, valid))
         raise UserError(f"{prefix}{key} is not a known key ({hint}valid: {listing})")
-
-
-def _trainer_keys() -> tuple[str, ...]:
-    """The other keywords of lightning.Trainer a user may pass through `trainer.*`."""
-    import inspect
-
-    import lightning as L
-
-    names = set(inspect.signature(L.Trainer.__init__).parameters) - {"self"}
-    return tuple(sorted(names - set(TRAINER_OWNED) - set(GROUPS["trainer"])))

@@ -146,13 +146,12 @@ def random_run_checkpoint(path, *overrides):
     """A freshly built module of the smoke config with `overrides` (the data tokenizer's
     vocabulary), its weights randomised and copied to the EMA, saved as our Lightning .ckpt at
     `path` -> the module in eval mode with the EMA weights in. Needs the data_cache fixture."""
-    import builders
     from data.vocab import get_vocab
 
     cfg = compose_cfg(*overrides)
     vocab = get_vocab(cfg.data)
     torch.manual_seed(0)
-    module = builders.build_module(cfg, vocab_size=vocab.size, mask_id=vocab.mask_id)
+    module = build_module(cfg, vocab_size=vocab.size, mask_id=vocab.mask_id)
     randomize_(module.backbone, seed=1)
     if module.ema is not None:
         module.ema.reset(module.backbone)
@@ -210,6 +209,21 @@ def save_ssdlm(network, directory: str, module_prefix: bool = True) -> None:
     ):
         state = {prefix + k: v.detach().cpu().clone() for k, v in layer.state_dict().items()}
         torch.save(state, os.path.join(directory, name))
+
+
+def build_module(cfg, vocab_size: int, mask_id: int):
+    """builders.build_module for the composed config `cfg` (its typed settings, unchecked
+    across keys, and the objective for a context of model.length with `mask_id`), its
+    resolved config recorded as a run's is."""
+    from omegaconf import OmegaConf
+
+    import builders
+    import settings
+
+    run = settings.load(cfg)
+    objective = settings.build_objective(run, run.model.length, mask_id)
+    record = OmegaConf.to_container(cfg, resolve=True)
+    return builders.build_module(run, objective, vocab_size, record)
 
 
 def compose_cfg(*overrides):
@@ -296,11 +310,9 @@ V_TINY, MASK_TINY, BOS_TINY = 41, 40, 0
 
 def tiny_module(algo: str = "bd3lm", window: int = 16, *overrides: str):
     """The smoke config's module for `algo` with V = 41 (mask 40) and random weights."""
-    import builders
-
     cfg = compose_cfg(f"algo={algo}", f"model.length={window}", *overrides)
     torch.manual_seed(0)
-    module = builders.build_module(cfg, vocab_size=V_TINY, mask_id=MASK_TINY)
+    module = build_module(cfg, vocab_size=V_TINY, mask_id=MASK_TINY)
     randomize_(module.backbone, seed=3, scale=0.3)
     return module.eval()
 

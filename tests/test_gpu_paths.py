@@ -13,13 +13,13 @@ import torch
 from omegaconf import OmegaConf
 
 import builders
-import main
+import command_line
 import sampling
 import settings
 from algorithms.base import DoubleLengthCrop
 from benchmarks.acceptance_numerics import SameTrajectory
+from conftest import build_module, module_denoiser, run_inprocess, tiny_module
 from conftest import compose_cfg as compose
-from conftest import module_denoiser, run_inprocess, tiny_module
 from metrics import GenerativePerplexity
 from utils import UserError
 
@@ -48,10 +48,11 @@ def fake_cuda(monkeypatch, bf16: bool, count: int = 2):
 )
 def test_auto_precision_on_a_simulated_gpu(monkeypatch, bf16, released, expected):
     fake_cuda(monkeypatch, bf16)
-    hw = settings.resolve_hardware(compose().trainer, released_checkpoint=released)
+    hw = settings.resolve_hardware(settings.load(compose()).trainer, released_checkpoint=released)
     assert (hw.accelerator, hw.devices, hw.precision) == ("gpu", 2, expected)
     assert hw.precision_choice and ("float32" in hw.precision_choice) == released
-    explicit = settings.resolve_hardware(compose("trainer.precision=bf16").trainer, True)
+    bf16 = settings.load(compose("trainer.precision=bf16"))
+    explicit = settings.resolve_hardware(bf16.trainer, True)
     assert (explicit.precision, explicit.precision_choice) == ("bf16-mixed", None)
 
 
@@ -59,7 +60,7 @@ def test_precision_refusals():
     with pytest.raises(UserError, match="trainer.precision='fp8': valid are auto"):
         settings.validate(compose("trainer.precision=fp8"))
     with pytest.raises(UserError, match="16-mixed needs a GPU"):
-        settings.resolve_hardware(compose("trainer.precision=16-mixed").trainer)
+        settings.resolve_hardware(settings.load(compose("trainer.precision=16-mixed")).trainer)
     with pytest.raises(UserError, match="float32_matmul_precision='tf32'"):
         settings.validate(compose("trainer.float32_matmul_precision=tf32"))
 
@@ -67,10 +68,14 @@ def test_precision_refusals():
 def test_released_checkpoints_are_the_float32_default():
     hf = types.SimpleNamespace(format="hf")
     ours = types.SimpleNamespace(format="ours")
-    assert settings.evaluates_released(compose("mode=ppl_eval"), hf)
-    assert settings.evaluates_released(compose("mode=sample_eval", "algo.backbone=hf_dit"), ours)
-    assert not settings.evaluates_released(compose("mode=ppl_eval"), ours)
-    assert not settings.evaluates_released(compose(), None)
+
+    def run(*overrides):
+        return settings.load(compose(*overrides))
+
+    assert settings.evaluates_released(run("mode=ppl_eval"), hf)
+    assert settings.evaluates_released(run("mode=sample_eval", "algo.backbone=hf_dit"), ours)
+    assert not settings.evaluates_released(run("mode=ppl_eval"), ours)
+    assert not settings.evaluates_released(run(), None)
 
 
 def test_judge_scores_in_float32_under_bf16_autocast(judge_dir):
@@ -188,10 +193,10 @@ def test_fsdp_wraps_each_dit_block_as_its_own_unit():
     from models.dit import DiTBlock
 
     cfg = compose("strategy=fsdp", "training.ema=0")
-    strategy = builders.build_strategy(cfg, GPU_HW)
+    strategy = builders.build_strategy(settings.load(cfg), GPU_HW)
     assert isinstance(strategy, builders.L.pytorch.strategies.FSDPStrategy)
     policy = strategy.kwargs["auto_wrap_policy"]
-    module = builders.build_module(cfg, vocab_size=V, mask_id=MASK)
+    module = build_module(cfg, vocab_size=V, mask_id=MASK)
     wrapped = policy._run_policy(module, ignored_modules=set(), root_kwargs={})
     units = {name for name, m in module.named_modules() if m in wrapped}
     blocks = {f"backbone.blocks.{i}" for i in range(cfg.model.n_blocks)}
@@ -201,8 +206,8 @@ def test_fsdp_wraps_each_dit_block_as_its_own_unit():
 
 def test_fsdp_clips_through_the_wrapped_roots_clip_grad_norm():
     cfg = compose("strategy=fsdp", "training.ema=0")
-    module = builders.build_module(cfg, vocab_size=V, mask_id=MASK)
-    strategy = builders.build_strategy(cfg, GPU_HW)
+    module = build_module(cfg, vocab_size=V, mask_id=MASK)
+    strategy = builders.build_strategy(settings.load(cfg), GPU_HW)
     calls = []
     strategy.model = types.SimpleNamespace(clip_grad_norm_=lambda norm: calls.append(norm))
     module._trainer = types.SimpleNamespace(strategy=strategy)
@@ -217,12 +222,12 @@ def test_fsdp_clips_through_the_wrapped_roots_clip_grad_norm():
 # Sweeps: comma lists of group options, one run directory per point
 # ----------------------------------------------------------------------------------------------
 def test_group_choices_read_sweep_lists():
-    assert main.group_values("ar,mdlm") == ["ar", "mdlm"]
-    assert main.group_values("choice(ar, sedd)") == ["ar", "sedd"]
-    assert main.group_values("glob(*)") is None
-    main.check_group_choices(["algo=ar,mdlm", "model=small", "+experiment=smoke,demo"])
+    assert command_line.group_values("ar,mdlm") == ["ar", "mdlm"]
+    assert command_line.group_values("choice(ar, sedd)") == ["ar", "sedd"]
+    assert command_line.group_values("glob(*)") is None
+    command_line.check_group_choices(["algo=ar,mdlm", "model=small", "+experiment=smoke,demo"])
     with pytest.raises(UserError, match="algo=nope: unknown; valid are ar, bd3lm, mdlm, sedd"):
-        main.check_group_choices(["algo=ar,nope"])
+        command_line.check_group_choices(["algo=ar,nope"])
 
 
 # ----------------------------------------------------------------------------------------------

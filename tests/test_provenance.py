@@ -12,6 +12,7 @@ import tomllib
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 import main
 import provenance
@@ -72,7 +73,7 @@ def test_checkpoint_sha256_equals_hashlib(tmp_path):
 def test_config_hash_is_stable_and_sees_every_key(tmp_path):
     def digest(run_dir, *overrides):
         cfg = main.compose(["experiment=smoke", *overrides], str(run_dir))
-        return provenance.config_hash(cfg, str(run_dir))
+        return provenance.config_hash(OmegaConf.to_container(cfg, resolve=True), str(run_dir))
 
     first = digest(tmp_path / "a")
     assert digest(tmp_path / "a") == first

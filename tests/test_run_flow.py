@@ -14,6 +14,7 @@ import types
 import pytest
 import torch
 
+import command_line
 import main
 import settings
 from conftest import compose_cfg, run_inprocess
@@ -215,13 +216,14 @@ def test_unknown_keys_on_the_command_line_are_one_line_with_a_hint():
         "trainer.max_step is not a known key (did you mean trainer.max_steps? valid in trainer: "
     )
     with pytest.raises(UserError, match=r"^max_steps is not a known key \(did you mean trainer"):
-        main.check_command_line(["max_steps=4"])
+        command_line.check_command_line(["max_steps=4"])
     sweep = ["-m", "lr_scheduler=constant_warmup,cosine_decay_warmup"]
     with pytest.raises(UserError, match="num_warmup_steps is not a known key with lr_scheduler=c"):
-        main.check_command_line([*sweep, "lr_scheduler.num_warmup_steps=3"])
+        command_line.check_command_line([*sweep, "lr_scheduler.num_warmup_steps=3"])
     with pytest.raises(UserError, match=r"^wandb.name: wandb is null here; add the key with \+"):
-        main.check_command_line(["experiment=smoke", "wandb.name=x"])
-    main.check_command_line(  # additions, deletions, Hydra's keys, sweeps: Hydra's and the schema's
+        command_line.check_command_line(["experiment=smoke", "wandb.name=x"])
+    # additions, deletions, Hydra's keys, sweeps: Hydra's and the schema's
+    command_line.check_command_line(
         ["-m", "experiment=smoke", "algo=ar,mdlm", "+trainer.max_step=4", "~trainer.max_epochs",
          "hydra.run.dir=x", "trainer.max_steps=3,4", "+wandb.name=x"]
     )  # fmt: skip

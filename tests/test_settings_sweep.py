@@ -22,7 +22,8 @@ from algorithms.sedd import SEDD
 from algorithms.ssdlm import SSDLM
 from conftest import ROOT, compose_cfg
 from noise_schedule import LogLinear
-from settings import checks, schema
+from settings import checks, paths, schema
+from settings import sampling as sampling_rules
 from utils import UserError
 
 CPU = settings.Hardware("cpu", 1, 1, "32-true")
@@ -40,6 +41,7 @@ ZERO_MEANS = {
     "trainer.num_sanity_val_steps": "no sanity check",
     "trainer.limit_val_batches": "no validation",
     "algo.T": "no sampling steps: training only (sample_eval needs >= 1)",
+    "algo.ar_loss_weight": "no auxiliary AR loss",
     "model.dropout": "none",
     "lr_scheduler.num_warmup_steps": "no warm-up",
     "lr_scheduler.warmup_t": "no warm-up",
@@ -51,7 +53,8 @@ MINUS_ONE_MEANS = {"trainer.num_sanity_val_steps": "all", "trainer.max_epochs": 
 
 
 def numeric_keys():
-    """(dotted key, spec, the choice of its group or None) for every numeric key."""
+    """(dotted key, spec, the choice of its group or None) for every numeric key: every
+    table of the schema, one per choice of a group whose keys depend on one."""
     keys = [(k, s, None) for k, s in schema.TOP.items()]
     keys += [(f"{g}.{k}", s, None) for g, table in schema.GROUPS.items() for k, s in table.items()]
     for group, tables in schema.BY_CHOICE.items():
@@ -66,13 +69,26 @@ def resolved():
     return OmegaConf.to_container(compose_cfg(), resolve=True)
 
 
+def choice_node(resolved: dict, group: str, choice: str) -> dict:
+    """A `group` node of `choice`: the smoke config's own when it is that choice (its model:
+    the DiT, or that DiT's keys as RoBERTa's), else the choice's config file
+    (configs/GROUP/CHOICE.yaml; a global-package algo file nests it under `algo`)."""
+    key = schema.fields_of(schema.RunSettings)[group].metadata["config_key"].choose_by
+    if resolved[group][key] == choice:
+        return copy.deepcopy(resolved[group])
+    if group == "model" and choice == "roberta":
+        return {**resolved["model"], "backbone": "roberta"}
+    path = os.path.join(ROOT, "configs", group, f"{choice}.yaml")
+    node = OmegaConf.to_container(OmegaConf.load(path))
+    return node.get(group, node)
+
+
 def with_value(resolved: dict, key: str, spec, choice, value) -> dict:
     cfg = copy.deepcopy(resolved)
     *groups, name = key.split(".")
     node = cfg
-    if choice is not None:  # the group's own config file, e.g. configs/lr_scheduler/*.yaml
-        path = os.path.join(ROOT, "configs", groups[0], f"{choice}.yaml")
-        node[groups[0]] = OmegaConf.to_container(OmegaConf.load(path))
+    if choice is not None:
+        node[groups[0]] = choice_node(resolved, groups[0], choice)
     for group in groups:
         node = node[group]
     node[name] = [value] if spec.kind == "reals" else value
@@ -297,8 +313,8 @@ def test_options_an_objective_does_not_declare_change_nothing(tiny_dit):
 
 def test_an_unread_option_is_refused_when_set_away_from_its_default():
     """The defaults are configs/': SSD-LM's algo file sets sampling.first_hitting=false."""
-    assert checks.sampling_defaults("ar")["first_hitting"] is True
-    assert checks.sampling_defaults("ssdlm")["first_hitting"] is False
+    assert sampling_rules.sampling_defaults("ar")["first_hitting"] is True
+    assert sampling_rules.sampling_defaults("ssdlm")["first_hitting"] is False
     sample_eval = ("mode", "sample_eval")
     sedd = ["algo=sedd", "block_size=32"]
     message = refused(sample_eval, ("sampling.reencode_context", True), overrides=sedd)
@@ -306,8 +322,8 @@ def test_an_unread_option_is_refused_when_set_away_from_its_default():
     assert message.endswith("leave sampling.reencode_context=false")
     message = refused(sample_eval, ("sampling.nucleus_p", 0.9), overrides=["algo=ssdlm"])
     assert "set algo.top_p instead and leave sampling.nucleus_p=1.0" in message
-    cfg = compose_cfg("algo=ssdlm", "mode=sample_eval")  # its own default passes
-    checks.check_unread_sampling_keys(cfg, checks.build_objective(cfg, 32))
+    run = settings.load(compose_cfg("algo=ssdlm", "mode=sample_eval"))  # its own default passes
+    sampling_rules.check_unread_sampling_keys(run, settings.build_objective(run, 32))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -318,13 +334,13 @@ def test_directories_that_cannot_be_created(tmp_path):
     a_file.write_text("")
     for path in (a_file, a_file / "sub"):
         with pytest.raises(UserError, match=r"cannot be written \(.*/file is not a directory\)"):
-            checks.check_creatable("data.cache_dir", str(path))
-    checks.check_creatable("data.cache_dir", str(tmp_path / "new" / "sub"))
-    checks.check_writable("checkpointing.save_dir", str(tmp_path / "new" / "sub"))
+            paths.check_creatable("data.cache_dir", str(path))
+    paths.check_creatable("data.cache_dir", str(tmp_path / "new" / "sub"))
+    paths.check_writable("checkpointing.save_dir", str(tmp_path / "new" / "sub"))
     assert os.listdir(tmp_path) == ["file"]  # the probes are gone
     if os.path.isdir("/proc"):  # writable by permission bits for root, yet nothing is created
         with pytest.raises(UserError, match="nothing can be created in /proc"):
-            checks.check_writable("checkpointing.save_dir", "/proc/bd3lms")
+            paths.check_writable("checkpointing.save_dir", "/proc/bd3lms")
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs /proc")

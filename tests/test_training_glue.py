@@ -9,10 +9,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-import builders
 import settings
 from checkpoints import load_weights, read_checkpoint
-from conftest import compose_cfg, module_denoiser, randomize_
+from conftest import build_module, compose_cfg, module_denoiser, randomize_
 from diffusion import OptimSettings, lr_multiplier
 from utils import UserError
 
@@ -98,7 +97,7 @@ def test_validate_rejects(overrides, match):
 def test_checkpoint_round_trip_gives_identical_logits(tmp_path, algo):
     cfg = compose_cfg(f"algo={algo}")
     torch.manual_seed(0)
-    module = builders.build_module(cfg, vocab_size=41, mask_id=40)
+    module = build_module(cfg, vocab_size=41, mask_id=40)
     randomize_(module.backbone, seed=1)
     module.ema.reset(module.backbone)
     randomize_(module.backbone, seed=2)  # live weights differ from the EMA weights
@@ -107,7 +106,7 @@ def test_checkpoint_round_trip_gives_identical_logits(tmp_path, algo):
     path = tmp_path / "model.ckpt"
     torch.save(checkpoint, path)
 
-    fresh = builders.build_module(cfg, vocab_size=41, mask_id=40)
+    fresh = build_module(cfg, vocab_size=41, mask_id=40)
     load_weights(fresh, read_checkpoint(str(path), "eval.checkpoint_path"), "eval.checkpoint_path")
     x = torch.randint(0, 40, (2, 32))
     t = torch.full((2,), 0.5)
@@ -123,12 +122,12 @@ def test_checkpoint_round_trip_gives_identical_logits(tmp_path, algo):
 
 
 def test_loading_a_mismatched_checkpoint_names_the_keys(tmp_path):
-    small = builders.build_module(compose_cfg(), vocab_size=41, mask_id=40)
+    small = build_module(compose_cfg(), vocab_size=41, mask_id=40)
     torch.save({"state_dict": small.state_dict()}, tmp_path / "a.ckpt")
-    other = builders.build_module(compose_cfg("model.n_blocks=3"), vocab_size=41, mask_id=40)
+    other = build_module(compose_cfg("model.n_blocks=3"), vocab_size=41, mask_id=40)
     with pytest.raises(UserError, match=r"missing=\[backbone.blocks.2"):
         load_weights(other, read_checkpoint(str(tmp_path / "a.ckpt"), "k"), "k")
-    wider = builders.build_module(compose_cfg(), vocab_size=50, mask_id=49)
+    wider = build_module(compose_cfg(), vocab_size=50, mask_id=49)
     with pytest.raises(UserError, match="vocab_embed.embedding has shape"):
         load_weights(wider, read_checkpoint(str(tmp_path / "a.ckpt"), "k"), "k")
 
