@@ -43,11 +43,14 @@ def run_mode(run_dir: str, mode: str, overrides: list[str]) -> None:
     subprocess.run(cmd, check=True, cwd=ROOT)
 
 
-def demo_config(overrides: list[str]):
-    from hydra import compose, initialize_config_dir
+def demo_settings(overrides: list[str]):
+    """The typed settings of `main.py experiment=demo OVERRIDES` (settings.load)."""
+    import tempfile
 
-    with initialize_config_dir(os.path.join(ROOT, "configs"), version_base=None):
-        return compose("config", overrides=["experiment=demo", *overrides])
+    import main
+    import settings
+
+    return settings.load(main.compose(["experiment=demo", *overrides], tempfile.gettempdir()))
 
 
 def cache_overrides(overrides: list[str]) -> list[str]:
@@ -57,8 +60,8 @@ def cache_overrides(overrides: list[str]) -> list[str]:
         return []
     from settings import build_objective
 
-    cfg = demo_config(overrides)
-    objective = build_objective(cfg, int(cfg.model.length))
+    run = demo_settings(overrides)
+    objective = build_objective(run, run.model.length)
     return ["sampling.kv_cache=true"] if objective.supports_kv_cache else []
 
 
@@ -66,11 +69,10 @@ def unigram_baseline(overrides: list[str]) -> float:
     import dataloader
     from metrics import unigram_perplexity
 
-    cfg = demo_config(overrides)
-    vocab = dataloader.get_vocab(cfg.data)
-    length = int(cfg.model.length)
-    train = dataloader.get_dataset(cfg.data, vocab, "train", length).input_ids
-    valid = dataloader.get_dataset(cfg.data, vocab, "valid", length).input_ids
+    run = demo_settings(overrides)
+    vocab = dataloader.get_vocab(run.data)
+    train = dataloader.get_dataset(run.data, vocab, "train", run.model.length).input_ids
+    valid = dataloader.get_dataset(run.data, vocab, "valid", run.model.length).input_ids
     return unigram_perplexity(train, valid[:, 1:], vocab.size)
 
 
@@ -83,9 +85,9 @@ def real_text_reference(judge: str, rows: int, overrides: list[str]) -> dict:
     import dataloader
     from metrics import GenerativePerplexity, gen_ppl_statistics
 
-    cfg = demo_config(overrides)
-    vocab = dataloader.get_vocab(cfg.data)
-    valid = dataloader.get_dataset(cfg.data, vocab, "valid", int(cfg.model.length)).input_ids
+    run = demo_settings(overrides)
+    vocab = dataloader.get_vocab(run.data)
+    valid = dataloader.get_dataset(run.data, vocab, "valid", run.model.length).input_ids
     count = min(rows, valid.shape[0])
     picks = [round(i * (valid.shape[0] - 1) / max(1, count - 1)) for i in range(count)]
     scorer = GenerativePerplexity(judge, torch.device("cpu"))
