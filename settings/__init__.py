@@ -9,12 +9,13 @@ and becomes typed, frozen settings that the run reads instead of the config.
   paths.py     directories a run writes or creates, wandb's credentials
   resume.py    the keys a resumed run cannot change
 
-`check_config(cfg)` checks the schema and every rule that needs no objective and returns the
-typed settings with the run's Hardware and BatchPlan; `check_objective` the rules on the
-objective built from them (`build_objective`), `check_sampler` sample_eval's once the trained
-window of the checkpoint is known (after `settle_block_size` for it). `validate(cfg)` runs
-them all on an objective built for the checks alone (what tests and scripts call; main.run
-builds the run's objective once and checks it).
+`check(cfg)` checks the schema and every rule that needs no objective (checks.check_config)
+and returns the typed settings with the run's Hardware and BatchPlan; `check_objective` the
+rules on the objective built from them (`build_objective`), `check_sampler` sample_eval's once
+the trained window of the checkpoint is known (after `settle_block_size` for it).
+`validate(cfg)` runs them all on an objective built for the checks alone (what tests and
+scripts call; main.prepare builds the run's objective once and checks it). `load(cfg)` is the
+typed settings alone (the schema checked).
 """
 
 from __future__ import annotations

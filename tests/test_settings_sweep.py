@@ -1,18 +1,21 @@
 """The settings sweep without running main: every numeric key of the schema against NaN, inf,
 negative and zero values; the rules between keys on one composed config; the clip intervals
 against what resampling can reach; the sampler options each objective declares against what
-its sampler reads; and the directories a run creates. (The same checks end to end, through
-main.run, are cases of test_bad_input.py.)"""
+its sampler reads; the directories a run creates; and the typed settings (their declarations
+are the config files' keys, the schema's tables and what validate returns). (The same checks
+end to end, through main.run, are cases of test_bad_input.py.)"""
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
+import registry
 import settings
 from algorithms.ar import Autoregressive
 from algorithms.base import SAMPLER_OPTIONS, q_xt
@@ -21,8 +24,11 @@ from algorithms.masked_diffusion import MaskedDiffusion
 from algorithms.sedd import SEDD
 from algorithms.ssdlm import SSDLM
 from conftest import ROOT, compose_cfg
+from data.config import DataSettings
 from noise_schedule import LogLinear
-from settings import checks, paths, schema
+from registry.masked_diffusion import BD3LMSettings
+from registry.ssdlm import SSDLMSettings
+from settings import checks, groups, paths, schema
 from settings import sampling as sampling_rules
 from utils import UserError
 
@@ -351,3 +357,101 @@ def test_a_cache_that_cannot_be_built_is_one_line():
 
     with pytest.raises(UserError, match=r"^data.cache_dir=/proc: cannot build the token cache x"):
         load_or_build("/proc", "x", lambda tmp: None)
+
+
+# ----------------------------------------------------------------------------------------------
+# Typed settings: the declarations are the config files' keys; what validate returns
+# ----------------------------------------------------------------------------------------------
+def yaml_node(*parts: str) -> dict:
+    return OmegaConf.to_container(OmegaConf.load(os.path.join(ROOT, "configs", *parts)))
+
+
+def declared(cls) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def required(cls) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls) if schema.is_required(f)}
+
+
+def test_each_config_file_sets_the_keys_its_settings_declare():
+    """A group file sets keys of its settings class only (configs/algo: the registry entry's,
+    so the clip-search keys are bd3lm.yaml's alone), every one it must set, and the model,
+    strategy and schedule files every declared key; config.yaml's groups likewise."""
+    for group, choose_by in (("algo", "name"), ("model", "backbone"), ("strategy", "name"),
+                             ("lr_scheduler", "name")):  # fmt: skip
+        classes = schema.choice_tables(schema.RunSettings, group)
+        for name in os.listdir(os.path.join(ROOT, "configs", group)):
+            node = yaml_node(group, name)
+            node = node.get(group, node)  # a global-package algo file nests its keys
+            cls = classes[node[choose_by]]
+            assert required(cls) <= set(node) <= declared(cls), (name, set(node) ^ declared(cls))
+            if group != "algo":
+                assert set(node) == declared(cls), name
+    assert "clip_search_widths" in declared(BD3LMSettings)
+    assert "clip_search_widths" not in declared(registry.AlgoSettings)
+    base, run = yaml_node("config.yaml"), settings.load(compose_cfg())
+    for group in ("loader", "sampling", "training", "eval", "optim", "checkpointing"):
+        assert set(base[group]) == declared(type(getattr(run, group))), group
+    trainer = type(run.trainer)
+    assert required(trainer) <= set(base["trainer"]) <= declared(trainer)
+    for name in os.listdir(os.path.join(ROOT, "configs", "data")):
+        assert set(yaml_node("data", name)) <= declared(DataSettings), name
+
+
+def test_validate_returns_frozen_typed_settings():
+    run, _, plan = settings.validate(
+        compose_cfg("algo.clip_search_widths=[0.5,0.6]", "optim.weight_decay=0"), CPU
+    )
+    assert type(run.algo) is BD3LMSettings and run.algo.clip_search_widths == (0.5, 0.6)
+    assert run.algo.clip_search().widths == (0.5, 0.6) and run.algo.ar_loss_weight == 0.0
+    assert run.optim.weight_decay == 0.0 and type(run.optim.weight_decay) is float
+    assert (type(run.model), type(run.strategy)) == (groups.DiTSettings, groups.DDPSettings)
+    assert type(run.lr_scheduler) is groups.ConstantWarmupSettings
+    assert run.lr_scheduler.schedule() == {"warmup_steps": 2}
+    assert type(run.data) is DataSettings and run.block_size == 4 and plan.batch_size == 8
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        run.seed = 2
+    mdlm, _, _ = settings.validate(compose_cfg("algo=mdlm"), CPU)
+    assert type(mdlm.algo) is registry.AlgoSettings and mdlm.algo.clip_search() is None
+    assert mdlm.block_size == 32  # the K the objective fixes, settled
+    ssdlm = settings.load(compose_cfg("algo=ssdlm"))
+    assert type(ssdlm.algo) is SSDLMSettings and type(ssdlm.model) is groups.RobertaSettings
+    lightning = settings.load(compose_cfg("+trainer.max_time=00:00:01:00")).trainer
+    assert lightning.lightning == {"max_time": "00:00:01:00"}
+    assert lightning.keywords()["max_time"] == "00:00:01:00"
+    assert lightning.keywords()["max_steps"] == 4 and "precision" not in lightning.keywords()
+
+
+def test_keys_of_another_choice_are_unknown():
+    """The clip search is BD3-LM's, the auxiliary AR loss too; its weight is >= 0."""
+    message = refused(("algo.clip_search_widths", [0.5]), overrides=["algo=mdlm"])
+    assert message.startswith("algo.clip_search_widths is not a known key (valid: name, ")
+    message = refused(("algo.ar_loss_weight", 0.5), overrides=["algo=ar"])
+    assert message.startswith("algo.ar_loss_weight is not a known key")
+    message = refused(("algo.ar_loss_weight", -1.0))
+    assert message == "algo.ar_loss_weight=-1.0: must be a number >= 0"
+    message = refused(("model.backbone", "unet"))
+    assert message == "model.backbone='unet': valid are dit, roberta, hf_causal"
+
+
+def test_the_hf_causal_model_keys(resolved):
+    """configs/model/hf_causal.yaml types as HFCausalSettings; its choices are the backbone's
+    own (models/hf_causal)."""
+    from models.hf_causal.backbone import ATTN_BACKENDS, CLEAN_ATTENTION
+
+    cfg = copy.deepcopy(resolved)
+    cfg["model"] = yaml_node("model", "hf_causal.yaml")
+    assert refusal(cfg) is None
+    model = schema.typed(cfg).model
+    assert type(model) is groups.HFCausalSettings and model.pretrained == "smollm2-135m"
+    assert (model.token_shift, model.clean_attention, model.gradient_checkpointing) == (
+        True, "causal", False,
+    )  # fmt: skip
+    table = schema.BY_CHOICE["model"]["hf_causal"]
+    assert table["clean_attention"].choices == CLEAN_ATTENTION
+    assert table["attn_backend"].choices == ATTN_BACKENDS
+    cfg["model"]["clean_attention"] = "full"
+    assert refusal(cfg) == "model.clean_attention='full': valid are causal, block"
+    cfg["model"] = {**yaml_node("model", "hf_causal.yaml"), "hidden_size": 8}
+    assert refusal(cfg).startswith("model.hidden_size is not a known key (valid: name, backbone")
