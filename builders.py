@@ -112,7 +112,12 @@ def build_module(
         ema=run.training.ema,
         **run.lr_scheduler.schedule(),
     )
-    search = run.algo.clip_search()
+    search, clip = run.algo.clip_search(), {}  # no search: every objective but BD3-LM
+    if search is not None:
+        grid = interval_grid(list(search.widths), search.delta, objective.block_size)
+        clip = dict(
+            clip_grid=grid, clip_search_batches=search.batches, fix_clipping=search.fix_clipping
+        )
     module = Diffusion(
         backbone,
         objective,
@@ -122,15 +127,9 @@ def build_module(
         eps_min=run.training.sampling_eps_min,
         eps_max=run.training.sampling_eps_max,
         use_ema_for_eval=not run.eval.disable_ema,
-        clip_grid=(
-            interval_grid(list(search.widths), search.delta, objective.block_size)
-            if search is not None
-            else None
-        ),
-        clip_search_batches=search.batches if search is not None else 0,
-        fix_clipping=search is not None and search.fix_clipping,
         seed=run.seed,
         network=network,
+        **clip,
     )
     module.family = spec.family(run.algo)
     return module
@@ -183,9 +182,9 @@ def build_loader(
     hw: Hardware,
     evaluation: bool = False,
 ):
-    """A loader of `dataset` seeded by `seed` = run.seed. evaluation: items carry their
-    global-batch rows and padding flags (data EvalRows), so that evaluation numbers do not
-    depend on the number of processes."""
+    """A loader of `dataset`, its order seeded by the run's `seed`. evaluation: items carry
+    their global-batch rows and padding flags (data EvalRows), so that evaluation numbers do
+    not depend on the number of processes."""
     workers = run.loader.num_workers
     if workers is None:
         workers = 0 if hw.accelerator == "cpu" else min(8, len(os.sched_getaffinity(0)))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import types
 import typing
 from collections.abc import Mapping
 from typing import Any, Literal
@@ -131,12 +132,12 @@ def spec_of(cls: type, name: str) -> Spec:
         return Spec("choice", choices=info.choices(), null=null)
     parts = typing.get_args(base) if _is_union(base) else (base,)
     extra = tuple(v for p in parts if typing.get_origin(p) is Literal for v in typing.get_args(p))
-    types = {p for p in parts if typing.get_origin(p) is not Literal}
-    if not types:
+    kinds = {p for p in parts if typing.get_origin(p) is not Literal}
+    if not kinds:
         return Spec("choice", choices=extra, null=null)
-    if types == {int, float}:
+    if kinds == {int, float}:
         return Spec("batches", info.lo, null=null)
-    (kind,) = types
+    (kind,) = kinds
     if typing.get_origin(kind) is tuple:
         return Spec("reals", **bounds, null=null)
     names = {bool: "bool", int: "int", float: "real", str: "text"}
@@ -144,7 +145,7 @@ def spec_of(cls: type, name: str) -> Spec:
 
 
 def _is_union(hint: Any) -> bool:
-    return typing.get_origin(hint) in (typing.Union, type(int | str))
+    return typing.get_origin(hint) in (typing.Union, types.UnionType)
 
 
 def is_required(field: dataclasses.Field) -> bool:
