@@ -235,16 +235,16 @@ def finish_logger(trainer) -> None:
         wandb.finish()
 
 
-def build_strategy(run: RunSettings, hw: Hardware):
+def build_strategy(run: RunSettings, hw: Hardware, backbone=None):
     """`strategy=ddp` (the default; plain single-process when there is one device) or
-    `strategy=fsdp` (CUDA only, checked by validate_strategy): each DiT block is its own FSDP
-    unit (`fsdp_wrap_policy`). `strategy.force=true` builds the DDP strategy on one device too
-    (the GPU acceptance check)."""
+    `strategy=fsdp` (CUDA only, checked by validate_strategy): each transformer layer of the
+    built `backbone` is its own FSDP unit (`fsdp_wrap_policy`). `strategy.force=true` builds
+    the DDP strategy on one device too (the GPU acceptance check)."""
     strategy = run.strategy
     if strategy.name == "fsdp":
         return L.pytorch.strategies.FSDPStrategy(
             sharding_strategy=strategy.sharding_strategy,
-            auto_wrap_policy=fsdp_wrap_policy(run.model.backbone),
+            auto_wrap_policy=fsdp_wrap_policy(run.model.backbone, backbone),
             mixed_precision=fsdp_mixed_precision(hw.precision),
         )
     if hw.world_size == 1 and not strategy.force:
@@ -263,14 +263,15 @@ def fsdp_mixed_precision(precision: str):
     return MixedPrecision(param_dtype=dtype, reduce_dtype=torch.float32, buffer_dtype=torch.float32)
 
 
-def fsdp_wrap_policy(backbone: str = "dit"):
-    """FSDP auto-wrap policy of `model.backbone` `backbone`: every transformer block is a unit
-    of its own (parameters gathered one block at a time), as the backbone's registry entry
-    declares them (models.backbone.BackboneSpec.fsdp_units); embeddings, timestep layers and
-    output layers stay with the root."""
+def fsdp_wrap_policy(name: str = "dit", backbone=None):
+    """FSDP auto-wrap policy of `model.backbone` `name`: every transformer block is a unit of
+    its own (parameters gathered one block at a time), as the backbone's registry entry
+    declares them for the built `backbone` (models.backbone.BackboneSpec.fsdp_units: a
+    pretrained model's depend on it); embeddings, timestep layers and output layers stay with
+    the root."""
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
-    return ModuleWrapPolicy(backbone_spec(backbone).fsdp_units())
+    return ModuleWrapPolicy(backbone_spec(name).fsdp_units(backbone))
 
 
 def build_callbacks(run: RunSettings) -> list:
@@ -298,14 +299,16 @@ def build_trainer(
     run_dir: str,
     record: dict | None = None,
     extra_callbacks: Sequence[L.Callback] = (),
+    backbone=None,
 ):
     """The trainer of a fit when `record` (the resolved config, which the logger records) is
     given: the checkpoint and run callbacks and the logger; evaluation runs (record=None) get
-    neither; `extra_callbacks` come after them (main.train's loading sanity check). Checkpoint
+    neither; `extra_callbacks` come after them (main.train's loading sanity check); `backbone`:
+    the module's network (its FSDP units, strategy=fsdp). Checkpoint
     files are written atomically. Progress: Lightning's bar when stdout is a terminal, else
     training_callbacks.ProgressLog lines every trainer.log_every_n_steps."""
     fit = record is not None
-    strategy = build_strategy(run, hw)
+    strategy = build_strategy(run, hw, backbone)
     callbacks = [*(build_callbacks(run) if fit else []), *extra_callbacks]
     plugins = [AtomicCheckpointIO()]
     if "SLURM_JOB_ID" in os.environ:  # our Preemption callback requeues, not Lightning's

@@ -237,8 +237,9 @@ def fit(job: Job, resume: str | None, resume_path: str | None):
         threshold = ppl_threshold(source, run.eval.sanity_ppl_max)
         callbacks.append(LoadingSanityCheck(valid_loader, threshold, source))
     trainer = builders.build_trainer(
-        run, hw, plan, job.run_dir, record=job.record, extra_callbacks=callbacks
-    )
+        run, hw, plan, job.run_dir, record=job.record, extra_callbacks=callbacks,
+        backbone=module.backbone,
+    )  # fmt: skip
     if last is not None:
         check_state(module, last, "checkpointing.resume_ckpt_path")  # same model shape?
         log.info("resumed at step %d from %s", last.get("global_step", 0), resume_path)
@@ -274,7 +275,7 @@ def ppl_eval(job: Job):
     )
     valid_set = dataloader.get_dataset(run.data, job.vocab, "valid", run.model.length)
     loader = builders.build_loader(valid_set, plan.eval_batch_size, True, run, hw, evaluation=True)
-    trainer = builders.build_trainer(run, hw, plan, job.run_dir)
+    trainer = builders.build_trainer(run, hw, plan, job.run_dir, backbone=module.backbone)
     module.mc_samples = run.eval.mc_samples
     yield
     trainer.validate(module, loader, verbose=False)

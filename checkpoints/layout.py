@@ -209,6 +209,7 @@ KINDS = {
     "ar": BackboneKind("ar", adaln=False, causal=True, time_conditioning=False, cross_attn=False),
 }
 
+
 def objective_family(parameterization: str, cross_attn: bool) -> str:
     """The family (an `algo=` name, configs/algo/*.yaml) of a recorded objective: SUBS with
     BD3-LM's two-stream input [x_t ; x_0] is bd3lm, SUBS without it mdlm; every other

@@ -194,11 +194,11 @@ def _build_hf_causal(model_cfg: Mapping[str, Any], vocab_size: int, seq_len: int
     from models.hf_causal import from_pretrained
 
     backbone, _, _ = from_pretrained(
-        str(model_cfg["pretrained"]),
-        token_shift=bool(model_cfg["token_shift"]) and not causal,
-        clean_attention=str(model_cfg["clean_attention"]),
-        attn_backend=str(model_cfg["attn_backend"]),
-        gradient_checkpointing=bool(model_cfg["gradient_checkpointing"]),
+        model_cfg["pretrained"],
+        token_shift=model_cfg["token_shift"] and not causal,
+        clean_attention=model_cfg["clean_attention"],
+        attn_backend=model_cfg["attn_backend"],
+        gradient_checkpointing=model_cfg["gradient_checkpointing"],
     )
     if backbone.vocab_size != vocab_size:
         raise ValueError(
@@ -217,7 +217,7 @@ def _hf_causal_units(backbone: nn.Module | None = None) -> set[type]:
 def _hf_causal_vocab(model_cfg: Mapping[str, Any], cache_dir: str):
     from models.hf_causal import pretrained_vocab
 
-    return pretrained_vocab(str(model_cfg["pretrained"]), cache_dir)
+    return pretrained_vocab(model_cfg["pretrained"], cache_dir)
 
 
 BACKBONES: dict[str, BackboneSpec] = {

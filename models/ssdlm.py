@@ -126,11 +126,11 @@ def build_network(model_cfg, vocab_size: int, length: int) -> SSDLMNetwork:
     project's tokenizers."""
     config = roberta_config(
         vocab_size,
-        int(model_cfg["hidden_size"]),
-        int(model_cfg["n_blocks"]),
-        int(model_cfg["n_heads"]),
+        model_cfg["hidden_size"],
+        model_cfg["n_blocks"],
+        model_cfg["n_heads"],
         length,
-        float(model_cfg["dropout"]),
+        model_cfg["dropout"],
     )
     mlm = RobertaForMaskedLM(config)
     mlm.get_input_embeddings().padding_idx = None

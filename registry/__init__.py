@@ -48,37 +48,51 @@ def objective_spec(name: str) -> ObjectiveSpec:
     return OBJECTIVES[name]
 
 
-def block_size_of(algo: Mapping[str, Any], context: int, given: int) -> int:
-    """The K the objective of the `algo` config node uses for a context of `context` tokens:
-    its own (`ObjectiveSpec.block_size`) or, where K is its parameter, `given`."""
+def algo_settings(algo: AlgoSettings | Mapping[str, Any]) -> tuple[ObjectiveSpec, AlgoSettings]:
+    """The entry and the typed settings of `algo`: settings already typed (settings.load), or
+    an `algo` config node / plain mapping (checkpoint configs, HF configs, benchmarks)."""
+    if isinstance(algo, AlgoSettings):
+        return objective_spec(algo.name), algo
     spec = objective_spec(str(algo["name"]))
-    fixed = spec.block_size(settings_from(spec.settings, algo), context)
+    return spec, settings_from(spec.settings, algo)
+
+
+def block_size_of(algo: AlgoSettings | Mapping[str, Any], context: int, given: int) -> int:
+    """The K the objective of `algo` uses for a context of `context` tokens: its own
+    (`ObjectiveSpec.block_size`) or, where K is its parameter, `given`."""
+    spec, settings = algo_settings(algo)
+    fixed = spec.block_size(settings, context)
     return given if fixed is None else fixed
 
 
 def build_objective(
-    algo: Mapping[str, Any],
-    training: Mapping[str, Any],
+    algo: AlgoSettings | Mapping[str, Any],
+    training: Any,
     noise: NoiseSchedule,
     mask_id: int,
     seq_len: int,
     block_size: int,
     crop: DoubleLengthCrop | None = None,
 ):
-    """The objective of the `algo` and `training` config nodes (or plain mappings) for a
-    context of `seq_len` tokens: `block_size` is used where K is the objective's parameter,
-    its own K otherwise (`block_size_of`). ValueError on values the objective refuses."""
-    spec = objective_spec(str(algo["name"]))
-    settings = settings_from(spec.settings, algo)
+    """The objective of `algo` (typed settings or a mapping, `algo_settings`) and the
+    `training` flags it reads (antithetic_sampling, resample, eval_nll: typed training
+    settings or a mapping) for a context of `seq_len` tokens: `block_size` is used where K is
+    the objective's parameter, its own K otherwise (`block_size_of`). ValueError on values the
+    objective refuses."""
+    spec, settings = algo_settings(algo)
+
+    def flag(name: str) -> bool:
+        return training[name] if isinstance(training, Mapping) else getattr(training, name)
+
     fixed = spec.block_size(settings, seq_len)
     context = BuildContext(
         noise=noise,
         mask_id=mask_id,
         seq_len=seq_len,
         block_size=block_size if fixed is None else fixed,
-        antithetic=bool(training["antithetic_sampling"]),
-        resample=bool(training["resample"]),
-        eval_nll=bool(training["eval_nll"]),
+        antithetic=flag("antithetic_sampling"),
+        resample=flag("resample"),
+        eval_nll=flag("eval_nll"),
         crop=crop,
     )
     return spec.build(settings, context)
@@ -130,6 +144,7 @@ __all__ = [
     "BuildContext",
     "ObjectiveSpec",
     "ReleasedFormat",
+    "algo_settings",
     "block_size_of",
     "build_objective",
     "build_sampler",

@@ -29,7 +29,7 @@ ENTRY = ObjectiveSpec(
     build=build,
     block_size=lambda settings, context: 1,
     fixed_k_reason="predicts one token at a time",
-    backbones=("dit",),
+    backbones=("dit", "hf_causal"),
     causal=True,
     sampler=sampler,
 )

@@ -52,6 +52,11 @@ def build(settings: AlgoSettings, context: BuildContext) -> MaskedDiffusion:
     )
 
 
+def build_bd3lm(settings: BD3LMSettings, context: BuildContext) -> MaskedDiffusion:
+    """`build`, with BD3-LM's auxiliary AR loss of the clean stream."""
+    return dataclasses.replace(build(settings, context), ar_loss_weight=settings.ar_loss_weight)
+
+
 def block_size(settings: AlgoSettings, context: int) -> int | None:
     """Without the two-stream input the x_0 half is never attended: one block of the whole
     context (MDLM); with it, `block_size` is BD3-LM's parameter."""
@@ -73,10 +78,10 @@ BD3LM = ObjectiveSpec(
     parameterization="subs",
     label="a BD3-LM model",
     settings=BD3LMSettings,
-    build=build,
+    build=build_bd3lm,
     block_size=block_size,
     fixed_k_reason="denoises its whole context as one block without algo.cross_attn",
-    backbones=("dit",),
+    backbones=("dit", "hf_causal"),
     sampler=sampler,
     family_of=family,
 )
@@ -88,7 +93,7 @@ MDLM = ObjectiveSpec(
     build=build,
     block_size=block_size,
     fixed_k_reason="denoises its whole context as one block",
-    backbones=("dit",),
+    backbones=("dit", "hf_causal"),
     sampler=sampler,
     family_of=family,
 )

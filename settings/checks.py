@@ -92,10 +92,8 @@ def build_objective(run: RunSettings, seq_len: int, mask_id: int = 0, crop=None)
     `block_size`. mask_id: the vocabulary's (0 where only the capabilities are read)."""
     try:
         noise = build_noise(run.noise.type)
-        # the registry reads config nodes or plain mappings of the two groups
-        algo, training = dataclasses.asdict(run.algo), dataclasses.asdict(run.training)
         return registry.build_objective(
-            algo, training, noise, mask_id, seq_len, run.block_size, crop
+            run.algo, run.training, noise, mask_id, seq_len, run.block_size, crop
         )
     except ValueError as err:
         raise UserError(str(err)) from None

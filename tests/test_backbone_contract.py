@@ -18,7 +18,10 @@ from models.backbone import BACKBONES, Backbone, backbone_spec
 from models.dit import DiT, DiTBlock, DiTConfig
 
 V = 37
-MODEL_CFG = {"hidden_size": 32, "cond_dim": 16, "n_blocks": 2, "n_heads": 4, "dropout": 0.0}
+MODEL_CFG = {
+    "hidden_size": 32, "cond_dim": 16, "n_blocks": 2, "n_heads": 4, "dropout": 0.0,
+    "adaln": False, "attn_backend": "sdpa",
+}  # fmt: skip
 
 
 def dit(causal: bool = False, seed: int = 0) -> DiT:

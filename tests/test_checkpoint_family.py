@@ -12,10 +12,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-import builders
 from checkpoints import load_checkpoint_into
 from conftest import (
     bad_run,
+    build_module,
     compose_cfg,
     randomize_,
     reference_parameter_order,
@@ -44,7 +44,7 @@ def _one_thread(one_thread):
 
 def build(run):
     torch.manual_seed(0)
-    return builders.build_module(compose_cfg(*ALGO[run]), vocab_size=VOCAB, mask_id=VOCAB - 1)
+    return build_module(compose_cfg(*ALGO[run]), vocab_size=VOCAB, mask_id=VOCAB - 1)
 
 
 def write(fmt, run, tmp_path):

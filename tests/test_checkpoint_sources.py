@@ -13,7 +13,6 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-import builders
 from checkpoints import (
     load_checkpoint_into,
     ppl_threshold,
@@ -23,6 +22,7 @@ from checkpoints import (
 )
 from conftest import (
     ROOT,
+    build_module,
     compose_cfg,
     randomize_,
     reference_parameter_order,
@@ -42,7 +42,7 @@ def read_json(path):
 
 def build(*overrides, vocab=VOCAB):
     torch.manual_seed(0)
-    return builders.build_module(compose_cfg(*overrides), vocab_size=vocab, mask_id=vocab - 1)
+    return build_module(compose_cfg(*overrides), vocab_size=vocab, mask_id=vocab - 1)
 
 
 def trained_module(*overrides):

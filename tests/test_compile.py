@@ -7,10 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-import builders
 import main
 import sampling
-from conftest import module_denoiser, randomize_, run_inprocess
+from conftest import build_module, module_denoiser, randomize_, run_inprocess
 
 
 def compiled_counts() -> int:
@@ -24,7 +23,7 @@ def test_compiled_blocks_match_eager_and_sampling_never_compiles():
     torch._dynamo.reset()
     cfg = main.compose(["experiment=smoke"], "/tmp/bd3lms-unused-run-dir")
     torch.manual_seed(0)
-    module = builders.build_module(cfg, vocab_size=41, mask_id=40)
+    module = build_module(cfg, vocab_size=41, mask_id=40)
     randomize_(module.backbone, seed=1, scale=0.2)
     module.train()
     x0 = torch.randint(0, 40, (4, 32), generator=torch.Generator().manual_seed(0))

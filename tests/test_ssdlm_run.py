@@ -169,4 +169,4 @@ def test_refusals_are_one_line(tmp_path, data_cache, overrides, expected):
 
 def test_roberta_backbone_is_ssdlms_only(tmp_path, data_cache):
     message = bad_run(tmp_path, "model.backbone=roberta")
-    assert message == "model.backbone=roberta: algo=bd3lm runs on model.backbone=dit"
+    assert message == "model.backbone=roberta: algo=bd3lm runs on model.backbone=dit or hf_causal"

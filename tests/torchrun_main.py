@@ -43,7 +43,7 @@ def fsdp_check(out_path: str) -> None:
     from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
 
     import builders
-    from conftest import randomize_
+    from conftest import build_module, randomize_
 
     if not dist.is_initialized():  # earlier jobs of the launch (Lightning) may have made it
         dist.init_process_group("gloo")
@@ -51,7 +51,7 @@ def fsdp_check(out_path: str) -> None:
 
     def fresh():
         torch.manual_seed(0)
-        built = builders.build_module(cfg, vocab_size=41, mask_id=40)
+        built = build_module(cfg, vocab_size=41, mask_id=40)
         randomize_(built.backbone, seed=1, scale=0.2)
         return built
 
@@ -116,7 +116,7 @@ def fsdp_ssdlm_check() -> dict:
     from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
 
     import builders
-    from conftest import randomize_
+    from conftest import build_module, randomize_
 
     cfg = main.compose(
         ["experiment=smoke", "algo=ssdlm", "block_size=4", "training.ema=0"], "/tmp/unused"
@@ -124,7 +124,7 @@ def fsdp_ssdlm_check() -> dict:
 
     def fresh():
         torch.manual_seed(0)
-        built = builders.build_module(cfg, vocab_size=41, mask_id=40)
+        built = build_module(cfg, vocab_size=41, mask_id=40)
         randomize_(built.backbone, seed=1, scale=0.2)
         return built
 
@@ -143,7 +143,7 @@ def fsdp_ssdlm_check() -> dict:
     plain_grads = {n: p.grad.clone() for n, p in module.backbone.named_parameters()}
     module = fresh()
     wrapped = FullyShardedDataParallel(
-        module.backbone, auto_wrap_policy=builders.fsdp_wrap_policy(),
+        module.backbone, auto_wrap_policy=builders.fsdp_wrap_policy("roberta"),
         sharding_strategy=ShardingStrategy.SHARD_GRAD_OP, use_orig_params=True,
         device_id=torch.device("cpu"),
     )  # fmt: skip
