@@ -230,7 +230,7 @@ def prepare(ctx: Context) -> None:
         cfg = main.compose(["experiment=smoke", *overrides], ctx.run_dir("prepare"))
         vocab = dataloader.get_vocab(cfg.data)
         for split in ("train", "valid"):
-            dataloader.get_dataset(cfg.data, vocab, split, int(cfg.model.length))
+            dataloader.get_dataset(cfg.data, vocab, split, cfg.model.length)
     ensure_judge(ctx)
 
 

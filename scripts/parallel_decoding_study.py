@@ -283,7 +283,7 @@ def data_reference(run: str, experiment: str, judge: str, rows: int) -> dict:
 
     cfg = compose(experiment, [])
     vocab = dataloader.get_vocab(cfg.data)
-    valid = dataloader.get_dataset(cfg.data, vocab, "valid", int(cfg.model.length)).input_ids
+    valid = dataloader.get_dataset(cfg.data, vocab, "valid", cfg.model.length).input_ids
     count = min(rows, valid.shape[0])
     picks = [round(i * (valid.shape[0] - 1) / max(1, count - 1)) for i in range(count)]
     scorer = GenerativePerplexity(judge, torch.device("cpu"))

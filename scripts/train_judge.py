@@ -77,7 +77,7 @@ def load_data(overrides: list[str] | None = None):
 
     cfg = compose_demo_cfg(overrides)
     vocab = dataloader.get_vocab(cfg.data)
-    length = int(cfg.model.length)
+    length = cfg.model.length
     train = dataloader.get_dataset(cfg.data, vocab, "train", length).input_ids
     valid = dataloader.get_dataset(cfg.data, vocab, "valid", length).input_ids
     return vocab, torch.as_tensor(train).long(), torch.as_tensor(valid).long()
