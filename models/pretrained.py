@@ -1,5 +1,6 @@
 """The one loader of pretrained causal LMs: the generative-perplexity judge (metrics.py) and
-pretrained backbones (models/hf_causal.py) both call `load_causal_lm`.
+pretrained backbones (models/hf_causal/) both call `load_causal_lm`; `load_tokenizer` gives
+the same tokenizer and config without the weights (the vocabulary of a run on such a backbone).
 
 A name or path is one of (`resolve` says which):
   - a packaged name, `smollm2-135m`: a GGUF file shipped by an offline data package
@@ -154,25 +155,57 @@ def load_causal_lm(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = resolve(name_or_path, gguf_file, key)
+    location = _model_location(source, cache_dir)
+    tokenizer = AutoTokenizer.from_pretrained(location)
+    model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype).eval()
+    _set_document_token(source, tokenizer, model.config, model.generation_config)
+    return model, tokenizer
+
+
+def load_tokenizer(
+    name_or_path: str,
+    *,
+    gguf_file: str | None = None,
+    cache_dir: str | None = None,
+    key: str | None = None,
+):
+    """-> (tokenizer, config): what `load_causal_lm` gives as the tokenizer and model.config
+    (the same resolution, the same BOS / EOS), without loading the weights. A GGUF model is
+    read from its rebuilt directory (written first, once, when missing). Errors as
+    load_causal_lm's."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    source = resolve(name_or_path, gguf_file, key)
+    location = _model_location(source, cache_dir)
+    tokenizer = AutoTokenizer.from_pretrained(location)
+    config = AutoConfig.from_pretrained(location)
+    _set_document_token(source, tokenizer, config)
+    return tokenizer, config
+
+
+def _model_location(source: Source, cache_dir: str | None) -> str:
+    """What transformers' from_pretrained reads for `source`: the directory or hub id itself,
+    or a GGUF file's rebuilt plain-model directory (`_rebuilt_dir`)."""
     if source.kind in ("directory", "hub"):
-        tokenizer = AutoTokenizer.from_pretrained(source.location)
-        model = AutoModelForCausalLM.from_pretrained(source.location, dtype=dtype)
-        return model.eval(), tokenizer
+        return source.location
     path = source.location
     if source.kind == "hub_gguf":
         from huggingface_hub import hf_hub_download
 
         path = hf_hub_download(source.location, source.gguf_file)
-    rebuilt = _rebuilt_dir(path, cache_dir or default_cache_dir())
-    model = AutoModelForCausalLM.from_pretrained(rebuilt, dtype=dtype).eval()
-    tokenizer = AutoTokenizer.from_pretrained(rebuilt)
+    return _rebuilt_dir(path, cache_dir or default_cache_dir())
+
+
+def _set_document_token(source: Source, tokenizer, *configs) -> None:
+    """A packaged model's `document_token` made the BOS and EOS of `tokenizer` and of each
+    config (model config, generation config); nothing for any other source."""
     token = PACKAGED[source.packaged].document_token if source.packaged else None
-    if token is not None:
-        token_id = tokenizer.convert_tokens_to_ids(token)
-        tokenizer.bos_token = tokenizer.eos_token = token
-        for config in (model.config, model.generation_config):
-            config.bos_token_id = config.eos_token_id = token_id
-    return model, tokenizer
+    if token is None:
+        return
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    tokenizer.bos_token = tokenizer.eos_token = token
+    for config in configs:
+        config.bos_token_id = config.eos_token_id = token_id
 
 
 def _rebuilt_dir(gguf_path: str, cache_dir: str) -> str:
