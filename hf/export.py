@@ -1,10 +1,13 @@
 """Export: checkpoints -> HF directories (this package's classes; the reference's classes load
 them too).
 
-- `export_hf(checkpoint, out_dir)`: a checkpoint dict in our layout -> an HF directory.
-- `export(ckpt, out_dir)`: our Lightning .ckpt -> an HF directory with the run's tokenizer
-  (its BOS / EOS / mask / pad ids in config.json; padding_side "left") and a model card
-  (scripts/export_hf.py).
+- `export_hf(checkpoint, out_dir)`: a checkpoint dict of a DiT run in our layout -> an HF
+  directory.
+- `export(ckpt, out_dir)`: our Lightning .ckpt -> an HF directory with the run's tokenizer and
+  a model card (scripts/export_hf.py), by the exporter of the network the checkpoint's config
+  names (`EXPORTERS`, keyed by model.backbone): a DiT -> this package's format (`export_ours`:
+  BOS / EOS / mask / pad ids in config.json; padding_side "left"); a pretrained causal LM
+  (hf_causal) -> a plain transformers causal LM (hf/export_causal.py).
 - `loadable(path, tokenizer, stack)`: any checkpoint the project reads (an HF directory, a hub
   id, our .ckpt, the reference's pickled .ckpt) -> an HF directory that `hf`'s classes and
   transformers' AutoTokenizer load; .ckpt files are exported to a temporary directory
@@ -21,6 +24,7 @@ import tempfile
 from checkpoints.layout import (
     CLIP_BUFFERS,
     CheckpointError,
+    LoadedCheckpoint,
     infer_dit_shape,
     is_hub_id,
     resolve_pretrained,
@@ -84,9 +88,12 @@ def export_hf(
         raise UserError("export: the checkpoint has no run config (not written by this project)")
     algo, model_cfg = config["algo"], config["model"]
     if algo.get("parameterization") not in EXPORTED:
+        raise no_hf_model(config)
+    backbone = backbone_of(checkpoint)
+    if backbone != "dit":
         raise UserError(
-            f"algo={algo.get('name', algo.get('parameterization'))} has no HF model (the hf "
-            "package holds AR, BD3-LM, MDLM and SEDD); valid: ar, bd3lm, mdlm and sedd checkpoints"
+            f"model.backbone={backbone}: the hf package's classes hold DiTs; export the "
+            "checkpoint with scripts/export_hf.py (hf.export.export)"
         )
     inner, rest = split_backbone(checkpoint["state_dict"])
     ema = checkpoint.get("ema")
@@ -143,6 +150,24 @@ def export_hf(
     return out_dir
 
 
+def no_hf_model(config: dict) -> UserError:
+    """The refusal of a run whose network and objective no exporter takes (SSD-LM)."""
+    algo = config.get("algo") or {}
+    return UserError(
+        f"algo={algo.get('name', algo.get('parameterization'))} has no HF model (the hf "
+        "package holds AR, BD3-LM, MDLM and SEDD on the DiT; pretrained causal LMs export as "
+        "themselves); valid: ar, bd3lm, mdlm and sedd checkpoints, model.backbone=dit or "
+        "hf_causal"
+    )
+
+
+def backbone_of(checkpoint: dict) -> str:
+    """The model.backbone of our checkpoint dict's network (checkpoints.load.stored_backbone)."""
+    from checkpoints.load import stored_backbone
+
+    return stored_backbone(LoadedCheckpoint("export", "ours", raw=checkpoint))
+
+
 def as_export_input(loaded) -> dict:
     """A checkpoint read by checkpoints.load.read_any_checkpoint in the reference's pickled
     format (a LoadedCheckpoint with kind, dit, weights (EMA where the file has them), clip and
@@ -194,11 +219,11 @@ def vocab_token_ids(vocab) -> dict[str, int]:
     return ids
 
 
-def write_tokenizer(directory: str, vocab) -> None:
-    """The tokenizer files of `vocab` into `directory`, padding on the left, so each row
-    generate returns is padding, prompt, continuation, with no padding between the prompt and
-    its continuation."""
-    vocab.tokenizer.save_pretrained(directory)
+def write_tokenizer(directory: str, tokenizer) -> None:
+    """The files of `tokenizer` (a transformers tokenizer) into `directory`, padding on the
+    left, so each row generate returns is padding, prompt, continuation, with no padding
+    between the prompt and its continuation."""
+    tokenizer.save_pretrained(directory)
     # save_pretrained writes only the init keywords, so a padding_side set on the object is lost
     tokenizer_config = os.path.join(directory, "tokenizer_config.json")
     with open(tokenizer_config) as f:
@@ -237,23 +262,45 @@ def export_ours(checkpoint: dict, out_dir: str, use_ema: bool = True) -> str:
     name = os.path.basename(os.path.normpath(out_dir))
 
     def files(tmp: str) -> None:
-        write_tokenizer(tmp, vocab)
+        write_tokenizer(tmp, vocab.tokenizer)
         write_card(tmp, checkpoint, use_ema, name)
 
     ids = vocab_token_ids(vocab)
     return export_hf(checkpoint, out_dir, use_ema=use_ema, token_ids=ids, extra_files=files)
 
 
+def _export_causal(checkpoint: dict, out_dir: str, use_ema: bool = True) -> str:
+    from hf.export_causal import export_causal_checkpoint
+
+    return export_causal_checkpoint(checkpoint, out_dir, use_ema=use_ema)
+
+
+# model.backbone -> exporter(checkpoint dict, out_dir, use_ema) -> out_dir
+EXPORTERS = {"dit": export_ours, "hf_causal": _export_causal}
+
+
+def export_checkpoint(checkpoint: dict, out_dir: str, use_ema: bool = True) -> str:
+    """Our checkpoint dict -> the HF directory `out_dir`, by the exporter of the network its
+    run config names (EXPORTERS; a DiT's objective may still have no HF model: SSD-LM)."""
+    config = checkpoint.get("config")
+    if not isinstance(config, dict):
+        raise UserError("the checkpoint has no run config (not written by this project)")
+    exporter = EXPORTERS.get(backbone_of(checkpoint))
+    if exporter is None:
+        raise no_hf_model(config)
+    return exporter(checkpoint, out_dir, use_ema=use_ema)
+
+
 def export(ckpt: str, out_dir: str, live: bool = False) -> str:
-    """Export our .ckpt `ckpt` to the new HF directory `out_dir` (EMA weights unless live);
-    UserError, one line, for a bad checkpoint or an existing `out_dir`."""
+    """Export our .ckpt `ckpt` to the new HF directory `out_dir` (EMA weights unless live;
+    `export_checkpoint`); UserError, one line, for a bad checkpoint or an existing `out_dir`."""
     from checkpoints.ours import read_checkpoint
 
     if os.path.exists(out_dir):
         raise UserError(f"{out_dir} exists; give a new directory")
     checkpoint = read_checkpoint(ckpt, "CKPT")
     try:
-        return export_ours(checkpoint, out_dir, use_ema=not live)
+        return export_checkpoint(checkpoint, out_dir, use_ema=not live)
     except UserError as err:
         raise UserError(f"CKPT={ckpt}: {err}") from None
 
@@ -312,7 +359,7 @@ def loadable(
             vocab = tokenizer_vocab(tokenizer)
 
             def files(tmp: str) -> None:
-                write_tokenizer(tmp, vocab)
+                write_tokenizer(tmp, vocab.tokenizer)
 
             ids = vocab_token_ids(vocab)
             return export_hf(as_export_input(loaded), out, token_ids=ids, extra_files=files)
