@@ -59,3 +59,36 @@ def test_acceptance_cpu_dry_run(tmp_path, data_cache):
             str(bundle), "--work", str(tmp_path / "w2")]  # fmt: skip
     report = acceptance.main(args)
     assert report["ok"] and report["sections"]["environment"]["result"]["torch"]
+
+
+def test_adapt_step_toy(tmp_path):
+    """benchmarks/adapt_step.py at toy size writes the fields it promises (the times are never
+    asserted), and its useful FLOPs are the shapes': the body's matrices are the decoder
+    layers' (from the Llama config), the attention pairs are the allowed entries of the masks
+    the backbone attends under (models.hf_causal.CleanCausal over BlockDiffusionMask; causal),
+    the output layer's rows are BD3-LM's masked positions and AR's L - 1 targets per row."""
+    from benchmarks import adapt_step
+    from models.attention import BlockDiffusionMask, CausalMask, dense_mask
+    from models.hf_causal import CleanCausal
+
+    path = tmp_path / "adapt.json"
+    args = ["--models", "toy", "--variants", "ar,bd3lm4", "--reps", "1", "--json", str(path)]
+    adapt_step.main(args)
+    record = json.loads(path.read_text())["models"]["toy"]
+    L, B, K = record["L"], record["batch"], 4
+    ar, bd3lm = record["variants"]["ar"], record["variants"]["bd3lm4"]
+    assert set(bd3lm["over_ar"]) == {"time_ratio", "fwd_bwd_ratio", "flop_ratio",
+                                     "time_over_flop"}  # fmt: skip
+    assert ar["logit_rows"] == B * (L - 1) and 0 < bd3lm["logit_rows"] <= B * L
+    clean_causal = CleanCausal(BlockDiffusionMask(L, K), 0, L)
+    pairs = adapt_step.attention_pairs
+    assert pairs(L, K, ar=False) == dense_mask(clean_causal, 2 * L, 2 * L).sum()
+    assert pairs(L, 1, ar=True) == dense_mask(CausalMask(), L - 1, L - 1).sum()
+    D, layers, heads, kv_heads, vocab = 32, 2, 4, 2, 97  # the toy Llama (adapt_step.load_model)
+    hd, inner = D // heads, 2 * D
+    matrices = layers * (2 * D * heads * hd + 2 * D * kv_heads * hd + 3 * D * inner)
+    for row, tokens, k in ((ar, L - 1, 1), (bd3lm, 2 * L, K)):
+        assert row["useful_flops"]["body"] == 3 * B * 2 * matrices * tokens
+        attention = 3 * B * 2 * 2 * heads * hd * pairs(L, k, ar=row is ar) * layers
+        assert row["useful_flops"]["attention"] == attention
+        assert row["useful_flops"]["output"] == 3 * 2 * D * vocab * row["logit_rows"]
