@@ -161,8 +161,15 @@ def _num_proc(data: DataSettings) -> int:
 
 
 def cache_name(opts: PipelineOptions, vocab: Vocab) -> str:
-    """A readable prefix plus a hash of every token-changing option and the tokenizer."""
-    identity = {**opts.identity(), "tokenizer_fingerprint": _fingerprint(vocab.tokenizer)}
+    """A readable prefix plus a hash of every token-changing option and the tokenizer: its
+    definition (`_fingerprint`) and the special ids rows get besides the text's
+    (`_special_ids`), which the definition does not fix (a packaged pretrained model's
+    document token as BOS / EOS, models.pretrained)."""
+    identity = {
+        **opts.identity(),
+        "tokenizer_fingerprint": _fingerprint(vocab.tokenizer),
+        "special_ids": _special_ids(vocab),
+    }
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
     valid_docs = "" if opts.num_valid_docs is None else f"_valid{opts.num_valid_docs}"
     return (
@@ -175,6 +182,16 @@ def cache_name(opts: PipelineOptions, vocab: Vocab) -> str:
 def _sanitise(tokenizer_name: str) -> str:
     """The last path component of a name, reduced to [A-Za-z0-9.-]."""
     return re.sub(r"[^A-Za-z0-9.-]+", "-", os.path.basename(tokenizer_name.rstrip("/")))
+
+
+def _special_ids(vocab: Vocab) -> list[int | None]:
+    """The ids the pipeline inserts: the wrapped rows' BOS / EOS (the vocabulary's) and the
+    padded rows' BOS / EOS / pad (the tokenizer's, data.processing.pad_rows)."""
+    tokenizer = vocab.tokenizer
+    return [
+        vocab.bos_id, vocab.eos_id,
+        tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id,
+    ]  # fmt: skip
 
 
 def _fingerprint(tokenizer: transformers.PreTrainedTokenizerBase) -> str:
