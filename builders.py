@@ -97,7 +97,11 @@ def build_module(
         backbone = network
     else:  # the backbone registry reads the model group as a mapping of its keys
         model = dataclasses.asdict(run.model)
-        backbone = backbone_entry.build(model, vocab_size, objective.seq_len, spec.causal)
+        try:
+            backbone = backbone_entry.build(model, vocab_size, objective.seq_len, spec.causal)
+        except ValueError as err:  # shapes or a model the backbone cannot take
+            raise UserError(str(err).splitlines()[0]) from None
+        backbone.train()  # as a new nn.Module is (a pretrained model loads in eval mode)
     # a token backbone is called through models.network.BackboneNetwork; any other network
     # (SSD-LM's) is the callable its objective calls itself
     network = None if backbone_entry.token_network else backbone
@@ -135,31 +139,31 @@ def build_module(
     return module
 
 
-def checkpoint_vocab_size(loaded: LoadedCheckpoint) -> int | None:
-    """Embedding rows of a checkpoint (its V), or None when it cannot be read."""
+def checkpoint_vocab_size(loaded: LoadedCheckpoint, backbone: str) -> int | None:
+    """Embedding rows of a checkpoint of `model.backbone` `backbone` (its V: the DiT's config,
+    else the backbone's registry entry reads its state dict, vocab_rows), or None when it
+    cannot be read."""
     if loaded.dit is not None:
         return loaded.dit.vocab_size
     state = (loaded.raw or {}).get("state_dict", {})
-    for name, tensor in state.items():
-        if name.endswith("vocab_embed.embedding"):
-            return int(tensor.shape[0])
-        if name.endswith("embed_sum_layer.weight"):  # SSD-LM: (hidden, V)
-            return int(tensor.shape[1])
-    return None
+    return backbone_spec(backbone).vocab_rows(state)
 
 
 def build_eval_module(
-    run: RunSettings, objective: Objective, vocab, record: dict, loaded: LoadedCheckpoint
+    run: RunSettings, objective: Objective, vocab, record: dict, loaded: LoadedCheckpoint | None
 ) -> Diffusion:
     """The module for `eval.checkpoint_path` (`loaded`, any supported format) around
     `objective`, weights loaded strictly by name; EMA weights are swapped in by the caller's
-    mode."""
+    mode. loaded=None (eval.checkpoint_path=null): the backbone as its build makes it, a
+    pretrained model's own weights (settings refuse it for a randomly initialised one)."""
     key = "eval.checkpoint_path"
+    if loaded is None:
+        return build_module(run, objective, vocab.size, record)
     if loaded.format == "network":  # a released format its objective read: the network is built
         check_vocab_size(vocab, loaded.meta["vocab_size"], key)
         network = loaded.raw["network"]
         return build_module(run, objective, vocab.size, record, network=network)
-    size = checkpoint_vocab_size(loaded)
+    size = checkpoint_vocab_size(loaded, run.model.backbone)
     if size is not None:
         check_vocab_size(vocab, size, key)
     module = build_module(run, objective, vocab.size, record)

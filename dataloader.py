@@ -3,6 +3,8 @@
 Public API:
   * `get_vocab(data) -> Vocab`: the tokenizer plus the ids the model and pipeline use; `data`
     is the run's data settings (`DataSettings`) or any mapping of data keys.
+  * `run_vocab(model, data) -> Vocab`: a run's vocabulary: the tokenizer its backbone brings
+    (a pretrained causal LM's, `model.backbone=hf_causal`), else `get_vocab(data)`.
   * `get_dataset(data, vocab, split, seq_len) -> TokenDataset` (or a `StreamingTokenDataset`
     with `data.streaming=true`) with items {"input_ids": LongTensor (n,), "attention_mask":
     FloatTensor (n,)}; n = seq_len, or 2 * seq_len for the text8-crop train split (
@@ -53,6 +55,10 @@ packages are only read through importlib.metadata, never imported.
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
 from data.cache import TokenDataset
 from data.config import DataSettings
 from data.detokenizers import DETOKENIZERS
@@ -61,6 +67,31 @@ from data.pipeline import get_dataset
 from data.registry import DATASETS
 from data.streaming import StreamingTokenDataset
 from data.vocab import Vocab, check_vocab_size, decode, get_vocab
+from utils import UserError, first_line
+
+
+def run_vocab(model: Any, data: DataSettings | Mapping[str, Any]) -> Vocab:
+    """The vocabulary of a run on `model` (its model settings, or a mapping of the model keys,
+    e.g. a checkpoint's stored config): the tokenizer its backbone brings when its registry
+    entry has one (models.backbone.BackboneSpec.vocab: hf_causal's model.pretrained, with its
+    mask token; read from the pretrained cache its build uses), else the data tokenizer
+    (`get_vocab(data)`, data.tokenizer_name_or_path)."""
+    from models.backbone import backbone_spec
+    from models.pretrained import default_cache_dir
+
+    keys = model if isinstance(model, Mapping) else dataclasses.asdict(model)
+    name = keys.get("backbone") or "dit"
+    spec = backbone_spec(name)
+    if spec.vocab is None:
+        return get_vocab(data)
+    try:
+        return spec.vocab(keys, default_cache_dir())
+    except (OSError, ValueError) as err:  # transformers' own, for a path or id it cannot read
+        raise UserError(
+            f"model.backbone={name}: the tokenizer of its pretrained model cannot be loaded "
+            f"({first_line(err)[:200]})"
+        ) from None
+
 
 __all__ = [
     "DATASETS",
@@ -76,4 +107,5 @@ __all__ = [
     "get_dataset",
     "get_vocab",
     "make_loader",
+    "run_vocab",
 ]

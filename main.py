@@ -58,6 +58,7 @@ import sampling
 import settings
 from checkpoints import (
     LoadedCheckpoint,
+    check_backbone,
     check_state,
     load_checkpoint_into,
     ppl_threshold,
@@ -98,23 +99,24 @@ def prepare(cfg: DictConfig, run_dir: str) -> Job:
     settings.configure_float32_matmul(run.trainer)
     if run.mode == "sample_eval":
         builders.build_evaluator(run.eval, "cpu")  # a judge that cannot be loaded fails first
-    vocab = dataloader.get_vocab(run.data)
+    vocab = dataloader.run_vocab(run.model, run.data)
     crop = settings.text8_crop(run, vocab.bos_id, vocab.eos_id) if run.mode == "train" else None
     # sample_eval: model.length is the generation length; the capabilities do not depend on
     # the context, checked now, before the checkpoint gives the trained window
     seq_len = run.block_size if run.mode == "sample_eval" else run.model.length
     objective = settings.build_objective(run, seq_len, vocab.mask_id, crop)
     settings.check_objective(run, objective, hw)
-    loaded = None
-    if run.mode in EVAL_MODES:
+    loaded = None  # eval.checkpoint_path=null: a pretrained backbone evaluated as it is
+    if run.mode in EVAL_MODES and run.eval.checkpoint_path is not None:
         spec, key = settings.objective_spec(run), "eval.checkpoint_path"
         heads = run.model.reference_heads()
         loaded = registry.read_for_eval(
             spec, run.eval.checkpoint_path, key, heads, run.model.backbone
         )
     if run.mode == "sample_eval":  # the objective of the checkpoint's trained window
-        window = trained_length(loaded, run.model.length)
-        where = "the checkpoint's trained window"
+        # without a checkpoint, the whole generation is the window
+        window = run.model.length if loaded is None else trained_length(loaded, run.model.length)
+        where = "the checkpoint's trained window" if loaded else "model.length"
         run = settings.settle_block_size(cfg, run, window, where, command_line)
         objective = settings.build_objective(run, window, vocab.mask_id)
         settings.check_sampler(run, objective, window)
@@ -222,6 +224,7 @@ def fit(job: Job, resume: str | None, resume_path: str | None):
     key = "training.from_pretrained"
     if resume is None and source:
         pretrained = read_any_checkpoint(source, key, run.model.reference_heads())
+        check_backbone(pretrained, run.model.backbone, key, "this run")
     module = builders.build_module(run, job.objective, vocab.size, job.record)
     length = run.model.length
     train_set = dataloader.get_dataset(run.data, vocab, "train", length)
@@ -231,7 +234,9 @@ def fit(job: Job, resume: str | None, resume_path: str | None):
     )
     callbacks = []
     if pretrained is not None:
-        dataloader.check_vocab_size(vocab, builders.checkpoint_vocab_size(pretrained), key)
+        size = builders.checkpoint_vocab_size(pretrained, run.model.backbone)
+        if size is not None:
+            dataloader.check_vocab_size(vocab, size, key)
         load_checkpoint_into(module, pretrained, key, for_training=True)
         log.info("fine-tuning from %s", source)
         threshold = ppl_threshold(source, run.eval.sanity_ppl_max)
@@ -282,7 +287,7 @@ def ppl_eval(job: Job):
     if trainer.is_global_zero:
         result = {**module.eval_result, "checkpoint": path, "precision": hw.precision}
         result["provenance"] = run_provenance(job, {"valid": valid_set}, path)
-        threshold = ppl_threshold(path, run.eval.sanity_ppl_max)
+        threshold = ppl_threshold(path, run.eval.sanity_ppl_max) if path else None
         if threshold is not None and result["ppl"] > threshold:
             log.warning(
                 "perplexity %.2f exceeds %.2f for %s: check the checkpoint, tokenizer "

@@ -31,6 +31,7 @@ from settings.checks import (
     check_objective,
     objective_spec,
     settle_block_size,
+    settle_tokenizer,
     text8_crop,
 )
 from settings.groups import RunSettings
@@ -67,8 +68,10 @@ def check(
     """The typed settings of `cfg`, the machine (`hw`, default: this one) and the batch plan,
     after the schema and every rule that needs no objective (check_config). Writes nothing;
     sets `block_size` in `cfg` to the K the objective uses (settle_block_size; sample_eval's
-    once the trained window is known). command_line: the keys the command line sets."""
-    run = load(cfg)
+    once the trained window is known) and data.tokenizer_name_or_path to the tokenizer a
+    pretrained backbone brings (settle_tokenizer). command_line: the keys the command line
+    sets."""
+    run = settle_tokenizer(cfg, load(cfg), command_line)
     if run.mode != "sample_eval":
         run = settle_block_size(cfg, run, run.model.length, "model.length", command_line)
     hw = hw or resolve_hardware(run.trainer)

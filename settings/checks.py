@@ -24,6 +24,7 @@ from algorithms.base import (
 )
 from algorithms.clip_search import interval_grid
 from models.attention import flash_available, flex_available
+from models.backbone import backbone_spec
 from noise_schedule import build_noise
 from settings.groups import RunSettings
 from settings.hardware import Hardware
@@ -72,6 +73,28 @@ def settle_block_size(
     return dataclasses.replace(run, block_size=K)
 
 
+def settle_tokenizer(
+    cfg: DictConfig, run: RunSettings, command_line: Collection[str] = ()
+) -> RunSettings:
+    """`run` with data.tokenizer_name_or_path the tokenizer its backbone brings
+    (ModelSettings.source: model.pretrained for hf_causal), also set in `cfg` so that
+    config_resolved.yaml, checkpoints and the token caches' names (data.options.cache_name)
+    record it; unchanged for a backbone over the data tokenizer. UserError when the command
+    line (`command_line`: the keys it sets) named another tokenizer."""
+    source = run.model.source()
+    given = run.data.tokenizer_name_or_path
+    if source is None or given == source[1]:
+        return run
+    key, name = source
+    if "data.tokenizer_name_or_path" in command_line:
+        raise UserError(
+            f"data.tokenizer_name_or_path={given}: model.backbone={run.model.backbone} brings "
+            f"its own tokenizer ({key}={name}); leave data.tokenizer_name_or_path out"
+        )
+    cfg.data.tokenizer_name_or_path = name
+    return dataclasses.replace(run, data=dataclasses.replace(run.data, tokenizer_name_or_path=name))
+
+
 def objective_spec(run: RunSettings) -> registry.ObjectiveSpec:
     """The registry entry of `algo=` (the schema checked the name)."""
     return registry.objective_spec(run.algo.name)
@@ -116,6 +139,7 @@ def check_config(run: RunSettings, hw: Hardware) -> None:
         run.model.check(causal=spec.causal)
     except ValueError as err:
         raise UserError(str(err)) from None
+    check_backbone_abilities(run)
     training = run.training
     if training.sampling_eps_min > training.sampling_eps_max:
         raise UserError(
@@ -138,6 +162,43 @@ def check_config(run: RunSettings, hw: Hardware) -> None:
             check_wandb_credentials(run.wandb)
 
 
+def check_backbone_abilities(run: RunSettings) -> None:
+    """What the objective and training keys ask of `model.backbone`: time conditioning (its
+    registry entry's time_conditioned), compiled blocks (ModelSettings.compiles_blocks), and
+    an evaluation without eval.checkpoint_path (a pretrained backbone's own weights,
+    ModelSettings.source)."""
+    backbone = run.model.backbone
+    if run.algo.time_conditioning and not backbone_spec(backbone).time_conditioned:
+        raise UserError(
+            f"algo.time_conditioning=true: model.backbone={backbone} does not read the noise "
+            "level; set algo.time_conditioning=false"
+        )
+    if run.training.compile and not run.model.compiles_blocks:
+        raise UserError(
+            f"training.compile=true compiles DiT blocks; model.backbone={backbone} has none, "
+            "set training.compile=false"
+        )
+    if run.mode != "train" and run.eval.checkpoint_path is None and run.model.source() is None:
+        raise UserError(
+            f"eval.checkpoint_path=null: model.backbone={backbone} is randomly initialised; "
+            "give a checkpoint (our .ckpt, an HF directory or a hub id)"
+        )
+
+
+def check_clean_stream(run: RunSettings, objective) -> None:
+    """An objective that reads the clean stream's rows as next-token logits (BD3-LM's
+    auxiliary AR loss, algo.ar_loss_weight > 0: its `ar_loss_weight`) needs a backbone whose
+    clean stream is token-causal (ModelSettings.causal_clean_stream)."""
+    weight = getattr(objective, "ar_loss_weight", 0.0)
+    if run.mode != "train" or not weight or run.model.causal_clean_stream():
+        return
+    raise UserError(
+        f"algo.ar_loss_weight={weight} reads next-token logits of the clean stream, which need "
+        "it token-causal (model=hf_causal with model.clean_attention=causal); the clean stream "
+        f"of this model.backbone={run.model.backbone} is block-causal. Set algo.ar_loss_weight=0"
+    )
+
+
 def check_objective(run: RunSettings, objective, hw: Hardware, window: int | None = None) -> None:
     """What `run` asks of its objective (built for it: build_objective): ppl_eval, the training
     rows, the attention backend, the entry's own rules, the clip interval, and sample_eval's
@@ -155,6 +216,7 @@ def check_objective(run: RunSettings, objective, hw: Hardware, window: int | Non
             raise UserError(str(err)) from None
     if spec.check is not None:
         spec.check(run, objective)
+    check_clean_stream(run, objective)
     check_backend(run, hw, objective)
     if run.mode != "sample_eval":  # training and validation draw t from these intervals
         check_clip_intervals(run, objective)

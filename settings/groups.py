@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from config_keys import setting
 from data.config import DataSettings
@@ -92,7 +92,8 @@ class TrainingSettings:
 
 @frozen
 class EvalSettings:
-    checkpoint_path: str
+    # None: the backbone as it is built (a pretrained one's own weights, ModelSettings.source)
+    checkpoint_path: str | None
     disable_ema: bool
     gen_ppl_eval_model_name_or_path: str | None = None
     sanity_ppl_max: float | None = setting(None, lo=1)
@@ -192,8 +193,24 @@ class ModelSettings:
     length: int = setting(lo=1)  # L: the training context (sample_eval: the generation length)
     attn_backend: str
 
+    # training.compile=true compiles its transformer blocks (DiT.compile_blocks)
+    compiles_blocks: ClassVar[bool] = False
+
     def check(self, causal: bool) -> None:
         """ValueError when the backbone cannot take these shapes (`causal`: token-causal)."""
+
+    def source(self) -> tuple[str, str] | None:
+        """(key, value) of the pretrained model the backbone is built from, which brings its
+        tokenizer (the run's vocabulary: models.backbone.BackboneSpec.vocab, recorded as
+        data.tokenizer_name_or_path) and its weights (evaluated as they are without
+        eval.checkpoint_path); None: a randomly initialised backbone over the data tokenizer."""
+        return None
+
+    def causal_clean_stream(self) -> bool:
+        """Whether each token of the clean stream x_0 (the two-stream input's second half)
+        sees only the clean tokens before it, so that its rows are next-token logits (what
+        BD3-LM's auxiliary AR loss reads); False: block-causal (the paper's DiT)."""
+        return False
 
     def reference_heads(self) -> int | None:
         """The attention heads a checkpoint that does not store them is read with (None: the
@@ -212,6 +229,8 @@ class DiTSettings(ModelSettings):
     dropout: float = setting(lo=0, hi=1, hi_open=True)
     adaln: bool  # adaLN for AR backbones too (diffusion backbones always have it)
     attn_backend: Literal[BACKENDS]
+
+    compiles_blocks: ClassVar[bool] = True
 
     def check(self, causal: bool) -> None:
         dit_config(dataclasses.asdict(self), vocab_size=1, causal=causal)
@@ -236,6 +255,12 @@ class HFCausalSettings(ModelSettings):
     attn_backend: Literal["sdpa", "flex"] = "sdpa"
     gradient_checkpointing: bool = False
     dropout: float = setting(0.0, lo=0, hi=1, hi_open=True)
+
+    def source(self) -> tuple[str, str]:
+        return "model.pretrained", self.pretrained
+
+    def causal_clean_stream(self) -> bool:
+        return self.clean_attention == "causal"
 
 
 MODELS: dict[str, type[ModelSettings]] = {

@@ -379,3 +379,54 @@ class StreamRecorder:
 
     def end(self):
         self.calls.append("end")
+
+
+def char_tokenizer():
+    """A character-level fast tokenizer of printable ASCII with <unk>, <s> (BOS) and </s>
+    (EOS): 99 tokens, no mask token (hf_causal adds one), decoding its ids back to the text."""
+    import string
+
+    import tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>"]
+    chars = sorted(set(string.printable) - set("\t\r\x0b\x0c"))
+    vocab = {token: i for i, token in enumerate(specials + chars)}
+    backend = tokenizers.Tokenizer(tokenizers.models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.decoder = tokenizers.decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
+
+
+def save_tiny_causal_lm(path, family: str = "llama", seed: int = 0, **config) -> str:
+    """A tiny random transformers causal LM (`family`: llama | gpt2; 2 layers, width 32) over
+    `char_tokenizer()`, saved with its tokenizer as a model directory at `path` (what
+    model.pretrained=DIR reads); `config` overrides its config's keys -> the path."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = char_tokenizer()
+    common = dict(
+        vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )  # fmt: skip
+    if family == "gpt2":
+        make, options = GPT2LMHeadModel, GPT2Config(**common, n_embd=32, n_layer=2, n_head=4)
+    else:
+        make, options = LlamaForCausalLM, LlamaConfig(
+            **common, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        )  # fmt: skip
+    options.update(config)
+    torch.manual_seed(seed)
+    model = make(options)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    """`save_tiny_causal_lm`'s Llama (attention dropout 0.1, so that training draws dropout
+    masks) saved once per session: model.pretrained=DIR."""
+    return save_tiny_causal_lm(tmp_path_factory.mktemp("tiny_llama"), attention_dropout=0.1)

@@ -19,7 +19,7 @@ CONFIGS = os.path.join(ROOT, "configs")
 EXPERIMENTS = sorted(
     os.path.basename(p)[:-5] for p in glob.glob(os.path.join(CONFIGS, "experiment", "*.yaml"))
 )
-PAPER_RUNS = [n for n in EXPERIMENTS if n not in ("demo", "smoke")]
+PAPER_RUNS = [n for n in EXPERIMENTS if n not in ("demo", "smoke", "hf_causal_smoke")]
 LAUNCHER_DIRS = ("train", "eval", "gen_ppl", "var_len", "zero_shot")
 TEMPLATE_GPUS = 8  # scripts/slurm/job.sbatch: --gres=gpu:8
 GPU_HW = settings.Hardware("gpu", 8, 1, "bf16-mixed")

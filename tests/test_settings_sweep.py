@@ -441,7 +441,7 @@ def test_the_hf_causal_model_keys(resolved):
     from models.hf_causal.backbone import ATTN_BACKENDS, CLEAN_ATTENTION
 
     cfg = copy.deepcopy(resolved)
-    cfg["model"] = yaml_node("model", "hf_causal.yaml")
+    cfg["model"] = yaml_node("model", "hf_causal.yaml")["model"]  # a global-package file
     assert refusal(cfg) is None
     model = schema.typed(cfg).model
     assert type(model) is groups.HFCausalSettings and model.pretrained == "smollm2-135m"
@@ -453,5 +453,5 @@ def test_the_hf_causal_model_keys(resolved):
     assert table["attn_backend"].choices == ATTN_BACKENDS
     cfg["model"]["clean_attention"] = "full"
     assert refusal(cfg) == "model.clean_attention='full': valid are causal, block"
-    cfg["model"] = {**yaml_node("model", "hf_causal.yaml"), "hidden_size": 8}
+    cfg["model"] = {**yaml_node("model", "hf_causal.yaml")["model"], "hidden_size": 8}
     assert refusal(cfg).startswith("model.hidden_size is not a known key (valid: name, backbone")
