@@ -91,9 +91,10 @@ class Job:
 
 def prepare(cfg: DictConfig, run_dir: str) -> Job:
     """Every check of `cfg` that does not need the mode's data or module: the settings, the
-    objective's capabilities, the evaluated checkpoint and, for sample_eval, its trained
-    window. Writes nothing but the data package's tokenizer cache; sets `block_size` in `cfg`
-    to the K the objective uses."""
+    objective's capabilities, the evaluated checkpoint (a pretrained backbone's: trained from
+    the run's model.pretrained) and, for sample_eval, its trained window. Writes nothing but
+    the data package's tokenizer cache; sets `block_size` in `cfg` to the K the objective
+    uses."""
     command_line = command_line_keys()
     run, hw, plan = settings.check(cfg, command_line=command_line)
     settings.configure_float32_matmul(run.trainer)
@@ -113,6 +114,7 @@ def prepare(cfg: DictConfig, run_dir: str) -> Job:
         loaded = registry.read_for_eval(
             spec, run.eval.checkpoint_path, key, heads, run.model.backbone
         )
+        settings.check_pretrained_source(run, loaded, command_line)
     if run.mode == "sample_eval":  # the objective of the checkpoint's trained window
         # without a checkpoint, the whole generation is the window
         window = run.model.length if loaded is None else trained_length(loaded, run.model.length)

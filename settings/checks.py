@@ -185,6 +185,26 @@ def check_backbone_abilities(run: RunSettings) -> None:
         )
 
 
+def check_pretrained_source(run: RunSettings, loaded, command_line: Collection[str] = ()) -> None:
+    """An evaluated checkpoint (`loaded`: eval.checkpoint_path read) of a pretrained backbone is
+    read into the model its run was trained from (ModelSettings.source: model.pretrained, which
+    brings the tokenizer and the architecture): UserError when its stored config names another
+    and the command line (`command_line`: the keys it sets) did not ask for it; a warning when
+    it did (the same model elsewhere)."""
+    source = run.model.source()
+    if source is None or loaded is None or loaded.format != "ours":
+        return
+    key, value = source
+    stored = ((loaded.raw.get("config") or {}).get("model") or {}).get(key.split(".", 1)[1])
+    if stored is None or stored == value:
+        return
+    trained = f"eval.checkpoint_path={loaded.source} was trained from {key}={stored}"
+    if key in command_line:
+        log.warning("%s; this run reads %s=%s", trained, key, value)
+        return
+    raise UserError(f"{trained}, not {value}; set {key}={stored}")
+
+
 def check_clean_stream(run: RunSettings, objective) -> None:
     """An objective that reads the clean stream's rows as next-token logits (BD3-LM's
     auxiliary AR loss, algo.ar_loss_weight > 0: its `ar_loss_weight`) needs a backbone whose

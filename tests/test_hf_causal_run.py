@@ -16,6 +16,7 @@ import yaml
 
 import dataloader
 import settings
+from checkpoints import read_any_checkpoint
 from conftest import RECORDS, build_module, run_inprocess, save_tiny_causal_lm
 from data import options
 from utils import UserError
@@ -165,7 +166,8 @@ def test_refusals_of_the_dit_and_of_a_missing_model(tmp_path, data_cache):
     assert "the clean stream of this model.backbone=dit is block-causal" in message
     message = refused(tmp_path, "mode=ppl_eval", "eval.checkpoint_path=null", experiment="smoke")
     assert message.startswith("eval.checkpoint_path=null: model.backbone=dit is randomly")
-    message = refused(tmp_path, f"model.pretrained={tmp_path}/missing", "mode=ppl_eval")
+    missing = f"model.pretrained={tmp_path}/missing"
+    message = refused(tmp_path, missing, "mode=ppl_eval", "eval.checkpoint_path=null")
     assert message.startswith("model.backbone=hf_causal: the tokenizer of its pretrained model")
 
 
@@ -214,8 +216,9 @@ def losses(run_dir) -> list[float]:
 @pytest.mark.e2e
 def test_bd3lm_train_ppl_eval_sample_eval(tmp_path, tiny_llama_dir, data_cache):
     """algo=bd3lm (K = 4) with the auxiliary AR loss: the run records the model's tokenizer and
-    no EMA; its checkpoint is evaluated (ppl_eval, loaded by name) and sampled with the KV
-    cache; the auxiliary loss adds to the first step's loss (same draws)."""
+    no EMA; its checkpoint is evaluated (ppl_eval, loaded by name; refused with another
+    model.pretrained than it was trained from) and sampled with the KV cache; the auxiliary
+    loss adds to the first step's loss (same draws)."""
     plain = run(tmp_path / "plain", tiny_llama_dir, "trainer.max_steps=1")
     trained = run(tmp_path / "train", tiny_llama_dir, "algo.ar_loss_weight=0.5")
     record = resolved_config(trained)
@@ -228,6 +231,13 @@ def test_bd3lm_train_ppl_eval_sample_eval(tmp_path, tiny_llama_dir, data_cache):
     stored = torch.load(checkpoint, weights_only=True)
     assert stored["config"]["model"]["pretrained"] == tiny_llama_dir
     assert not any("ema" in k for k in stored) or not stored.get("ema")
+    default, _, _ = settings.check(compose("mode=ppl_eval"))  # model.pretrained=smollm2-135m
+    with pytest.raises(UserError) as err:
+        settings.check_pretrained_source(default, read_any_checkpoint(checkpoint, "key"))
+    assert str(err.value) == (
+        f"eval.checkpoint_path={checkpoint} was trained from model.pretrained={tiny_llama_dir}, "
+        f"not smollm2-135m; set model.pretrained={tiny_llama_dir}"
+    )
     evaluated = tmp_path / "eval"
     run(evaluated, tiny_llama_dir, "mode=ppl_eval", f"eval.checkpoint_path={checkpoint}")
     before = tmp_path / "before"
