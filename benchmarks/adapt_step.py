@@ -6,8 +6,9 @@ beside the ratio of their useful FLOPs.
 A step is forward + backward + AdamW step on random tokens, through the objectives' own loss
 and models.network.BackboneNetwork as training runs them; every variant holds its own copy of
 the model and optimiser, and the variants run interleaved in one process (one step each per
-round, after one warm-up step each); reported: the median step time and, within it, the median
-forward + backward time.
+round, after one warm-up step each); reported: the median step time, within it the median
+forward + backward time, and the median CPU time of the process per step (time.process_time:
+with --threads 1 on a shared CPU machine, the step's own work, whatever else runs there).
 
 Models: `tiny`, a random Llama built here (benchmarks/acceptance_hf_causal.tiny_llama: width
 256, 4 layers, 4 heads, 2 KV heads, vocabulary 4097, the last row the mask), `smollm2`,
@@ -39,6 +40,7 @@ import argparse
 import copy
 import os
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -105,9 +107,11 @@ class Runner:
         self.attn = torch.ones(batch, L, device=device)
         self.eps = (torch.tensor(1e-3, device=device), torch.tensor(1.0, device=device))
 
-    def step(self) -> tuple[float, float]:
+    def step(self) -> tuple[float, float, float]:
+        """One step -> (forward + backward, whole step: wall seconds; whole step: seconds of
+        this process's CPU time)."""
         common.sync(self.device)
-        start = common.now()
+        start, cpu_start = common.now(), time.process_time()
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             loss = self.algo.loss(self.network, self.x0, self.attn, *self.eps, train=True).loss
         loss.backward()
@@ -116,7 +120,7 @@ class Runner:
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         common.sync(self.device)
-        return backward - start, common.now() - start
+        return backward - start, common.now() - start, time.process_time() - cpu_start
 
     def useful_flops(self, logit_rows: float) -> dict[str, float]:
         """The step's useful FLOPs (module docstring) by part, for `logit_rows` logit rows."""
@@ -159,14 +163,13 @@ def run_model(name, variants, reps, device, bf16, attn_backend) -> dict:
     del model
     for runner in runners.values():  # warm-up
         runner.step()
-    times = {v: ([], []) for v in runners}
+    times = {v: ([], [], []) for v in runners}  # fwd + bwd, step, step CPU time
     for runner in runners.values():
         runner.network.rows = 0
     for _ in range(reps):  # interleaved: each variant once per round
         for v, runner in runners.items():
-            fwd_bwd, step = runner.step()
-            times[v][0].append(fwd_bwd)
-            times[v][1].append(step)
+            for samples, seconds in zip(times[v], runner.step(), strict=True):
+                samples.append(seconds)
     record = {"L": L, "batch": batch, "mask_id": mask_id, "variants": {}}
     for v, runner in runners.items():
         rows = runner.network.rows / reps
@@ -175,6 +178,7 @@ def run_model(name, variants, reps, device, bf16, attn_backend) -> dict:
             "K": runner.K,
             "step_ms": round(common.median_ms(times[v][1]), 1),
             "fwd_bwd_ms": round(common.median_ms(times[v][0]), 1),
+            "cpu_ms": round(common.median_ms(times[v][2]), 1),
             "logit_rows": round(rows, 1),
             "useful_flops": flops,
         }
@@ -185,11 +189,14 @@ def run_model(name, variants, reps, device, bf16, attn_backend) -> dict:
                 continue
             flop = sum(row["useful_flops"].values()) / sum(ar["useful_flops"].values())
             step, fwd_bwd = row["step_ms"] / ar["step_ms"], row["fwd_bwd_ms"] / ar["fwd_bwd_ms"]
+            cpu = row["cpu_ms"] / ar["cpu_ms"]
             row["over_ar"] = {
                 "time_ratio": round(step, 3),
                 "fwd_bwd_ratio": round(fwd_bwd, 3),
+                "cpu_time_ratio": round(cpu, 3),
                 "flop_ratio": round(flop, 3),
                 "time_over_flop": round(step / flop, 3),
+                "cpu_time_over_flop": round(cpu / flop, 3),
             }
     return record
 
@@ -222,20 +229,21 @@ def main(argv: list[str] | None = None) -> dict:
             name, variants, args.reps, device, args.bf16, args.attn_backend
         )
         rows = [
-            [f"{v}@{name}", r["step_ms"], r["fwd_bwd_ms"], r["logit_rows"],
+            [f"{v}@{name}", r["step_ms"], r["fwd_bwd_ms"], r["cpu_ms"], r["logit_rows"],
              round(sum(r["useful_flops"].values()) / 1e9, 1)]
             for v, r in record["variants"].items()
         ]  # fmt: skip
-        print(common.table(rows, ["variant@model", "step ms", "fwd+bwd ms", "logit rows",
-                                  "useful GFLOP"]), flush=True)  # fmt: skip
+        header = ["variant@model", "step ms", "fwd+bwd ms", "CPU ms", "logit rows", "useful GFLOP"]
+        print(common.table(rows, header), flush=True)
         for v, r in record["variants"].items():
             if "over_ar" in r:
                 o = r["over_ar"]
-                verdict = "within" if o["time_over_flop"] <= TARGET else "NOT within"
                 print(f"{v} / ar, {name} (L={record['L']}, batch {record['batch']}): step time "
-                      f"{o['time_ratio']:.2f}x (fwd+bwd {o['fwd_bwd_ratio']:.2f}x), useful-FLOP "
-                      f"ratio {o['flop_ratio']:.2f}x -> {o['time_over_flop']:.2f} of it "
-                      f"({verdict} {TARGET}x)", flush=True)  # fmt: skip
+                      f"{o['time_ratio']:.2f}x (fwd+bwd {o['fwd_bwd_ratio']:.2f}x, CPU time "
+                      f"{o['cpu_time_ratio']:.2f}x), useful-FLOP ratio {o['flop_ratio']:.2f}x -> "
+                      f"{o['time_over_flop']:.2f} of it ({_verdict(o['time_over_flop'])}), CPU "
+                      f"time {o['cpu_time_over_flop']:.2f} ({_verdict(o['cpu_time_over_flop'])})",
+                      flush=True)  # fmt: skip
     after = os.getloadavg()[0]
     print(f"load average {after:.2f} after")
     payload = {
@@ -250,6 +258,10 @@ def main(argv: list[str] | None = None) -> dict:
     }
     common.write_json(args.json, payload)
     return payload
+
+
+def _verdict(over_flop: float) -> str:
+    return f"{'within' if over_flop <= TARGET else 'NOT within'} {TARGET}x"
 
 
 if __name__ == "__main__":

@@ -92,8 +92,8 @@ def export_hf(
     backbone = backbone_of(checkpoint)
     if backbone != "dit":
         raise UserError(
-            f"model.backbone={backbone}: the hf package's classes hold DiTs; export the "
-            "checkpoint with scripts/export_hf.py (hf.export.export)"
+            f"model.backbone={backbone}: the hf package's classes hold DiTs only; "
+            "scripts/export_hf.py exports this run as a plain transformers causal LM"
         )
     inner, rest = split_backbone(checkpoint["state_dict"])
     ema = checkpoint.get("ema")

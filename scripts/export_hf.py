@@ -1,9 +1,16 @@
-"""Export one of our Lightning checkpoints as an HF directory (config.json + model.safetensors)
-that `hf`'s classes and the reference's own classes load: EMA weights (unless --live) and the
-learned clip-interval buffers, the run's tokenizer (its BOS / EOS / mask ids recorded in
-config.json; padding_side "left") and a model card (README.md). No auto_map: the directory
-ships no modeling code; load it with `hf.BD3LM` / `MDLM` or, after `import hf`,
-`AutoModelForMaskedLM`. The export itself is `hf.export.export`.
+"""Export one of our Lightning checkpoints as an HF directory (config.json + model.safetensors,
+EMA weights unless --live, the run's tokenizer with padding_side "left", a model card).
+
+A DiT run (model.backbone=dit) -> the `hf` format that `hf`'s classes and the reference's own
+classes load: the learned clip-interval buffers, BOS / EOS / mask ids in config.json. No
+auto_map: the directory ships no modeling code; load it with `hf.BD3LM` / `MDLM` or, after
+`import hf`, `AutoModelForMaskedLM`.
+A pretrained-causal-LM run (model.backbone=hf_causal) -> the adapted model as a plain
+transformers causal LM (`AutoModelForCausalLM`), its tokenizer with the mask token, and
+config.json naming bd3lm_block_size, mask_token_id, bd3lm_token_shift and
+bd3lm_clean_attention; `model=hf_causal model.pretrained=DIR` reads it back. Rebuilding it
+loads the run's model.pretrained, which must still load here.
+The export itself is `hf.export.export`.
 
     python scripts/export_hf.py outputs/.../checkpoints/best.ckpt exported/bd3lm-k4
 """

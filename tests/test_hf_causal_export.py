@@ -152,14 +152,17 @@ def test_round_trip_through_transformers_and_the_project(pretrained_dir, tmp_pat
 
 
 def test_live_weights_and_the_ar_fields(pretrained_dir, tmp_path):
-    """--live exports the live weights, not the EMA; an AR run records K = 1 and no token
-    shift (its backbone reads plain next-token logits); no clip buffers, no clip fields."""
+    """scripts/export_hf.py --live exports the live weights, not the EMA; an AR run records
+    K = 1 and no token shift (its backbone reads plain next-token logits); no clip buffers,
+    no clip fields."""
     checkpoint, ema_net = trained_run(pretrained_dir, algo="ar")
     for key in ("sampling_eps_min", "sampling_eps_max"):
         del checkpoint["state_dict"][key]
     ckpt = tmp_path / "ar.ckpt"
     torch.save(checkpoint, ckpt)
-    export(str(ckpt), str(tmp_path / "live"), live=True)
+    from scripts.export_hf import main as export_main
+
+    assert export_main([str(ckpt), str(tmp_path / "live"), "--live"]) == 0
     config = json.loads((tmp_path / "live" / "config.json").read_text())
     assert config["bd3lm_objective"] == "ar" and config["bd3lm_block_size"] == 1
     assert config["bd3lm_token_shift"] is False and "bd3lm_sampling_eps_min" not in config
