@@ -61,6 +61,7 @@ def test_acceptance_cpu_dry_run(tmp_path, data_cache):
     assert report["ok"] and report["sections"]["environment"]["result"]["torch"]
 
 
+@pytest.mark.e2e
 def test_adapt_step_toy(tmp_path):
     """benchmarks/adapt_step.py at toy size writes the fields it promises (the times are never
     asserted), and its useful FLOPs are the shapes': the body's matrices are the decoder

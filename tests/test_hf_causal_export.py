@@ -226,3 +226,44 @@ def test_refusals_are_one_line(pretrained_dir, tmp_path):
     assert "algo=ssdlm has no HF model" in error(ssdlm)
     with pytest.raises(UserError, match="model.backbone=hf_causal: the hf package's classes"):
         export_hf(checkpoint, str(tmp_path / "dit"))  # the DiT exporter (hf.export.loadable's)
+
+
+@pytest.mark.e2e
+def test_a_trained_run_exports_and_reads_back(tmp_path, tiny_llama_dir, data_cache):
+    """A real run (main.py experiment=hf_causal_smoke on conftest's tiny Llama directory, with an
+    EMA) -> scripts/export_hf.py -> a directory whose weights are the checkpoint's EMA weights
+    (the checkpoint layout H7's run writes: backbone.model.*, EMA names relative to the
+    backbone), whose fields are the run's, and which main.py evaluates as a pretrained model
+    (model.pretrained=DIR, no checkpoint) to the checkpoint's own ppl_eval NLL."""
+    from conftest import run_inprocess
+    from scripts.export_hf import main as export_main
+
+    def run(run_dir, pretrained, *overrides) -> str:
+        overrides = (f"model.pretrained={pretrained}", *overrides)
+        return run_inprocess(run_dir, *overrides, experiment="hf_causal_smoke")
+
+    run(tmp_path / "train", tiny_llama_dir, "training.ema=0.5")
+    ckpt = str(tmp_path / "train" / "checkpoints" / "last.ckpt")
+    out = tmp_path / "hf"
+    assert export_main([ckpt, str(out)]) == 0
+    stored = torch.load(ckpt, weights_only=True)
+    config = json.loads((out / "config.json").read_text())
+    mask_id = config["mask_token_id"]
+    assert (config["bd3lm_block_size"], config["bd3lm_model_length"]) == (4, 16)
+    assert config["bd3lm_token_shift"] and config["bd3lm_clean_attention"] == "causal"
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    assert reloaded.get_input_embeddings().num_embeddings == mask_id + 1
+    shadow = stored["ema"]["shadow"]
+    for name, tensor in reloaded.named_parameters():
+        assert torch.equal(tensor, shadow[f"model.{name}"]), name
+    assert not torch.equal(shadow["model.lm_head.weight"], stored["state_dict"][
+        "backbone.model.lm_head.weight"])  # fmt: skip
+
+    evals = {}  # the checkpoint evaluated with its EMA (the run's training.ema > 0)
+    for name, pretrained, source in (
+        ("checkpoint", tiny_llama_dir, (f"eval.checkpoint_path={ckpt}", "training.ema=0.5")),
+        ("export", str(out), ("eval.checkpoint_path=null",)),
+    ):
+        run(tmp_path / name, pretrained, "mode=ppl_eval", *source)
+        evals[name] = json.loads((tmp_path / name / "ppl_eval.json").read_text())["nll"]
+    assert evals["export"] == evals["checkpoint"]
