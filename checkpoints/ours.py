@@ -56,13 +56,27 @@ def check_state(module: Diffusion, checkpoint: dict, key: str) -> dict:
 
 
 def load_weights(module: Diffusion, checkpoint: dict, key: str) -> None:
-    """Load state_dict strictly by name (shapes checked), then the EMA if present."""
+    """Load state_dict strictly by name (shapes checked), then the EMA if present: into the
+    module's EMA, or, when the run keeps none (training.ema=0) but evaluates with EMA weights
+    (eval.disable_ema=false), into the backbone, so that the checkpoint's EMA weights are the
+    ones evaluated either way."""
     module.load_state_dict(check_state(module, checkpoint, key), strict=True)
-    if module.ema is not None and "ema" in checkpoint:
-        try:
+    if "ema" not in checkpoint:
+        return
+    try:
+        if module.ema is not None:
             module.ema.load_state_dict(checkpoint["ema"])
-        except (KeyError, ValueError) as err:
-            raise UserError(f"{key}: {err}") from None
+        elif module.use_ema_for_eval:
+            params = dict(module.backbone.named_parameters())
+            shadow = checkpoint["ema"]["shadow"]
+            if shadow.keys() != {n for n, p in params.items() if p.requires_grad}:
+                raise KeyError(f"EMA keys differ from the backbone's: {sorted(shadow)[:3]}...")
+            with torch.no_grad():
+                for name, tensor in shadow.items():
+                    params[name].copy_(tensor)
+            log.info("%s: the checkpoint's EMA weights are evaluated (training.ema=0)", key)
+    except (KeyError, ValueError) as err:
+        raise UserError(f"{key}: {err}") from None
 
 
 def _interval(buffers: Mapping[str, Tensor]) -> str:

@@ -121,6 +121,23 @@ def test_checkpoint_round_trip_gives_identical_logits(tmp_path, algo):
         torch.testing.assert_close(logprobs(fresh), logprobs(module), rtol=0, atol=0)
 
 
+def test_a_run_without_ema_evaluates_the_checkpoints_ema_weights(tmp_path):
+    """training.ema=0 at evaluation (a pretrained backbone's default) still evaluates the EMA
+    weights a checkpoint holds, not its live ones."""
+    torch.manual_seed(0)
+    module = build_module(compose_cfg(), vocab_size=41, mask_id=40)
+    randomize_(module.backbone, seed=1)
+    module.ema.reset(module.backbone)
+    randomize_(module.backbone, seed=2)  # live weights differ from the EMA weights
+    checkpoint = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(checkpoint)
+    fresh = build_module(compose_cfg("training.ema=0"), vocab_size=41, mask_id=40)
+    assert fresh.ema is None
+    load_weights(fresh, checkpoint, "eval.checkpoint_path")
+    for name, tensor in fresh.backbone.named_parameters():
+        assert torch.equal(tensor, module.ema.shadow[name]), name
+
+
 def test_loading_a_mismatched_checkpoint_names_the_keys(tmp_path):
     small = build_module(compose_cfg(), vocab_size=41, mask_id=40)
     torch.save({"state_dict": small.state_dict()}, tmp_path / "a.ckpt")
