@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 
 import pytest
@@ -281,13 +282,16 @@ def test_uncached_bd3lm_sampling(tmp_path, tiny_llama_dir, data_cache):
 
 
 @pytest.mark.e2e
-def test_resume_is_bit_identical(tmp_path, tiny_llama_dir, data_cache):
+def test_resume_is_bit_identical(tmp_path, tiny_llama_dir, data_cache, caplog):
     """Two steps, then a resumed run to four, end with the weights of four straight steps
     (attention dropout on: its random state resumes too)."""
     straight = run(tmp_path / "straight", tiny_llama_dir)
     resumed = tmp_path / "resumed"
     run(resumed, tiny_llama_dir, "trainer.max_steps=2")
-    run(resumed, tiny_llama_dir)
+    with caplog.at_level(logging.INFO, logger="bd3lms"):
+        run(resumed, tiny_llama_dir)
+    assert "resumed at step 2 from" in caplog.text
+    assert losses(resumed) == losses(straight) and len(losses(straight)) == 4  # 2 + 2 steps
     a = torch.load(os.path.join(straight, "checkpoints", "last.ckpt"), weights_only=True)
     b = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=True)
     assert a["global_step"] == b["global_step"] == 4
