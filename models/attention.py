@@ -115,6 +115,11 @@ class AttentionMask:
     # over [x_t ; x_0]); `parts` holds the small masks that path needs, built once.
     structure: Any = None
     parts: dict = dataclasses.field(default_factory=dict)
+    # the predicate it was materialised from (None: full attention) and, with prompt padding,
+    # the (B, S) validity of the keys: a backbone that needs the block structure (the token
+    # shift of models.hf_causal) reads them instead of the matrix
+    predicate: Any = None
+    key_valid: Tensor | None = None
 
 
 class MaskCache:
@@ -128,7 +133,7 @@ class MaskCache:
         if mask is None:
             return AttentionMask()
         if isinstance(mask, CausalMask) and q_len == kv_len:
-            return AttentionMask(causal=True)
+            return AttentionMask(causal=True, predicate=mask)
         key = (mask, q_len, kv_len, str(device))
         if key not in self._cache:
             if self.backend == "flex":
@@ -137,7 +142,7 @@ class MaskCache:
                 block_mask = create_block_mask(
                     lambda b, h, q, k: mask(q, k), None, None, q_len, kv_len, device=device
                 )
-                self._cache[key] = AttentionMask(block_mask=block_mask)
+                self._cache[key] = AttentionMask(block_mask=block_mask, predicate=mask)
             else:
                 dense = dense_mask(mask, q_len, kv_len, device)
                 structured = (
@@ -145,8 +150,9 @@ class MaskCache:
                 )
                 parts = block_diffusion_parts(mask, device) if structured else {}
                 self._cache[key] = AttentionMask(
-                    dense=dense, structure=mask if structured else None, parts=parts
-                )
+                    dense=dense, structure=mask if structured else None, parts=parts,
+                    predicate=mask,
+                )  # fmt: skip
         return self._cache[key]
 
 

@@ -186,4 +186,5 @@ def _with_padding(mask: AttentionMask, predicate, key_valid: Tensor) -> Attentio
     if mask.causal:
         base = torch.ones(S, S, dtype=torch.bool, device=key_valid.device).tril()
     dense = same_kind if base is None else same_kind & base
-    return AttentionMask(dense=dense[:, None])
+    predicate = mask.predicate if predicate is None else predicate
+    return AttentionMask(dense=dense[:, None], predicate=predicate, key_valid=key_valid)

@@ -270,15 +270,17 @@ def test_ar_and_mdlm_through_every_mode(tmp_path, tiny_llama_dir, data_cache, al
 
 
 @pytest.mark.e2e
-@pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,
-    reason="the uncached BD3-LM sampler passes a materialised mask without its predicate "
-    "(models.attention.AttentionMask has no `predicate`): models.hf_causal.predicate_of raises",
-)
-def test_uncached_bd3lm_sampling(tmp_path, tiny_llama_dir, data_cache):
-    run(tmp_path, tiny_llama_dir, "mode=sample_eval", "eval.checkpoint_path=null")
-    assert read_json(tmp_path / "sample_eval.json")["num_samples"] == 8
+def test_uncached_bd3lm_sampling_draws_the_cached_samples(tmp_path, tiny_llama_dir, data_cache):
+    """The uncached sampler (a materialised mask that names its predicate) draws the samples
+    of the KV cache."""
+    samples = {}
+    for kv_cache in ("false", "true"):
+        out = tmp_path / kv_cache
+        run(out, tiny_llama_dir, "mode=sample_eval", "eval.checkpoint_path=null",
+            f"sampling.kv_cache={kv_cache}")  # fmt: skip
+        with open(out / "samples.jsonl") as f:
+            samples[kv_cache] = [json.loads(line)["token_ids"] for line in f]
+    assert len(samples["false"]) == 8 and samples["false"] == samples["true"]
 
 
 @pytest.mark.e2e
