@@ -205,6 +205,7 @@ def _build_hf_causal(model_cfg: Mapping[str, Any], vocab_size: int, seq_len: int
             f"model.pretrained={model_cfg['pretrained']}: {backbone.vocab_size} embedding rows, "
             f"but the run's vocabulary has {vocab_size}"
         )
+    backbone.check_length(seq_len)
     return backbone
 
 

@@ -188,12 +188,6 @@ def test_another_backbones_checkpoint_is_refused(tmp_path, tiny_llama_dir, data_
     assert message.startswith(f"eval.checkpoint_path={dit} is a model.backbone=dit checkpoint")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,
-    reason="models/backbone._build_hf_causal does not check seq_len yet: GPT-2 refuses positions "
-    "beyond n_positions only inside the first forward (after the run has written its config)",
-)
 def test_gpt2_beyond_its_positions_is_refused(tmp_path, data_cache):
     gpt2 = save_tiny_causal_lm(tmp_path / "gpt2", "gpt2", n_positions=8)
     message = refused(tmp_path, f"model.pretrained={gpt2}")

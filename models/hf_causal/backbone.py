@@ -225,6 +225,16 @@ class HFCausalLM(InferenceScope, nn.Module):
             return min(S, mask.block_size * mask.window_blocks)
         return S
 
+    def check_length(self, length: int, key: str = "model.length") -> None:
+        """ValueError starting with `key=length` when rows of `length` tokens reach beyond the
+        model's absolute positions (GPT-2's n_positions) or its sliding window (a query of
+        the 2L pass sees up to `length` positions)."""
+        try:
+            self._check_positions(length)
+            check_window(length, self.sliding_window, key)
+        except ValueError as err:
+            raise ValueError(f"{key}={length}: {err}") from None
+
     def _check_positions(self, length: int) -> None:
         if self.max_positions is not None and length > self.max_positions:
             raise ValueError(
