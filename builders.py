@@ -78,7 +78,8 @@ def build_evaluator(settings: EvalSettings, device):
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise UserError(
             f"eval.gen_ppl_eval_model_name_or_path={name} cannot be loaded ({reason[:160]}); "
-            "give a local model directory, or null to skip generative perplexity"
+            "give a local model directory, a .gguf file, smollm2-135m (packaged), or null to "
+            "skip generative perplexity"
         ) from None
     return evaluator
 

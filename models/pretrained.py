@@ -114,6 +114,11 @@ def resolve(name_or_path: str, gguf_file: str | None = None, key: str | None = N
         return _local_gguf(expanded, where)
     if os.path.isdir(expanded):
         return Source("directory", os.path.abspath(expanded))
+    if name.startswith(("/", ".", "~")):  # a local path, never a hub id
+        raise UserError(
+            f"{where}: no such directory; give a model directory, a .gguf file, a hub id or "
+            f"one of {', '.join(PACKAGED)}"
+        )
     return Source("hub", name)
 
 

@@ -90,13 +90,6 @@ def check_sampling_keys(run: RunSettings, objective) -> None:
                 "appended as they are drawn); copy the directory to the URL afterwards"
             )
         check_writable("sampling.logdir", sampling.logdir)
-    judge = run.eval.gen_ppl_eval_model_name_or_path  # a local path; a hub id is probed at load
-    local = judge is not None and judge.startswith(("/", ".", "~"))
-    if local and not os.path.isdir(os.path.expanduser(judge)):
-        raise UserError(
-            f"eval.gen_ppl_eval_model_name_or_path={judge}: no such directory; give a local "
-            "causal LM directory, a hub id, or null to skip generative perplexity"
-        )
 
 
 @functools.cache
