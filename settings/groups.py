@@ -253,8 +253,7 @@ class HFCausalSettings(ModelSettings):
     token_shift: bool = True  # read position i's logits from the hidden state at i - 1
     clean_attention: Literal["causal", "block"] = "causal"  # the x_0 stream's attention
     attn_backend: Literal["sdpa", "flex"] = "sdpa"
-    gradient_checkpointing: bool = False
-    dropout: float = setting(0.0, lo=0, hi=1, hi_open=True)
+    gradient_checkpointing: bool = False  # dropout: the pretrained model's own config
 
     def source(self) -> tuple[str, str]:
         return "model.pretrained", self.pretrained
