@@ -19,7 +19,6 @@ import json
 import os
 import signal
 import sys
-import time
 import warnings
 from typing import Any
 
@@ -341,19 +340,19 @@ def sample_eval(job: Job):
     )
     yield
     # the sampler runs in the run's precision; the judge scores in float32 outside it
-    start = time.perf_counter()
+    sampling_seconds: list[float] = []  # the sampler's own time, judging and writing left out
     records = generate.generate(
         sample_fn, sampler_cfg, generation, vocab, evaluator, fabric.device,
-        autocast=fabric.autocast,
+        autocast=fabric.autocast, sampling_seconds=sampling_seconds,
     )  # fmt: skip
     fabric.barrier()
     if fabric.global_rank == 0:
         prov = run_provenance(job, {}, run.eval.checkpoint_path)
         judge = run.eval.gen_ppl_eval_model_name_or_path
         summary = generate.write_summary(out_dir, judge, extra={"provenance": prov})
-        seconds, tokens = time.perf_counter() - start, sum(r["length"] for r in records)
+        seconds, tokens = sum(sampling_seconds), sum(r["length"] for r in records)
         log.info(
-            "sampled %d sequences, %d tokens in %.1f s: %.0f tokens/s (rank 0)",
+            "sampled %d sequences, %d tokens in %.1f s of sampling: %.0f tokens/s (rank 0)",
             len(records), tokens, seconds, tokens / max(seconds, 1e-9),
         )  # fmt: skip
         for record in records[:2]:  # without the BOS every sample starts with, one line each

@@ -19,6 +19,7 @@ import json
 import math
 import os
 import secrets
+import time
 from collections.abc import Callable, Iterator
 from typing import NamedTuple, TextIO, TypeVar
 
@@ -145,6 +146,7 @@ def generate(
     evaluator: GenerativePerplexity | None,
     device: torch.device,
     autocast=contextlib.nullcontext,
+    sampling_seconds: list[float] | None = None,
 ) -> list[dict]:
     """Run this rank's batches; every sample is written at once, to the file that replaces (or
     is appended to) the rank's jsonl file when all are done (`_samples_file`).
@@ -154,7 +156,8 @@ def generate(
     (`redraw_low_entropy`); a redrawn sample records its last draw's NFEs only (the HF
     generate() sums them over the draws). autocast: a context manager factory for the
     sampler's precision (e.g. Fabric.autocast); the judge always scores outside it, in
-    float32 (the paper's protocol)."""
+    float32 (the paper's protocol). sampling_seconds: when given, the wall time of every draw
+    (the sampler alone: no judging, no writing) is appended to it."""
     generator = torch.Generator().manual_seed(job.seed + RANK_SEED_STRIDE * job.rank)
     os.makedirs(job.out_dir, exist_ok=True)
     records: list[dict] = []
@@ -166,7 +169,11 @@ def generate(
             def draw(subset, rows=rows, progress=None):  # redraws advance no progress bar
                 picked = [rows[i] for i in subset]
                 args = (vocab, cfg, generator, device, progress, autocast)
-                return _sample_rows(sample_fn, picked, *args)
+                start = time.perf_counter()
+                samples = _sample_rows(sample_fn, picked, *args)  # tolist(): synchronised
+                if sampling_seconds is not None:
+                    sampling_seconds.append(time.perf_counter() - start)
+                return samples
 
             samples = redraw_low_entropy(draw(range(len(rows)), progress=progress), draw)
             for row, sample in enumerate(samples):

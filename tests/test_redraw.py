@@ -130,8 +130,9 @@ def test_sample_eval_records_a_redrawn_rows_last_draw(tmp_path):
     cfg = SamplerConfig(length=4, block_size=4, num_steps=1, context=8, bos_id=0, mask_id=9,
                         eos_id=0, reject_low_entropy=True)  # fmt: skip
     job = generation.GenerationJob(2, 1, 0, str(tmp_path), show_progress=False)
-    records = generation.generate(sample_fn, cfg, job, vocab, None, "cpu")
-    assert sizes == [2, 1, 1]
+    seconds = []  # the sampler's own time, one entry per draw (sample_eval's tokens/s)
+    records = generation.generate(sample_fn, cfg, job, vocab, None, "cpu", sampling_seconds=seconds)
+    assert sizes == [2, 1, 1] and len(seconds) == 3 and all(s >= 0 for s in seconds)
     assert [r["token_ids"] for r in records] == [[1] * 4, [3] * 4]
     assert [r["nfe_denoise"] for r in records] == [5, 7]
     assert [r["stop_reason"] for r in records] == ["length", "length"]
