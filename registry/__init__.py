@@ -27,9 +27,10 @@ from typing import Any
 
 from algorithms.base import DoubleLengthCrop
 from checkpoints import LoadedCheckpoint, check_backbone, read_any_checkpoint
+from config_keys import from_mapping
 from noise_schedule import NoiseSchedule
 from registry import ar, masked_diffusion, sedd, ssdlm
-from registry.spec import AlgoSettings, BuildContext, ObjectiveSpec, ReleasedFormat, settings_from
+from registry.spec import AlgoSettings, BuildContext, ObjectiveSpec, ReleasedFormat
 from sampling import SampleFn, SamplerConfig, TokenIds, sampler_config
 from utils import UserError
 
@@ -54,7 +55,7 @@ def algo_settings(algo: AlgoSettings | Mapping[str, Any]) -> tuple[ObjectiveSpec
     if isinstance(algo, AlgoSettings):
         return objective_spec(algo.name), algo
     spec = objective_spec(str(algo["name"]))
-    return spec, settings_from(spec.settings, algo)
+    return spec, from_mapping(spec.settings, algo)
 
 
 def block_size_of(algo: AlgoSettings | Mapping[str, Any], context: int, given: int) -> int:
@@ -150,5 +151,4 @@ __all__ = [
     "build_sampler",
     "objective_spec",
     "read_for_eval",
-    "settings_from",
 ]

@@ -6,11 +6,11 @@ builds an objective."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal
 
 from algorithms.base import DoubleLengthCrop
-from config_keys import from_mapping, setting
+from config_keys import setting
 from noise_schedule import NoiseSchedule
 
 if TYPE_CHECKING:
@@ -59,12 +59,6 @@ def parameterizations() -> tuple[str, ...]:
     from registry import OBJECTIVES  # the registry's entries import this module
 
     return tuple(dict.fromkeys(spec.parameterization for spec in OBJECTIVES.values()))
-
-
-def settings_from(cls: type[AlgoSettings], node: Mapping[str, Any] | AlgoSettings) -> AlgoSettings:
-    """`cls` from a config node or plain mapping (config_keys.from_mapping: keys `cls` does
-    not declare are left out, lists become tuples); an instance of `cls` as it is."""
-    return from_mapping(cls, node)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -51,7 +51,7 @@ def test_block_size_of_follows_the_objective():
     one_stream = {**algo_node("bd3lm"), "cross_attn": False}
     assert registry.block_size_of(one_stream, 32, 4) == 32
     spec = registry.objective_spec("bd3lm")
-    assert spec.family(registry.settings_from(spec.settings, one_stream)) == "mdlm"
+    assert spec.family(registry.algo_settings(one_stream)[1]) == "mdlm"
 
 
 def test_unknown_objective_names_the_valid_ones():
@@ -59,11 +59,10 @@ def test_unknown_objective_names_the_valid_ones():
         registry.objective_spec("dlm")
 
 
-def test_settings_from_reads_only_declared_keys():
-    spec = registry.objective_spec("ssdlm")
-    settings = registry.settings_from(spec.settings, {**algo_node("ssdlm"), "unrelated": 1})
+def test_algo_settings_read_only_declared_keys():
+    settings = registry.algo_settings({**algo_node("ssdlm"), "unrelated": 1})[1]
     assert settings.top_p == 0.95 and settings.context == "previous_block"
-    assert registry.settings_from(spec.settings, {"name": "ssdlm"}).top_p is None
+    assert registry.algo_settings({"name": "ssdlm"})[1].top_p is None
 
 
 # ----------------------------------------------------------------------------------------------
